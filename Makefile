@@ -1,0 +1,32 @@
+# `make run` and `make test` are the two set-up commands; both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: venv test run bench lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+run: venv
+	$(VENV)/bin/rdm sample --model tiny --prompt "a boat" --prompt "a house at night" \
+		--num-images 2 --num-steps 20 --seed 0 --out outputs/
+
+bench: venv
+	$(PY) bench/sampler.py
+
+lint: venv
+	$(VENV)/bin/ruff check rdm cluster jobs tests bench
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

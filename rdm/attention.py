@@ -1,0 +1,97 @@
+"""Spatial transformer blocks of the CompVis RDM UNet (ldm.modules.attention at commit a506df5).
+
+Parameter names match the reference so checkpoints map key for key. Attention runs through
+`scaled_dot_product_attention` (flash / memory-efficient kernels where available).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of `x` [B, N, query_dim] over `context` [B, M, context_dim] (self if None)."""
+
+    def __init__(self, query_dim: int, *, context_dim: int | None = None, heads: int, dim_head: int) -> None:
+        super().__init__()
+        inner_dim = heads * dim_head
+        context_dim = query_dim if context_dim is None else context_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(0.0))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)  # scale dim_head ** -0.5, as the reference
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+class GEGLU(nn.Module):
+    """Gated GELU (Shazeer 2020): proj gives [x, gate]; returns x * gelu(gate), exact erf GELU."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4) -> None:
+        super().__init__()
+        inner_dim = dim * mult
+        self.net = nn.Sequential(GEGLU(dim, inner_dim), nn.Dropout(0.0), nn.Linear(inner_dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention on the context, GEGLU feed-forward."""
+
+    def __init__(self, dim: int, *, heads: int, dim_head: int, context_dim: int) -> None:
+        super().__init__()
+        self.attn1 = CrossAttention(dim, heads=heads, dim_head=dim_head)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim=context_dim, heads=heads, dim_head=dim_head)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    """Image features [B, C, H, W] attend to themselves and to a context [B, M, context_dim].
+
+    GroupNorm (eps 1e-6) -> 1x1 conv -> transformer blocks over the H*W tokens -> 1x1 conv, residual.
+    """
+
+    def __init__(self, channels: int, *, heads: int, dim_head: int, depth: int, context_dim: int) -> None:
+        super().__init__()
+        inner_dim = heads * dim_head
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.proj_in = nn.Conv2d(channels, inner_dim, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner_dim, heads=heads, dim_head=dim_head, context_dim=context_dim)
+            for _ in range(depth)
+        )
+        self.proj_out = nn.Conv2d(inner_dim, channels, 1)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        tokens = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        return self.proj_out(tokens.transpose(1, 2).reshape(b, -1, h, w)) + x
