@@ -1,0 +1,37 @@
+"""The `rdm` command: `rdm <subcommand> [args]`; each subcommand is a job module's `main(argv)`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "convert": ("jobs.convert", "convert a CompVis RDM checkpoint to safetensors"),
+    "sample": ("jobs.sample", "generate images in one process"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: rdm <subcommand> [args]  (rdm <subcommand> --help for details)", "", "subcommands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"error: unknown subcommand {name!r}\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    try:
+        return module.main(rest)
+    except SystemExit as exit_:  # argparse exits 2 on bad arguments
+        return int(exit_.code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

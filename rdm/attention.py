@@ -88,6 +88,8 @@ class SpatialTransformer(nn.Module):
             for _ in range(depth)
         )
         self.proj_out = nn.Conv2d(inner_dim, channels, 1)
+        for p in self.proj_out.parameters():  # zero init of the residual branch, as the reference
+            nn.init.zeros_(p)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         b, _, h, w = x.shape

@@ -81,13 +81,13 @@ def ldm_key_map(model: RDM) -> dict[str, tuple[str, str | None]]:
     return mapping
 
 
-def _pick_weights(state: Mapping[str, Tensor], weights: Weights, path: object) -> bool:
+def resolve_weights(state: Mapping[str, Tensor], weights: Weights, source: object = "checkpoint") -> str:
+    """"ema" or "raw": `auto` takes the EMA weights when the checkpoint has them (the reference samples
+    under `ema_scope`)."""
     has_ema = any(k.startswith("model_ema.") and k not in _IGNORED_LDM_KEYS for k in state)
     if weights == "ema" and not has_ema:
-        raise IncompatibleCheckpointError(f"{path} holds no EMA weights (model_ema.*); use weights='raw'")
-    use_ema = has_ema if weights == "auto" else weights == "ema"
-    logger.info("converting %s with %s UNet weights", path, "EMA" if use_ema else "raw")
-    return use_ema
+        raise IncompatibleCheckpointError(f"{source} holds no EMA weights (model_ema.*); use weights='raw'")
+    return ("ema" if has_ema else "raw") if weights == "auto" else weights
 
 
 def _check_schedule(state: Mapping[str, Tensor], config: RDMConfig, path: object) -> None:
@@ -105,7 +105,8 @@ def convert_ldm_state_dict(state: Mapping[str, Tensor], config: RDMConfig, *, we
     with torch.device("meta"):
         model = RDM(config)
     expected = model.state_dict()
-    use_ema = _pick_weights(state, weights, source)
+    use_ema = resolve_weights(state, weights, source) == "ema"
+    logger.info("converting %s with %s UNet weights", source, "EMA" if use_ema else "raw")
     mapping = ldm_key_map(model)
     out: dict[str, Tensor] = {}
     missing, mismatched, used = [], [], set(_IGNORED_LDM_KEYS) | set(SCHEDULE_BUFFERS)

@@ -19,6 +19,13 @@ from rdm.config import UNetConfig
 from rdm.errors import ShapeError
 
 
+def zero_(module: nn.Module) -> nn.Module:
+    """Zero a layer's parameters in place (the reference's `zero_module` init for residual outputs)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm with 32 groups, computed in float32 whatever the input dtype (as the reference)."""
 
@@ -53,6 +60,7 @@ class ResBlock(nn.Module):
                                         nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = (nn.Identity() if out_channels == channels
                                 else nn.Conv2d(channels, out_channels, 1))
+        zero_(self.out_layers[3])
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.in_layers(x)
@@ -139,7 +147,8 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch, config.conv_resample))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
-        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(mc, config.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(),
+                                 zero_(nn.Conv2d(mc, config.out_channels, 3, padding=1)))
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
         if context.ndim != 3 or context.shape[-1] != self.config.context_dim or context.shape[0] != x.shape[0]:

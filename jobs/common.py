@@ -1,0 +1,60 @@
+"""Shared plumbing of the `rdm` entry points: logging, exit codes and atomic file writes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from rdm.errors import RDMError
+
+logger = logging.getLogger("rdm")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def exit_codes(func: Callable[..., int]) -> Callable[..., int]:
+    """Map errors to exit codes: RDMError (bad input, config or checkpoint) -> 2, anything else -> 1.
+
+    Users see one line naming the problem; the traceback goes to the debug log.
+    """
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            return func(*args, **kwargs)
+        except RDMError as err:
+            logger.debug("failed", exc_info=True)
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        except Exception as err:  # noqa: BLE001 - the CLI boundary reports every failure as one line
+            logger.debug("failed", exc_info=True)
+            print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+            return EXIT_FAILURE
+    return wrapper
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

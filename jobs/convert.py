@@ -1,0 +1,48 @@
+"""`rdm convert`: a CompVis latent-diffusion RDM checkpoint + YAML -> a self-describing safetensors file."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from jobs.common import EXIT_OK, exit_codes, setup_logging
+from rdm.checkpoint import convert_ldm_state_dict, read_ldm_checkpoint, resolve_weights, save_pretrained
+from rdm.config import ClipConfig
+from rdm.ldm_config import read_ldm_config
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="rdm convert", description=__doc__)
+    parser.add_argument("--ldm-config", required=True, type=Path,
+                        help="the reference YAML, e.g. configs/retrieval-augmented-diffusion/768x768.yaml")
+    parser.add_argument("--ckpt", required=True, type=Path, help="CompVis/Lightning checkpoint (model.ckpt)")
+    parser.add_argument("--out", required=True, type=Path, help="output .safetensors file")
+    parser.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
+                        help="UNet weights to keep: EMA when present (auto, as sampling in the reference), or raw")
+    parser.add_argument("--clip-model", default=None,
+                        help="open_clip architecture of the conditioning space (default: ViT-L-14 for 768-d)")
+    parser.add_argument("--clip-pretrained", default=None, help="open_clip pretrained tag for --clip-model")
+    parser.add_argument("--name", default=None, help="model name stored in the config (default: YAML stem)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+@exit_codes
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    config = read_ldm_config(args.ldm_config)
+    if args.clip_model:
+        config = replace(config, clip=ClipConfig(args.clip_model, args.clip_pretrained, config.unet.context_dim))
+    if args.name:
+        config = replace(config, name=args.name)
+    state = read_ldm_checkpoint(args.ckpt)
+    weights = resolve_weights(state, args.weights, args.ckpt)
+    converted = convert_ldm_state_dict(state, config, weights=weights, source=args.ckpt)
+    save_pretrained(converted, config, args.out, extra_metadata={"source": args.ckpt.name, "weights": weights})
+    logger.info("wrote %s (%d tensors, model %s)", args.out, len(converted), config.name)
+    return EXIT_OK

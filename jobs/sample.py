@@ -1,0 +1,114 @@
+"""`rdm sample`: generate images in one process (no Ray), from prompts and an optional database."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from jobs.common import EXIT_OK, exit_codes, setup_logging, write_atomic
+from rdm.errors import InputError
+from rdm.factory import load_clip_for, load_model
+from rdm.pipeline import Pipeline, SamplerParams
+from rdm.retrieval import ExactRetriever
+from rdm.sampling import SAMPLERS
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="rdm sample", description=__doc__)
+    parser.add_argument("--model", default="tiny", help="shipped model name or .safetensors checkpoint")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    parser.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
+    parser.add_argument("--database", type=Path,
+                        help="neighbor database: .npy [N, D] embeddings, or .npz with 'embeddings' and 'ids'")
+    parser.add_argument("--num-neighbors", type=int, default=4, help="neighbors per prompt, 0..20")
+    parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    parser.add_argument("--num-steps", type=int, default=50)
+    parser.add_argument("--guidance-scale", type=float, default=5.0)
+    parser.add_argument("--eta", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0, help="image j of prompt i uses seed + i * num_images + j")
+    parser.add_argument("--height", type=int, help="pixels (default: the model's image size)")
+    parser.add_argument("--width", type=int, help="pixels (default: the model's image size)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--clip-weights", type=Path, help="local open_clip weights file (offline use)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true", help="autocast the UNet and decoder to bfloat16")
+    parser.add_argument("--out", type=Path, default=Path("outputs"))
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def load_database(path: Path) -> ExactRetriever:
+    """An exact retriever over a local embeddings file."""
+    if not path.is_file():
+        raise InputError(f"database file {path} does not exist")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read database {path}: {err}") from err
+    if isinstance(data, np.ndarray):
+        return ExactRetriever(torch.from_numpy(data))
+    if "embeddings" not in data:
+        raise InputError(f"{path} has no 'embeddings' array (found: {', '.join(data.files)})")
+    ids = [str(i) for i in data["ids"]] if "ids" in data else None
+    return ExactRetriever(torch.from_numpy(data["embeddings"]), ids)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise InputError("no prompts: pass --prompt TEXT or --prompts-file FILE")
+    if any(not p.strip() for p in prompts):
+        raise InputError("prompts must not be empty")
+    return prompts
+
+
+def png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@exit_codes
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    if args.num_images < 1 or args.batch_size < 1:
+        raise InputError(f"--num-images and --batch-size must be >= 1, got {args.num_images}, {args.batch_size}")
+    prompts = read_prompts(args)
+    params = SamplerParams(args.sampler, args.num_steps, args.guidance_scale, args.eta)
+    retriever = load_database(args.database) if args.database else None
+    num_neighbors = args.num_neighbors if retriever is not None else 0
+    model = load_model(args.model).to(args.device)
+    clip = load_clip_for(model, weights=args.clip_weights)
+    clip = clip.to(args.device) if clip is not None else None
+    pipeline = Pipeline(model, clip, retriever, autocast=torch.bfloat16 if args.bf16 else None)
+    jobs = [(i, j, prompt, args.seed + i * args.num_images + j)
+            for i, prompt in enumerate(prompts) for j in range(args.num_images)]
+    records = []
+    for start in tqdm(range(0, len(jobs), args.batch_size), desc="batches", unit="batch"):
+        batch = jobs[start:start + args.batch_size]
+        result = pipeline.generate([p for _, _, p, _ in batch], num_neighbors=num_neighbors,
+                                   seeds=[s for *_, s in batch], params=params,
+                                   height=args.height, width=args.width)
+        for row, ((i, j, prompt, seed), image) in enumerate(zip(batch, result.images, strict=True)):
+            name = f"{i:04d}_{j:02d}_s{seed}.png"
+            write_atomic(args.out / name, png_bytes(image))
+            records.append({"file": name, "prompt": prompt, "seed": seed, **asdict(params),
+                            "neighbors": [] if result.neighbors is None else result.neighbors.ids[row]})
+    write_atomic(args.out / "index.json", json.dumps({"model": str(args.model), "images": records},
+                                                     indent=1).encode())
+    logger.info("wrote %d images to %s", len(records), args.out)
+    return EXIT_OK

@@ -1,0 +1,60 @@
+"""Building and loading models by name or path."""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from rdm.checkpoint import load_pretrained
+from rdm.clip import ClipEncoder, load_clip
+from rdm.config import RDMConfig, get_config, list_models
+from rdm.errors import CheckpointError, ConfigError
+from rdm.model import RDM
+
+logger = logging.getLogger(__name__)
+
+
+def shipped_weights(name: str) -> Path | None:
+    """Path of the weights shipped with the package for model `name` (`rdm/weights/<name>.safetensors`)."""
+    path = Path(str(resources.files("rdm"))) / "weights" / f"{name}.safetensors"
+    return path if path.is_file() else None
+
+
+def build_model(config: RDMConfig, *, seed: int = 0) -> RDM:
+    """An RDM with freshly initialised (random) weights from `seed`: CPU, fp32, eval mode."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = RDM(config)
+    return model.eval().requires_grad_(False)
+
+
+def load_model(model: str | Path) -> RDM:
+    """Load `model`: a safetensors checkpoint path, or a shipped model name (see `list_models()`).
+
+    A shipped name without shipped weights gives random weights (seed 0) and logs a warning.
+    """
+    path = Path(model)
+    if path.suffix == ".safetensors" or path.is_file():
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        return load_pretrained(path)
+    if str(model) not in list_models():
+        raise ConfigError(f"{model!r} is neither a checkpoint file nor a shipped model ({', '.join(list_models())})")
+    weights = shipped_weights(str(model))
+    if weights is not None:
+        return load_pretrained(weights)
+    logger.warning("model %r has no shipped weights: using random weights (seed 0)", model)
+    return build_model(get_config(str(model)))
+
+
+def load_clip_for(model: RDM, *, weights: str | Path | None = None) -> ClipEncoder | None:
+    """The CLIP encoder the model was trained with: explicit weights, shipped weights, or its pretrained tag."""
+    config = model.config.clip
+    if config is None:
+        return None
+    if weights is None:
+        weights = shipped_weights(config.model_name)
+    return load_clip(config, weights=weights)

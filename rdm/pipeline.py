@@ -1,0 +1,169 @@
+"""Single-process generation: prompts (or query embeddings) + neighbors + seeds -> images.
+
+Each sample draws its initial latent and any sampler noise from its own `torch.Generator` seeded
+with its seed, on the CPU, so an image depends only on (query, neighbors, seed, parameters) and not
+on the batch it shares or the device it runs on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from rdm.clip import ClipEncoder
+from rdm.conditioning import build_context, null_context
+from rdm.errors import InputError, ShapeError
+from rdm.model import RDM
+from rdm.retrieval import Neighbors, Retriever, check_num_neighbors
+from rdm.sampling import SAMPLERS, GuidedEps, sample
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class SamplerParams:
+    """How to sample: the sampler, its number of steps, the guidance scale and DDIM's eta."""
+
+    sampler: str = "ddim"
+    num_steps: int = 50
+    guidance_scale: float = 5.0
+    eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise InputError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if not isinstance(self.num_steps, int) or isinstance(self.num_steps, bool) or not 1 <= self.num_steps <= 1000:
+            raise InputError(f"num_steps must be an integer in 1..1000, got {self.num_steps!r}")
+        if not math.isfinite(self.guidance_scale) or not 0 <= self.guidance_scale <= 50:
+            raise InputError(f"guidance_scale must be a finite number in 0..50, got {self.guidance_scale}")
+        if not math.isfinite(self.eta) or not 0 <= self.eta <= 1:
+            raise InputError(f"eta must be in 0..1, got {self.eta}")
+        if self.eta and self.sampler != "ddim":
+            raise InputError(f"eta applies to the ddim sampler only; {self.sampler!r} needs eta=0")
+
+
+class SeededNoise:
+    """Per-sample standard normal draws: sample i uses only torch.Generator(seed_i), on the CPU."""
+
+    def __init__(self, seeds: Sequence[int], shape: tuple[int, ...], *, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        for seed in seeds:
+            if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+                raise InputError(f"seeds must be integers in 0..{MAX_SEED}, got {seed!r}")
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        self.shape, self.device, self.dtype = shape, device, dtype
+
+    def draw(self) -> Tensor:
+        x = torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
+        return x.to(self.device, self.dtype)
+
+    def __call__(self, step: int) -> Tensor:
+        return self.draw()
+
+
+@dataclass(frozen=True)
+class Generation:
+    images: list[Image.Image]
+    seeds: list[int]
+    neighbors: Neighbors | None
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """Decoded images [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3], knn2img's post-processing
+    (clamp((x + 1) / 2, 0, 1) * 255 in float32, truncated)."""
+    x = torch.clamp((images.float() + 1.0) / 2.0, min=0.0, max=1.0)
+    return (255.0 * x.permute(0, 2, 3, 1).cpu().numpy()).astype(np.uint8)
+
+
+class Pipeline:
+    """Text (or image) -> retrieval -> RDM sampling -> decoding, in one process.
+
+    `autocast` (e.g. torch.bfloat16) runs the UNet and decoder under autocast on the model's device;
+    None keeps the fp32 path used for conformance.
+    """
+
+    def __init__(self, model: RDM, clip: ClipEncoder | None = None, retriever: Retriever | None = None, *,
+                 autocast: torch.dtype | None = None) -> None:
+        if clip is not None and clip.config.embed_dim != model.config.unet.context_dim:
+            raise ShapeError(f"CLIP embeds to {clip.config.embed_dim} dims but the model's context is "
+                             f"{model.config.unet.context_dim}")
+        self.model, self.clip, self.retriever, self.autocast = model, clip, retriever, autocast
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.alphas_cumprod.device
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
+        if self.clip is None:
+            raise InputError("this model has no CLIP encoder; pass query embeddings instead of prompts")
+        if not prompts:
+            raise InputError("at least one prompt is needed")
+        return self.clip.encode_text(list(prompts))
+
+    def retrieve(self, query: Tensor, num_neighbors: int) -> Neighbors | None:
+        check_num_neighbors(num_neighbors)
+        if num_neighbors == 0:
+            return None
+        if self.retriever is None:
+            raise InputError(f"num_neighbors={num_neighbors} needs a database, but none is configured")
+        return self.retriever.search(query, num_neighbors)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        multiple = self.model.config.pixel_multiple
+        if not (isinstance(height, int) and isinstance(width, int)) or height < multiple or width < multiple \
+                or height % multiple or width % multiple:
+            raise InputError(f"height and width must be positive multiples of {multiple}, got {height} and {width}")
+        f = self.model.config.autoencoder.downsample_factor
+        return self.model.config.latent_channels, height // f, width // f
+
+    @torch.no_grad()
+    def sample_latents(self, context: Tensor, seeds: Sequence[int], params: SamplerParams, *,
+                       height: int, width: int) -> Tensor:
+        """Latents [B, C, h, w] for contexts [B, M, D] and one seed per sample."""
+        if len(seeds) != context.shape[0]:
+            raise ShapeError(f"{len(seeds)} seeds for {context.shape[0]} contexts")
+        noise = SeededNoise(seeds, self.latent_shape(height, width), device=self.device)
+        context = context.to(self.device)
+        eps_model = GuidedEps(self.model.unet, context, null_context(context), params.guidance_scale)
+        with self._autocast():
+            latents = sample(params.sampler, eps_model, noise.draw(), self.model.alphas_cumprod,
+                             num_steps=params.num_steps, eta=params.eta, noise=noise)
+        return latents.float()
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> np.ndarray:
+        with self._autocast():
+            images = self.model.decode_latents(latents.to(self.device))
+        return to_uint8(images)
+
+    def generate(self, prompts: Sequence[str] | None = None, *, query: Tensor | None = None,
+                 neighbors: Tensor | None = None, num_neighbors: int = 0, seeds: Sequence[int],
+                 params: SamplerParams = SamplerParams(), height: int | None = None,
+                 width: int | None = None) -> Generation:
+        """One image per (prompt or query row, seed). Neighbors: given [B, k, D], else retrieved."""
+        if (prompts is None) == (query is None):
+            raise InputError("pass exactly one of prompts and query embeddings")
+        query = self.encode_prompts(prompts) if prompts is not None else query
+        if len(seeds) != query.shape[0]:
+            raise InputError(f"need one seed per sample: {len(seeds)} seeds for {query.shape[0]} queries")
+        found = None
+        if neighbors is None:
+            found = self.retrieve(query, num_neighbors)
+            neighbors = None if found is None else found.embeddings
+        context = build_context(query, neighbors)
+        size = self.model.config.image_size
+        latents = self.sample_latents(context, seeds, params, height=height or size, width=width or size)
+        images = [Image.fromarray(a) for a in self.decode(latents)]
+        return Generation(images=images, seeds=list(seeds), neighbors=found)
