@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from jobs.common import EXIT_OK, exit_codes, setup_logging
 from rdm.checkpoint import convert_ldm_state_dict, read_ldm_checkpoint, resolve_weights, save_pretrained
 from rdm.config import ClipConfig
+from rdm.errors import ConfigError
 from rdm.ldm_config import read_ldm_config
 
 logger = logging.getLogger(__name__)
@@ -26,9 +28,19 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--clip-model", default=None,
                         help="open_clip architecture of the conditioning space (default: ViT-L-14 for 768-d)")
     parser.add_argument("--clip-pretrained", default=None, help="open_clip pretrained tag for --clip-model")
+    parser.add_argument("--allow-global", action="append", default=[], metavar="MODULE.NAME",
+                        help="a class the checkpoint's pickle may reference (only for checkpoints you trust)")
     parser.add_argument("--name", default=None, help="model name stored in the config (default: YAML stem)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
+
+
+def resolve_global(name: str) -> object:
+    module, _, attr = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"--allow-global {name!r} does not name an importable class") from err
 
 
 @exit_codes
@@ -40,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         config = replace(config, clip=ClipConfig(args.clip_model, args.clip_pretrained, config.unet.context_dim))
     if args.name:
         config = replace(config, name=args.name)
-    state = read_ldm_checkpoint(args.ckpt)
+    state = read_ldm_checkpoint(args.ckpt, allow_globals=[resolve_global(name) for name in args.allow_global])
     weights = resolve_weights(state, args.weights, args.ckpt)
     converted = convert_ldm_state_dict(state, config, weights=weights, source=args.ckpt)
     save_pretrained(converted, config, args.out, extra_metadata={"source": args.ckpt.name, "weights": weights})

@@ -6,7 +6,6 @@ Parameter names match the reference so checkpoints map key for key. Attention ru
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

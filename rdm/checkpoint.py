@@ -53,7 +53,8 @@ def read_ldm_checkpoint(path: str | Path, *, allow_globals: Iterable[object] = (
             reason = next((line for line in detail if "global" in line.lower()), detail[-1] if detail else "")
             raise UnsafeCheckpointError(
                 f"refusing to unpickle {path}: it references code or classes beyond tensors ({reason.strip()}). "
-                "Only load checkpoints you trust; trusted classes can be allowed explicitly.") from err
+                "Only load checkpoints you trust; allow a trusted class explicitly with "
+                "`rdm convert --allow-global MODULE.NAME`.") from err
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {err}") from err
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {err}") from err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import pickle
 from importlib import resources
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def load_clip(config: ClipConfig, *, weights: str | Path | None = None, seed: in
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = open_clip.create_model(config.model_name, pretrained=pretrained)
-    except (RuntimeError, OSError, ValueError) as err:
+    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError, EOFError) as err:
         raise CheckpointError(f"cannot load CLIP {config.model_name} weights {pretrained!r}: {err}. "
                               "Offline, pass a local weights file.") from err
     if pretrained is None:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from rdm.errors import InputError
-from rdm.schedule import ddim_timesteps
+from rdm.schedule import ddim_timesteps, dpm_timesteps
 
 EpsModel = Callable[[Tensor, Tensor], Tensor]
 """eps_model(x [B, C, H, W], t [B] int64) -> predicted noise [B, C, H, W]."""
@@ -167,30 +167,29 @@ def _plms_combine(eps: Tensor, history: list[Tensor]) -> Tensor:
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(eps_model: EpsModel, x: Tensor, sched: DDIMSchedule, *,
+def sample_dpmpp_2m(eps_model: EpsModel, x: Tensor, timesteps: Tensor, alphas_cumprod: Tensor, *,
                     callback: StepCallback | None = None) -> Tensor:
-    """DPM-Solver++(2M), data prediction, multistep, in the VP parameterisation.
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): data prediction, multistep, VP parameterisation.
 
-    Runs over the same discrete timesteps as DDIM, then takes a final first-order step to zero noise
-    (so x0 is returned, not the alpha_bar[0] marginal). With alpha_t = sqrt(abar), sigma_t =
-    sqrt(1 - abar), lambda = log(alpha / sigma) and h = lambda_next - lambda:
-    x_next = (sigma_next / sigma) x - alpha_next expm1(-h) D, where D is x0 (first step) or
-    (1 + 1/2r) x0 - (1/2r) x0_prev with r = h_prev / h.
+    Over descending `timesteps` (see `dpm_timesteps`), then a final first-order step to zero noise, so
+    the result is an x0 estimate. alpha = sqrt(abar), sigma = sqrt(1 - abar), lambda = log(alpha / sigma),
+    h = lambda_next - lambda: x_next = (sigma_next / sigma) x - alpha_next expm1(-h) D, where D is x0
+    (first step, and the last two when S < 15) or (1 + 1/2r) x0 - (1/2r) x0_prev with r = h_prev / h.
     """
-    num_steps = len(sched.timesteps)
-    abar = sched.alphas.to(torch.float64).flip(0)  # descending noise level
+    num_steps = len(timesteps)
+    abar = alphas_cumprod.detach().to("cpu", torch.float64)[timesteps]
     alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
     lam = torch.log(alpha / sigma)
-    old_x0, h_prev = None, None
-    for i in range(num_steps):
-        t = int(sched.timesteps[num_steps - 1 - i])
+    old_x0, h_prev = None, 0.0
+    for i, t in enumerate(timesteps.tolist()):
         eps = eps_model(x, _timestep(t, x))
         x0 = (x - float(sigma[i]) * eps) / float(alpha[i])
         if i == num_steps - 1:
             x = x0
         else:
             h = float(lam[i + 1] - lam[i])
-            d = x0 if old_x0 is None else (1 + 1 / (2 * h_prev / h)) * x0 - (1 / (2 * h_prev / h)) * old_x0
+            first_order = old_x0 is None or (num_steps < 15 and i == num_steps - 2)
+            d = x0 if first_order else (1 + h / (2 * h_prev)) * x0 - (h / (2 * h_prev)) * old_x0
             x = float(sigma[i + 1] / sigma[i]) * x - float(alpha[i + 1] * math.expm1(-h)) * d
             old_x0, h_prev = x0, h
         if callback is not None:
@@ -208,9 +207,10 @@ def sample(sampler: str, eps_model: EpsModel, x: Tensor, alphas_cumprod: Tensor,
         raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if sampler != "ddim" and eta != 0:
         raise InputError(f"eta must be 0 for the deterministic sampler {sampler!r}, got {eta}")
+    if sampler == "dpmpp_2m":
+        timesteps = dpm_timesteps(num_steps, len(alphas_cumprod))
+        return sample_dpmpp_2m(eps_model, x, timesteps, alphas_cumprod, callback=callback)
     sched = make_ddim_schedule(alphas_cumprod, num_steps, eta=eta)
     if sampler == "ddim":
         return sample_ddim(eps_model, x, sched, noise=noise, callback=callback)
-    if sampler == "plms":
-        return sample_plms(eps_model, x, sched, callback=callback)
-    return sample_dpmpp_2m(eps_model, x, sched, callback=callback)
+    return sample_plms(eps_model, x, sched, callback=callback)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from rdm.config import ScheduleConfig
-from rdm.errors import ConfigError
+from rdm.errors import InputError
 
 SCHEDULE_BUFFERS = (
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
@@ -70,7 +70,19 @@ def ddim_timesteps(num_steps: int, num_timesteps: int) -> Tensor:
     entries when S does not divide T (S = 3 gives 4 steps); we keep exactly S and agree with it
     whenever S divides T.
     """
-    if not 1 <= num_steps <= num_timesteps:
-        raise ConfigError(f"num_steps must be in 1..{num_timesteps}, got {num_steps}")
+    if not isinstance(num_steps, int) or not 1 <= num_steps <= num_timesteps:
+        raise InputError(f"num_steps must be an integer in 1..{num_timesteps}, got {num_steps!r}")
     c = num_timesteps // num_steps
     return torch.arange(num_steps, dtype=torch.int64) * c + 1
+
+
+def dpm_timesteps(num_steps: int, num_timesteps: int) -> Tensor:
+    """Descending timesteps [S] for DPM-Solver++: linspace(T - 1, 0, S + 1) rounded, without the final 0
+    (diffusers' "linspace" spacing). Unlike DDIM's grid it starts at the noisiest step T - 1 and keeps
+    the log-SNR steps even near t = 0, where a multistep extrapolation over DDIM's last, much longer
+    step (51 -> 1 at S = 20) overshoots."""
+    if not isinstance(num_steps, int) or not 1 <= num_steps < num_timesteps:
+        raise InputError(f"num_steps must be an integer in 1..{num_timesteps - 1} for DPM-Solver++, "
+                         f"got {num_steps!r}")
+    grid = np.linspace(num_timesteps - 1, 0, num_steps + 1).round()[:-1]
+    return torch.from_numpy(grid.astype(np.int64))

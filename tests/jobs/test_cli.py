@@ -1,0 +1,88 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from jobs.cli import main as rdm
+from rdm.checkpoint import save_pretrained
+from rdm.config import get_config
+from rdm.factory import build_model
+
+REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
+
+
+def test_sample_writes_pngs_and_an_index(tmp_path):
+    db = tmp_path / "db.npz"
+    np.savez(db, embeddings=np.random.default_rng(0).standard_normal((30, 64)).astype(np.float32),
+             ids=np.array([f"x{i}" for i in range(30)]))
+    out = tmp_path / "out"
+    code = rdm(["sample", "--prompt", "a boat", "--prompt", "a tree", "--num-images", "2", "--num-steps", "3",
+                "--database", str(db), "--num-neighbors", "3", "--seed", "10", "--out", str(out)])
+    assert code == 0
+    index = json.loads((out / "index.json").read_text())
+    assert [r["seed"] for r in index["images"]] == [10, 11, 12, 13]
+    assert all(len(r["neighbors"]) == 3 and r["neighbors"][0].startswith("x") for r in index["images"])
+    for record in index["images"]:
+        assert Image.open(out / record["file"]).size == (32, 32)
+    assert not list(out.glob(".*tmp"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--prompt", "x", "--num-steps", "0"], "num_steps"),
+    (["sample", "--prompt", "x", "--num-neighbors", "25", "--database", "DB"], "0..20"),
+    (["sample"], "no prompts"),
+    (["sample", "--prompt", "x", "--model", "missing.safetensors"], "does not exist"),
+    (["sample", "--prompt", "x", "--model", "no-such-model"], "neither a checkpoint"),
+])
+def test_sample_bad_input_exit_2(tmp_path, capsys, argv, message):
+    np.save(tmp_path / "db.npy", np.ones((30, 64), np.float32))
+    argv = [a.replace("DB", str(tmp_path / "db.npy")) for a in argv] + ["--out", str(tmp_path / "o")]
+    assert rdm(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unknown_sampler_is_an_argument_error(capsys):
+    assert rdm(["sample", "--prompt", "x", "--sampler", "euler"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_unknown_subcommand(capsys):
+    assert rdm(["nope"]) == 2
+    assert "unknown subcommand" in capsys.readouterr().err
+
+
+def test_convert_rejects_a_wrong_yaml_target(tmp_path, capsys):
+    yaml = tmp_path / "bad.yaml"
+    yaml.write_text("model:\n  target: ldm.models.diffusion.ddpm.DDPM\n  params: {}\n")
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"state_dict": {}}, ckpt)
+    assert rdm(["convert", "--ldm-config", str(yaml), "--ckpt", str(ckpt), "--out", str(tmp_path / "o")]) == 2
+    assert "DDPM' is not supported" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (REFERENCE / "mini_a.ckpt").is_file(), reason="reference set not available")
+def test_convert_rejects_a_checkpoint_of_another_model(tmp_path, capsys):
+    """The mini checkpoint with the 768 YAML: every key is listed as mis-shaped or missing."""
+    code = rdm(["convert", "--ldm-config", str(REFERENCE / "rdm768.yaml"), "--ckpt", str(REFERENCE / "mini_a.ckpt"),
+                "--out", str(tmp_path / "o.safetensors")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "shape mismatch" in err and "missing" in err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_converted_tiny_checkpoint_samples_through_the_console_script(tmp_path):
+    model = build_model(get_config("tiny"), seed=3)
+    path = save_pretrained(model.state_dict(), model.config, tmp_path / "tiny.safetensors")
+    out = tmp_path / "out"
+    result = subprocess.run([str(Path(sys.executable).parent / "rdm"), "sample", "--model", str(path),
+                             "--prompt", "a boat", "--num-steps", "2", "--num-neighbors", "0", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert len(list(out.glob("*.png"))) == 1

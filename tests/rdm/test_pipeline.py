@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+import torch
+
+from rdm.errors import InputError, PromptTooLongError, ShapeError
+from rdm.pipeline import Pipeline, SamplerParams, SeededNoise, to_uint8
+from rdm.retrieval import ExactRetriever
+
+FAST = SamplerParams(num_steps=4, guidance_scale=3.0)
+
+
+@pytest.fixture(scope="module")
+def database():
+    embeddings = torch.randn(40, 64, generator=torch.Generator().manual_seed(3))
+    return ExactRetriever(embeddings, [f"img-{i}" for i in range(40)])
+
+
+@pytest.fixture(scope="module")
+def pipeline(lively_tiny_model, tiny_clip, database):
+    return Pipeline(lively_tiny_model, tiny_clip, database)
+
+
+@pytest.mark.parametrize("params", [FAST, SamplerParams("ddim", 4, 3.0, eta=1.0), SamplerParams("plms", 4),
+                                    SamplerParams("dpmpp_2m", 4)], ids=lambda p: f"{p.sampler}-eta{p.eta}")
+def test_an_image_does_not_depend_on_its_batch(pipeline, params):
+    together = pipeline.generate(["a boat", "a red house", "a tree"], seeds=[11, 12, 13], num_neighbors=3,
+                                 params=params)
+    alone = pipeline.generate(["a red house"], seeds=[12], num_neighbors=3, params=params)
+    reordered = pipeline.generate(["a tree", "a red house"], seeds=[13, 12], num_neighbors=3, params=params)
+    a, b, c = (np.asarray(img, dtype=int) for img in (together.images[1], alone.images[0], reordered.images[1]))
+    assert np.abs(a - b).max() <= 1 and np.abs(a - c).max() <= 1
+    assert together.neighbors.ids[1] == alone.neighbors.ids[0]
+
+
+def test_same_seed_same_image_other_seed_other_image(pipeline):
+    first = pipeline.generate(["a boat"], seeds=[5], num_neighbors=2, params=FAST).images[0]
+    again = pipeline.generate(["a boat"], seeds=[5], num_neighbors=2, params=FAST).images[0]
+    other = pipeline.generate(["a boat"], seeds=[6], num_neighbors=2, params=FAST).images[0]
+    assert first.tobytes() == again.tobytes()
+    assert first.tobytes() != other.tobytes()
+
+
+def test_neighbors_change_the_image(pipeline):
+    query = pipeline.encode_prompts(["a boat"])
+    neighbors = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(0))
+    with_nn = pipeline.generate(query=query, neighbors=neighbors, seeds=[1], params=FAST).images[0]
+    without = pipeline.generate(query=query, seeds=[1], params=FAST).images[0]
+    assert with_nn.tobytes() != without.tobytes()
+    assert with_nn.size == (32, 32)
+
+
+def test_retrieved_neighbors_are_the_exact_top_k(pipeline, database):
+    result = pipeline.generate(["a boat"], seeds=[0], num_neighbors=5, params=FAST)
+    query = pipeline.encode_prompts(["a boat"])
+    expected = (torch.nn.functional.normalize(query) @ database.embeddings.T).topk(5).indices[0].tolist()
+    assert result.neighbors.ids[0] == [f"img-{i}" for i in expected]
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"num_neighbors": 21}, InputError, "0..20"),
+    ({"num_neighbors": -1}, InputError, "0..20"),
+    ({"seeds": [1, 2]}, InputError, "one seed per sample"),
+    ({"seeds": [-1]}, InputError, "seeds must be integers"),
+    ({"height": 30}, InputError, "multiples of 8"),
+    ({"prompts": []}, InputError, "at least one prompt"),
+    ({"prompts": ["word " * 80]}, PromptTooLongError, "77"),
+])
+def test_bad_requests(pipeline, kwargs, error, match):
+    args = {"prompts": ["a boat"], "seeds": [1], "num_neighbors": 2, "params": FAST} | kwargs
+    with pytest.raises(error, match=match):
+        pipeline.generate(args.pop("prompts"), **args)
+
+
+def test_non_finite_and_mis_shaped_embeddings(pipeline):
+    query = torch.randn(1, 64)
+    with pytest.raises(InputError, match="NaN or infinite"):
+        pipeline.generate(query=torch.full((1, 64), float("nan")), seeds=[1], params=FAST)
+    with pytest.raises(InputError, match="NaN or infinite"):
+        pipeline.generate(query=query, neighbors=torch.full((1, 2, 64), float("inf")), seeds=[1], params=FAST)
+    with pytest.raises(ShapeError, match="neighbors"):
+        pipeline.generate(query=query, neighbors=torch.randn(1, 2, 32), seeds=[1], params=FAST)
+    with pytest.raises(InputError, match="at most 20"):
+        pipeline.generate(query=query, neighbors=torch.randn(1, 21, 64), seeds=[1], params=FAST)
+
+
+def test_neighbors_need_a_database(lively_tiny_model, tiny_clip):
+    with pytest.raises(InputError, match="needs a database"):
+        Pipeline(lively_tiny_model, tiny_clip).generate(["a boat"], seeds=[1], num_neighbors=2, params=FAST)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"sampler": "euler"}, "unknown sampler"), ({"num_steps": 0}, "num_steps"),
+    ({"guidance_scale": float("inf")}, "guidance_scale"), ({"sampler": "plms", "eta": 0.5}, "eta"),
+])
+def test_bad_sampler_params(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        SamplerParams(**kwargs)
+
+
+def test_seeded_noise_is_per_sample():
+    both = SeededNoise([1, 2], (3,)).draw()
+    assert torch.equal(both[1], SeededNoise([2], (3,)).draw()[0])
+
+
+def test_to_uint8_truncates_like_the_reference():
+    x = torch.tensor([-2.0, -1.0, 0.0, 0.999, 3.0]).view(1, 1, 1, 5).expand(1, 3, 1, 5)
+    assert to_uint8(x)[0, 0, :, 0].tolist() == [0, 0, 127, 254, 255]
