@@ -8,6 +8,8 @@ import sys
 SUBCOMMANDS = {
     "convert": ("jobs.convert", "convert a CompVis RDM checkpoint to safetensors"),
     "sample": ("jobs.sample", "generate images in one process"),
+    "embed": ("jobs.embed", "embed a corpus with CLIP on Ray Data"),
+    "index": ("jobs.index", "build or query a sharded FAISS index"),
 }
 
 

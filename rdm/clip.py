@@ -76,16 +76,23 @@ class ClipEncoder(nn.Module):
 
     def preprocess(self, images: Tensor) -> Tensor:
         """[B, 3, H, W] in [-1, 1] -> CLIP input [B, 3, S, S]."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ShapeError(f"images must be [B, 3, H, W] in [-1, 1], got {tuple(images.shape)}")
-        x = F.interpolate(images.float(), size=self.image_size, mode="bicubic", align_corners=True,
-                          antialias=self.config.antialias)
+        x = resize_for_clip(images, self.image_size, antialias=self.config.antialias)
         return ((x + 1.0) / 2.0 - self.mean) / self.std
 
     @torch.no_grad()
     def encode_image(self, images: Tensor) -> Tensor:
         x = self.preprocess(images.to(self.mean.device))
         return F.normalize(self.model.encode_image(x).float(), dim=-1)
+
+
+def resize_for_clip(images: Tensor, size: tuple[int, int], *, antialias: bool = False) -> Tensor:
+    """[B, 3, H, W] in [-1, 1] -> [B, 3, *size]: bicubic with align_corners, as the reference (kornia)
+    resizes; a no-op at the target size, so images can be resized ahead of time (in CPU workers)."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ShapeError(f"images must be [B, 3, H, W] in [-1, 1], got {tuple(images.shape)}")
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images.float()
+    return F.interpolate(images.float(), size=size, mode="bicubic", align_corners=True, antialias=antialias)
 
 
 def load_clip(config: ClipConfig, *, weights: str | Path | None = None, seed: int = 0) -> ClipEncoder:

@@ -10,7 +10,7 @@ import torch
 
 from rdm.checkpoint import load_pretrained
 from rdm.clip import ClipEncoder, load_clip
-from rdm.config import RDMConfig, get_config, list_models
+from rdm.config import ClipConfig, RDMConfig, get_config, list_models
 from rdm.errors import CheckpointError, ConfigError
 from rdm.model import RDM
 
@@ -57,4 +57,33 @@ def load_clip_for(model: RDM, *, weights: str | Path | None = None) -> ClipEncod
         return None
     if weights is None:
         weights = shipped_weights(config.model_name)
+    return load_clip(config, weights=weights)
+
+
+def resolve_clip(spec: str, *, weights: str | Path | None = None) -> tuple[ClipConfig, Path | None]:
+    """A CLIP named by a shipped model (`tiny`, `rdm-768`: the CLIP it was trained with) or by an
+    open_clip architecture with an optional pretrained tag (`ViT-B-32`, `ViT-L-14:openai`).
+    Returns the config and the weights file to load (explicit, shipped, or None for the tag)."""
+    if spec in list_models():
+        config = get_config(spec).clip
+        if config is None:
+            raise ConfigError(f"model {spec!r} has no CLIP encoder")
+    else:
+        import open_clip
+
+        from rdm.clip import _register_shipped_configs
+
+        _register_shipped_configs()
+        arch, _, tag = spec.partition(":")
+        model_config = open_clip.get_model_config(arch)
+        if model_config is None:
+            raise ConfigError(f"unknown CLIP {spec!r}: use a shipped model ({', '.join(list_models())}) or an "
+                              f"open_clip architecture[:pretrained tag]")
+        config = ClipConfig(arch, tag or None, int(model_config["embed_dim"]))
+    weights = Path(weights) if weights is not None else shipped_weights(config.model_name)
+    return config, weights
+
+
+def load_clip_spec(spec: str, *, weights: str | Path | None = None) -> ClipEncoder:
+    config, weights = resolve_clip(spec, weights=weights)
     return load_clip(config, weights=weights)

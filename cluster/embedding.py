@@ -1,0 +1,234 @@
+"""Embedding a corpus with CLIP on Ray Data: list shards, decode and resize in CPU tasks, embed in an
+actor pool, write one parquet file per shard.
+
+A corpus is a folder or prefix (local or s3://) of parquet files with an `image` column of encoded
+bytes (plus optional `id` and metadata columns), or of image files. Each parquet file, or each group
+of `shard_size` image files, is a shard: the unit of work and of resumption. A shard's output is
+`OUT/embeddings/<shard>.parquet` (id, embedding, source_uri, metadata) and, when some images cannot be
+decoded, `OUT/errors/<shard>.parquet`; a re-run skips shards whose output exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from cluster.errors import EmptyCorpusError, StorageError
+from cluster.storage import ObjectStore, join, open_store
+from rdm.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+EMBEDDINGS_DIR, ERRORS_DIR = "embeddings", "errors"
+
+
+@dataclass(frozen=True)
+class CorpusShard:
+    name: str
+    kind: str  # "parquet" | "images"
+    keys: tuple[str, ...]
+
+
+def _shard_name(prefix: str, text: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", prefix)[-40:].strip("_") or "shard"
+    return f"{stem}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+
+
+def list_corpus(uri: str, *, shard_size: int = 256) -> tuple[ObjectStore, list[CorpusShard]]:
+    """The corpus store and its shards, in a deterministic order."""
+    if uri.rstrip("/").endswith(".parquet"):
+        parent, _, name = uri.rstrip("/").rpartition("/")
+        store, keys = open_store(parent or "."), [name]
+    else:
+        store = open_store(uri)
+        keys = store.list()
+    parquet = [k for k in keys if k.endswith(".parquet")]
+    images = [k for k in keys if k.lower().endswith(IMAGE_SUFFIXES)]
+    shards = [CorpusShard(_shard_name(k.rsplit(".", 1)[0], k), "parquet", (k,)) for k in parquet]
+    for start in range(0, len(images), shard_size):
+        group = tuple(images[start:start + shard_size])
+        shards.append(CorpusShard(_shard_name("images", "\n".join(group)), "images", group))
+    if not shards:
+        raise EmptyCorpusError(f"no parquet or image files under {store.uri}")
+    return store, shards
+
+
+def _content_id(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:24]
+
+
+def _read_rows(store: ObjectStore, shard: CorpusShard) -> list[dict]:
+    """Rows {id, data, source_uri, metadata} of one shard; images still encoded."""
+    if shard.kind == "images":
+        rows = []
+        for key in shard.keys:
+            data = store.read_bytes(key)
+            rows.append({"id": _content_id(data), "data": data, "source_uri": f"{store.uri}/{key}", "metadata": {}})
+        return rows
+    (key,) = shard.keys
+    try:
+        table = pq.read_table(io.BytesIO(store.read_bytes(key)))
+    except pa.ArrowException as err:
+        raise StorageError(f"{store.uri}/{key}", f"not a readable parquet file: {err}") from err
+    if "image" not in table.column_names:
+        raise EmptyCorpusError(f"{store.uri}/{key} has no 'image' column (columns: {', '.join(table.column_names)})")
+    images = table.column("image").to_pylist()
+    ids = table.column("id").to_pylist() if "id" in table.column_names else [None] * len(images)
+    meta_cols = [c for c in table.column_names if c not in ("image", "id")]
+    metas = table.select(meta_cols).to_pylist()
+    rows = []
+    for i, (data, row_id, meta) in enumerate(zip(images, ids, metas, strict=True)):
+        data = data.get("bytes") if isinstance(data, dict) else data  # Hugging Face image structs
+        rows.append({"id": str(row_id) if row_id is not None else (_content_id(data) if data else f"{key}#{i}"),
+                     "data": data, "source_uri": f"{store.uri}/{key}#{i}",
+                     "metadata": {k: None if v is None else str(v) for k, v in meta.items()}})
+    return rows
+
+
+def decode_image(data: bytes | None, size: tuple[int, int], *, antialias: bool = False) -> np.ndarray:
+    """Encoded image -> float16 [3, *size] in [-1, 1], resized as the CLIP wrapper does."""
+    from rdm.clip import resize_for_clip
+
+    if not data:
+        raise ValueError("empty image bytes")
+    with Image.open(io.BytesIO(data)) as image:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    x = torch.from_numpy(pixels).permute(2, 0, 1)[None] / 127.5 - 1.0
+    return resize_for_clip(x, size, antialias=antialias)[0].numpy().astype(np.float16)
+
+
+def decode_shard(row: dict, *, corpus_uri: str, image_size: tuple[int, int], antialias: bool) -> dict:
+    """CPU task: read and decode one shard; undecodable images become error records, never exceptions."""
+    shard = CorpusShard(**{**row, "keys": tuple(row["keys"])})
+    store = open_store(corpus_uri)
+    good, errors = [], []
+    for record in _read_rows(store, shard):
+        try:
+            good.append((record, decode_image(record["data"], image_size, antialias=antialias)))
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as err:
+            errors.append({"id": record["id"], "source_uri": record["source_uri"], "error": f"{type(err).__name__}: {err}"})
+    images = np.stack([img for _, img in good]) if good else np.zeros((0, 3, *image_size), np.float16)
+    buffer = io.BytesIO()
+    np.save(buffer, images, allow_pickle=False)
+    rows = [{k: r[k] for k in ("id", "source_uri", "metadata")} for r, _ in good]
+    return {"shard": shard.name, "images": buffer.getvalue(), "rows": json.dumps(rows), "errors": json.dumps(errors)}
+
+
+def embeddings_table(rows: list[dict], embeddings: np.ndarray, dtype: str) -> pa.Table:
+    dim = embeddings.shape[1]
+    columns = {
+        "id": pa.array([r["id"] for r in rows], pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.astype(dtype).reshape(-1)), dim),
+        "source_uri": pa.array([r["source_uri"] for r in rows], pa.string()),
+    }
+    for key in sorted({k for r in rows for k in r["metadata"]}):
+        columns[key] = pa.array([r["metadata"].get(key) for r in rows], pa.string())
+    return pa.table(columns)
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+class ClipEmbedder:
+    """Ray Data callable class: loads the CLIP image encoder once per actor, embeds decoded shards and
+    writes each shard's parquet files (errors first, embeddings last: the embeddings file marks done)."""
+
+    def __init__(self, clip: str, clip_weights: str | None, out_uri: str, batch_size: int, dtype: str) -> None:
+        from rdm.factory import load_clip_spec
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.encoder = load_clip_spec(clip, weights=clip_weights).to(self.device)
+        self.store, self.batch_size, self.dtype = open_store(out_uri), batch_size, dtype
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        counts, errors = [], []
+        for shard, images, rows, errs in zip(batch["shard"], batch["images"], batch["rows"], batch["errors"],
+                                             strict=True):
+            pixels = np.load(io.BytesIO(images), allow_pickle=False)
+            chunks = [self.encoder.encode_image(torch.from_numpy(pixels[i:i + self.batch_size]).float()).cpu().numpy()
+                      for i in range(0, len(pixels), self.batch_size)]
+            dim = self.encoder.config.embed_dim
+            embeddings = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
+            error_rows = json.loads(errs)
+            if error_rows:
+                self.store.write_bytes(join(ERRORS_DIR, f"{shard}.parquet"), table_bytes(pa.Table.from_pylist(error_rows)))
+            table = embeddings_table(json.loads(rows), embeddings, self.dtype)
+            self.store.write_bytes(join(EMBEDDINGS_DIR, f"{shard}.parquet"), table_bytes(table))
+            counts.append(len(embeddings))
+            errors.append(len(error_rows))
+        return {"shard": batch["shard"], "count": np.array(counts), "errors": np.array(errors)}
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    shards_total: int
+    shards_skipped: int
+    embedded: int
+    errors: int
+    dim: int
+    clip: str
+
+
+def embed_corpus(corpus_uri: str, out_uri: str, *, clip: str = "tiny", clip_weights: str | None = None,
+                 shard_size: int = 256, batch_size: int = 64, num_actors: int = 1, actor_num_cpus: float = 0.5,
+                 decode_num_cpus: float = 0.25, dtype: str = "float32") -> EmbedResult:
+    """Embed every pending shard of the corpus on the connected Ray cluster (see module docstring)."""
+    import ray
+
+    from rdm.factory import resolve_clip
+
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
+    config, _ = resolve_clip(clip, weights=clip_weights)
+    image_size = _clip_image_size(config.model_name)
+    _, shards = list_corpus(corpus_uri, shard_size=shard_size)
+    out = open_store(out_uri)
+    info = {"clip": clip, "dim": config.embed_dim, "dtype": dtype}
+    if out.exists("embed.json"):
+        previous = json.loads(out.read_bytes("embed.json"))
+        if {k: previous.get(k) for k in info} != info:
+            raise ConfigError(f"{out.uri} holds embeddings made with {previous}; this run would use {info}. "
+                              "Use another --out or the same settings.")
+    done = set(out.list(EMBEDDINGS_DIR))
+    pending = [s for s in shards if join(EMBEDDINGS_DIR, f"{s.name}.parquet") not in done]
+    logger.info("%d shards, %d already embedded, %d to do", len(shards), len(shards) - len(pending), len(pending))
+    embedded = errors = 0
+    if pending:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        ds = ray.data.from_items([asdict(s) for s in pending], override_num_blocks=len(pending))
+        ds = ds.map(decode_shard, fn_kwargs={"corpus_uri": corpus_uri, "image_size": image_size,
+                                             "antialias": config.antialias}, num_cpus=decode_num_cpus)
+        ds = ds.map_batches(ClipEmbedder, fn_constructor_kwargs={"clip": clip, "clip_weights": clip_weights,
+                                                                 "out_uri": out_uri, "batch_size": batch_size,
+                                                                 "dtype": dtype},
+                            batch_size=1, compute=ray.data.ActorPoolStrategy(size=num_actors),
+                            num_cpus=actor_num_cpus, num_gpus=1 if use_gpu else 0)
+        results = ds.take_all()
+        embedded = sum(int(r["count"]) for r in results)
+        errors = sum(int(r["errors"]) for r in results)
+    out.write_bytes("embed.json", json.dumps(info, indent=1).encode())
+    return EmbedResult(len(shards), len(shards) - len(pending), embedded, errors, config.embed_dim, clip)
+
+
+def _clip_image_size(model_name: str) -> tuple[int, int]:
+    import open_clip
+
+    from rdm.clip import _register_shipped_configs
+
+    _register_shipped_configs()
+    size = open_clip.get_model_config(model_name)["vision_cfg"]["image_size"]
+    return tuple(size) if isinstance(size, (list, tuple)) else (size, size)

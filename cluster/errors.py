@@ -1,0 +1,52 @@
+"""Exceptions raised by the cluster layer. Each wraps its cause (`raise ... from err`) and names the
+object at fault (URI, database, shard) and how to fix it."""
+
+from rdm.errors import InputError, RDMError
+
+
+class ClusterError(RDMError):
+    """Base class for errors raised by `cluster`."""
+
+
+class StorageError(ClusterError):
+    """An object could not be read or written."""
+
+    def __init__(self, uri: str, message: str) -> None:
+        self.uri = uri
+        super().__init__(f"{uri}: {message}")
+
+
+class ObjectNotFoundError(StorageError):
+    """The object does not exist."""
+
+
+class StorageCredentialsError(StorageError):
+    """S3 rejected or could not find the credentials."""
+
+
+class CorruptShardError(StorageError):
+    """A shard file does not match the checksum in its manifest, or cannot be parsed."""
+
+
+class EmptyCorpusError(ClusterError, InputError):
+    """A corpus or embeddings location holds nothing to process."""
+
+
+class IndexBuildError(ClusterError):
+    """An index could not be built from the given embeddings."""
+
+
+class RetrievalError(ClusterError):
+    """A retrieval request failed."""
+
+
+class UnknownDatabaseError(RetrievalError, InputError):
+    """No published version of the named database exists."""
+
+
+class ShardUnavailableError(RetrievalError):
+    """An index shard did not answer in time, even after a restart."""
+
+    def __init__(self, shard_id: int, message: str) -> None:
+        self.shard_id = shard_id
+        super().__init__(f"shard {shard_id}: {message}")

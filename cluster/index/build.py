@@ -1,0 +1,192 @@
+"""Building a sharded FAISS index from embedding parquet files with Ray tasks.
+
+1. scan: a task per file counts its rows (and reads the dim);
+2. train: the driver draws a sample (one task per file), trains the coarse quantizer (and PQ) once,
+   and shares the trained empty index with every shard;
+3. build: a task per shard reads its contiguous range of rows, adds them to a copy of the template,
+   writes the shard files with their sha256, and answers held-out queries exactly and approximately;
+4. the driver measures recall@k against exact search, picks the smallest nprobe reaching the target,
+   and publishes the manifest atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from cluster.embedding import EMBEDDINGS_DIR
+from cluster.errors import EmptyCorpusError, IndexBuildError
+from cluster.index.manifest import Manifest, ShardInfo, check_database_name, new_version, publish, sha256
+from cluster.index.merge import merge_topk
+from cluster.index.shard import IndexShard, make_index, serialize
+from cluster.index.spec import choose_index_spec, nlist_of, training_size
+from cluster.storage import ObjectStore, join, open_store
+
+logger = logging.getLogger(__name__)
+
+
+ARROW_DTYPES = {"float": "float32", "halffloat": "float16", "double": "float64"}
+
+
+@dataclass(frozen=True)
+class Segment:
+    key: str
+    start: int
+    stop: int
+
+
+def read_embeddings(store: ObjectStore, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [n], vectors [n, D] in their stored dtype) of one embeddings parquet file."""
+    table = pq.read_table(io.BytesIO(store.read_bytes(key)), columns=["id", "embedding"])
+    dim = table.schema.field("embedding").type.list_size
+    vectors = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
+    return np.asarray(table.column("id").to_pylist(), dtype=object), vectors
+
+
+def scan_file(store: ObjectStore, key: str) -> tuple[int, int, str]:
+    schema_file = pq.ParquetFile(io.BytesIO(store.read_bytes(key)))
+    field = schema_file.schema_arrow.field("embedding").type
+    return schema_file.metadata.num_rows, field.list_size, str(field.value_type)
+
+
+def sample_file(store: ObjectStore, key: str, fraction: float, seed: int) -> np.ndarray:
+    _, vectors = read_embeddings(store, key)
+    rng = np.random.default_rng(seed)
+    take = rng.random(len(vectors)) < fraction
+    return vectors[take].astype(np.float32)
+
+
+def split_segments(keys: list[str], counts: list[int], num_shards: int) -> list[list[Segment]]:
+    """Cut the concatenated rows of all files into `num_shards` contiguous, near-equal ranges."""
+    total = sum(counts)
+    bounds = [round(total * i / num_shards) for i in range(num_shards + 1)]
+    shards: list[list[Segment]] = [[] for _ in range(num_shards)]
+    offset = 0
+    for key, count in zip(keys, counts, strict=True):
+        for s in range(num_shards):
+            lo, hi = max(bounds[s], offset), min(bounds[s + 1], offset + count)
+            if lo < hi:
+                shards[s].append(Segment(key, lo - offset, hi - offset))
+        offset += count
+    return shards
+
+
+def build_shard(emb_store: ObjectStore, segments: list[Segment], template: bytes | None, spec: str,
+                index_store: ObjectStore, manifest_prefix: tuple[str, str, int], queries: np.ndarray,
+                k: int, nprobes: list[int]) -> dict:
+    """Ray task: build, write and self-evaluate one shard."""
+    parts = [read_embeddings(emb_store, seg.key) for seg in segments]
+    ids = np.concatenate([p[0][seg.start:seg.stop] for p, seg in zip(parts, segments, strict=True)])
+    vectors = np.concatenate([p[1][seg.start:seg.stop] for p, seg in zip(parts, segments, strict=True)])
+    shard = IndexShard.build(template, spec, vectors, ids)
+    database, version, shard_id = manifest_prefix
+    files = {}
+    for name, data in shard.to_files().items():
+        index_store.write_bytes(join(database, "versions", version, f"shard-{shard_id:05d}", name), data)
+        files[name] = sha256(data)
+    kk = min(k, len(ids))
+    exact_scores = queries @ vectors.astype(np.float32).T
+    top = np.argsort(-exact_scores, axis=1, kind="stable")[:, :kk]
+    approx = {n: shard.search(queries, kk, nprobe=n) for n in nprobes}
+    return {"shard_id": shard_id, "count": len(ids), "files": files,
+            "exact": {"scores": np.take_along_axis(exact_scores, top, 1), "ids": ids[top]},
+            "approx": {n: {"scores": r["scores"], "ids": r["ids"]} for n, r in approx.items()}}
+
+
+def recall_at_k(results: list[dict], k: int, nprobe: int | None) -> float:
+    """Mean |approx top-k ∩ exact top-k| / k over the held-out queries, after merging shards."""
+    def merged(kind: str) -> np.ndarray:
+        parts = [r["exact"] if kind == "exact" else r["approx"][nprobe] for r in results]
+        order, _ = merge_topk([p["scores"] for p in parts], k)
+        return np.take_along_axis(np.concatenate([p["ids"] for p in parts], axis=1), order, 1)
+
+    exact, approx = merged("exact"), merged("approx")
+    return float(np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact, strict=True)]))
+
+
+def held_out_queries(sample: np.ndarray, num_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split `sample` into (training vectors, queries): queries are sampled rows plus a little noise."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(sample))
+    picked = sample[order[:num_queries]]
+    queries = picked + rng.normal(0, 0.1 / np.sqrt(sample.shape[1]), picked.shape)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    return sample[order[num_queries:]], queries.astype(np.float32)
+
+
+def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shards: int | None = None,
+                index_spec: str | None = None, recall_k: int = 20, target_recall: float = 0.95,
+                num_queries: int = 100, shard_num_cpus: float = 0.5, seed: int = 0, progress=None) -> Manifest:
+    """Build and publish a new version of `database` from `embeddings_uri` (the output of `rdm embed`)."""
+    import json
+
+    import ray
+
+    check_database_name(database)
+    started = time.perf_counter()
+    emb_store, index_store = open_store(embeddings_uri), open_store(index_uri)
+    keys = [k for k in emb_store.list(EMBEDDINGS_DIR) if k.endswith(".parquet")]
+    if not keys:
+        raise EmptyCorpusError(f"no embeddings under {emb_store.uri}/{EMBEDDINGS_DIR}; run `rdm embed` first")
+    clip = json.loads(emb_store.read_bytes("embed.json")).get("clip", "") if emb_store.exists("embed.json") else ""
+    scan = ray.remote(scan_file).options(num_cpus=shard_num_cpus)
+    scanned = ray.get([scan.remote(emb_store, k) for k in keys])
+    counts = [c for c, _, _ in scanned]
+    dims = {d for _, d, _ in scanned}
+    if len(dims) != 1:
+        raise IndexBuildError(f"embedding files under {emb_store.uri} have different dims {sorted(dims)}")
+    dim, total = dims.pop(), sum(counts)
+    if total == 0:
+        raise EmptyCorpusError(f"the embedding files under {emb_store.uri} hold no rows")
+    num_shards = max(1, min(num_shards or max(1, total // 1_000_000), total))
+    spec = index_spec or choose_index_spec(total, dim)
+    try:
+        make_index(spec, dim)
+    except RuntimeError as err:
+        raise IndexBuildError(f"invalid FAISS index spec {spec!r}: {err}") from err
+    nlist = nlist_of(spec)
+    wanted = training_size(spec, total) + num_queries
+    sampler = ray.remote(sample_file).options(num_cpus=shard_num_cpus)
+    sample = np.concatenate(ray.get([sampler.remote(emb_store, k, min(1.0, 1.2 * wanted / total), seed + i)
+                                     for i, k in enumerate(keys)]))
+    train, queries = held_out_queries(sample, num_queries, seed)
+    template = None
+    if nlist:
+        if len(train) < nlist:
+            raise IndexBuildError(f"{spec!r} needs at least {nlist} training vectors, the database has {total}")
+        index = make_index(spec, dim)
+        index.train(np.ascontiguousarray(train))
+        template = ray.put(serialize(index))
+    version = new_version()
+    nprobes = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= max(nlist, 1)} | ({nlist} if nlist else set()))
+    builder = ray.remote(build_shard).options(num_cpus=shard_num_cpus, max_retries=2)
+    segments = split_segments(keys, counts, num_shards)
+    futures = [builder.remote(emb_store, segs, template, spec, index_store, (database, version, i), queries,
+                              recall_k, nprobes) for i, segs in enumerate(segments)]
+    results = []
+    for ref in futures:
+        results.append(ray.get(ref))
+        if progress is not None:
+            progress.update(1)
+    k = min(recall_k, total)
+    nprobe, recall = nprobes[-1], 0.0
+    for n in nprobes:
+        recall = recall_at_k(results, k, n)
+        nprobe = n
+        if recall >= target_recall:
+            break
+    manifest = Manifest(database=database, version=version, count=total, dim=dim, index_spec=spec, nprobe=nprobe,
+                        shards=tuple(ShardInfo(r["shard_id"], r["count"], r["files"]) for r in results),
+                        clip_model=clip, embedding_dtype=ARROW_DTYPES.get(scanned[0][2], scanned[0][2]),
+                        build_time_s=round(time.perf_counter() - started, 3),
+                        recall={"k": k, "recall": recall, "nprobe": nprobe, "num_queries": len(queries)},
+                        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    publish(index_store, manifest)
+    logger.info("published %s/%s: %d vectors, %d shards, %s, recall@%d=%.3f at nprobe=%d", database, version,
+                total, num_shards, spec, k, recall, nprobe)
+    return manifest

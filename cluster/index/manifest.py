@@ -1,0 +1,102 @@
+"""Versioned index manifests and atomic publishing.
+
+Layout under an index root: `<database>/versions/<version>/manifest.json` and the shard files beside
+it; `<database>/CURRENT` names the published version. A version's files and manifest are written
+first and CURRENT last, in one atomic write, so readers see the old version or the new one whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+from cluster.errors import CorruptShardError, ObjectNotFoundError, UnknownDatabaseError
+from cluster.storage import ObjectStore, join
+
+DATABASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_database_name(name: str) -> str:
+    from rdm.errors import InputError
+
+    if not isinstance(name, str) or not DATABASE_NAME.match(name):
+        raise InputError(f"database name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+    return name
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def new_version() -> str:
+    return datetime.now(timezone.utc).strftime("v%Y%m%dT%H%M%S%fZ")
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    shard_id: int
+    count: int
+    files: dict[str, str]  # file name -> sha256
+
+
+@dataclass(frozen=True)
+class Manifest:
+    database: str
+    version: str
+    count: int
+    dim: int
+    index_spec: str
+    nprobe: int
+    shards: tuple[ShardInfo, ...]
+    clip_model: str = ""
+    metric: str = "inner_product"
+    embedding_dtype: str = "float32"
+    build_time_s: float = 0.0
+    recall: dict = field(default_factory=dict)  # {"k", "recall", "nprobe", "num_queries"}
+    created_at: str = ""
+
+    @property
+    def prefix(self) -> str:
+        return join(self.database, "versions", self.version)
+
+    def shard_key(self, shard_id: int, name: str) -> str:
+        return join(self.prefix, f"shard-{shard_id:05d}", name)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, *, uri: str = "manifest") -> Manifest:
+        try:
+            raw = json.loads(data)
+            raw["shards"] = tuple(ShardInfo(**s) for s in raw["shards"])
+            return cls(**raw)
+        except (ValueError, TypeError, KeyError) as err:
+            raise CorruptShardError(uri, f"invalid manifest: {err}") from err
+
+
+def publish(store: ObjectStore, manifest: Manifest) -> None:
+    """Write the version's manifest, then flip CURRENT to it (the shard files must already be written)."""
+    store.write_bytes(join(manifest.prefix, "manifest.json"), manifest.to_json())
+    store.write_bytes(join(manifest.database, "CURRENT"), json.dumps({"version": manifest.version}).encode())
+
+
+def load_manifest(store: ObjectStore, database: str, version: str | None = None) -> Manifest:
+    """The manifest of `version`, or of the published (CURRENT) version."""
+    check_database_name(database)
+    try:
+        if version is None:
+            version = json.loads(store.read_bytes(join(database, "CURRENT")))["version"]
+        key = join(database, "versions", version, "manifest.json")
+        return Manifest.from_json(store.read_bytes(key), uri=f"{store.uri}/{key}")
+    except ObjectNotFoundError as err:
+        known = list_databases(store)
+        raise UnknownDatabaseError(f"no published database {database!r}{'' if version is None else f' version {version}'}"
+                                   f" in {store.uri}; known: {', '.join(known) or 'none'}") from err
+
+
+def list_databases(store: ObjectStore) -> list[str]:
+    return sorted(key.split("/")[0] for key in store.list() if key.count("/") == 1 and key.endswith("/CURRENT"))

@@ -1,0 +1,19 @@
+"""Merging per-shard top-k results into a global top-k by inner-product score."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def merge_topk(scores: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-shard scores [B, k_s] (NaN for missing hits) -> (which candidate, score), each [B, k].
+
+    The candidate index points into the shards' results concatenated along axis 1, so callers gather
+    ids and embeddings with the same index. Ties keep shard order (stable sort), so the merge is
+    deterministic.
+    """
+    stacked = np.concatenate([s.astype(np.float32) for s in scores], axis=1)
+    if stacked.shape[1] < k:
+        raise ValueError(f"only {stacked.shape[1]} candidates for top-{k}")
+    order = np.argsort(-np.nan_to_num(stacked, nan=-np.inf), axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(stacked, order, axis=1)

@@ -1,0 +1,29 @@
+"""Connecting to Ray: the cluster named by RAY_ADDRESS, or a local one bound to loopback only."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+
+def loopback_env() -> None:
+    """Make Ray processes started from here bind 127.0.0.1 only and send no usage stats."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Join `address` (or RAY_ADDRESS) if given, else start a local Ray on loopback. Idempotent."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return
+    loopback_env()
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    logger.info("started a local Ray instance on 127.0.0.1")

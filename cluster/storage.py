@@ -1,0 +1,180 @@
+"""Object storage behind one small protocol: local folders and S3 (or S3-compatible servers).
+
+URIs are `s3://bucket/prefix/...` or local paths. S3 settings come from the standard AWS environment
+(credentials, region, `AWS_ENDPOINT_URL`), plus `RDM_S3_ENDPOINT_URL` to point at an S3-compatible
+server such as SeaweedFS or MinIO. Writes are atomic: a reader sees the old object or the new one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from cluster.errors import ObjectNotFoundError, StorageCredentialsError, StorageError
+
+ENDPOINT_ENV = "RDM_S3_ENDPOINT_URL"
+_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
+                     "ExpiredToken", "403"}
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    """Keys are '/'-separated paths relative to the store's root URI."""
+
+    uri: str
+
+    def read_bytes(self, key: str) -> bytes: ...
+    def write_bytes(self, key: str, data: bytes) -> None: ...
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str = "") -> list[str]: ...
+    def delete(self, key: str) -> None: ...
+
+
+def join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+class LocalStore:
+    """Objects as files under a root folder; writes go through a temporary file and a rename."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key if key else self.root
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError as err:
+            raise ObjectNotFoundError(str(self._path(key)), "does not exist") from err
+        except OSError as err:
+            raise StorageError(str(self._path(key)), f"cannot read: {err}") from err
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as err:
+            raise StorageError(str(path), f"cannot write: {err}") from err
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix)
+        if base.is_file():
+            return [prefix]
+        if not base.is_dir():
+            return []
+        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*")
+                      if p.is_file() and not p.name.startswith("."))
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+class S3Store:
+    """Objects under `s3://bucket/prefix`. The boto3 client is created lazily in each process."""
+
+    def __init__(self, bucket: str, prefix: str = "") -> None:
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self._client = None
+
+    def __getstate__(self) -> dict:
+        return {"bucket": self.bucket, "prefix": self.prefix, "uri": self.uri, "_client": None}
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = s3_client()
+        return self._client
+
+    def _key(self, key: str) -> str:
+        return join(self.prefix, key)
+
+    def _call(self, key: str, method: str, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        uri = f"s3://{self.bucket}/{self._key(key)}"
+        try:
+            return getattr(self.client, method)(Bucket=self.bucket, **kwargs)
+        except NoCredentialsError as err:
+            raise StorageCredentialsError(uri, "no S3 credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                                               "or an AWS profile") from err
+        except ClientError as err:
+            code = str(err.response.get("Error", {}).get("Code", ""))
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise ObjectNotFoundError(uri, "does not exist") from err
+            if code == "NoSuchBucket":
+                raise ObjectNotFoundError(uri, f"bucket {self.bucket!r} does not exist") from err
+            if code in _CREDENTIAL_CODES:
+                raise StorageCredentialsError(uri, f"S3 rejected the credentials ({code})") from err
+            raise StorageError(uri, f"S3 error {code}: {err}") from err
+        except BotoCoreError as err:
+            raise StorageError(uri, f"cannot reach S3: {err}") from err
+
+    def read_bytes(self, key: str) -> bytes:
+        return self._call(key, "get_object", Key=self._key(key))["Body"].read()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self._call(key, "put_object", Key=self._key(key), Body=data)
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call(key, "head_object", Key=self._key(key))
+            return True
+        except ObjectNotFoundError:
+            return False
+
+    def list(self, prefix: str = "") -> list[str]:
+        keys, token, root = [], None, self._key(prefix)
+        while True:
+            extra = {"ContinuationToken": token} if token else {}
+            page = self._call(prefix, "list_objects_v2", Prefix=root, **extra)
+            strip = len(self.prefix) + 1 if self.prefix else 0
+            keys += [obj["Key"][strip:] for obj in page.get("Contents", [])]
+            if not page.get("IsTruncated"):
+                return sorted(k for k in keys if not k.rsplit("/", 1)[-1].startswith("."))
+            token = page["NextContinuationToken"]
+
+    def delete(self, key: str) -> None:
+        self._call(key, "delete_object", Key=self._key(key))
+
+    def presigned_url(self, key: str, expires_s: int = 3600) -> str:
+        return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": self._key(key)},
+                                                  ExpiresIn=expires_s)
+
+
+def s3_client():
+    """A boto3 S3 client from the standard AWS environment, with RDM_S3_ENDPOINT_URL as an override."""
+    import boto3
+    from botocore.config import Config
+
+    endpoint = os.environ.get(ENDPOINT_ENV) or None
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    config = Config(retries={"max_attempts": 3, "mode": "standard"}, s3={"addressing_style": "path"})
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+
+
+def open_store(uri: str | Path) -> ObjectStore:
+    """The store rooted at `uri` (`s3://bucket/prefix` or a local folder)."""
+    text = str(uri)
+    if text.startswith("s3://"):
+        bucket, _, prefix = text[len("s3://"):].partition("/")
+        if not bucket:
+            raise StorageError(text, "an S3 URI needs a bucket: s3://bucket/prefix")
+        return S3Store(bucket, prefix)
+    if "://" in text and not text.startswith("file://"):
+        raise StorageError(text, "unsupported URI scheme; use a local path or s3://bucket/prefix")
+    return LocalStore(text.removeprefix("file://"))

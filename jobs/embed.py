@@ -1,0 +1,45 @@
+"""`rdm embed`: embed a corpus (local or s3://) with CLIP on Ray Data into per-shard parquet files."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from jobs.common import EXIT_OK, exit_codes, setup_logging
+from rdm.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rdm embed", description=__doc__)
+    parser.add_argument("--corpus", required=True, help="folder or s3:// prefix of parquet files or images")
+    parser.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    parser.add_argument("--clip", default="tiny",
+                        help="CLIP: a shipped model name (its CLIP) or an open_clip architecture[:pretrained tag]")
+    parser.add_argument("--clip-weights", help="local CLIP weights file (offline use)")
+    parser.add_argument("--shard-size", type=int, default=256, help="image files per shard (parquet: one per file)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per CLIP forward pass")
+    parser.add_argument("--num-actors", type=int, default=1, help="CLIP actors in the pool")
+    parser.add_argument("--actor-num-cpus", type=float, default=0.5)
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+@exit_codes
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    from cluster.embedding import embed_corpus
+    from cluster.runtime import connect
+
+    if min(args.shard_size, args.batch_size, args.num_actors) < 1:
+        raise InputError("--shard-size, --batch-size and --num-actors must be >= 1")
+    connect()
+    result = embed_corpus(args.corpus, args.out, clip=args.clip, clip_weights=args.clip_weights,
+                          shard_size=args.shard_size, batch_size=args.batch_size, num_actors=args.num_actors,
+                          actor_num_cpus=args.actor_num_cpus, dtype=args.dtype)
+    print(f"embedded {result.embedded} images ({result.errors} undecodable) in "
+          f"{result.shards_total - result.shards_skipped} shards; {result.shards_skipped} shards were already done")
+    return EXIT_OK
