@@ -12,8 +12,11 @@ class StorageError(ClusterError):
     """An object could not be read or written."""
 
     def __init__(self, uri: str, message: str) -> None:
-        self.uri = uri
+        self.uri, self.message = uri, message
         super().__init__(f"{uri}: {message}")
+
+    def __reduce__(self):  # picklable across Ray workers despite the two-argument constructor
+        return type(self), (self.uri, self.message)
 
 
 class ObjectNotFoundError(StorageError):
@@ -48,5 +51,8 @@ class ShardUnavailableError(RetrievalError):
     """An index shard did not answer in time, even after a restart."""
 
     def __init__(self, shard_id: int, message: str) -> None:
-        self.shard_id = shard_id
+        self.shard_id, self.message = shard_id, message
         super().__init__(f"shard {shard_id}: {message}")
+
+    def __reduce__(self):
+        return type(self), (self.shard_id, self.message)

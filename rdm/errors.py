@@ -38,6 +38,7 @@ class IncompatibleCheckpointError(CheckpointError):
 
     def __init__(self, message: str, *, missing: list[str] = (), unexpected: list[str] = (),
                  mismatched: list[str] = ()) -> None:
+        self.message = message
         self.missing = list(missing)
         self.unexpected = list(unexpected)
         self.mismatched = list(mismatched)
@@ -48,3 +49,10 @@ class IncompatibleCheckpointError(CheckpointError):
                 shown = ", ".join(keys[:10]) + (f", ... ({len(keys) - 10} more)" if len(keys) > 10 else "")
                 parts.append(f"{len(keys)} {label}: {shown}")
         super().__init__("; ".join(parts))
+
+    def __reduce__(self):
+        return _rebuild_incompatible, (self.message, self.missing, self.unexpected, self.mismatched)
+
+
+def _rebuild_incompatible(message, missing, unexpected, mismatched) -> IncompatibleCheckpointError:
+    return IncompatibleCheckpointError(message, missing=missing, unexpected=unexpected, mismatched=mismatched)

@@ -1,0 +1,107 @@
+"""Index shards and the merge checked against one exact FAISS index over the same vectors."""
+
+import faiss
+import numpy as np
+import pytest
+
+from cluster.errors import CorruptShardError, UnknownDatabaseError
+from cluster.index.build import Segment, recall_at_k, split_segments
+from cluster.index.manifest import Manifest, ShardInfo, list_databases, load_manifest, publish
+from cluster.index.merge import merge_topk
+from cluster.index.shard import IndexShard, make_index, serialize
+from cluster.index.spec import choose_index_spec, nlist_of, training_size
+from cluster.storage import LocalStore
+
+
+def unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    return unit(rng.standard_normal((1000, 16))), unit(rng.standard_normal((20, 16)))
+
+
+def test_sharded_flat_equals_one_exact_index(data):
+    vectors, queries = data
+    ids = np.array([f"v{i}" for i in range(len(vectors))], dtype=object)
+    bounds = [0, 300, 301, 1000]  # includes a one-vector shard
+    shards = [IndexShard.build(None, "Flat", vectors[a:b], ids[a:b]) for a, b in zip(bounds, bounds[1:])]
+    parts = [s.search(queries, 10) for s in shards]
+    order, scores = merge_topk([p["scores"] for p in parts], 10)
+    got_ids = np.take_along_axis(np.concatenate([p["ids"] for p in parts], 1), order, 1)
+    got_emb = np.take_along_axis(np.concatenate([p["embeddings"] for p in parts], 1), order[..., None], 1)
+    exact = faiss.IndexFlatIP(16)
+    exact.add(vectors)
+    want_scores, want_labels = exact.search(queries, 10)
+    assert (got_ids == ids[want_labels]).all()
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5)
+    np.testing.assert_allclose(got_emb, vectors[want_labels], rtol=1e-6)
+
+
+def test_small_shard_pads_with_nan(data):
+    vectors, queries = data
+    shard = IndexShard.build(None, "Flat", vectors[:3], np.array(["a", "b", "c"], dtype=object))
+    result = shard.search(queries[:2], 5)
+    assert np.isnan(result["scores"][:, 3:]).all() and (result["ids"][:, 3:] == "").all()
+
+
+def test_ivf_shards_share_a_trained_template(data):
+    vectors, queries = data
+    template = make_index("IVF16,Flat", 16)
+    template.train(vectors)
+    shard = IndexShard.build(serialize(template), "IVF16,Flat", vectors, np.arange(1000).astype(str).astype(object))
+    full = shard.search(queries, 10, nprobe=16)["ids"]
+    exact = faiss.IndexFlatIP(16)
+    exact.add(vectors)
+    assert (full == np.arange(1000).astype(str)[exact.search(queries, 10)[1]]).all()  # all lists probed = exact
+
+
+def test_files_round_trip_and_corruption(data):
+    vectors, queries = data
+    shard = IndexShard.build(None, "Flat", vectors[:50], np.arange(50).astype(str).astype(object))
+    files = shard.to_files()
+    again = IndexShard.from_files(files)
+    np.testing.assert_array_equal(again.search(queries, 5)["ids"], shard.search(queries, 5)["ids"])
+    with pytest.raises(CorruptShardError):
+        IndexShard.from_files({**files, "index.faiss": b"garbage"})
+    other = IndexShard.build(None, "Flat", vectors[:10], np.arange(10).astype(str).astype(object)).to_files()
+    with pytest.raises(CorruptShardError, match="holds 10 vectors but 50 rows"):
+        IndexShard.from_files({**files, "index.faiss": other["index.faiss"]})
+
+
+def test_index_spec_by_size():
+    assert choose_index_spec(10_000, 768) == "Flat"
+    assert choose_index_spec(1_000_000, 768) == "IVF4096,Flat"
+    assert choose_index_spec(10_000_000, 768) == "IVF16384,PQ96x8,RFlat"
+    assert nlist_of("IVF4096,Flat") == 4096 and nlist_of("Flat") == 0
+    assert training_size("IVF4096,Flat", 1_000_000) == 64 * 4096
+    for spec in ("Flat", "IVF4096,Flat", "IVF16384,PQ96x8,RFlat"):
+        make_index(spec, 768)  # valid factory strings
+
+
+def test_split_segments_balances_rows():
+    shards = split_segments(["a", "b", "c"], [5, 0, 7], 3)
+    assert shards == [[Segment("a", 0, 4)], [Segment("a", 4, 5), Segment("c", 0, 3)], [Segment("c", 3, 7)]]
+
+
+def test_recall_at_k():
+    exact = {"scores": np.array([[0.9, 0.8]]), "ids": np.array([["a", "b"]], dtype=object)}
+    approx = {"scores": np.array([[0.9, 0.1]]), "ids": np.array([["a", "z"]], dtype=object)}
+    assert recall_at_k([{"exact": exact, "approx": {1: approx}}], 2, 1) == 0.5
+
+
+def test_manifest_publish_and_load(tmp_path):
+    store = LocalStore(tmp_path)
+    first = Manifest("art", "v1", 10, 4, "Flat", 1, (ShardInfo(0, 10, {"index.faiss": "abc"}),))
+    publish(store, first)
+    publish(store, Manifest("art", "v2", 12, 4, "Flat", 1, (ShardInfo(0, 12, {}),)))
+    assert load_manifest(store, "art").version == "v2"
+    assert load_manifest(store, "art", "v1") == first
+    assert list_databases(store) == ["art"]
+    with pytest.raises(UnknownDatabaseError, match="known: art"):
+        load_manifest(store, "photos")
+    from rdm.errors import InputError
+    with pytest.raises(InputError, match="database name"):
+        load_manifest(store, "../etc")

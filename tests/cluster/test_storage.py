@@ -1,0 +1,87 @@
+import boto3
+import pytest
+from moto import mock_aws
+
+from cluster.errors import ObjectNotFoundError, StorageCredentialsError, StorageError
+from cluster.storage import LocalStore, S3Store, open_store
+
+
+def exercise(store):
+    store.write_bytes("a/b.bin", b"one")
+    store.write_bytes("a/b.bin", b"two")
+    store.write_bytes("c.txt", b"x")
+    assert store.read_bytes("a/b.bin") == b"two"
+    assert store.exists("a/b.bin") and not store.exists("a/zzz")
+    assert store.list() == ["a/b.bin", "c.txt"] and store.list("a") == ["a/b.bin"]
+    with pytest.raises(ObjectNotFoundError, match="does not exist"):
+        store.read_bytes("missing")
+    store.delete("c.txt")
+    assert store.list() == ["a/b.bin"]
+
+
+def test_local_store(tmp_path):
+    store = open_store(tmp_path / "root")
+    assert isinstance(store, LocalStore)
+    exercise(store)
+    assert not list((tmp_path / "root").rglob(".*"))  # no temporary files left behind
+
+
+@pytest.fixture
+def fake_s3(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.delenv("RDM_S3_ENDPOINT_URL", raising=False)
+    with mock_aws():
+        boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="rdm-unit")
+        yield
+
+
+def test_s3_store(fake_s3):
+    store = open_store("s3://rdm-unit/some/prefix")
+    assert isinstance(store, S3Store) and store.uri == "s3://rdm-unit/some/prefix"
+    exercise(store)
+
+
+def test_s3_store_pickles_without_its_client(fake_s3):
+    import pickle
+
+    store = open_store("s3://rdm-unit/p")
+    store.write_bytes("k", b"v")
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone._client is None and clone.read_bytes("k") == b"v"
+
+
+def test_missing_bucket(fake_s3):
+    with pytest.raises(ObjectNotFoundError, match="bucket"):
+        open_store("s3://no-such-bucket/x").read_bytes("k")
+
+
+def test_missing_credentials(monkeypatch, tmp_path):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("RDM_S3_ENDPOINT_URL", "http://127.0.0.1:9")
+    with pytest.raises(StorageCredentialsError, match="no S3 credentials"):
+        open_store("s3://bucket/x").read_bytes("k")
+
+
+def test_bad_uris():
+    with pytest.raises(StorageError, match="needs a bucket"):
+        open_store("s3:///x")
+    with pytest.raises(StorageError, match="unsupported URI scheme"):
+        open_store("gs://bucket/x")
+
+
+def test_errors_survive_pickling():
+    """Ray ships exceptions between processes by pickling them."""
+    import pickle
+
+    from cluster.errors import CorruptShardError, ShardUnavailableError
+    from rdm.errors import IncompatibleCheckpointError
+
+    for err in (CorruptShardError("s3://b/k", "bad checksum"), ShardUnavailableError(3, "timed out"),
+                IncompatibleCheckpointError("no fit", missing=["a"], unexpected=["b"])):
+        clone = pickle.loads(pickle.dumps(err))
+        assert type(clone) is type(err) and str(clone) == str(err)

@@ -1,0 +1,270 @@
+"""The data plane on real components: SeaweedFS S3, a 3-node local Ray cluster, real FAISS and CLIP."""
+
+import io
+import json
+import threading
+import time
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from cluster.embedding import embed_corpus
+from cluster.errors import CorruptShardError, EmptyCorpusError, ShardUnavailableError, StorageCredentialsError, UnknownDatabaseError
+from cluster.index.build import build_index
+from cluster.index.manifest import load_manifest
+from cluster.retriever import RetrieverPool, ShardedRetriever
+from cluster.storage import open_store
+from rdm.errors import InputError, ShapeError
+from rdm.retrieval import ExactRetriever
+
+pytestmark = pytest.mark.integration
+
+
+def png(rng, size=(24, 24)) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray((rng.random((*size, 3)) * 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+def write_embeddings(uri: str, vectors: np.ndarray, *, files: int = 3, prefix: str = "v") -> None:
+    """An `rdm embed`-shaped output folder holding the given vectors."""
+    store = open_store(uri)
+    for i, chunk in enumerate(np.array_split(np.arange(len(vectors)), files)):
+        table = pa.table({"id": [f"{prefix}{j}" for j in chunk],
+                          "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors[chunk].reshape(-1)),
+                                                                         vectors.shape[1])})
+        store.write_bytes(f"embeddings/part-{i}.parquet", parquet_bytes(table))
+    store.write_bytes("embed.json", json.dumps({"clip": "synthetic", "dim": vectors.shape[1]}).encode())
+
+
+def unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def s3_corpus(make_bucket):
+    """Two parquet files (one undecodable image each) and a folder of 5 PNGs on S3."""
+    root = make_bucket("rdm-corpus") + "/art"
+    store, rng = open_store(root), np.random.default_rng(0)
+    for f in range(2):
+        images = [png(rng) for _ in range(12)]
+        images[3] = b"\x89PNG broken"
+        table = pa.table({"id": [f"p{f}-{i}" for i in range(12)], "image": images, "style": ["ukiyo-e"] * 12})
+        store.write_bytes(f"part-{f}.parquet", parquet_bytes(table))
+    for i in range(5):
+        store.write_bytes(f"loose/img{i}.png", png(rng))
+    return root
+
+
+@pytest.fixture(scope="module")
+def embedded(ray_cluster, s3_corpus, make_bucket):
+    out = make_bucket("rdm-embeddings") + "/art"
+    result = embed_corpus(s3_corpus, out, clip="tiny", shard_size=4, actor_num_cpus=0.5)
+    return out, result
+
+
+def test_embed_counts_errors_and_matches_in_process_clip(embedded, s3_corpus):
+    out, result = embedded
+    assert (result.shards_total, result.embedded, result.errors) == (2 + 2, 2 * 11 + 5, 2)
+    store = open_store(out)
+    errors = pa.concat_tables([pq.read_table(io.BytesIO(store.read_bytes(k))) for k in store.list("errors")])
+    assert sorted(errors.column("id").to_pylist()) == ["p0-3", "p1-3"]
+    table = pq.read_table(io.BytesIO(store.read_bytes(next(k for k in store.list("embeddings") if "part-0" in k))))
+    assert table.column_names == ["id", "embedding", "source_uri", "style"]
+    first = table.slice(0, 1).to_pylist()[0]
+    assert first["id"] == "p0-0" and first["style"] == "ukiyo-e" and first["source_uri"].endswith("part-0.parquet#0")
+    from rdm.factory import load_clip_spec
+    corpus = pq.read_table(io.BytesIO(open_store(s3_corpus).read_bytes("part-0.parquet")))
+    pixels = np.asarray(Image.open(io.BytesIO(corpus.column("image")[0].as_py())).convert("RGB"), np.float32)
+    expected = load_clip_spec("tiny").encode_image(torch.from_numpy(pixels).permute(2, 0, 1)[None] / 127.5 - 1)
+    np.testing.assert_allclose(np.asarray(first["embedding"]), expected[0].numpy(), atol=2e-3)
+
+
+def test_embed_rerun_skips_written_shards(embedded, s3_corpus):
+    out, first = embedded
+    again = embed_corpus(s3_corpus, out, clip="tiny", shard_size=4, actor_num_cpus=0.5)
+    assert (again.shards_skipped, again.embedded) == (first.shards_total, 0)
+
+
+def test_sharded_exact_index_equals_one_flat_index(embedded, make_bucket):
+    out, _ = embedded
+    index_uri = make_bucket("rdm-index") + "/v"
+    manifest = build_index(out, index_uri, "art", num_shards=3)
+    assert (manifest.count, len(manifest.shards), manifest.index_spec) == (27, 3, "Flat")
+    assert manifest.recall["recall"] == 1.0 and manifest.clip_model == "tiny"
+    store = open_store(out)
+    tables = [pq.read_table(io.BytesIO(store.read_bytes(k))) for k in store.list("embeddings")]
+    ids = np.array(sum((t.column("id").to_pylist() for t in tables), []), dtype=object)
+    vectors = np.concatenate([np.stack(t.column("embedding").to_numpy(zero_copy_only=False)) for t in tables])
+    queries = torch.nn.functional.normalize(torch.randn(6, vectors.shape[1], generator=torch.Generator().manual_seed(1)))
+    retriever = ShardedRetriever(index_uri, "art")
+    try:
+        found = retriever.search(queries, 7)
+    finally:
+        retriever.close()
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(vectors.astype(np.float32))
+    scores, labels = flat.search(queries.numpy(), 7)
+    assert found.ids == ids[labels].tolist()
+    np.testing.assert_allclose(found.scores.numpy(), scores, rtol=1e-5, atol=1e-6)
+    exact = ExactRetriever(torch.from_numpy(vectors), list(ids)).search(queries, 7)
+    assert found.ids == exact.ids
+    torch.testing.assert_close(found.embeddings, exact.embeddings, atol=1e-5, rtol=1e-5)
+    assert not found.degraded
+
+
+@pytest.fixture(scope="module")
+def clustered(tmp_path_factory):
+    rng = np.random.default_rng(7)
+    centers = unit(rng.standard_normal((40, 32)))
+    vectors = unit(centers[rng.integers(0, 40, 20_000)] + 0.15 * rng.standard_normal((20_000, 32)))
+    uri = str(tmp_path_factory.mktemp("clustered"))
+    write_embeddings(uri, vectors, files=4)
+    return uri, vectors
+
+
+def test_ivf_index_reaches_recall_target(ray_cluster, clustered, tmp_path):
+    uri, vectors = clustered
+    manifest = build_index(uri, str(tmp_path), "clustered", num_shards=2, index_spec="IVF64,Flat", recall_k=20)
+    assert manifest.recall["recall"] >= 0.95 and manifest.nprobe < 64
+    queries = unit(vectors[:50] + 0.05 * np.random.default_rng(1).standard_normal((50, 32)))
+    retriever = ShardedRetriever(str(tmp_path), "clustered")
+    try:
+        found = retriever.search(torch.from_numpy(queries), 20)
+    finally:
+        retriever.close()
+    flat = faiss.IndexFlatIP(32)
+    flat.add(vectors)
+    _, labels = flat.search(queries, 20)
+    recall = np.mean([len(set(f) & {f"v{j}" for j in row}) / 20 for f, row in zip(found.ids, labels)])
+    assert recall >= 0.95
+
+
+def test_bad_inputs_give_typed_errors(ray_cluster, clustered, tmp_path, make_bucket, monkeypatch):
+    uri, _ = clustered
+    build_index(uri, str(tmp_path), "db", num_shards=1)
+    retriever = ShardedRetriever(str(tmp_path), "db")
+    try:
+        with pytest.raises(ShapeError, match=r"\[B, 32\]"):
+            retriever.search(torch.randn(2, 16), 3)
+        with pytest.raises(InputError, match="0..20"):
+            retriever.search(torch.randn(2, 32), 21)
+    finally:
+        retriever.close()
+    with pytest.raises(UnknownDatabaseError, match="known: db"):
+        ShardedRetriever(str(tmp_path), "nope")
+    with pytest.raises(EmptyCorpusError):
+        build_index(str(tmp_path / "empty"), str(tmp_path), "db2")
+    # a shard whose bytes no longer match its manifest checksum
+    manifest = load_manifest(open_store(str(tmp_path)), "db")
+    open_store(str(tmp_path)).write_bytes(manifest.shard_key(0, "rows.parquet"), b"tampered")
+    with pytest.raises(CorruptShardError, match="checksum"):
+        ShardedRetriever(str(tmp_path), "db")
+    bucket = make_bucket("rdm-creds")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    with pytest.raises(StorageCredentialsError, match="rejected the credentials"):
+        open_store(bucket).list()
+
+
+def test_version_swap_does_not_fail_in_flight_queries(ray_cluster, tmp_path):
+    rng = np.random.default_rng(3)
+    old, new = unit(rng.standard_normal((300, 16))), unit(rng.standard_normal((300, 16)))
+    write_embeddings(str(tmp_path / "old"), old, prefix="old")
+    write_embeddings(str(tmp_path / "new"), new, prefix="new")
+    index = str(tmp_path / "index")
+    build_index(str(tmp_path / "old"), index, "swap", num_shards=2)
+    pool = RetrieverPool(index)
+    retriever = pool.get("swap")
+    failures, answered, stop = [], [], threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            try:
+                answered.append(retriever.search(torch.from_numpy(new[:4]), 5).ids[0][0])
+            except Exception as err:  # noqa: BLE001 - any failure fails the test below
+                failures.append(err)
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+    try:
+        time.sleep(1.0)
+        build_index(str(tmp_path / "new"), index, "swap", num_shards=2)
+        assert pool.refresh() == {"swap": True}
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+        retriever.close()
+    assert not failures
+    assert answered[0].startswith("old") and answered[-1] == "new0"
+    assert [d["name"] for d in pool.databases()] == ["swap"]
+
+
+def test_dead_shard_is_a_typed_error_or_degraded(ray_cluster, tmp_path):
+    import ray
+
+    write_embeddings(str(tmp_path / "emb"), unit(np.random.default_rng(4).standard_normal((100, 16))))
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), "fragile", num_shards=2)
+    for degraded in (False, True):
+        retriever = ShardedRetriever(str(tmp_path / "idx"), "fragile", max_restarts=0, timeout_s=3,
+                                     allow_degraded=degraded)
+        ray.kill(retriever._set.actors[1][0])
+        started = time.monotonic()
+        if degraded:
+            found = retriever.search(torch.randn(2, 16), 5)
+            assert found.degraded and all(len(row) == 5 for row in found.ids)
+        else:
+            with pytest.raises(ShardUnavailableError, match="shard 1"):
+                retriever.search(torch.randn(2, 16), 5)
+        assert time.monotonic() - started < 10
+        retriever.close()
+
+
+def test_queries_resume_after_a_shard_node_is_replaced(ray_cluster, tmp_path):
+    """Each retriever node fits one shard actor; removing one node stops its shard until a replacement
+    node joins, after which the restarted actor reloads the shard and answers correctly."""
+    import ray
+
+    vectors = unit(np.random.default_rng(5).standard_normal((200, 16)))
+    write_embeddings(str(tmp_path / "emb"), vectors)
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), "nodes", num_shards=2)
+    retriever = ShardedRetriever(str(tmp_path / "idx"), "nodes", resources={"retriever": 1}, timeout_s=5)
+    queries = torch.from_numpy(vectors[:3])
+    before = retriever.search(queries, 4)
+    assert [row[0] for row in before.ids] == ["v0", "v1", "v2"]
+    victim = next(n for n in ray_cluster.worker_nodes if n.node_id in
+                  {a["Address"]["NodeID"] for a in ray.state.actors().values()
+                   if a["State"] == "ALIVE" and a["ActorClassName"].endswith("RetrieverShard")})
+    ray_cluster.remove_node(victim)
+    with pytest.raises(ShardUnavailableError):
+        retriever.search(queries, 4)
+    ray_cluster.add_node(num_cpus=1, resources={"retriever": 1})
+    deadline, after = time.monotonic() + 90, None
+    while after is None and time.monotonic() < deadline:
+        try:
+            after = retriever.search(queries, 4)
+        except ShardUnavailableError:
+            pass
+    retriever.close()
+    assert after is not None and after.ids == before.ids
+
+
+def test_every_server_we_started_listens_on_loopback_only(ray_cluster, s3_server):
+    import psutil
+
+    ours = {p.pid for p in psutil.Process().children(recursive=True)}
+    listeners = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in ours]
+    assert listeners, "expected Ray and SeaweedFS listeners among our child processes"
+    exposed = [(psutil.Process(c.pid).name(), c.laddr) for c in listeners if c.laddr.ip not in ("127.0.0.1", "::1")]
+    assert not exposed
