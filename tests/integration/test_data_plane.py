@@ -261,10 +261,16 @@ def test_queries_resume_after_a_shard_node_is_replaced(ray_cluster, tmp_path):
 
 
 def test_every_server_we_started_listens_on_loopback_only(ray_cluster, s3_server):
+    import ipaddress
+
     import psutil
 
     ours = {p.pid for p in psutil.Process().children(recursive=True)}
     listeners = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in ours]
     assert listeners, "expected Ray and SeaweedFS listeners among our child processes"
-    exposed = [(psutil.Process(c.pid).name(), c.laddr) for c in listeners if c.laddr.ip not in ("127.0.0.1", "::1")]
+    def loopback(ip: str) -> bool:
+        address = ipaddress.ip_address(ip.split("%")[0])
+        return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+    exposed = [(psutil.Process(c.pid).name(), c.laddr) for c in listeners if not loopback(c.laddr.ip)]
     assert not exposed
