@@ -9,7 +9,6 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -48,22 +47,6 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return parser
 
 
-def load_database(path: Path) -> ExactRetriever:
-    """An exact retriever over a local embeddings file."""
-    if not path.is_file():
-        raise InputError(f"database file {path} does not exist")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot read database {path}: {err}") from err
-    if isinstance(data, np.ndarray):
-        return ExactRetriever(torch.from_numpy(data))
-    if "embeddings" not in data:
-        raise InputError(f"{path} has no 'embeddings' array (found: {', '.join(data.files)})")
-    ids = [str(i) for i in data["ids"]] if "ids" in data else None
-    return ExactRetriever(torch.from_numpy(data["embeddings"]), ids)
-
-
 def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -89,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"--num-images and --batch-size must be >= 1, got {args.num_images}, {args.batch_size}")
     prompts = read_prompts(args)
     params = SamplerParams(args.sampler, args.num_steps, args.guidance_scale, args.eta)
-    retriever = load_database(args.database) if args.database else None
+    retriever = ExactRetriever.from_file(args.database) if args.database else None
     num_neighbors = args.num_neighbors if retriever is not None else 0
     model = load_model(args.model).to(args.device)
     clip = load_clip_for(model, weights=args.clip_weights)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -57,6 +59,23 @@ class ExactRetriever:
         self.ids = [str(i) for i in (ids if ids is not None else range(len(embeddings)))]
         if len(self.ids) != len(embeddings):
             raise ShapeError(f"{len(self.ids)} ids for {len(embeddings)} embeddings")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ExactRetriever:
+        """A database from `.npy` embeddings [N, D] (ids 0..N-1) or `.npz` with `embeddings` and `ids`."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"database file {path} does not exist")
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise InputError(f"cannot read database {path}: {err}") from err
+        if isinstance(data, np.ndarray):
+            return cls(torch.from_numpy(data))
+        if "embeddings" not in data:
+            raise InputError(f"{path} has no 'embeddings' array (found: {', '.join(data.files)})")
+        ids = [str(i) for i in data["ids"]] if "ids" in data else None
+        return cls(torch.from_numpy(data["embeddings"]), ids)
 
     @property
     def dim(self) -> int:

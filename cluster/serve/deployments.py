@@ -1,0 +1,330 @@
+"""Serve deployments: `Generator` (model + CLIP, dynamic batching), `Retriever` (sharded or exact
+databases) and `Ingress` (FastAPI: validation, auth, orchestration, the web page)."""
+
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import io
+import json
+import logging
+import os
+import secrets
+import time
+from collections import defaultdict
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
+from ray import serve
+from ray.serve import metrics
+from ray.serve.handle import DeploymentHandle
+
+from cluster.errors import ObjectNotFoundError, RetrievalError, ShardUnavailableError, UnknownDatabaseError
+from cluster.serve.outputs import image_key, image_url, write_image
+from cluster.serve.schemas import AppArgs, GeneratedImage, GenerateRequest, GenerateResponse, NeighborOut
+from cluster.storage import open_store
+from rdm.errors import ConfigError, InputError, RDMError
+
+logger = logging.getLogger("ray.serve")
+
+TOKEN_ENV = "RDM_API_TOKEN"
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+class Generator:
+    """Loads the model and its CLIP once per replica; `generate` batches compatible requests.
+
+    Items with the same sampler, steps, guidance, eta, size and number of neighbours share one
+    sampling call; each keeps its own seed, so its image does not depend on the batch."""
+
+    def __init__(self, model: str, clip_weights: str | None, output_uri: str, autocast: str = "fp32",
+                 url_expires_s: int = 3600) -> None:
+        from rdm.factory import load_clip_for, load_model
+        from rdm.pipeline import Pipeline
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        rdm_model = load_model(model).to(device)
+        clip = load_clip_for(rdm_model, weights=clip_weights)
+        self.pipeline = Pipeline(rdm_model, clip.to(device) if clip else None,
+                                 autocast=torch.bfloat16 if autocast == "bf16" and device == "cuda" else None)
+        self.model_name = model
+        self.model_hash = hashlib.sha256(json.dumps(rdm_model.config.__repr__()).encode()).hexdigest()[:16]
+        path = Path(model)
+        if path.is_file():
+            self.model_hash = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        self.store, self.url_expires_s = open_store(output_uri), url_expires_s
+        self.pending = 0
+        self.m_images = metrics.Counter("rdm_images_generated", description="images generated")
+        self.m_batch = metrics.Histogram("rdm_batch_size", description="items per sampling batch",
+                                         boundaries=[1, 2, 4, 8, 16, 32, 64])
+        self.m_sampling = metrics.Histogram("rdm_sampling_seconds", description="sampling + decode time per batch",
+                                            boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60])
+        self.m_queue = metrics.Gauge("rdm_generator_queue_depth", description="items waiting or sampling")
+
+    def reconfigure(self, config: dict) -> None:
+        """`user_config`: max_batch_size and batch_wait_timeout_s change without restarting replicas."""
+        self._batch.set_max_batch_size(int(config.get("max_batch_size", 8)))
+        self._batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.05)))
+
+    def info(self) -> dict:
+        config = self.pipeline.model.config
+        return {"name": self.model_name, "hash": self.model_hash, "image_size": config.image_size,
+                "context_dim": config.unet.context_dim, "clip": config.clip.model_name if config.clip else None}
+
+    def embed(self, prompt: str | None, image_b64: str | None) -> np.ndarray:
+        """The query embedding [D]: CLIP text of the prompt, or CLIP image of a base64 PNG/JPEG."""
+        if prompt is not None:
+            return self.pipeline.encode_prompts([prompt])[0].cpu().numpy()
+        if self.pipeline.clip is None:
+            raise InputError("this model has no CLIP encoder")
+        try:
+            with Image.open(io.BytesIO(base64.b64decode(image_b64, validate=True))) as img:
+                pixels = np.asarray(img.convert("RGB"), dtype=np.float32)
+        except (ValueError, OSError, Image.DecompressionBombError) as err:
+            raise InputError(f"image: not a base64-encoded PNG or JPEG ({err})") from err
+        x = torch.from_numpy(pixels).permute(2, 0, 1)[None] / 127.5 - 1.0
+        return self.pipeline.clip.encode_image(x)[0].cpu().numpy()
+
+    async def generate(self, item: dict) -> dict:
+        self.pending += 1
+        self.m_queue.set(self.pending)
+        try:
+            return await self._batch(item)
+        finally:
+            self.pending -= 1
+            self.m_queue.set(self.pending)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def _batch(self, items: list[dict]) -> list[dict]:
+        from rdm.pipeline import SamplerParams
+
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, item in enumerate(items):
+            groups[(item["sampler"], item["num_steps"], item["guidance_scale"], item["eta"],
+                    np.shape(item["context"]))].append(i)
+        results: list[dict] = [{} for _ in items]
+        for (sampler, steps, scale, eta, _), members in groups.items():
+            started = time.perf_counter()
+            contexts = torch.from_numpy(np.stack([items[i]["context"] for i in members])).float()
+            size = self.pipeline.model.config.image_size
+            latents = self.pipeline.sample_latents(contexts, [items[i]["seed"] for i in members],
+                                                   SamplerParams(sampler, steps, scale, eta), height=size, width=size)
+            pixels = self.pipeline.decode(latents)
+            elapsed = time.perf_counter() - started
+            self.m_batch.observe(len(members))
+            self.m_sampling.observe(elapsed)
+            self.m_images.inc(len(members))
+            for row, i in enumerate(members):
+                results[i] = self._deliver(items[i], png_bytes(pixels[row]), len(members), elapsed)
+        return results
+
+    def _deliver(self, item: dict, png: bytes, batch_size: int, elapsed: float) -> dict:
+        out = {"seed": item["seed"], "batch_size": batch_size, "sampling_s": elapsed}
+        if item["output"] == "inline":
+            return out | {"data": base64.b64encode(png).decode()}
+        key = image_key(item["request_id"], item["seed"])
+        metadata = item["metadata"] | {"seed": item["seed"], "model": self.model_name, "model_hash": self.model_hash}
+        write_image(self.store, key, png, metadata)
+        return out | {"url": image_url(self.store, key, expires_s=self.url_expires_s)}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1})
+class Retriever:
+    """Named databases: published sharded indexes (a RetrieverPool of Ray actors) and/or local
+    embedding files searched exactly in-process."""
+
+    def __init__(self, index_uri: str | None, local_databases: dict[str, str], retriever_options: dict) -> None:
+        from cluster.retriever import RetrieverPool
+        from rdm.retrieval import ExactRetriever
+
+        self.pool = RetrieverPool(index_uri, **retriever_options) if index_uri else None
+        self.local = {name: ExactRetriever.from_file(path) for name, path in local_databases.items()}
+        self.m_latency = metrics.Histogram("rdm_retrieval_seconds", description="retrieval latency",
+                                           boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5])
+
+    def databases(self) -> list[dict]:
+        found = [{"name": n, "version": "local", "count": len(r)} for n, r in self.local.items()]
+        return found + (self.pool.databases() if self.pool else [])
+
+    def search(self, database: str, query: np.ndarray, num_neighbors: int) -> dict:
+        started = time.perf_counter()
+        if database in self.local:
+            retriever, version = self.local[database], "local"
+        elif self.pool is not None:
+            retriever = self.pool.get(database)
+            version = retriever.version
+        else:
+            raise UnknownDatabaseError(f"unknown database {database!r}; known: {', '.join(self.local) or 'none'}")
+        found = retriever.search(torch.from_numpy(np.asarray(query, np.float32))[None], num_neighbors)
+        self.m_latency.observe(time.perf_counter() - started)
+        return {"ids": found.ids[0], "scores": found.scores[0].tolist(), "embeddings": found.embeddings[0].numpy(),
+                "version": version, "degraded": found.degraded}
+
+    def refresh(self) -> dict[str, bool]:
+        return self.pool.refresh() if self.pool else {}
+
+
+app = FastAPI(title="rdm-cluster", version="0.1.0",
+              description="Retrieval-augmented diffusion: text or image + a style database -> images")
+
+
+def _message(err: BaseException) -> str:
+    """The original message of an error raised in another replica (Ray wraps it with a traceback)."""
+    return str(getattr(err, "cause", None) or err)
+
+
+def _error(status: int, kind: str, message: str, field: str | None = None, request_id: str | None = None):
+    body = {"error": {"type": kind, "message": message}}
+    if field:
+        body["error"]["field"] = field
+    if request_id:
+        body["error"]["request_id"] = request_id
+    return JSONResponse(status_code=status, content=body)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    fields = [{"field": ".".join(str(p) for p in e["loc"] if p != "body") or "body", "message": e["msg"]}
+              for e in exc.errors()]
+    message = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
+    return JSONResponse(status_code=422, content={"error": {
+        "type": "validation_error", "message": message, "field": fields[0]["field"] if fields else None,
+        "fields": fields}})
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return _error(exc.status_code, "http_error", str(exc.detail))
+
+
+@app.middleware("http")
+async def _limit_body(request: Request, call_next):
+    limit = getattr(request.app.state, "max_body_bytes", None)
+    length = request.headers.get("content-length")
+    if limit is not None and length is not None and length.isdigit() and int(length) > limit:
+        return _error(413, "payload_too_large", f"request body of {length} bytes exceeds the limit of {limit}")
+    if limit is not None and request.method == "POST" and length is None:
+        return _error(411, "length_required", "send a Content-Length header")
+    return await call_next(request)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=128)
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, generator: DeploymentHandle, retriever: DeploymentHandle, args: dict) -> None:
+        self.args = AppArgs(**args)
+        self.generator, self.retriever = generator, retriever
+        self.token = os.environ.get(TOKEN_ENV) or (Path(self.args.api_token_file).read_text().strip()
+                                                     if self.args.api_token_file else None)
+        if self.args.require_token and not self.token:
+            raise ConfigError(f"require_token is set but neither {TOKEN_ENV} nor api_token_file gives a token")
+        self.store = open_store(self.args.output_uri)
+        app.state.max_body_bytes = self.args.max_body_bytes
+        self.m_requests = metrics.Counter("rdm_requests", description="requests by status",
+                                          tag_keys=("route", "status"))
+
+    def _authorize(self, request: Request) -> None:
+        if not self.token:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, supplied = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(supplied.strip(), self.token):
+            raise HTTPException(401, "missing or invalid bearer token (Authorization: Bearer <token>)")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page(self) -> str:
+        return (resources.files("cluster.serve") / "static" / "index.html").read_text()
+
+    @app.get("/healthz")
+    def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        self._authorize(request)
+        return {"models": [await self.generator.info.remote()]}
+
+    @app.get("/v1/databases")
+    async def databases(self, request: Request) -> dict:
+        self._authorize(request)
+        return {"databases": await self.retriever.databases.remote()}
+
+    @app.get("/v1/outputs/{key:path}", include_in_schema=False)
+    def outputs(self, key: str, request: Request) -> Response:
+        if not key.startswith("images/") or ".." in key.split("/") or not key.endswith(".png"):
+            raise HTTPException(404, "no such output")
+        try:
+            return Response(self.store.read_bytes(key), media_type="image/png")
+        except ObjectNotFoundError as err:
+            raise HTTPException(404, "no such output") from err
+
+    @app.post("/v1/generate", response_model=GenerateResponse)
+    async def generate(self, body: GenerateRequest, request: Request):
+        self._authorize(request)
+        request_id = secrets.token_hex(12)
+        try:
+            response = await self._generate(body, request_id)
+        except UnknownDatabaseError as err:
+            return self._count(_error(404, "unknown_database", _message(err), "database", request_id), "generate")
+        except InputError as err:
+            message = _message(err)
+            field = "prompt" if "prompt" in message else "image" if "image" in message else None
+            return self._count(_error(422, "invalid_input", message, field, request_id), "generate")
+        except ShardUnavailableError as err:
+            return self._count(_error(503, "shard_unavailable", _message(err), None, request_id), "generate")
+        except (RDMError, RetrievalError) as err:
+            logger.exception("request %s failed", request_id)
+            return self._count(_error(500, "internal_error", f"{type(err).__name__}", None, request_id), "generate")
+        except Exception:  # noqa: BLE001 - never a stack trace to the user; logged with the request id
+            logger.exception("request %s failed", request_id)
+            return self._count(_error(500, "internal_error", "internal error", None, request_id), "generate")
+        self.m_requests.inc(tags={"route": "generate", "status": "200"})
+        return response
+
+    def _count(self, response: JSONResponse, route: str) -> JSONResponse:
+        self.m_requests.inc(tags={"route": route, "status": str(response.status_code)})
+        return response
+
+    async def _generate(self, body: GenerateRequest, request_id: str) -> GenerateResponse:
+        started = time.perf_counter()
+        query = await self.generator.embed.remote(body.prompt, body.image)
+        embedded = time.perf_counter()
+        found = None
+        if body.database is not None and body.num_neighbors > 0:
+            found = await self.retriever.search.remote(body.database, query, body.num_neighbors)
+        retrieved = time.perf_counter()
+        neighbors = found["embeddings"] if found else np.zeros((0, len(query)), np.float32)
+        from rdm.conditioning import build_context
+
+        context = build_context(torch.from_numpy(query)[None], torch.from_numpy(neighbors)[None])[0].numpy()
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+        metadata = {"prompt": body.prompt, "database": body.database, "index_version": found and found["version"],
+                    "neighbors": [{"id": i, "score": s} for i, s in zip(found["ids"], found["scores"])] if found else [],
+                    "sampler": body.sampler, "num_steps": body.num_steps, "guidance_scale": body.guidance_scale,
+                    "eta": body.eta, "request_id": request_id}
+        items = [{"request_id": request_id, "context": context, "seed": seed + i, "sampler": body.sampler,
+                  "num_steps": body.num_steps, "guidance_scale": body.guidance_scale, "eta": body.eta,
+                  "output": body.output, "metadata": metadata} for i in range(body.num_images)]
+        results = await asyncio.gather(*[self.generator.generate.remote(item) for item in items])
+        done = time.perf_counter()
+        return GenerateResponse(
+            request_id=request_id,
+            images=[GeneratedImage(seed=r["seed"], url=r.get("url"), data=r.get("data")) for r in results],
+            neighbors=[NeighborOut(id=n["id"], score=n["score"]) for n in metadata["neighbors"]],
+            timings={"embed_s": embedded - started, "retrieval_s": retrieved - embedded, "sampling_s": done - retrieved,
+                     "total_s": done - started, "batch_size": float(max(r["batch_size"] for r in results))},
+            model=self.args.model, database=body.database, index_version=found["version"] if found else None,
+            degraded=bool(found and found["degraded"]))

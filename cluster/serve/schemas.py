@@ -1,0 +1,82 @@
+"""Request, response and application-argument models of the Serve app (validated at the boundary)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from rdm.config import MAX_NEIGHBORS
+from rdm.pipeline import MAX_SEED
+
+MAX_IMAGE_B64 = 8 * 1024 * 1024  # characters of a base64 query image
+
+
+class GenerateRequest(BaseModel):
+    """POST /v1/generate. Exactly one of `prompt` and `image` (base64 PNG/JPEG) is the query."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(None, min_length=1, max_length=2000)
+    image: str | None = Field(None, min_length=1, max_length=MAX_IMAGE_B64,
+                              description="base64 PNG or JPEG; its CLIP image embedding is the query")
+    database: str | None = Field(None, min_length=1, max_length=64, description="none: text (or image) only")
+    num_neighbors: int = Field(4, ge=0, le=MAX_NEIGHBORS)
+    num_images: int = Field(1, ge=1, le=8)
+    num_steps: int = Field(50, ge=1, le=500)
+    sampler: Literal["ddim", "plms", "dpmpp_2m"] = "ddim"
+    guidance_scale: float = Field(5.0, ge=0.0, le=50.0, allow_inf_nan=False)
+    eta: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="image i uses seed + i; random when omitted")
+    output: Literal["url", "inline"] = "url"
+
+    @model_validator(mode="after")
+    def _check(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.image is None):
+            raise ValueError("give exactly one of 'prompt' and 'image'")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("'prompt' must not be blank")
+        if self.eta and self.sampler != "ddim":
+            raise ValueError(f"'eta' applies to the ddim sampler only; {self.sampler} needs eta=0")
+        return self
+
+
+class GeneratedImage(BaseModel):
+    seed: int
+    url: str | None = None
+    data: str | None = Field(None, description="base64 PNG when output=inline")
+
+
+class NeighborOut(BaseModel):
+    id: str
+    score: float
+
+
+class GenerateResponse(BaseModel):
+    request_id: str
+    images: list[GeneratedImage]
+    neighbors: list[NeighborOut]
+    timings: dict[str, float]
+    model: str
+    database: str | None
+    index_version: str | None
+    degraded: bool = False
+
+
+class AppArgs(BaseModel):
+    """Arguments of `build_app`, from the `args` of a Serve config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "tiny"
+    clip_weights: str | None = None
+    index_uri: str | None = Field(None, description="root of published sharded indexes (folder or s3://)")
+    local_databases: dict[str, str] = Field(default_factory=dict,
+                                            description="name -> .npy/.npz embeddings, searched exactly in-process")
+    output_uri: str = "outputs/serve"
+    url_expires_s: int = Field(3600, ge=60)
+    require_token: bool = Field(False, description="refuse to start without RDM_API_TOKEN or api_token_file")
+    api_token_file: str | None = None
+    max_body_bytes: int = Field(12 * 1024 * 1024, ge=1024)
+    retriever_options: dict = Field(default_factory=dict, description="ShardedRetriever keyword arguments")
+    autocast: Literal["bf16", "fp32"] = "fp32"
