@@ -10,6 +10,7 @@ SUBCOMMANDS = {
     "sample": ("jobs.sample", "generate images in one process"),
     "embed": ("jobs.embed", "embed a corpus with CLIP on Ray Data"),
     "index": ("jobs.index", "build or query a sharded FAISS index"),
+    "serve": ("jobs.serve", "run the online serving app (Ray Serve)"),
 }
 
 

@@ -8,11 +8,14 @@ from cluster.serve.deployments import Generator, Ingress, Retriever
 from cluster.serve.schemas import AppArgs
 
 
-def build_app(args: dict) -> Application:
-    """Ingress -> (Generator, Retriever), configured by `AppArgs`; replicas, resources, autoscaling and
-    batching come from the Serve config's `deployments` section."""
+def build_app(args: dict, deployments: dict[str, dict] | None = None) -> Application:
+    """Ingress -> (Generator, Retriever), configured by `AppArgs`. Replicas, resources, autoscaling and
+    batching come from the Serve config's `deployments` section: applied by Serve for `serve run/deploy`,
+    or passed here as `deployments` (name -> options) by `rdm serve`."""
     config = AppArgs(**args)
-    retriever = Retriever.bind(config.index_uri, config.local_databases, config.retriever_options)
-    generator = Generator.bind(config.model, config.clip_weights, config.output_uri, config.autocast,
-                               config.url_expires_s)
-    return Ingress.bind(generator, retriever, config.model_dump())
+    options = deployments or {}
+    retriever = Retriever.options(**options.get("Retriever", {})).bind(
+        config.index_uri, config.local_databases, config.retriever_options)
+    generator = Generator.options(**options.get("Generator", {})).bind(
+        config.model, config.clip_weights, config.output_uri, config.autocast, config.url_expires_s)
+    return Ingress.options(**options.get("Ingress", {})).bind(generator, retriever, config.model_dump())

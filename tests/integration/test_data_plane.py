@@ -1,7 +1,6 @@
 """The data plane on real components: SeaweedFS S3, a 3-node local Ray cluster, real FAISS and CLIP."""
 
 import io
-import json
 import threading
 import time
 
@@ -12,9 +11,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from testkit import parquet_bytes, unit, write_embeddings
 
 from cluster.embedding import embed_corpus
-from cluster.errors import CorruptShardError, EmptyCorpusError, ShardUnavailableError, StorageCredentialsError, UnknownDatabaseError
+from cluster.errors import (
+    CorruptShardError,
+    EmptyCorpusError,
+    ShardUnavailableError,
+    StorageCredentialsError,
+    UnknownDatabaseError,
+)
 from cluster.index.build import build_index
 from cluster.index.manifest import load_manifest
 from cluster.retriever import RetrieverPool, ShardedRetriever
@@ -29,27 +35,6 @@ def png(rng, size=(24, 24)) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray((rng.random((*size, 3)) * 255).astype(np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def parquet_bytes(table: pa.Table) -> bytes:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    return buffer.getvalue()
-
-
-def write_embeddings(uri: str, vectors: np.ndarray, *, files: int = 3, prefix: str = "v") -> None:
-    """An `rdm embed`-shaped output folder holding the given vectors."""
-    store = open_store(uri)
-    for i, chunk in enumerate(np.array_split(np.arange(len(vectors)), files)):
-        table = pa.table({"id": [f"{prefix}{j}" for j in chunk],
-                          "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors[chunk].reshape(-1)),
-                                                                         vectors.shape[1])})
-        store.write_bytes(f"embeddings/part-{i}.parquet", parquet_bytes(table))
-    store.write_bytes("embed.json", json.dumps({"clip": "synthetic", "dim": vectors.shape[1]}).encode())
-
-
-def unit(x):
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,199 @@
+"""The Serve app over real HTTP on 127.0.0.1, on the 3-node test cluster, with a sharded index."""
+
+import base64
+import io
+import json
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from testkit import free_ports, unit, write_embeddings
+
+from cluster.index.build import build_index
+
+pytestmark = pytest.mark.integration
+TOKEN = "test-token-123"
+
+
+@pytest.fixture(scope="module")
+def app_url(ray_cluster, tmp_path_factory):
+    from ray import serve
+
+    from cluster.serve.app import build_app
+
+    root = tmp_path_factory.mktemp("serve")
+    write_embeddings(str(root / "emb"), unit(np.random.default_rng(0).standard_normal((60, 64))), prefix="art")
+    build_index(str(root / "emb"), str(root / "index"), "art", num_shards=2)
+    (root / "token").write_text(TOKEN + "\n")
+    (port,) = free_ports(1)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"model": "tiny", "index_uri": str(root / "index"), "output_uri": str(root / "out"),
+            "api_token_file": str(root / "token"), "require_token": True, "max_body_bytes": 200_000,
+            "retriever_options": {"num_cpus": 0.05, "timeout_s": 10}}
+    deployments = {"Generator": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.3},
+                                 "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.3}},
+                   "Ingress": {"ray_actor_options": {"num_cpus": 0.05}},
+                   "Retriever": {"ray_actor_options": {"num_cpus": 0.05}}}
+    serve.run(build_app(args, deployments), name="rdm", route_prefix="/")
+    yield f"http://127.0.0.1:{port}", root
+    serve.delete("rdm")
+    serve.shutdown()
+
+
+def call(url: str, path: str, body=None, *, token: str | None = TOKEN, raw: bytes | None = None, timeout=120):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url + path, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            payload = response.read()
+            status, ctype = response.status, response.headers.get("content-type", "")
+    except urllib.error.HTTPError as err:
+        payload, status, ctype = err.read(), err.code, err.headers.get("content-type", "")
+    return status, (json.loads(payload) if "json" in ctype else payload)
+
+
+FAST = {"num_steps": 3, "sampler": "dpmpp_2m"}
+
+
+def test_generate_writes_images_and_metadata(app_url):
+    url, root = app_url
+    status, out = call(url, "/v1/generate", {"prompt": "a boat", "database": "art", "num_neighbors": 3,
+                                             "num_images": 2, "seed": 7, **FAST})
+    assert status == 200, out
+    assert [img["seed"] for img in out["images"]] == [7, 8]
+    assert [n["id"][:3] for n in out["neighbors"]] == ["art"] * 3 and out["index_version"].startswith("v")
+    status, png = call(url, out["images"][0]["url"])
+    assert status == 200 and Image.open(io.BytesIO(png)).size == (32, 32)
+    meta = json.loads(next((root / "out").rglob("7.json")).read_text())
+    assert meta["prompt"] == "a boat" and meta["database"] == "art" and len(meta["neighbors"]) == 3
+    assert meta["index_version"] == out["index_version"] and meta["model_hash"]
+
+
+def test_inline_output_and_image_queries(app_url):
+    url, _ = app_url
+    status, out = call(url, "/v1/generate", {"prompt": "a tree", "output": "inline", **FAST})
+    assert status == 200 and out["neighbors"] == [] and out["index_version"] is None
+    png = base64.b64decode(out["images"][0]["data"])
+    status, out = call(url, "/v1/generate", {"image": base64.b64encode(png).decode(), "database": "art",
+                                             "num_neighbors": 2, "output": "inline", **FAST})
+    assert status == 200 and len(out["neighbors"]) == 2
+
+
+def decoded(out) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(out["images"][0]["data"]))), dtype=int)
+
+
+def test_concurrent_requests_form_batches_and_keep_their_seeds(app_url):
+    url, _ = app_url
+    bodies = [{"prompt": f"a boat number {i}", "database": "art", "num_neighbors": 2, "seed": 100 + i,
+               "output": "inline", **FAST} for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda b: call(url, "/v1/generate", b), bodies))
+    assert all(status == 200 for status, _ in results), results
+    assert max(out["timings"]["batch_size"] for _, out in results) > 1
+    status, alone = call(url, "/v1/generate", bodies[3])
+    assert status == 200 and alone["timings"]["batch_size"] == 1
+    assert np.abs(decoded(alone) - decoded(results[3][1])).max() <= 1
+
+
+def test_auth_is_required(app_url):
+    url, _ = app_url
+    assert call(url, "/v1/generate", {"prompt": "a boat"}, token=None)[0] == 401
+    status, out = call(url, "/v1/databases", token="wrong")
+    assert status == 401 and "bearer token" in out["error"]["message"]
+    assert call(url, "/healthz", token=None)[0] == 200
+    assert call(url, "/", token=None)[0] == 200
+
+
+@pytest.mark.parametrize("body, status, field", [
+    ({}, 422, "body"),
+    ({"prompt": "a", "image": "aGk="}, 422, "body"),
+    ({"prompt": "a", "num_neighbors": 25}, 422, "num_neighbors"),
+    ({"prompt": "a", "sampler": "euler"}, 422, "sampler"),
+    ({"prompt": "a", "sampler": "plms", "eta": 0.5}, 422, "body"),
+    ({"prompt": "a", "num_images": 0}, 422, "num_images"),
+    ({"prompt": "a", "colour": "red"}, 422, "colour"),
+    ({"prompt": "a", "seed": -1}, 422, "seed"),
+    ({"prompt": "word " * 100}, 422, "prompt"),
+    ({"image": "bm90IGFuIGltYWdl"}, 422, "image"),
+    ({"prompt": "a", "database": "nope", "num_neighbors": 2}, 404, "database"),
+])
+def test_invalid_requests_get_4xx_naming_the_field(app_url, body, status, field):
+    url, _ = app_url
+    got, out = call(url, "/v1/generate", body)
+    assert got == status, out
+    assert out["error"]["field"] == field or field in out["error"]["message"]
+
+
+def test_malformed_and_oversized_bodies(app_url):
+    url, _ = app_url
+    status, out = call(url, "/v1/generate", raw=b"{not json")
+    assert status == 422 and out["error"]["type"] == "validation_error"
+    status, out = call(url, "/v1/generate", {"prompt": "a", "image": "A" * 300_000})
+    assert status == 413 and "exceeds the limit" in out["error"]["message"]
+
+
+def test_databases_models_and_openapi(app_url):
+    url, _ = app_url
+    status, out = call(url, "/v1/databases")
+    assert status == 200 and out["databases"][0]["name"] == "art" and out["databases"][0]["count"] == 60
+    status, out = call(url, "/v1/models")
+    assert status == 200 and out["models"][0]["name"] == "tiny"
+    status, spec = call(url, "/openapi.json", token=None)
+    assert status == 200 and "/v1/generate" in spec["paths"]
+
+
+def test_generator_replica_killed_under_load(app_url):
+    """Kill the only Generator replica mid-load: failures are bounded 5xx JSON, and the service recovers."""
+    import ray
+
+    url, _ = app_url
+    body = {"prompt": "a boat", "output": "inline", **FAST}
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(call, url, "/v1/generate", body) for _ in range(8)]
+        time.sleep(0.5)
+        victim = next(a for a in ray.util.list_named_actors(all_namespaces=True) if "Generator" in a["name"])
+        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+        results = [f.result() for f in futures]
+    failures = [(s, o) for s, o in results if s != 200]
+    assert len(failures) <= 8 and all(s >= 500 and "error" in o for s, o in failures)
+    deadline, recovered = time.monotonic() + 120, False
+    while not recovered and time.monotonic() < deadline:
+        recovered = call(url, "/v1/generate", body)[0] == 200
+        time.sleep(1)
+    assert recovered
+
+
+def test_web_page_generates_in_headless_chromium(app_url, tmp_path):
+    url, _ = app_url
+    chromium = Path("/usr/bin/chromium")
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not chromium.exists():
+        pytest.skip("Debian chromium is not installed (make venv installs it when run as root)")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run", "--disable-sync"])
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.fill("#token", TOKEN)
+        page.fill("#steps", "3")
+        page.click("#generate")
+        page.wait_for_selector("#gallery img", timeout=60_000)
+        page.wait_for_function("document.querySelectorAll('#gallery img').length >= 2", timeout=60_000)
+        shot = tmp_path / "page.png"
+        page.screenshot(path=str(shot), full_page=True)
+        status = page.text_content("#status")
+        natural = page.evaluate("document.querySelector('#gallery img').naturalWidth")
+        browser.close()
+    assert "image(s)" in status and natural == 32
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.std() > 5  # the screenshot shows a rendered page, not a blank one

@@ -1,0 +1,57 @@
+"""Helpers shared by the integration tests (on pytest's pythonpath)."""
+
+import io
+import json
+import socket
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cluster.storage import open_store
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+
+def wait_for_port(port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
+
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+
+def write_embeddings(uri: str, vectors: np.ndarray, *, files: int = 3, prefix: str = "v") -> None:
+    """An `rdm embed`-shaped output folder holding the given vectors."""
+    store = open_store(uri)
+    for i, chunk in enumerate(np.array_split(np.arange(len(vectors)), files)):
+        table = pa.table({"id": [f"{prefix}{j}" for j in chunk],
+                          "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors[chunk].reshape(-1)),
+                                                                         vectors.shape[1])})
+        store.write_bytes(f"embeddings/part-{i}.parquet", parquet_bytes(table))
+    store.write_bytes("embed.json", json.dumps({"clip": "synthetic", "dim": vectors.shape[1]}).encode())
+
+
+
+def unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
