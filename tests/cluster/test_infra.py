@@ -1,0 +1,79 @@
+"""Declarative files: every manifest parses, names things that exist, and the copies agree."""
+
+import importlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.serve.config import parse_serve_config, read_serve_config
+from rdm.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVE_CONFIGS = sorted((ROOT / "infra" / "serve").glob("*.yaml"))
+
+
+def test_serve_configs_parse_strictly_and_import():
+    assert {p.name for p in SERVE_CONFIGS} >= {"local.yaml", "gpu.yaml"}
+    for path in SERVE_CONFIGS:
+        http, specs = read_serve_config(path)
+        module, _, attr = "cluster.serve.app:build_app".partition(":")
+        assert callable(getattr(importlib.import_module(module), attr))
+        generator = specs[0].deployments["Generator"]
+        assert set(generator["user_config"]) == {"max_batch_size", "batch_wait_timeout_s"}
+        assert generator["autoscaling_config"]["min_replicas"] <= generator["autoscaling_config"]["max_replicas"]
+
+
+def test_local_config_binds_loopback_without_gpus():
+    http, specs = read_serve_config(ROOT / "infra" / "serve" / "local.yaml")
+    assert http["host"] == "127.0.0.1"
+    assert all("num_gpus" not in d.get("ray_actor_options", {}) for d in specs[0].deployments.values())
+
+
+def test_gpu_config_requires_a_token_and_gpus():
+    http, specs = read_serve_config(ROOT / "infra" / "serve" / "gpu.yaml")
+    assert specs[0].args.require_token and specs[0].deployments["Generator"]["ray_actor_options"]["num_gpus"] == 1
+
+
+def test_rayservice_embeds_the_gpu_applications_block():
+    service = yaml.safe_load((ROOT / "infra" / "kuberay" / "rayservice.yaml").read_text())
+    embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
+    gpu = yaml.safe_load((ROOT / "infra" / "serve" / "gpu.yaml").read_text())
+    assert embedded["applications"] == gpu["applications"]
+    parse_serve_config(embedded)
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda d: d["autoscaling_config"].update(target_ongoing_request=4), "target_ongoing_request"),
+    (lambda d: d.update(num_replica=2), "num_replica"),
+    (lambda d: d.update(name="Sampler"), "Sampler"),
+])
+def test_misspelled_serve_keys_are_rejected(mutate, match):
+    data = yaml.safe_load((ROOT / "infra" / "serve" / "local.yaml").read_text())
+    generator = next(d for d in data["applications"][0]["deployments"] if d["name"] == "Generator")
+    mutate(generator)
+    with pytest.raises(ConfigError, match=match):
+        parse_serve_config(data)
+
+
+def test_unknown_app_args_are_rejected():
+    data = yaml.safe_load((ROOT / "infra" / "serve" / "local.yaml").read_text())
+    data["applications"][0]["args"]["modle"] = "tiny"
+    with pytest.raises(ConfigError, match="modle"):
+        parse_serve_config(data)
+
+
+def test_grafana_dashboard_uses_our_metrics():
+    import json
+    import re
+
+    from cluster.serve import deployments
+
+    dashboard = json.loads((ROOT / "infra" / "grafana" / "rdm-serving.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    source = Path(deployments.__file__).read_text()
+    ours = set(re.findall(r'metrics\.\w+\("(rdm_\w+)"', source))
+    assert ours == {"rdm_images_generated", "rdm_batch_size", "rdm_sampling_seconds", "rdm_generator_queue_depth",
+                    "rdm_retrieval_seconds", "rdm_requests"}
+    for name in ours:
+        assert f"ray_{name}" in exprs, name
