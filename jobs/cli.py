@@ -8,6 +8,7 @@ import sys
 SUBCOMMANDS = {
     "convert": ("jobs.convert", "convert a CompVis RDM checkpoint to safetensors"),
     "sample": ("jobs.sample", "generate images in one process"),
+    "generate": ("jobs.generate", "bulk generation on Ray from a prompts file"),
     "embed": ("jobs.embed", "embed a corpus with CLIP on Ray Data"),
     "index": ("jobs.index", "build or query a sharded FAISS index"),
     "serve": ("jobs.serve", "run the online serving app (Ray Serve)"),

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from testkit import parquet_bytes, unit, write_embeddings
+from testkit import parquet_bytes, removable_worker_node, unit, write_embeddings
 
 from cluster.embedding import embed_corpus
 from cluster.errors import (
@@ -228,10 +228,7 @@ def test_queries_resume_after_a_shard_node_is_replaced(ray_cluster, tmp_path):
     queries = torch.from_numpy(vectors[:3])
     before = retriever.search(queries, 4)
     assert [row[0] for row in before.ids] == ["v0", "v1", "v2"]
-    victim = next(n for n in ray_cluster.worker_nodes if n.node_id in
-                  {a["Address"]["NodeID"] for a in ray.state.actors().values()
-                   if a["State"] == "ALIVE" and a["ActorClassName"].endswith("RetrieverShard")})
-    ray_cluster.remove_node(victim)
+    ray_cluster.remove_node(removable_worker_node(ray_cluster))  # each retriever node holds one shard
     with pytest.raises(ShardUnavailableError):
         retriever.search(queries, 4)
     ray_cluster.add_node(num_cpus=1, resources={"retriever": 1})

@@ -55,3 +55,11 @@ def write_embeddings(uri: str, vectors: np.ndarray, *, files: int = 3, prefix: s
 
 def unit(x):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def removable_worker_node(cluster):
+    """A worker node the driver is not attached to (Ray refuses to remove that one)."""
+    import ray
+
+    driver_node = ray.get_runtime_context().get_node_id()
+    return next(n for n in list(cluster.worker_nodes) if n.node_id != driver_node)

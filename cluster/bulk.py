@@ -1,0 +1,312 @@
+"""Bulk generation on Ray Data: prompts -> CLIP query -> retrieval -> sampling -> PNG -> storage.
+
+Every image has a deterministic key (a hash of its prompt or query image, database, seed, sampler
+settings and model), so a re-run after a crash or a kill regenerates only what is missing and never
+duplicates: each sampling batch writes its PNGs, then a manifest part `OUT/_parts/<hash>.parquet`;
+items whose key appears in a part are done. The run ends by merging the parts into
+`OUT/manifest.parquet`, writing `OUT/errors.parquet` (row numbers and reasons) and `OUT/index.html`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import io
+import json
+import logging
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from cluster.prompts import PromptRow, read_prompts
+from cluster.storage import join, open_store
+from rdm.errors import RDMError
+
+logger = logging.getLogger(__name__)
+PARTS = "_parts"
+
+
+@dataclass(frozen=True)
+class BulkSettings:
+    model: str = "tiny"
+    clip_weights: str | None = None
+    index_uri: str | None = None
+    num_neighbors: int = 4
+    sampler: str = "dpmpp_2m"
+    num_steps: int = 25
+    guidance_scale: float = 5.0
+    eta: float = 0.0
+    base_seed: int = 0
+    batch_size: int = 8
+    num_samplers: int = 1
+    sampler_num_cpus: float = 0.5
+
+
+def model_hash(model: str) -> str:
+    from rdm.factory import shipped_weights
+
+    path = shipped_weights(model) if "/" not in model and not model.endswith(".safetensors") else model
+    if path is None:
+        return hashlib.sha256(f"random:{model}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def expand(rows: list[PromptRow], settings: BulkSettings, model_id: str) -> list[dict]:
+    """One item per image, with its seed and deterministic output key."""
+    items = []
+    for row in rows:
+        first = row.seed if row.seed is not None else settings.base_seed + 1000 * row.row
+        for j in range(row.num_images):
+            seed = first + j
+            ident = json.dumps([row.prompt, row.image, row.database, seed, settings.num_neighbors if row.database else 0,
+                                settings.sampler, settings.num_steps, settings.guidance_scale, settings.eta, model_id])
+            digest = hashlib.sha256(ident.encode()).hexdigest()[:32]
+            items.append({"row": row.row, "prompt": row.prompt or "", "image": row.image or "",
+                          "database": row.database or "", "seed": seed, "key": f"images/{digest[:2]}/{digest}.png"})
+    return items
+
+
+def _rows(batch: dict[str, np.ndarray]) -> list[dict]:
+    keys = list(batch)
+    return [dict(zip(keys, values, strict=True)) for values in zip(*(batch[k] for k in keys), strict=True)]
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
+
+
+def _array_bytes(x: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(x, np.float32), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _array(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+class QueryEncoder:
+    """CLIP text (or, for rows with an image URI, CLIP image) embedding of each item's query."""
+
+    def __init__(self, model: str, clip_weights: str | None) -> None:
+        from rdm.factory import load_clip_for, load_model
+
+        self.clip = load_clip_for(load_model(model), weights=clip_weights)
+
+    def _embed(self, row: dict) -> np.ndarray:
+        if not row["image"]:
+            return self.clip.encode_text([row["prompt"]])[0].numpy()
+        from PIL import Image
+
+        parent, _, name = str(row["image"]).rpartition("/")
+        data = open_store(parent or ".").read_bytes(name)
+        with Image.open(io.BytesIO(data)) as img:
+            pixels = np.asarray(img.convert("RGB"), np.float32)
+        return self.clip.encode_image(torch.from_numpy(pixels).permute(2, 0, 1)[None] / 127.5 - 1)[0].numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        rows = _rows(batch)
+        for row in rows:
+            row["query"], row["error"] = b"", ""
+            try:
+                row["query"] = _array_bytes(self._embed(row))
+            except (RDMError, OSError, ValueError) as err:
+                row["error"] = f"{type(err).__name__}: {getattr(err, 'cause', None) or err}"
+        return _columns(rows)
+
+
+class Retrieve:
+    """Neighbours of each query in its row's database, through the sharded retriever pool."""
+
+    def __init__(self, index_uri: str | None, num_neighbors: int) -> None:
+        from cluster.retriever import RetrieverPool
+
+        self.pool = RetrieverPool(index_uri, num_cpus=0.05) if index_uri else None
+        self.num_neighbors = num_neighbors
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        rows = _rows(batch)
+        by_db: dict[str, list[dict]] = defaultdict(list)
+        for row in rows:
+            row.update(context=b"", neighbor_ids="[]", neighbor_scores="[]", index_version="")
+            if row["error"]:
+                continue
+            query = _array(row["query"])
+            if not row["database"] or self.num_neighbors == 0:
+                row["context"] = _array_bytes(query[None])
+            else:
+                by_db[str(row["database"])].append(row)
+        for database, members in by_db.items():
+            try:
+                if self.pool is None:
+                    raise RDMError("no --index given, so rows cannot name a database")
+                retriever = self.pool.get(database)
+                found = retriever.search(torch.from_numpy(np.stack([_array(r["query"]) for r in members])),
+                                         self.num_neighbors)
+            except RDMError as err:
+                for r in members:
+                    r["error"] = f"{type(err).__name__}: {err}"
+                continue
+            for i, r in enumerate(members):
+                r["context"] = _array_bytes(np.concatenate([_array(r["query"])[None], found.embeddings[i].numpy()]))
+                r.update(neighbor_ids=json.dumps(found.ids[i]), neighbor_scores=json.dumps(found.scores[i].tolist()),
+                         index_version=retriever.version)
+        return _columns(rows)
+
+
+class BulkSampler:
+    """Samples, encodes and stores each batch, then records it in a manifest part."""
+
+    def __init__(self, settings: dict, out_uri: str, model_id: str) -> None:
+        from rdm.factory import load_model
+        from rdm.pipeline import Pipeline, SamplerParams
+
+        self.settings = BulkSettings(**settings)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.pipeline = Pipeline(load_model(self.settings.model).to(device))
+        s = self.settings
+        self.params = SamplerParams(s.sampler, s.num_steps, s.guidance_scale, s.eta)
+        self.store, self.model_id = open_store(out_uri), model_id
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from PIL import Image
+
+        from rdm.conditioning import build_context
+
+        rows = _rows(batch)
+        groups: dict[tuple, list[dict]] = defaultdict(list)
+        for row in rows:
+            if not row["error"]:
+                groups[_array(row["context"]).shape].append(row)
+        size = self.pipeline.model.config.image_size
+        for members in groups.values():
+            contexts = torch.from_numpy(np.stack([_array(r["context"]) for r in members]))
+            context = build_context(contexts[:, 0], contexts[:, 1:])
+            latents = self.pipeline.sample_latents(context, [int(r["seed"]) for r in members], self.params,
+                                                   height=size, width=size)
+            for row, pixels in zip(members, self.pipeline.decode(latents), strict=True):
+                buffer = io.BytesIO()
+                Image.fromarray(pixels).save(buffer, format="PNG")
+                png = buffer.getvalue()
+                self.store.write_bytes(str(row["key"]), png)
+                row["sha256"] = hashlib.sha256(png).hexdigest()
+        records = [self._record(r) for r in rows]
+        part = hashlib.sha256("".join(sorted(r["key"] for r in records)).encode()).hexdigest()[:24]
+        self.store.write_bytes(join(PARTS, f"{part}.parquet"), _parquet(pa.Table.from_pylist(records)))
+        return {"key": [r["key"] for r in records], "error": [r["error"] for r in records]}
+
+    def _record(self, row: dict) -> dict:
+        s = self.settings
+        return {"row": int(row["row"]), "prompt": str(row["prompt"]), "image": str(row["image"]),
+                "database": str(row["database"]), "seed": int(row["seed"]), "key": str(row["key"]),
+                "uri": str(row["key"]), "sha256": row.get("sha256", ""), "index_version": str(row["index_version"]),
+                "neighbor_ids": json.loads(row["neighbor_ids"]), "neighbor_scores": json.loads(row["neighbor_scores"]),
+                "sampler": s.sampler, "num_steps": s.num_steps, "guidance_scale": s.guidance_scale, "eta": s.eta,
+                "num_neighbors": s.num_neighbors, "model": s.model, "model_hash": self.model_id,
+                "error": str(row["error"])}
+
+
+@dataclass(frozen=True)
+class BulkResult:
+    images: int
+    generated: int
+    skipped: int
+    errors: int
+
+
+def _done_keys(store) -> dict[str, dict]:
+    done: dict[str, dict] = {}
+    for key in store.list(PARTS):
+        for record in pq.read_table(io.BytesIO(store.read_bytes(key))).to_pylist():
+            if not record["error"]:
+                done[record["key"]] = record
+    return done
+
+
+def generate(prompts_uri: str, out_uri: str, settings: BulkSettings, *, progress=None) -> BulkResult:
+    """Run (or resume) a bulk generation job on the connected Ray cluster."""
+    import ray
+
+    rows, row_errors = read_prompts(prompts_uri)
+    model_id = model_hash(settings.model)
+    items = expand(rows, settings, model_id)
+    store = open_store(out_uri)
+    done = _done_keys(store)
+    pending = [i for i in items if i["key"] not in done]
+    logger.info("%d images requested, %d already done, %d to generate", len(items), len(items) - len(pending),
+                len(pending))
+    item_errors: list[dict] = []
+    if pending:
+        gpu = ray.cluster_resources().get("GPU", 0) > 0
+        ds = ray.data.from_items(pending)
+        ds = ds.map_batches(QueryEncoder, fn_constructor_kwargs={"model": settings.model,
+                                                                 "clip_weights": settings.clip_weights},
+                            batch_size=32, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
+        ds = ds.map_batches(Retrieve, fn_constructor_kwargs={"index_uri": settings.index_uri,
+                                                             "num_neighbors": settings.num_neighbors},
+                            batch_size=32, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1)
+        ds = ds.map_batches(BulkSampler, fn_constructor_kwargs={"settings": asdict(settings), "out_uri": out_uri,
+                                                                "model_id": model_id},
+                            batch_size=settings.batch_size, num_cpus=settings.sampler_num_cpus,
+                            num_gpus=1 if gpu else 0,
+                            compute=ray.data.ActorPoolStrategy(size=settings.num_samplers))
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            if progress is not None:
+                progress.update(int(sum(1 for e in batch["error"] if not e)))
+        done = _done_keys(store)
+    wanted = {i["key"] for i in items}
+    records = [r for k, r in sorted(done.items()) if k in wanted]
+    failed = {i["key"] for i in items} - set(done)
+    for key, part in _error_records(store).items():
+        if key in failed:
+            item_errors.append({"row": part["row"], "error": part["error"]})
+    _write_outputs(store, records, row_errors + item_errors)
+    return BulkResult(images=len(records), generated=len([i for i in pending if i["key"] in done]),
+                      skipped=len(items) - len(pending), errors=len(row_errors) + len(item_errors))
+
+
+def _error_records(store) -> dict[str, dict]:
+    errors: dict[str, dict] = {}
+    for key in store.list(PARTS):
+        for record in pq.read_table(io.BytesIO(store.read_bytes(key))).to_pylist():
+            if record["error"]:
+                errors[record["key"]] = record
+    return errors
+
+
+ERROR_SCHEMA = pa.schema([("row", pa.int64()), ("error", pa.string())])
+
+
+def _parquet(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+def _write_outputs(store, records: list[dict], errors: list[dict]) -> None:
+    rows = [{k: v for k, v in r.items() if k != "error"} for r in records]
+    manifest = pa.Table.from_pylist(rows) if rows else pa.table({"key": pa.array([], pa.string())})
+    store.write_bytes("manifest.parquet", _parquet(manifest))
+    store.write_bytes("errors.parquet", _parquet(pa.Table.from_pylist(sorted(errors, key=lambda e: e["row"]),
+                                                                      schema=ERROR_SCHEMA)))
+    store.write_bytes("index.html", contact_sheet(records, errors).encode())
+
+
+def contact_sheet(records: list[dict], errors: list[dict]) -> str:
+    cells = "\n".join(
+        f'<figure><img src="{html.escape(r["uri"])}" width="128" height="128"><figcaption>'
+        f'{html.escape(r["prompt"] or r["image"])}<br>{html.escape(r["database"] or "text only")} · seed {r["seed"]}'
+        f"</figcaption></figure>" for r in sorted(records, key=lambda r: (r["row"], r["seed"])))
+    failed = "".join(f"<li>row {e['row']}: {html.escape(e['error'])}</li>" for e in errors)
+    return ("<!doctype html><meta charset='utf-8'><title>rdm generate</title><style>body{font-family:sans-serif}"
+            "figure{display:inline-block;margin:6px;width:140px;font-size:11px}img{image-rendering:pixelated}</style>"
+            f"<h1>{len(records)} images</h1>{cells}" + (f"<h2>{len(errors)} rows failed</h2><ul>{failed}</ul>"
+                                                        if errors else ""))

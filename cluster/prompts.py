@@ -1,0 +1,88 @@
+"""Reading prompt files for bulk generation: txt (one prompt per line), csv, jsonl or parquet, local or s3://.
+
+Rows that cannot be used are returned as errors with their 1-based row numbers; they never stop a job.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+
+import pyarrow.parquet as pq
+
+from cluster.storage import open_store
+from rdm.errors import InputError
+
+COLUMNS = ("prompt", "database", "num_images", "seed", "image")
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    row: int  # 1-based line or row number
+    prompt: str | None
+    database: str | None
+    num_images: int
+    seed: int | None
+    image: str | None
+
+
+def _raw_rows(name: str, data: bytes) -> list[tuple[int, object]]:
+    suffix = name.lower().rsplit(".", 1)[-1]
+    if suffix == "txt":
+        return [(i, {"prompt": line}) for i, line in enumerate(data.decode("utf-8").splitlines(), 1)]
+    if suffix == "jsonl":
+        rows: list[tuple[int, object]] = []
+        for i, line in enumerate(data.decode("utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((i, json.loads(line)))
+                except json.JSONDecodeError as err:
+                    rows.append((i, InputError(f"invalid JSON: {err.msg}")))
+        return rows
+    if suffix == "csv":
+        return list(enumerate(csv.DictReader(io.StringIO(data.decode("utf-8"))), 2))
+    if suffix == "parquet":
+        return list(enumerate(pq.read_table(io.BytesIO(data)).to_pylist(), 1))
+    raise InputError(f"prompts file {name!r}: use .txt, .csv, .jsonl or .parquet")
+
+
+def _parse(row: int, raw: object, default_images: int) -> PromptRow:
+    if isinstance(raw, Exception):
+        raise raw
+    if not isinstance(raw, dict):
+        raise InputError("a row must be an object with a 'prompt' (or 'image') field")
+    unknown = set(raw) - set(COLUMNS)
+    if unknown:
+        raise InputError(f"unknown field(s) {', '.join(sorted(unknown))}; allowed: {', '.join(COLUMNS)}")
+    prompt = raw.get("prompt")
+    prompt = prompt.strip() if isinstance(prompt, str) and prompt.strip() else None
+    image = raw.get("image") or None
+    if prompt is None and image is None:
+        raise InputError("empty prompt (and no image)")
+    try:
+        num_images = int(raw.get("num_images") or default_images)
+        seed = None if raw.get("seed") in (None, "") else int(raw["seed"])
+    except (TypeError, ValueError) as err:
+        raise InputError(f"num_images and seed must be integers: {err}") from err
+    if not 1 <= num_images <= 64:
+        raise InputError(f"num_images must be in 1..64, got {num_images}")
+    if seed is not None and not 0 <= seed < 2**62:
+        raise InputError(f"seed must be in 0..2**62, got {seed}")
+    return PromptRow(row, prompt, raw.get("database") or None, num_images, seed, image)
+
+
+def read_prompts(uri: str, *, default_images: int = 1) -> tuple[list[PromptRow], list[dict]]:
+    """(good rows, errors [{row, error}]) of a prompts file."""
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    data = open_store(parent or ".").read_bytes(name)
+    good, errors = [], []
+    for row, raw in _raw_rows(name, data):
+        try:
+            good.append(_parse(row, raw, default_images))
+        except InputError as err:
+            errors.append({"row": row, "error": str(err)})
+    if not good and not errors:
+        raise InputError(f"prompts file {uri} is empty")
+    return good, errors

@@ -1,0 +1,60 @@
+"""`rdm generate`: bulk generation on Ray from a prompts file (txt, csv, jsonl, parquet; local or s3://).
+
+Resumable: a re-run generates only the images that are missing from OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from jobs.common import EXIT_OK, exit_codes, setup_logging
+from rdm.sampling import SAMPLERS
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rdm generate", description=__doc__)
+    parser.add_argument("--prompts", required=True, help="prompts file: rows with prompt [database num_images seed image]")
+    parser.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--clip-weights")
+    parser.add_argument("--index", help="index root holding the databases rows name (folder or s3://)")
+    parser.add_argument("--num-neighbors", type=int, default=4)
+    parser.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m")
+    parser.add_argument("--num-steps", type=int, default=25)
+    parser.add_argument("--guidance-scale", type=float, default=5.0)
+    parser.add_argument("--eta", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0, help="base seed for rows without one: seed + 1000 * row + j")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-samplers", type=int, default=1, help="sampler actors (one GPU each when present)")
+    parser.add_argument("--sampler-num-cpus", type=float, default=0.5)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+@exit_codes
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    from tqdm import tqdm
+
+    from cluster.bulk import BulkSettings, generate
+    from cluster.runtime import connect
+    from rdm.pipeline import SamplerParams
+    from rdm.retrieval import check_num_neighbors
+
+    SamplerParams(args.sampler, args.num_steps, args.guidance_scale, args.eta)  # validate before starting Ray
+    check_num_neighbors(args.num_neighbors)
+    settings = BulkSettings(model=args.model, clip_weights=args.clip_weights, index_uri=args.index,
+                            num_neighbors=args.num_neighbors, sampler=args.sampler, num_steps=args.num_steps,
+                            guidance_scale=args.guidance_scale, eta=args.eta, base_seed=args.seed,
+                            batch_size=args.batch_size, num_samplers=args.num_samplers,
+                            sampler_num_cpus=args.sampler_num_cpus)
+    connect()
+    with tqdm(desc="images", unit="img") as bar:
+        result = generate(args.prompts, args.out, settings, progress=bar)
+    print(f"{result.images} images in {args.out}/manifest.parquet ({result.generated} generated now, "
+          f"{result.skipped} already there); {result.errors} rows or images failed (see errors.parquet)")
+    return EXIT_OK

@@ -1,0 +1,44 @@
+import pytest
+
+from cluster.bulk import BulkSettings, expand
+from cluster.prompts import read_prompts
+from rdm.errors import InputError
+
+
+@pytest.mark.parametrize("name, text", [
+    ("p.txt", "a boat\n\na tree\n"),
+    ("p.csv", "prompt,database,num_images,seed\na boat,art,2,\n,art,1,\na tree,,1,9\n"),
+    ("p.jsonl", '{"prompt": "a boat", "num_images": 2}\n{"prompt": " "}\n{oops\n{"prompt": "a tree", "seed": 9}\n'),
+])
+def test_formats_and_row_errors(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    rows, errors = read_prompts(str(path))
+    assert [r.prompt for r in rows] == ["a boat", "a tree"]
+    assert all(e["row"] > 0 and e["error"] for e in errors)
+    assert len(errors) == {"p.txt": 1, "p.csv": 1, "p.jsonl": 2}[name]
+
+
+def test_parquet_and_unknown_fields(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": ["a boat", "a tree"], "colour": ["red", "blue"]}), tmp_path / "p.parquet")
+    rows, errors = read_prompts(str(tmp_path / "p.parquet"))
+    assert rows == [] and [e["row"] for e in errors] == [1, 2] and "colour" in errors[0]["error"]
+
+
+def test_unsupported_format(tmp_path):
+    (tmp_path / "p.xml").write_text("<p/>")
+    with pytest.raises(InputError, match="use .txt"):
+        read_prompts(str(tmp_path / "p.xml"))
+
+
+def test_keys_are_deterministic_and_distinct(tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a boat", "num_images": 3}\n{"prompt": "a boat", "seed": 1001}\n')
+    rows, _ = read_prompts(str(tmp_path / "p.jsonl"))
+    items = expand(rows, BulkSettings(), "hash")
+    assert [i["seed"] for i in items] == [1000, 1001, 1002, 1001]
+    assert items[1]["key"] == items[3]["key"]  # same prompt and seed: the same image
+    assert len({i["key"] for i in items}) == 3
+    assert expand(rows, BulkSettings(num_steps=10), "hash")[0]["key"] != items[0]["key"]
