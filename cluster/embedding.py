@@ -224,6 +224,19 @@ def embed_corpus(corpus_uri: str, out_uri: str, *, clip: str = "tiny", clip_weig
     return EmbedResult(len(shards), len(shards) - len(pending), embedded, errors, config.embed_dim, clip)
 
 
+def prune_embeddings(corpus_uri: str, out_uri: str, *, shard_size: int = 256) -> int:
+    """Delete embedding (and error) files whose corpus shard no longer exists; returns how many."""
+    _, shards = list_corpus(corpus_uri, shard_size=shard_size)
+    live = {s.name for s in shards}
+    out, removed = open_store(out_uri), 0
+    for folder in (EMBEDDINGS_DIR, ERRORS_DIR):
+        for key in out.list(folder):
+            if key.rsplit("/", 1)[-1].removesuffix(".parquet") not in live:
+                out.delete(key)
+                removed += 1
+    return removed
+
+
 def _clip_image_size(model_name: str) -> tuple[int, int]:
     import open_clip
 

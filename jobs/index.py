@@ -25,13 +25,24 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--index-spec", help="FAISS index_factory string (default: chosen by size)")
     build.add_argument("--recall-k", type=int, default=20)
     build.add_argument("--target-recall", type=float, default=0.95)
+    rebuild = sub.add_parser("rebuild", help="re-embed what changed in a corpus, build, validate, publish, notify")
+    rebuild.add_argument("database", help="database name")
+    rebuild.add_argument("--corpus", required=True, help="the database's corpus (folder or s3://)")
+    rebuild.add_argument("--index", required=True, help="index root (folder or s3://)")
+    rebuild.add_argument("--embeddings", help="embedding cache (default: INDEX/DATABASE/embeddings)")
+    rebuild.add_argument("--clip", default="tiny")
+    rebuild.add_argument("--clip-weights")
+    rebuild.add_argument("--shards", type=int)
+    rebuild.add_argument("--index-spec")
+    rebuild.add_argument("--min-recall", type=float, default=0.9, help="do not publish below this recall@20")
+    rebuild.add_argument("--serve-url", help="a running app to tell to swap now (token from RDM_API_TOKEN)")
     query = sub.add_parser("query", help="query a published index with embeddings from a .npy file")
     query.add_argument("--index", required=True, help="index root (folder or s3://)")
     query.add_argument("--database", required=True)
     query.add_argument("--queries", required=True, type=Path, help=".npy [B, D] query embeddings")
     query.add_argument("-k", type=int, default=10, help="neighbours per query, 1..20")
     query.add_argument("--out", required=True, type=Path, help="output .parquet: query, ids, scores")
-    for p in (build, query):
+    for p in (build, rebuild, query):
         p.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -50,6 +61,43 @@ def run_build(args: argparse.Namespace) -> None:
     print(f"published {manifest.database} {manifest.version}: {manifest.count} vectors in {len(manifest.shards)} "
           f"shards, {manifest.index_spec}, recall@{manifest.recall['k']}={manifest.recall['recall']:.3f} "
           f"(nprobe {manifest.nprobe}), {manifest.build_time_s:.1f}s")
+
+
+def run_rebuild(args: argparse.Namespace) -> None:
+    from cluster.embedding import embed_corpus, prune_embeddings
+    from cluster.index.build import build_index
+    from cluster.index.manifest import check_database_name
+
+    check_database_name(args.database)
+    embeddings = args.embeddings or f"{args.index.rstrip('/')}/{args.database}/embeddings"
+    result = embed_corpus(args.corpus, embeddings, clip=args.clip, clip_weights=args.clip_weights)
+    pruned = prune_embeddings(args.corpus, embeddings)
+    print(f"embedded {result.embedded} new images ({result.shards_skipped} shards unchanged, {pruned} removed)")
+    manifest = build_index(embeddings, args.index, args.database, num_shards=args.shards, index_spec=args.index_spec,
+                           min_recall=args.min_recall)
+    print(f"published {manifest.database} {manifest.version}: {manifest.count} vectors, "
+          f"recall@{manifest.recall['k']}={manifest.recall['recall']:.3f}")
+    if args.serve_url:
+        notify(args.serve_url)
+
+
+def notify(serve_url: str) -> None:
+    """Ask a running app to load the newly published versions now (replicas also poll on their own)."""
+    import json
+    import os
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json", "Content-Length": "0"}
+    if os.environ.get("RDM_API_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['RDM_API_TOKEN']}"
+    request = urllib.request.Request(serve_url.rstrip("/") + "/v1/admin/refresh", data=b"", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            print(f"serving app refreshed: {json.loads(response.read())['refreshed']}")
+    except (urllib.error.URLError, OSError) as err:
+        logger.warning("could not notify %s (%s); its replicas pick the new version up on their next poll",
+                       serve_url, err)
 
 
 def run_query(args: argparse.Namespace) -> None:
@@ -86,5 +134,5 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.runtime import connect
 
     connect()
-    (run_build if args.command == "build" else run_query)(args)
+    {"build": run_build, "rebuild": run_rebuild, "query": run_query}[args.command](args)
     return EXIT_OK

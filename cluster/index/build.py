@@ -121,8 +121,11 @@ def held_out_queries(sample: np.ndarray, num_queries: int, seed: int) -> tuple[n
 
 def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shards: int | None = None,
                 index_spec: str | None = None, recall_k: int = 20, target_recall: float = 0.95,
-                num_queries: int = 100, shard_num_cpus: float = 0.5, seed: int = 0, progress=None) -> Manifest:
-    """Build and publish a new version of `database` from `embeddings_uri` (the output of `rdm embed`)."""
+                num_queries: int = 100, shard_num_cpus: float = 0.5, seed: int = 0, min_recall: float | None = None,
+                progress=None) -> Manifest:
+    """Build and publish a new version of `database` from `embeddings_uri` (the output of `rdm embed`).
+
+    With `min_recall`, a version whose measured recall@k stays below it is not published."""
     import json
 
     import ray
@@ -186,6 +189,12 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
                         build_time_s=round(time.perf_counter() - started, 3),
                         recall={"k": k, "recall": recall, "nprobe": nprobe, "num_queries": len(queries)},
                         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    if min_recall is not None and recall < min_recall:
+        raise IndexBuildError(f"{database} {version}: recall@{k}={recall:.3f} < required {min_recall} even at nprobe "
+                              f"{nprobe}; not published (try another --index-spec)")
+    if sum(r["count"] for r in results) != total:
+        raise IndexBuildError(f"{database} {version}: shards hold {sum(r['count'] for r in results)} vectors, "
+                              f"expected {total}; not published")
     publish(index_store, manifest)
     logger.info("published %s/%s: %d vectors, %d shards, %s, recall@%d=%.3f at nprobe=%d", database, version,
                 total, num_shards, spec, k, recall, nprobe)

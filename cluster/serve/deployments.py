@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
 from collections import defaultdict
 from importlib import resources
@@ -146,11 +147,14 @@ class Retriever:
     """Named databases: published sharded indexes (a RetrieverPool of Ray actors) and/or local
     embedding files searched exactly in-process."""
 
-    def __init__(self, index_uri: str | None, local_databases: dict[str, str], retriever_options: dict) -> None:
+    def __init__(self, index_uri: str | None, local_databases: dict[str, str], retriever_options: dict,
+                 refresh_interval_s: float = 30.0) -> None:
         from cluster.retriever import RetrieverPool
         from rdm.retrieval import ExactRetriever
 
         self.pool = RetrieverPool(index_uri, **retriever_options) if index_uri else None
+        if self.pool is not None and refresh_interval_s > 0:
+            threading.Thread(target=self._poll, args=(refresh_interval_s,), daemon=True).start()
         self.local = {name: ExactRetriever.from_file(path) for name, path in local_databases.items()}
         self.m_latency = metrics.Histogram("rdm_retrieval_seconds", description="retrieval latency",
                                            boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5])
@@ -175,6 +179,15 @@ class Retriever:
 
     def refresh(self) -> dict[str, bool]:
         return self.pool.refresh() if self.pool else {}
+
+    def _poll(self, interval_s: float) -> None:
+        """Swap in newly published versions without a restart; in-flight queries finish on the old one."""
+        while True:
+            time.sleep(interval_s)
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - a failed poll is retried at the next interval
+                logger.exception("index refresh failed")
 
 
 app = FastAPI(title="rdm-cluster", version="0.1.0",
@@ -270,6 +283,12 @@ class Ingress:
             return Response(self.store.read_bytes(key), media_type="image/png")
         except ObjectNotFoundError as err:
             raise HTTPException(404, "no such output") from err
+
+    @app.post("/v1/admin/refresh")
+    async def refresh(self, request: Request) -> dict:
+        """Load newly published index versions now (other Retriever replicas follow on their next poll)."""
+        self._authorize(request)
+        return {"refreshed": await self.retriever.refresh.remote()}
 
     @app.post("/v1/generate", response_model=GenerateResponse)
     async def generate(self, body: GenerateRequest, request: Request):

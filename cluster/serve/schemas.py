@@ -79,4 +79,5 @@ class AppArgs(BaseModel):
     api_token_file: str | None = None
     max_body_bytes: int = Field(12 * 1024 * 1024, ge=1024)
     retriever_options: dict = Field(default_factory=dict, description="ShardedRetriever keyword arguments")
+    refresh_interval_s: float = Field(30.0, ge=0, description="how often replicas look for new index versions (0: never)")
     autocast: Literal["bf16", "fp32"] = "fp32"

@@ -197,3 +197,51 @@ def test_web_page_generates_in_headless_chromium(app_url, tmp_path):
     assert "image(s)" in status and natural == 32
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.std() > 5  # the screenshot shows a rendered page, not a blank one
+
+
+def test_index_rebuild_while_serving_has_zero_failures(app_url, tmp_path, monkeypatch):
+    """`rdm index rebuild` on a new corpus while clients query: no request fails, and the answers then
+    come from the new version."""
+    import threading
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.index import main as index_main
+
+    url, root = app_url
+    rng = np.random.default_rng(9)
+    images = []
+    for _ in range(30):
+        buffer = io.BytesIO()
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(buffer, format="PNG")
+        images.append(buffer.getvalue())
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    pq.write_table(pa.table({"id": [f"new-{i}" for i in range(30)], "image": images}), corpus / "part-0.parquet")
+    _, before = call(url, "/v1/databases")
+    statuses, stop = [], threading.Event()
+
+    def clients():
+        while not stop.is_set():
+            statuses.append(call(url, "/v1/generate", {"prompt": "a boat", "database": "art", "num_neighbors": 2,
+                                                       "output": "inline", **FAST})[0])
+
+    thread = threading.Thread(target=clients)
+    thread.start()
+    try:
+        monkeypatch.setenv("RDM_API_TOKEN", TOKEN)
+        code = index_main(["rebuild", "art", "--corpus", str(corpus), "--index", str(root / "index"),
+                           "--serve-url", url, "--shards", "2"])
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+    assert code == 0
+    assert statuses and set(statuses) == {200}, statuses
+    status, out = call(url, "/v1/generate", {"prompt": "a boat", "database": "art", "num_neighbors": 3,
+                                             "output": "inline", **FAST})
+    assert status == 200 and all(n["id"].startswith("new-") for n in out["neighbors"])
+    _, after = call(url, "/v1/databases")
+    assert after["databases"][0]["count"] == 30 and after["databases"][0]["version"] != before["databases"][0]["version"]
+    assert out["index_version"] == after["databases"][0]["version"]
