@@ -77,3 +77,54 @@ def test_grafana_dashboard_uses_our_metrics():
                     "rdm_retrieval_seconds", "rdm_requests"}
     for name in ours:
         assert f"ray_{name}" in exprs, name
+
+
+def entrypoint_parses(entrypoint: str) -> None:
+    """`rdm <subcommand> args...` names a subcommand whose own parser accepts the arguments."""
+    import shlex
+
+    from jobs.cli import SUBCOMMANDS
+
+    argv = shlex.split(entrypoint)
+    assert argv[0] == "rdm" and argv[1] in SUBCOMMANDS, entrypoint
+    module = importlib.import_module(SUBCOMMANDS[argv[1]][0])
+    module.build_parser().parse_args(argv[2:])
+
+
+def test_every_infra_yaml_parses():
+    files = sorted((ROOT / "infra").rglob("*.yaml"))
+    assert len(files) >= 6
+    for path in files:
+        assert yaml.safe_load(path.read_text()), path
+
+
+def test_rayjobs_name_real_entrypoints():
+    jobs = sorted((ROOT / "infra" / "kuberay").glob("rayjob-*.yaml"))
+    assert {p.name for p in jobs} == {"rayjob-generate.yaml", "rayjob-index-rebuild.yaml"}
+    for path in jobs:
+        job = yaml.safe_load(path.read_text())
+        assert job["kind"] == "RayJob"
+        entrypoint_parses(job["spec"]["entrypoint"])
+        images = {c["image"] for g in [job["spec"]["rayClusterSpec"]["headGroupSpec"],
+                                        *job["spec"]["rayClusterSpec"]["workerGroupSpecs"]]
+                  for c in g["template"]["spec"]["containers"]}
+        assert images == {"ghcr.io/rdm-cluster/rdm:latest"}
+
+
+def test_ray_up_config_is_consistent():
+    config = yaml.safe_load((ROOT / "infra" / "ray-cluster.yaml").read_text())
+    assert config["head_node_type"] in config["available_node_types"]
+    assert config["available_node_types"]["retriever"]["resources"] == {"retriever": 1}
+    assert all("IamInstanceProfile" in t["node_config"] for t in config["available_node_types"].values())
+
+
+def test_dockerfile_copies_what_exists_and_installs_the_gpu_extra():
+    import tomllib
+
+    text = (ROOT / "infra" / "Dockerfile").read_text()
+    for line in text.splitlines():
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert (ROOT / source).exists(), source
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "'.[gpu]'" in text and "gpu" in extras
