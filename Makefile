@@ -22,8 +22,7 @@ test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 run: venv
-	$(VENV)/bin/rdm sample --model tiny --prompt "a boat" --prompt "a house at night" \
-		--num-images 2 --num-steps 20 --seed 0 --out outputs/
+	$(VENV)/bin/rdm demo --data data --out outputs
 
 bench: venv
 	$(PY) bench/sampler.py

@@ -6,6 +6,7 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
+    "demo": ("jobs.demo", "build the toy-art style databases and generate a gallery (make run)"),
     "convert": ("jobs.convert", "convert a CompVis RDM checkpoint to safetensors"),
     "sample": ("jobs.sample", "generate images in one process"),
     "generate": ("jobs.generate", "bulk generation on Ray from a prompts file"),

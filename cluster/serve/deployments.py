@@ -330,8 +330,9 @@ class Ingress:
 
         context = build_context(torch.from_numpy(query)[None], torch.from_numpy(neighbors)[None])[0].numpy()
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+        neighbor_list = [{"id": i, "score": s} for i, s in zip(found["ids"], found["scores"], strict=True)] if found else []
         metadata = {"prompt": body.prompt, "database": body.database, "index_version": found and found["version"],
-                    "neighbors": [{"id": i, "score": s} for i, s in zip(found["ids"], found["scores"])] if found else [],
+                    "neighbors": neighbor_list,
                     "sampler": body.sampler, "num_steps": body.num_steps, "guidance_scale": body.guidance_scale,
                     "eta": body.eta, "request_id": request_id}
         items = [{"request_id": request_id, "context": context, "seed": seed + i, "sampler": body.sampler,

@@ -27,7 +27,7 @@ def test_sharded_flat_equals_one_exact_index(data):
     vectors, queries = data
     ids = np.array([f"v{i}" for i in range(len(vectors))], dtype=object)
     bounds = [0, 300, 301, 1000]  # includes a one-vector shard
-    shards = [IndexShard.build(None, "Flat", vectors[a:b], ids[a:b]) for a, b in zip(bounds, bounds[1:])]
+    shards = [IndexShard.build(None, "Flat", vectors[a:b], ids[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
     parts = [s.search(queries, 10) for s in shards]
     order, scores = merge_topk([p["scores"] for p in parts], 10)
     got_ids = np.take_along_axis(np.concatenate([p["ids"] for p in parts], 1), order, 1)

@@ -132,7 +132,7 @@ def test_ivf_index_reaches_recall_target(ray_cluster, clustered, tmp_path):
     flat = faiss.IndexFlatIP(32)
     flat.add(vectors)
     _, labels = flat.search(queries, 20)
-    recall = np.mean([len(set(f) & {f"v{j}" for j in row}) / 20 for f, row in zip(found.ids, labels)])
+    recall = np.mean([len(set(f) & {f"v{j}" for j in row}) / 20 for f, row in zip(found.ids, labels, strict=True)])
     assert recall >= 0.95
 
 
@@ -219,7 +219,6 @@ def test_dead_shard_is_a_typed_error_or_degraded(ray_cluster, tmp_path):
 def test_queries_resume_after_a_shard_node_is_replaced(ray_cluster, tmp_path):
     """Each retriever node fits one shard actor; removing one node stops its shard until a replacement
     node joins, after which the restarted actor reloads the shard and answers correctly."""
-    import ray
 
     vectors = unit(np.random.default_rng(5).standard_normal((200, 16)))
     write_embeddings(str(tmp_path / "emb"), vectors)

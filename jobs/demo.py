@@ -1,0 +1,119 @@
+"""`rdm demo` (what `make run` runs): the main job on the embedded default, end to end on local Ray.
+
+1. If missing, build one style database per toy-art style with the data-plane jobs: write the corpus,
+   embed it on Ray Data, split the embeddings by style, build and publish a sharded index per style.
+2. Generate a gallery, prompts x styles (plus text only), with the bulk job into OUT/gallery, and
+   tile it into OUT/gallery/grid.png (rows: styles, columns: contents).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+
+from jobs.common import EXIT_OK, exit_codes, setup_logging, write_atomic
+
+logger = logging.getLogger(__name__)
+
+
+def database_name(style: str) -> str:
+    return style.replace(" ", "-")
+
+
+def build_style_databases(data: Path, *, seed: int, per_cell: int) -> list[str]:
+    """Publish data/index/<style> for every toy-art style that has none yet; returns the database names."""
+    from rdm.toyart import STYLES
+
+    from cluster.embedding import embed_corpus
+    from cluster.index.build import build_index
+    from cluster.index.manifest import list_databases
+    from cluster.storage import open_store
+    from jobs.make_corpus import write_corpus
+
+    names = [database_name(s) for s in STYLES]
+    index = data / "index"
+    if set(names) <= set(list_databases(open_store(index))):
+        return names
+    corpus, embeddings = data / "corpus", data / "embeddings"
+    if not list(corpus.glob("*.parquet")):
+        write_corpus(corpus, seed=seed, per_cell=per_cell, rows_per_shard=1024)
+    embed_corpus(str(corpus), str(embeddings), clip="tiny")
+    tables = [pq.read_table(p) for p in sorted((embeddings / "embeddings").glob("*.parquet"))]
+    for style, name in zip(STYLES, names, strict=True):
+        folder = data / "by-style" / name
+        parts = [t.filter(pc.equal(t.column("style"), style)) for t in tables]
+        buffer = io.BytesIO()
+        pq.write_table(pa.concat_tables(parts), buffer)
+        write_atomic(folder / "embeddings" / "part-0.parquet", buffer.getvalue())
+        write_atomic(folder / "embed.json", (embeddings / "embed.json").read_bytes())
+        build_index(str(folder), str(index), name, num_shards=2)
+    return names
+
+
+def write_prompts(path: Path, databases: list[str], *, seed: int) -> None:
+    from rdm.toyart import CONTENTS
+
+    rows = [{"prompt": f"a {content}", "database": db, "seed": seed + i}
+            for db in databases for i, content in enumerate(CONTENTS)]
+    rows += [{"prompt": f"a {content}", "seed": seed + i} for i, content in enumerate(CONTENTS)]
+    write_atomic(path, "\n".join(json.dumps(r) for r in rows).encode() + b"\n")
+
+
+def tile_grid(gallery: Path, scale: int = 3) -> Path:
+    """grid.png: one row per database (last row: text only), one column per prompt."""
+    manifest = pq.read_table(gallery / "manifest.parquet").to_pylist()
+    rows = sorted({r["database"] for r in manifest}, key=lambda d: (d == "", d))
+    cols = sorted({r["prompt"] for r in manifest})
+    cell = {(r["database"], r["prompt"]): r["uri"] for r in manifest}
+    size = np.asarray(Image.open(gallery / manifest[0]["uri"])).shape[0] * scale
+    canvas = Image.new("RGB", (size * len(cols), size * len(rows)), "white")
+    for i, db in enumerate(rows):
+        for j, prompt in enumerate(cols):
+            if (db, prompt) in cell:
+                tile = Image.open(gallery / cell[db, prompt]).convert("RGB").resize((size, size), Image.NEAREST)
+                canvas.paste(tile, (j * size, i * size))
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    write_atomic(gallery / "grid.png", buffer.getvalue())
+    return gallery / "grid.png"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rdm demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("data"), help="corpus, embeddings and indexes")
+    parser.add_argument("--out", type=Path, default=Path("outputs"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-cell", type=int, default=16, help="corpus images per (style, content)")
+    parser.add_argument("--num-steps", type=int, default=25)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+@exit_codes
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    from cluster.bulk import BulkSettings, generate
+    from cluster.runtime import connect
+
+    connect()
+    databases = build_style_databases(args.data, seed=args.seed, per_cell=args.per_cell)
+    prompts = args.out / "gallery-prompts.jsonl"
+    write_prompts(prompts, databases, seed=args.seed)
+    gallery = args.out / "gallery"
+    result = generate(str(prompts), str(gallery), BulkSettings(index_uri=str(args.data / "index"),
+                                                                num_steps=args.num_steps))
+    grid = tile_grid(gallery)
+    print(f"{result.images} images ({result.generated} new) in {gallery}: contact sheet {gallery / 'index.html'}, "
+          f"grid {grid}")
+    return EXIT_OK
