@@ -25,5 +25,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
         return
     loopback_env()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    # address="local" always starts a new instance: a bare ray.init() would join whatever cluster
+    # /tmp/ray/ray_current_cluster names (another user's or a test's) and die with it.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     logger.info("started a local Ray instance on 127.0.0.1")

@@ -43,6 +43,7 @@ class IndexShard:
     index: faiss.Index
     ids: np.ndarray  # [n] str
     vectors: np.ndarray  # [n, D] float16 or float32, unit norm
+    _nprobe: int = 0  # the nprobe last set on the index (ParameterSpace is not free per query)
 
     @classmethod
     def build(cls, template: bytes | None, spec: str, vectors: np.ndarray, ids: np.ndarray) -> IndexShard:
@@ -59,7 +60,9 @@ class IndexShard:
     def search(self, queries: np.ndarray, k: int, *, nprobe: int = 1) -> dict[str, np.ndarray]:
         """Top-k rows of this shard: scores [B, k] (NaN past the shard's size), ids [B, k] (''), and
         embeddings [B, k, D] (zeros), as float32."""
-        set_nprobe(self.index, nprobe)
+        if nprobe != self._nprobe:
+            set_nprobe(self.index, nprobe)
+            self._nprobe = nprobe
         scores, labels = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         hit = labels >= 0
         safe = np.where(hit, labels, 0)
