@@ -245,3 +245,26 @@ def test_index_rebuild_while_serving_has_zero_failures(app_url, tmp_path, monkey
     _, after = call(url, "/v1/databases")
     assert after["databases"][0]["count"] == 30 and after["databases"][0]["version"] != before["databases"][0]["version"]
     assert out["index_version"] == after["databases"][0]["version"]
+
+
+def test_our_metrics_reach_rays_prometheus_endpoint(app_url, ray_cluster):
+    url, _ = app_url
+    assert call(url, "/v1/generate", {"prompt": "a boat", "database": "art", "num_neighbors": 2, "output": "inline",
+                                      **FAST})[0] == 200
+    ports = [n.metrics_export_port for n in [ray_cluster.head_node, *ray_cluster.worker_nodes]]
+    import re
+
+    dashboard = (Path(__file__).resolve().parents[2] / "infra" / "grafana" / "rdm-serving.json").read_text()
+    wanted = set(re.findall(r"ray_rdm_\w+", dashboard))  # every series the Grafana dashboard plots
+    assert len(wanted) >= 6
+    deadline, seen = time.monotonic() + 60, set()
+    while time.monotonic() < deadline and not wanted <= seen:
+        for port in ports:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                    text = response.read().decode()
+            except OSError:
+                continue
+            seen |= {name for name in wanted if re.search(rf"^{name}[{{ ]", text, re.M)}
+        time.sleep(2)
+    assert wanted <= seen, wanted - seen
