@@ -25,6 +25,7 @@ import torch
 from cluster.prompts import PromptRow, read_prompts
 from cluster.storage import join, open_store
 from rdm.errors import RDMError
+from rdm.factory import model_hash
 
 logger = logging.getLogger(__name__)
 PARTS = "_parts"
@@ -44,19 +45,6 @@ class BulkSettings:
     batch_size: int = 8
     num_samplers: int = 1
     sampler_num_cpus: float = 0.5
-
-
-def model_hash(model: str) -> str:
-    from rdm.factory import shipped_weights
-
-    path = shipped_weights(model) if "/" not in model and not model.endswith(".safetensors") else model
-    if path is None:
-        return hashlib.sha256(f"random:{model}".encode()).hexdigest()[:16]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
 
 
 def expand(rows: list[PromptRow], settings: BulkSettings, model_id: str) -> list[dict]:

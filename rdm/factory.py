@@ -23,6 +23,23 @@ def shipped_weights(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def model_hash(model: str | Path) -> str:
+    """A short content hash of a model's weights file (shipped or given); for random-weight models, of
+    the name. Recorded with every generated image."""
+    import hashlib
+
+    path = Path(model)
+    if not path.is_file():
+        path = shipped_weights(str(model))
+    if path is None:
+        return hashlib.sha256(f"random:{model}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def build_model(config: RDMConfig, *, seed: int = 0) -> RDM:
     """An RDM with freshly initialised (random) weights from `seed`: CPU, fp32, eval mode."""
     with torch.random.fork_rng(devices=[]):

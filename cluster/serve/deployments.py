@@ -4,10 +4,8 @@ databases) and `Ingress` (FastAPI: validation, auth, orchestration, the web page
 
 import asyncio
 import base64
-import hashlib
 import hmac
 import io
-import json
 import logging
 import os
 import secrets
@@ -53,7 +51,7 @@ class Generator:
 
     def __init__(self, model: str, clip_weights: str | None, output_uri: str, autocast: str = "fp32",
                  url_expires_s: int = 3600) -> None:
-        from rdm.factory import load_clip_for, load_model
+        from rdm.factory import load_clip_for, load_model, model_hash
         from rdm.pipeline import Pipeline
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -61,11 +59,7 @@ class Generator:
         clip = load_clip_for(rdm_model, weights=clip_weights)
         self.pipeline = Pipeline(rdm_model, clip.to(device) if clip else None,
                                  autocast=torch.bfloat16 if autocast == "bf16" and device == "cuda" else None)
-        self.model_name = model
-        self.model_hash = hashlib.sha256(json.dumps(rdm_model.config.__repr__()).encode()).hexdigest()[:16]
-        path = Path(model)
-        if path.is_file():
-            self.model_hash = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        self.model_name, self.model_hash = model, model_hash(model)
         self.store, self.url_expires_s = open_store(output_uri), url_expires_s
         self.pending = 0
         self.m_images = metrics.Counter("rdm_images_generated", description="images generated")
