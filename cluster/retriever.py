@@ -34,9 +34,14 @@ logger = logging.getLogger(__name__)
 class RetrieverShard:
     """Ray actor: one shard of one database version, read from storage and checked against the manifest."""
 
-    def __init__(self, index_uri: str, manifest_json: bytes, shard_id: int, use_gpu: bool = False) -> None:
+    def __init__(self, index_uri: str, manifest_json: bytes, shard_id: int, use_gpu: bool = False,
+                 threads: int | None = None) -> None:
         self.error: Exception | None = None
         self.shard_id = shard_id
+        if threads:  # Ray gives a fractional-CPU actor one OpenMP thread; a dedicated node can use more
+            import faiss
+
+            faiss.omp_set_num_threads(threads)
         try:
             self._load(index_uri, Manifest.from_json(manifest_json), shard_id, use_gpu)
         except Exception as err:  # noqa: BLE001 - reported through ready(), so the caller sees the typed error
@@ -81,7 +86,7 @@ class ShardedRetriever:
 
     def __init__(self, index_uri: str, database: str, *, replicas: int = 1, num_cpus: float = 0.1,
                  resources: dict[str, float] | None = None, use_gpu: bool = False, timeout_s: float = 30.0,
-                 allow_degraded: bool = False, max_restarts: int = -1) -> None:
+                 allow_degraded: bool = False, max_restarts: int = -1, threads: int | None = None) -> None:
         if replicas < 1:
             raise InputError(f"replicas must be >= 1, got {replicas}")
         self.index_uri, self.database = index_uri, database
@@ -90,7 +95,7 @@ class ShardedRetriever:
         self._options = {"num_cpus": num_cpus, "resources": resources or {}, "max_restarts": max_restarts,
                          "max_task_retries": -1 if max_restarts else 0, "scheduling_strategy": "SPREAD",
                          "num_gpus": 1 if use_gpu else 0}
-        self._replicas, self._use_gpu = replicas, use_gpu
+        self._replicas, self._use_gpu, self._threads = replicas, use_gpu, threads
         self._lock = threading.Lock()
         self._round_robin = itertools.count()
         self._set = self._start(load_manifest(self.store, database))
@@ -108,8 +113,8 @@ class ShardedRetriever:
 
         actor_cls = ray.remote(RetrieverShard).options(**self._options)
         payload = manifest.to_json()
-        actors = [[actor_cls.remote(self.index_uri, payload, s.shard_id, self._use_gpu) for _ in range(self._replicas)]
-                  for s in manifest.shards]
+        actors = [[actor_cls.remote(self.index_uri, payload, s.shard_id, self._use_gpu, self._threads)
+                   for _ in range(self._replicas)] for s in manifest.shards]
         try:
             ray.get([a.ready.remote() for replicas in actors for a in replicas], timeout=max(self.timeout_s, 60.0))
         except Exception:
