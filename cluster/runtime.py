@@ -9,7 +9,10 @@ logger = logging.getLogger(__name__)
 
 
 def loopback_env() -> None:
-    """Make Ray processes started from here bind 127.0.0.1 only and send no usage stats."""
+    """Make Ray processes started from here bind 127.0.0.1 only and send no usage stats.
+
+    Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import: call this before importing ray (the `rdm`
+    command does so first thing)."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -25,6 +28,10 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
         return
     loopback_env()
+    from ray._private import ray_constants
+
+    if ray_constants.ENABLE_RAY_CLUSTER:  # read when ray was imported, before loopback_env() ran
+        logger.warning("ray was imported before loopback_env(): this local instance may bind all interfaces")
     # address="local" always starts a new instance: a bare ray.init() would join whatever cluster
     # /tmp/ray/ray_current_cluster names (another user's or a test's) and die with it.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 SUBCOMMANDS = {
@@ -31,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"error: unknown subcommand {name!r}\n{usage()}", file=sys.stderr)
         return 2
+    if not os.environ.get("RAY_ADDRESS"):
+        # before anything imports Ray, which reads it once: a local Ray started by this command binds loopback
+        from cluster.runtime import loopback_env
+
+        loopback_env()
     module = importlib.import_module(SUBCOMMANDS[name][0])
     try:
         return module.main(rest)
