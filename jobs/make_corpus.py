@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="rdm make-corpus", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--out", type=Path, required=True, help="output folder (local path)")
+    parser.add_argument("--out", required=True, help="output folder (local path)")
     parser.add_argument("--per-cell", type=int, default=64, help="images per content x style cell")
     parser.add_argument("--rows-per-shard", type=int, default=1024)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -68,6 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--seed must be >= 0, --per-cell and --rows-per-shard >= 1")
     if "://" in str(args.out):
         parser.error(f"--out must be a local path for now, got {args.out}")
+    args.out = Path(args.out)
     return args
 
 
