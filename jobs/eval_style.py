@@ -58,10 +58,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-steps", type=int, default=25)
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--classifier-steps", type=int, default=StyleEvalSettings().classifier.steps)
+    parser.add_argument("--classifier-per-cell", type=int, default=StyleEvalSettings.classifier_per_cell,
+                        help="corpus images per cell the classifiers train on")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    if args.seed < 0 or args.samples_per_cell < 1 or args.database_per_cell < 1 or args.classifier_steps < 1:
-        parser.error("--seed must be >= 0; --samples-per-cell, --database-per-cell, --classifier-steps >= 1")
+    counts = (args.samples_per_cell, args.database_per_cell, args.classifier_steps, args.classifier_per_cell)
+    if args.seed < 0 or min(counts) < 1:
+        parser.error("--seed must be >= 0; --samples-per-cell, --database-per-cell and the classifier options >= 1")
     if not 1 <= args.num_neighbors <= args.database_per_cell * 6:
         parser.error(f"--num-neighbors must be in 1..{args.database_per_cell * 6} (one style's database size)")
     return args
@@ -71,6 +74,7 @@ def settings_from_args(args: argparse.Namespace) -> StyleEvalSettings:
     defaults = StyleEvalSettings()
     return StyleEvalSettings(
         samples_per_cell=args.samples_per_cell, database_per_cell=args.database_per_cell,
+        classifier_per_cell=args.classifier_per_cell,
         num_neighbors=args.num_neighbors, params=SamplerParams("dpmpp_2m", args.num_steps, args.guidance_scale),
         classifier=dataclasses.replace(defaults.classifier, steps=args.classifier_steps))
 

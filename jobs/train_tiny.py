@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 def recipe_from_args(args: argparse.Namespace) -> TinyRecipe:
-    recipe = TinyRecipe(per_cell=args.per_cell)
+    recipe = TinyRecipe(per_cell=args.per_cell, heldout_per_cell=args.heldout_per_cell)
     overrides = {"clip": args.clip_steps, "autoencoder": args.autoencoder_steps, "diffusion": args.unet_steps}
     for name, steps in overrides.items():
         if steps is not None:
@@ -53,14 +53,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", default="tiny", help="shipped model config to train")
     parser.add_argument("--per-cell", type=int, default=TinyRecipe.per_cell, help="training images per cell")
+    parser.add_argument("--heldout-per-cell", type=int, default=TinyRecipe.heldout_per_cell,
+                        help="fresh images per cell for the zero-shot and reconstruction metrics")
     parser.add_argument("--clip-steps", type=int)
     parser.add_argument("--autoencoder-steps", type=int)
     parser.add_argument("--unet-steps", type=int)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     steps = [s for s in (args.clip_steps, args.autoencoder_steps, args.unet_steps) if s is not None]
-    if args.seed < 0 or args.per_cell < 2 or any(s < 1 for s in steps):
-        parser.error("--seed must be >= 0, --per-cell >= 2 and step counts >= 1")
+    if args.seed < 0 or args.per_cell < 2 or args.heldout_per_cell < 1 or any(s < 1 for s in steps):
+        parser.error("--seed must be >= 0, --per-cell >= 2, --heldout-per-cell and step counts >= 1")
     return args
 
 

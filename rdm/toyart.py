@@ -49,7 +49,7 @@ Points = list[tuple[float, float]]
 def _star(n: int, outer: float, inner: float) -> Points:
     angles = np.pi / 2 + np.arange(2 * n) * np.pi / n
     radii = np.where(np.arange(2 * n) % 2 == 0, outer, inner)
-    return [(float(r * np.cos(a)), float(-r * np.sin(a))) for r, a in zip(radii, angles)]
+    return [(float(r * np.cos(a)), float(-r * np.sin(a))) for r, a in zip(radii, angles, strict=True)]
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, content: str, tf: Callable[[Points], Points], s: float) -> None:

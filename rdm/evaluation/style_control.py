@@ -75,17 +75,18 @@ def generation_seeds(seed: int, style: int, content: int, count: int) -> list[in
 @torch.no_grad()
 def generate_style_row(model: RDM, clip: ClipEncoder, databases: dict, method: str, style: int, seed: int,
                        settings: StyleEvalSettings) -> Tensor:
-    """Images uint8 [num_contents, samples_per_cell, H, W, 3] for one style row and one method."""
-    rows = []
-    for content in range(len(CONTENTS)):
-        prompt, database = method_plan(method, style, content)
-        retriever = None if database == -1 else databases[database]
-        pipeline = Pipeline(model, clip, retriever)
-        n = settings.samples_per_cell
-        result = pipeline.generate([prompt] * n, num_neighbors=0 if retriever is None else settings.num_neighbors,
-                                   seeds=generation_seeds(seed, style, content, n), params=settings.params)
-        rows.append(torch.from_numpy(np.stack([np.asarray(im) for im in result.images])))
-    return torch.stack(rows)
+    """Images uint8 [num_contents, samples_per_cell, H, W, 3] for one style row and one method (one batch)."""
+    n = settings.samples_per_cell
+    plans = [method_plan(method, style, content) for content in range(len(CONTENTS))]
+    database = plans[0][1]  # the same for every content of a row
+    retriever = None if database == -1 else databases[database]
+    prompts = [prompt for prompt, _ in plans for _ in range(n)]
+    seeds = [s for content in range(len(CONTENTS)) for s in generation_seeds(seed, style, content, n)]
+    result = Pipeline(model, clip, retriever).generate(
+        prompts, num_neighbors=0 if retriever is None else settings.num_neighbors, seeds=seeds,
+        params=settings.params)
+    images = torch.from_numpy(np.stack([np.asarray(image) for image in result.images]))
+    return images.view(len(CONTENTS), n, *images.shape[1:])
 
 
 def build_databases(clip: ClipEncoder, split: Split) -> dict[int | None, ExactRetriever]:
@@ -152,8 +153,8 @@ def run_style_control(model: RDM, clip: ClipEncoder, seed: int, settings: StyleE
         samples[method] = torch.stack([generate_style_row(model, clip, databases, method, style, seed, settings)
                                        for style in range(len(STYLES))])
         labels[method] = label_samples(samples[method], style_model, content_model)
-        logger.info("%s: style accuracy %.3f", method, float((labels[method][0] ==
-                                                               torch.arange(len(STYLES)).view(-1, 1, 1)).float().mean()))
+        intended = torch.arange(len(STYLES)).view(-1, 1, 1)
+        logger.info("%s: style accuracy %.3f", method, float((labels[method][0] == intended).float().mean()))
     results = summarize(labels)
     results["classifier_accuracy"] = classifier_accuracy
     return StyleControlResult(results, samples)

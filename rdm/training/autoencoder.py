@@ -22,9 +22,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class AutoencoderTrainConfig:
-    steps: int = 1500
+    steps: int = 600
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 3e-3
     kl_weight: float = 1e-6
     warmup_steps: int = 50
     max_shift: int = 1

@@ -29,7 +29,7 @@ TEMPLATES = ("a {content}, {style}", "a {content} in the style of {style}", "a {
 
 @dataclass(frozen=True)
 class ContrastiveConfig:
-    steps: int = 700
+    steps: int = 900
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -55,7 +55,7 @@ def batch_captions(contents: Tensor, styles: Tensor, generator: torch.Generator)
     """One random template per image -> (distinct captions [T], match [B, T] float of true pairs)."""
     picks = torch.randint(0, len(TEMPLATES), (len(contents),), generator=generator).tolist()
     keys = sorted({(t, int(c) if "{content}" in TEMPLATES[t] else -1, int(s) if "{style}" in TEMPLATES[t] else -1)
-                   for t, c, s in zip(picks, contents.tolist(), styles.tolist())})
+                   for t, c, s in zip(picks, contents.tolist(), styles.tolist(), strict=True)})
     match = torch.stack([describes(TEMPLATES[t], c, s, contents, styles) for t, c, s in keys], dim=1)
     return [caption(TEMPLATES[t], max(c, 0), max(s, 0)) for t, c, s in keys], match.float()
 

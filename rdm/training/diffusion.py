@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DiffusionTrainConfig:
-    steps: int = 4000
+    steps: int = 2500
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 100
@@ -74,7 +74,7 @@ def diffusion_loss(unet: nn.Module, z0: Tensor, context: Tensor, alphas_cumprod:
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for ema_param, param in zip(ema.parameters(), model.parameters()):
+    for ema_param, param in zip(ema.parameters(), model.parameters(), strict=True):
         ema_param.lerp_(param, 1.0 - decay)
 
 

@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from rdm.errors import InputError
+from rdm.toyart import CONTENTS, STYLES
 from rdm.training.autoencoder import scale_by_std
 from rdm.training.contrastive import TEMPLATES, batch_captions, multi_positive_loss
 from rdm.training.diffusion import DiffusionTrainConfig, LatentDataset, training_context
-from rdm.toyart import CONTENTS, STYLES
 from rdm.training.neighbors import training_neighbors
 
 
