@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class AutoencoderTrainConfig:
-    steps: int = 600
+    steps: int = 400
     batch_size: int = 32
     lr: float = 3e-3
     kl_weight: float = 1e-6
