@@ -15,6 +15,7 @@ import json
 import logging
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from jobs.common import exit_codes, setup_logging, write_atomic
@@ -58,9 +59,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clip-steps", type=int)
     parser.add_argument("--autoencoder-steps", type=int)
     parser.add_argument("--unet-steps", type=int)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); float results "
+                        "can differ in the last bits between thread counts")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     steps = [s for s in (args.clip_steps, args.autoencoder_steps, args.unet_steps) if s is not None]
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.seed < 0 or args.per_cell < 2 or args.heldout_per_cell < 1 or any(s < 1 for s in steps):
         parser.error("--seed must be >= 0, --per-cell >= 2, --heldout-per-cell and step counts >= 1")
     return args
@@ -70,6 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     config, recipe = get_config(args.model), recipe_from_args(args)
     trained = train_tiny(config, recipe, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = {**trained.metrics, "clip_zero_shot_content_saved": zero_shot_accuracy(
         reloaded, images, contents, content_prompts()), "clip_zero_shot_style_saved": zero_shot_accuracy(
         reloaded, images, styles, style_prompts()), "recipe": dataclasses.asdict(recipe),
-        "config": to_dict(trained.model.config)}
+        "config": to_dict(trained.model.config), "threads": torch.get_num_threads()}
     write_atomic(args.out / "metrics.json", json.dumps(metrics, indent=2).encode())
     logger.info("trained in %.0f s: %s", metrics["total_s"], {k: v for k, v in metrics.items()
                                                                if isinstance(v, float)})
