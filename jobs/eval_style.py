@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from jobs.common import exit_codes, setup_logging, write_atomic
@@ -60,8 +61,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--classifier-steps", type=int, default=StyleEvalSettings().classifier.steps)
     parser.add_argument("--classifier-per-cell", type=int, default=StyleEvalSettings.classifier_per_cell,
                         help="corpus images per cell the classifiers train on")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     counts = (args.samples_per_cell, args.database_per_cell, args.classifier_steps, args.classifier_per_cell)
     if args.seed < 0 or min(counts) < 1:
         parser.error("--seed must be >= 0; --samples-per-cell, --database-per-cell and the classifier options >= 1")
@@ -83,6 +87,8 @@ def settings_from_args(args: argparse.Namespace) -> StyleEvalSettings:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     settings = settings_from_args(args)
     start = time.perf_counter()
     model = load_model(args.model)
