@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--database-per-cell", type=int, default=StyleEvalSettings.database_per_cell)
     parser.add_argument("--num-neighbors", type=int, default=StyleEvalSettings.num_neighbors)
     parser.add_argument("--num-steps", type=int, default=25)
-    parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument("--guidance-scale", type=float, default=6.0)
     parser.add_argument("--classifier-steps", type=int, default=StyleEvalSettings().classifier.steps)
     parser.add_argument("--classifier-per-cell", type=int, default=StyleEvalSettings.classifier_per_cell,
                         help="corpus images per cell the classifiers train on")

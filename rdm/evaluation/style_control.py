@@ -39,7 +39,7 @@ class StyleEvalSettings:
     classifier_test_per_cell: int = 4
     database_per_cell: int = 20
     num_neighbors: int = 4
-    params: SamplerParams = field(default_factory=lambda: SamplerParams("dpmpp_2m", 25, 3.0))
+    params: SamplerParams = field(default_factory=lambda: SamplerParams("dpmpp_2m", 25, 6.0))
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
 
