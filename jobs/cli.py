@@ -14,12 +14,15 @@ SUBCOMMANDS = {
     "embed": ("jobs.embed", "embed a corpus with CLIP on Ray Data"),
     "index": ("jobs.index", "build or query a sharded FAISS index"),
     "serve": ("jobs.serve", "run the online serving app (Ray Serve)"),
+    "make-corpus": ("jobs.make_corpus", "write the procedural toy-art corpus as parquet shards"),
+    "train-tiny": ("jobs.train_tiny", "train the tiny CLIP, autoencoder and RDM from a seed"),
+    "eval-style": ("jobs.eval_style", "style control: retrieval database vs prompt (the RDM paper's test)"),
 }
 
 
 def usage() -> str:
     lines = ["usage: rdm <subcommand> [args]  (rdm <subcommand> --help for details)", "", "subcommands:"]
-    lines += [f"  {name:<10} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -1,0 +1,1 @@
+"""Evaluation of the tiny model: corpus-trained label classifiers and the style-control experiment."""

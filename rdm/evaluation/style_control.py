@@ -1,0 +1,171 @@
+"""The RDM paper's style-control experiment in miniature: does swapping the retrieval database control
+style better than naming the style in the prompt?
+
+For each style s and content c, with the same model, CLIP, sampler and seeds:
+  retrieval  database = corpus images of style s only, prompt "a c" (the style is never named);
+  prompt     database = corpus images of all styles, prompt "a c in the style of s";
+  text_only  no database (no neighbours), prompt "a c in the style of s".
+Corpus-trained classifiers label the generated images; accuracy = fraction labelled with the intended
+style (or content). All corpus images come from the evaluation seed (fresh, not the training set).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rdm.clip import ClipEncoder
+from rdm.evaluation.classifiers import ClassifierConfig, predict, train_classifier
+from rdm.model import RDM
+from rdm.pipeline import Pipeline, SamplerParams
+from rdm.retrieval import ExactRetriever
+from rdm.toyart import CONTENTS, STYLES, iter_corpus
+from rdm.training.contrastive import embed_images
+from rdm.training.data import to_tensor
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("retrieval", "prompt", "text_only")
+
+
+@dataclass(frozen=True)
+class StyleEvalSettings:
+    samples_per_cell: int = 8
+    classifier_per_cell: int = 24
+    classifier_test_per_cell: int = 4
+    database_per_cell: int = 20
+    num_neighbors: int = 4
+    params: SamplerParams = field(default_factory=lambda: SamplerParams("dpmpp_2m", 25, 6.0))
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+
+
+@dataclass(frozen=True)
+class Split:
+    images: Tensor  # [N, 3, H, W] in [-1, 1]
+    contents: Tensor  # [N]
+    styles: Tensor  # [N]
+
+
+def corpus_split(seed: int, per_cell: int, start_per_cell: int) -> Split:
+    """Corpus items [start, start + n) of `seed`, n = per_cell x 48 cells (disjoint ranges are disjoint splits)."""
+    cells = len(CONTENTS) * len(STYLES)
+    items = list(iter_corpus(seed, per_cell * cells, start=start_per_cell * cells))
+    return Split(to_tensor(np.stack([it.image for it in items])),
+                 torch.tensor([CONTENTS.index(it.content) for it in items]),
+                 torch.tensor([STYLES.index(it.style) for it in items]))
+
+
+def method_plan(method: str, style: int, content: int) -> tuple[str, int | None]:
+    """(prompt, database style: an index, None for all styles, -1 for no database) of a method."""
+    named = f"a {CONTENTS[content]} in the style of {STYLES[style]}"
+    return {"retrieval": (f"a {CONTENTS[content]}", style), "prompt": (named, None),
+            "text_only": (named, -1)}[method]
+
+
+def generation_seeds(seed: int, style: int, content: int, count: int) -> list[int]:
+    """Seeds of one cell's samples; the same for every method, so methods are compared pairwise."""
+    base = seed * 1_000_000 + (style * len(CONTENTS) + content) * count
+    return list(range(base, base + count))
+
+
+@torch.no_grad()
+def generate_style_row(model: RDM, clip: ClipEncoder, databases: dict, method: str, style: int, seed: int,
+                       settings: StyleEvalSettings) -> Tensor:
+    """Images uint8 [num_contents, samples_per_cell, H, W, 3] for one style row and one method (one batch)."""
+    n = settings.samples_per_cell
+    plans = [method_plan(method, style, content) for content in range(len(CONTENTS))]
+    database = plans[0][1]  # the same for every content of a row
+    retriever = None if database == -1 else databases[database]
+    prompts = [prompt for prompt, _ in plans for _ in range(n)]
+    seeds = [s for content in range(len(CONTENTS)) for s in generation_seeds(seed, style, content, n)]
+    result = Pipeline(model, clip, retriever).generate(
+        prompts, num_neighbors=0 if retriever is None else settings.num_neighbors, seeds=seeds,
+        params=settings.params)
+    images = torch.from_numpy(np.stack([np.asarray(image) for image in result.images]))
+    return images.view(len(CONTENTS), n, *images.shape[1:])
+
+
+def build_databases(clip: ClipEncoder, split: Split) -> dict[int | None, ExactRetriever]:
+    """One ExactRetriever over CLIP image embeddings per style (keys 0..S-1) and one over all (key None)."""
+    embeddings = embed_images(clip, split.images)
+    databases: dict[int | None, ExactRetriever] = {None: ExactRetriever(embeddings)}
+    for style in range(len(STYLES)):
+        chosen = (split.styles == style).nonzero().flatten()
+        databases[style] = ExactRetriever(embeddings[chosen], ids=[str(int(i)) for i in chosen])
+    return databases
+
+
+@dataclass(frozen=True)
+class StyleControlResult:
+    results: dict  # overall and per-style accuracies (see `summarize`)
+    samples: dict[str, Tensor]  # method -> uint8 [styles, contents, samples, H, W, 3]
+
+
+def train_label_classifiers(seed: int, settings: StyleEvalSettings, generator: torch.Generator) -> tuple:
+    """Style and content classifiers on a corpus split of `seed`, and their accuracy on a disjoint split."""
+    train = corpus_split(seed, settings.classifier_per_cell, 0)
+    test = corpus_split(seed, settings.classifier_test_per_cell, settings.classifier_per_cell)
+    style_model = train_classifier(train.images, train.styles, len(STYLES), settings.classifier, generator=generator)
+    content_model = train_classifier(train.images, train.contents, len(CONTENTS), settings.classifier,
+                                     generator=generator)
+    accuracy = {"style": float((predict(style_model, test.images) == test.styles).float().mean()),
+                "content": float((predict(content_model, test.images) == test.contents).float().mean())}
+    logger.info("classifiers on fresh corpus images: %s", accuracy)
+    return style_model, content_model, accuracy
+
+
+def label_samples(samples: Tensor, style_model, content_model) -> tuple[Tensor, Tensor]:
+    """Predicted (style, content) labels shaped [styles, contents, samples] of uint8 samples [..., H, W, 3]."""
+    flat = to_tensor(samples.flatten(0, 2).numpy())
+    shape = samples.shape[:3]
+    return predict(style_model, flat).view(shape), predict(content_model, flat).view(shape)
+
+
+def summarize(labels: dict[str, tuple[Tensor, Tensor]]) -> dict:
+    """Overall accuracies {"retrieval", "prompt", "text_only", "content_<method>"} and a per-style table."""
+    intended_style = torch.arange(len(STYLES)).view(-1, 1, 1)
+    intended_content = torch.arange(len(CONTENTS)).view(1, -1, 1)
+    results: dict = {"per_style": {s: {} for s in STYLES}}
+    for method, (styles, contents) in labels.items():
+        style_ok, content_ok = (styles == intended_style).float(), (contents == intended_content).float()
+        results[method] = float(style_ok.mean())
+        results[f"content_{method}"] = float(content_ok.mean())
+        for i, name in enumerate(STYLES):
+            results["per_style"][name][method] = float(style_ok[i].mean())
+            results["per_style"][name][f"content_{method}"] = float(content_ok[i].mean())
+    return results
+
+
+def run_style_control(model: RDM, clip: ClipEncoder, seed: int, settings: StyleEvalSettings) -> StyleControlResult:
+    """The whole experiment for evaluation corpus seed `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        style_model, content_model, classifier_accuracy = train_label_classifiers(seed, settings, generator)
+    start = settings.classifier_per_cell + settings.classifier_test_per_cell
+    databases = build_databases(clip, corpus_split(seed, settings.database_per_cell, start))
+    samples, labels = {}, {}
+    for method in METHODS:
+        samples[method] = torch.stack([generate_style_row(model, clip, databases, method, style, seed, settings)
+                                       for style in range(len(STYLES))])
+        labels[method] = label_samples(samples[method], style_model, content_model)
+        intended = torch.arange(len(STYLES)).view(-1, 1, 1)
+        logger.info("%s: style accuracy %.3f", method, float((labels[method][0] == intended).float().mean()))
+    results = summarize(labels)
+    results["classifier_accuracy"] = classifier_accuracy
+    return StyleControlResult(results, samples)
+
+
+def grid_image(samples: dict[str, Tensor], *, per_cell: int = 1) -> np.ndarray:
+    """uint8 [H, W, 3] grid: rows styles, column blocks methods (each block: contents x per_cell samples)."""
+    blocks = []
+    for method in METHODS:
+        x = samples[method][:, :, :per_cell]  # [S, C, n, h, w, 3]
+        s, c, n, h, w, _ = x.shape
+        block = x.permute(0, 3, 1, 2, 4, 5).reshape(s * h, c * n * w, 3).numpy()
+        blocks += [block, np.full((s * h, 4, 3), 255, np.uint8)]
+    return np.concatenate(blocks[:-1], axis=1)

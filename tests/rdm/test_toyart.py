@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+import torch
+
+from rdm.errors import InputError
+from rdm.evaluation.classifiers import ClassifierConfig, predict, train_classifier
+from rdm.evaluation.style_control import corpus_split
+from rdm.toyart import CONTENTS, STYLES, cell_of, corpus_arrays, item_id, render_item
+
+
+def test_an_item_depends_only_on_seed_and_index():
+    a, b = render_item(3, 17), render_item(3, 17)
+    assert np.array_equal(a.image, b.image) and a.caption == b.caption
+    assert not np.array_equal(a.image, render_item(4, 17).image)
+    assert not np.array_equal(a.image, render_item(3, 17 + 48).image)  # same cell, another instance
+    assert item_id(a.image) == item_id(b.image) != item_id(render_item(4, 17).image)
+
+
+def test_items_cycle_through_every_cell_with_captions_naming_both():
+    assert len(STYLES) >= 8 and len(CONTENTS) >= 6
+    cells = {cell_of(i) for i in range(len(STYLES) * len(CONTENTS))}
+    assert cells == {(c, s) for c in CONTENTS for s in STYLES}
+    item = render_item(0, 9)
+    assert item.image.shape == (32, 32, 3) and item.image.dtype == np.uint8
+    assert item.caption == f"a {item.content}, {item.style}"
+
+
+def test_bad_seed_is_an_input_error():
+    with pytest.raises(InputError, match="non-negative"):
+        render_item(-1, 0)
+
+
+def test_corpus_arrays_are_balanced():
+    images, contents, styles = corpus_arrays(1, 2)
+    assert images.shape == (2 * 48, 32, 32, 3)
+    assert np.bincount(contents).tolist() == [16] * 6 and np.bincount(styles).tolist() == [12] * 8
+
+
+def test_styles_are_distinguishable_on_a_fresh_seed():
+    """A small CNN trained on one seed labels the styles of a fresh seed's images."""
+    train = corpus_split(seed=21, per_cell=4, start_per_cell=0)
+    test = corpus_split(seed=22, per_cell=2, start_per_cell=0)
+    config = ClassifierConfig(steps=60, batch_size=64)
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    style = train_classifier(train.images, train.styles, len(STYLES), config, generator=generator)
+    assert (predict(style, test.images) == test.styles).float().mean() >= 0.9
