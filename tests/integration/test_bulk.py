@@ -111,3 +111,21 @@ def test_worker_node_removed_mid_run(index_uri, make_bucket, ray_cluster):
         result = generate(prompts, out.uri, settings)
     rows = manifest(out)
     assert result.images == 16 and len(rows) == 16 and len({r["key"] for r in rows}) == 16
+
+
+def test_demo_builds_style_databases_and_a_gallery(ray_cluster, tmp_path):
+    """What `make run` runs, at toy size: every toy-art style becomes a published database, and the
+    gallery holds one image per (style, content) plus the text-only row."""
+    from PIL import Image
+
+    from cluster.index.manifest import list_databases
+    from jobs.demo import main as demo
+    from rdm.toyart import CONTENTS, STYLES
+
+    assert demo(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--per-cell", "2",
+                 "--num-steps", "2"]) == 0
+    assert len(list_databases(open_store(str(tmp_path / "data" / "index")))) == len(STYLES)
+    rows = pq.read_table(tmp_path / "out" / "gallery" / "manifest.parquet").to_pylist()
+    assert len(rows) == (len(STYLES) + 1) * len(CONTENTS)
+    grid = Image.open(tmp_path / "out" / "gallery" / "grid.png")
+    assert grid.size[0] == len(CONTENTS) * 96 and grid.size[1] == (len(STYLES) + 1) * 96
