@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from jobs.cli import main as rdm
@@ -11,6 +12,7 @@ SMOKE = ["--per-cell", "2", "--heldout-per-cell", "1", "--clip-steps", "2", "--a
          "--unet-steps", "2"]
 
 
+@pytest.mark.slow
 def test_train_tiny_smoke_run_writes_loadable_reproducible_weights(tmp_path):
     for run in ("a", "b"):
         assert rdm(["train-tiny", "--seed", "5", "--out", str(tmp_path / run)] + SMOKE) == 0
