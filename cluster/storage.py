@@ -163,7 +163,8 @@ def s3_client():
 
     endpoint = os.environ.get(ENDPOINT_ENV) or None
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    config = Config(retries={"max_attempts": 3, "mode": "standard"}, s3={"addressing_style": "path"})
+    config = Config(retries={"max_attempts": 3, "mode": "standard"}, s3={"addressing_style": "path"},
+                    signature_version="s3v4")  # SigV4 presigned URLs work in every region
     # A fresh session per client: the default session caches credentials and is not thread-safe.
     return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region, config=config)
 
