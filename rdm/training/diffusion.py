@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DiffusionTrainConfig:
-    steps: int = 2000
+    steps: int = 3500
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 100

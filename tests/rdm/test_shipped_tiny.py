@@ -33,19 +33,19 @@ def test_tiny_loads_trained_weights_by_default(shipped):
 
 
 def test_tiny_clip_zero_shot_on_fresh_corpus_images(shipped):
-    """Regression guard at the measured level (style 1.0, content 0.65 on these 96 images; chance 1/8, 1/6).
-    The issue's content target of 0.90 is not met by the shipped CLIP."""
+    """Regression guard just under the measured level (style 1.0, content 0.83 on these 96 images; chance 1/8
+    and 1/6). The issue's content target of 0.90 is not met by the shipped CLIP."""
     from rdm.evaluation.style_control import corpus_split
     from rdm.training.contrastive import content_prompts, style_prompts, zero_shot_accuracy
     _, clip = shipped
     split = corpus_split(987654, 2, 0)
     assert zero_shot_accuracy(clip, split.images, split.styles, style_prompts()) >= 0.95
-    assert zero_shot_accuracy(clip, split.images, split.contents, content_prompts()) >= 0.55
+    assert zero_shot_accuracy(clip, split.images, split.contents, content_prompts()) >= 0.75
 
 
-# latents[0, :3, 3, 3:6] of the shipped weights (commit of rdm/weights/tiny.safetensors), CPU fp32
-GOLDEN = [-1.92726529, -2.12322927, -1.22764897, 0.59875774, 1.18759584, 1.54906344, 0.03685344, -0.07026196,
-          -0.12024970]
+# latents[0, :3, 3, 3:6] of the shipped weights, CPU fp32 (update together with rdm/weights/tiny.safetensors)
+GOLDEN = [-1.47585297, -1.73561919, -0.86314350, -1.49347556, -0.94713545, -0.54438585,
+          -0.62725115, 0.04928260, 0.12032193]
 
 
 def test_golden_slice(shipped):
