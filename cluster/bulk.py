@@ -165,9 +165,8 @@ class BulkSampler:
         self.store, self.model_id = open_store(out_uri), model_id
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from PIL import Image
-
         from rdm.conditioning import build_context
+        from rdm.pipeline import encode_png
 
         rows = _rows(batch)
         groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -181,9 +180,7 @@ class BulkSampler:
             latents = self.pipeline.sample_latents(context, [int(r["seed"]) for r in members], self.params,
                                                    height=size, width=size)
             for row, pixels in zip(members, self.pipeline.decode(latents), strict=True):
-                buffer = io.BytesIO()
-                Image.fromarray(pixels).save(buffer, format="PNG")
-                png = buffer.getvalue()
+                png = encode_png(pixels)
                 self.store.write_bytes(str(row["key"]), png)
                 row["sha256"] = hashlib.sha256(png).hexdigest()
         records = [self._record(r) for r in rows]
@@ -210,13 +207,14 @@ class BulkResult:
     errors: int
 
 
-def _done_keys(store) -> dict[str, dict]:
+def _read_parts(store) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(done, failed): the manifest records of every written part, by output key."""
     done: dict[str, dict] = {}
+    failed: dict[str, dict] = {}
     for key in store.list(PARTS):
         for record in pq.read_table(io.BytesIO(store.read_bytes(key))).to_pylist():
-            if not record["error"]:
-                done[record["key"]] = record
-    return done
+            (failed if record["error"] else done)[record["key"]] = record
+    return done, failed
 
 
 def generate(prompts_uri: str, out_uri: str, settings: BulkSettings, *, progress=None) -> BulkResult:
@@ -227,7 +225,7 @@ def generate(prompts_uri: str, out_uri: str, settings: BulkSettings, *, progress
     model_id = model_hash(settings.model)
     items = expand(rows, settings, model_id)
     store = open_store(out_uri)
-    done = _done_keys(store)
+    done, _ = _read_parts(store)
     pending = [i for i in items if i["key"] not in done]
     logger.info("%d images requested, %d already done, %d to generate", len(items), len(items) - len(pending),
                 len(pending))
@@ -249,25 +247,16 @@ def generate(prompts_uri: str, out_uri: str, settings: BulkSettings, *, progress
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             if progress is not None:
                 progress.update(int(sum(1 for e in batch["error"] if not e)))
-        done = _done_keys(store)
+    done, failed_parts = _read_parts(store)
     wanted = {i["key"] for i in items}
     records = [r for k, r in sorted(done.items()) if k in wanted]
-    failed = {i["key"] for i in items} - set(done)
-    for key, part in _error_records(store).items():
+    failed = wanted - set(done)
+    for key, part in failed_parts.items():
         if key in failed:
             item_errors.append({"row": part["row"], "error": part["error"]})
     _write_outputs(store, records, row_errors + item_errors)
     return BulkResult(images=len(records), generated=len([i for i in pending if i["key"] in done]),
                       skipped=len(items) - len(pending), errors=len(row_errors) + len(item_errors))
-
-
-def _error_records(store) -> dict[str, dict]:
-    errors: dict[str, dict] = {}
-    for key in store.list(PARTS):
-        for record in pq.read_table(io.BytesIO(store.read_bytes(key))).to_pylist():
-            if record["error"]:
-                errors[record["key"]] = record
-    return errors
 
 
 ERROR_SCHEMA = pa.schema([("row", pa.int64()), ("error", pa.string())])

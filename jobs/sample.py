@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 from dataclasses import asdict
@@ -15,7 +14,7 @@ from tqdm import tqdm
 from jobs.common import EXIT_OK, exit_codes, setup_logging, write_atomic
 from rdm.errors import InputError
 from rdm.factory import load_clip_for, load_model
-from rdm.pipeline import Pipeline, SamplerParams
+from rdm.pipeline import Pipeline, SamplerParams, encode_png
 from rdm.retrieval import ExactRetriever
 from rdm.sampling import SAMPLERS
 
@@ -58,12 +57,6 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def png_bytes(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 @exit_codes
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -88,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                                    height=args.height, width=args.width)
         for row, ((i, j, prompt, seed), image) in enumerate(zip(batch, result.images, strict=True)):
             name = f"{i:04d}_{j:02d}_s{seed}.png"
-            write_atomic(args.out / name, png_bytes(image))
+            write_atomic(args.out / name, encode_png(image))
             records.append({"file": name, "prompt": prompt, "seed": seed, **asdict(params),
                             "neighbors": [] if result.neighbors is None else result.neighbors.ids[row]})
     write_atomic(args.out / "index.json", json.dumps({"model": str(args.model), "images": records},

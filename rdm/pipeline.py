@@ -82,6 +82,15 @@ def to_uint8(images: Tensor) -> np.ndarray:
     return (255.0 * x.permute(0, 2, 3, 1).cpu().numpy()).astype(np.uint8)
 
 
+def encode_png(image: np.ndarray | Image.Image) -> bytes:
+    """PNG bytes of a uint8 [H, W, 3] array or a PIL image (lossless: same pixels, same bytes)."""
+    import io
+
+    buffer = io.BytesIO()
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 class Pipeline:
     """Text (or image) -> retrieval -> RDM sampling -> decoding, in one process.
 

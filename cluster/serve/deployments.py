@@ -30,16 +30,11 @@ from cluster.serve.outputs import image_key, image_url, write_image
 from cluster.serve.schemas import AppArgs, GeneratedImage, GenerateRequest, GenerateResponse, NeighborOut
 from cluster.storage import open_store
 from rdm.errors import ConfigError, InputError, RDMError
+from rdm.pipeline import encode_png
 
 logger = logging.getLogger("ray.serve")
 
 TOKEN_ENV = "RDM_API_TOKEN"
-
-
-def png_bytes(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
@@ -123,7 +118,7 @@ class Generator:
             self.m_sampling.observe(elapsed)
             self.m_images.inc(len(members))
             for row, i in enumerate(members):
-                results[i] = self._deliver(items[i], png_bytes(pixels[row]), len(members), elapsed)
+                results[i] = self._deliver(items[i], encode_png(pixels[row]), len(members), elapsed)
         return results
 
     def _deliver(self, item: dict, png: bytes, batch_size: int, elapsed: float) -> dict:
