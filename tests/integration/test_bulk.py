@@ -74,22 +74,23 @@ def test_bulk_job_writes_every_image_once_and_resumes(index_uri, make_bucket):
 
 def test_killed_driver_then_rerun_generates_only_the_missing(index_uri, make_bucket, ray_cluster, tmp_path):
     out = open_store(make_bucket("rdm-bulk-out") + "/killed")
-    prompts = prompts_file(out, "prompts.jsonl", 8)
+    prompts = prompts_file(out, "prompts.jsonl", 30)  # 30 batches of 2: long enough to be killed mid-run
     cmd = [str(Path(sys.executable).parent / "rdm"), "generate", "--prompts", prompts, "--out", out.uri,
-           "--index", index_uri, "--num-steps", "3", "--num-neighbors", "3", "--batch-size", "2",
+           "--index", index_uri, "--num-steps", "20", "--num-neighbors", "3", "--batch-size", "2",
            "--sampler-num-cpus", "0.4"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while not out.list("_parts") and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.5)
+        time.sleep(0.1)
     proc.kill()
     proc.wait()
     parts_before = len(out.list("_parts"))
     assert parts_before >= 1 and not out.exists("manifest.parquet")
-    result = generate(prompts, out.uri, BulkSettings(index_uri=index_uri, **{**SETTINGS, "batch_size": 2}))
-    assert result.images == 16 and result.skipped >= 2 and result.generated == 16 - result.skipped
-    assert len({r["key"] for r in manifest(out)}) == 16
+    settings = BulkSettings(index_uri=index_uri, **{**SETTINGS, "batch_size": 2, "num_steps": 20})
+    result = generate(prompts, out.uri, settings)
+    assert result.images == 60 and result.skipped >= 2 and result.generated == 60 - result.skipped
+    assert len({r["key"] for r in manifest(out)}) == 60
 
 
 def test_worker_node_removed_mid_run(index_uri, make_bucket, ray_cluster):
