@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rdm.training.contrastive import warmup_cosine
+from rdm.training.contrastive import optimizer_step, warmup_cosine
 from rdm.training.data import random_shift, sample_batch
 
 logger = logging.getLogger(__name__)
@@ -66,10 +66,7 @@ def train_classifier(images: Tensor, labels: Tensor, num_classes: int, config: C
         index = sample_batch(len(images), config.batch_size, generator)
         batch = random_blur(random_shift(images[index], 2, generator), config.blur_prob, generator)
         loss = F.cross_entropy(model(batch), labels[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        optimizer_step(loss, optimizer, scheduler)
         if step % 100 == 0 or step == config.steps - 1:
             logger.debug("classifier step %d loss %.4f", step + 1, loss.item())
     return model.eval().requires_grad_(False)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from rdm.autoencoder import Autoencoder, DiagonalGaussian
-from rdm.training.contrastive import warmup_cosine
+from rdm.training.contrastive import optimizer_step, warmup_cosine
 from rdm.training.data import random_shift, sample_batch
 
 logger = logging.getLogger(__name__)
@@ -57,10 +57,7 @@ def train_autoencoder(autoencoder: Autoencoder, images: Tensor, config: Autoenco
         batch = random_shift(images[sample_batch(len(images), config.batch_size, generator)],
                              config.max_shift, generator)
         loss, rec = autoencoder_loss(autoencoder, batch, generator, config.kl_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        optimizer_step(loss, optimizer, scheduler)
         losses.append(rec.item())
         if step % 100 == 0 or step == config.steps - 1:
             logger.info("autoencoder step %d/%d reconstruction %.4f", step + 1, config.steps, rec.item())

@@ -83,15 +83,20 @@ def train_clip(clip: ClipEncoder, images: Tensor, contents: Tensor, styles: Tens
         image_features = model.encode_image(pixels, normalize=True)
         text_features = model.encode_text(clip.tokenizer(texts), normalize=True)
         loss = multi_positive_loss(image_features, text_features, match, model.logit_scale.exp().clamp(max=100))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        optimizer_step(loss, optimizer, scheduler)
         losses.append(loss.item())
         if step % 100 == 0 or step == config.steps - 1:
             logger.info("clip step %d/%d loss %.4f", step + 1, config.steps, loss.item())
     clip.model.eval().requires_grad_(False)
     return losses
+
+
+def optimizer_step(loss: Tensor, optimizer: torch.optim.Optimizer, scheduler) -> None:
+    """One update of every training loop here: clear gradients, backpropagate, step, advance the LR schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from rdm.conditioning import build_context
 from rdm.model import RDM
-from rdm.training.contrastive import warmup_cosine
+from rdm.training.contrastive import optimizer_step, warmup_cosine
 from rdm.training.data import sample_batch
 
 logger = logging.getLogger(__name__)
@@ -92,10 +92,7 @@ def train_unet(model: RDM, data: LatentDataset, config: DiffusionTrainConfig, *,
         z0 = scale * (data.means[index] + data.stds[index] * torch.randn(data.means[index].shape, generator=generator))
         loss = diffusion_loss(unet, z0, training_context(data, index, config, generator), model.alphas_cumprod,
                               generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        optimizer_step(loss, optimizer, scheduler)
         update_ema(ema, unet, min(config.ema_decay, (1 + step) / (10 + step)))
         losses.append(loss.item())
         if step % 250 == 0 or step == config.steps - 1:

@@ -20,24 +20,16 @@ def test_output_keys_are_deterministic_and_spread():
     assert len(prefixes) > 100 and image_key("abc", 7).endswith("/abc/7.png")
 
 
-def test_s3_outputs_get_presigned_urls_and_metadata(monkeypatch):
-    import boto3
-    from moto import mock_aws
-
+def test_s3_outputs_get_presigned_urls_and_metadata(fake_s3):
     from cluster.serve.outputs import image_url, write_image
     from cluster.storage import open_store
 
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.delenv("RDM_S3_ENDPOINT_URL", raising=False)
-    with mock_aws():
-        boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="rdm-out")
-        store = open_store("s3://rdm-out/serve")
-        key = image_key("req1", 3)
-        write_image(store, key, b"png-bytes", {"prompt": "a boat"})
-        assert store.read_bytes(key) == b"png-bytes" and b"a boat" in store.read_bytes(key[:-4] + ".json")
-        url = image_url(store, key, expires_s=600)
-        assert url.startswith("https://") and "X-Amz-Expires=600" in url and "serve/images/" in url
+    store = open_store("s3://rdm-unit/serve")
+    key = image_key("req1", 3)
+    write_image(store, key, b"png-bytes", {"prompt": "a boat"})
+    assert store.read_bytes(key) == b"png-bytes" and b"a boat" in store.read_bytes(key[:-4] + ".json")
+    url = image_url(store, key, expires_s=600)
+    assert url.startswith("https://") and "X-Amz-Expires=600" in url and "serve/images/" in url
 
 
 def test_rdm_serve_refuses_public_binds_without_a_token(monkeypatch):

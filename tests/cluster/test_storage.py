@@ -1,6 +1,4 @@
-import boto3
 import pytest
-from moto import mock_aws
 
 from cluster.errors import ObjectNotFoundError, StorageCredentialsError, StorageError
 from cluster.storage import LocalStore, S3Store, open_store
@@ -24,16 +22,6 @@ def test_local_store(tmp_path):
     assert isinstance(store, LocalStore)
     exercise(store)
     assert not list((tmp_path / "root").rglob(".*"))  # no temporary files left behind
-
-
-@pytest.fixture
-def fake_s3(monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.delenv("RDM_S3_ENDPOINT_URL", raising=False)
-    with mock_aws():
-        boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="rdm-unit")
-        yield
 
 
 def test_s3_store(fake_s3):
