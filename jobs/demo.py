@@ -1,7 +1,7 @@
 """`rdm demo` (what `make run` runs): the main job on the embedded default, end to end on local Ray.
 
 1. If missing, build one style database per toy-art style with the data-plane jobs: write the corpus,
-   embed it on Ray Data, split the embeddings by style, build and publish a sharded index per style.
+   embed it once on Ray Data, build and publish a sharded index per style (rows where style = s).
 2. Generate a gallery, prompts x styles (plus text only), with the bulk job into OUT/gallery, and
    tile it into OUT/gallery/grid.png (rows: styles, columns: contents).
 """
@@ -15,8 +15,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -31,13 +29,12 @@ def database_name(style: str) -> str:
 
 def build_style_databases(data: Path, *, seed: int, per_cell: int) -> list[str]:
     """Publish data/index/<style> for every toy-art style that has none yet; returns the database names."""
-    from rdm.toyart import STYLES
-
     from cluster.embedding import embed_corpus
     from cluster.index.build import build_index
     from cluster.index.manifest import list_databases
     from cluster.storage import open_store
     from jobs.make_corpus import write_corpus
+    from rdm.toyart import STYLES
 
     names = [database_name(s) for s in STYLES]
     index = data / "index"
@@ -47,15 +44,8 @@ def build_style_databases(data: Path, *, seed: int, per_cell: int) -> list[str]:
     if not list(corpus.glob("*.parquet")):
         write_corpus(corpus, seed=seed, per_cell=per_cell, rows_per_shard=1024)
     embed_corpus(str(corpus), str(embeddings), clip="tiny")
-    tables = [pq.read_table(p) for p in sorted((embeddings / "embeddings").glob("*.parquet"))]
     for style, name in zip(STYLES, names, strict=True):
-        folder = data / "by-style" / name
-        parts = [t.filter(pc.equal(t.column("style"), style)) for t in tables]
-        buffer = io.BytesIO()
-        pq.write_table(pa.concat_tables(parts), buffer)
-        write_atomic(folder / "embeddings" / "part-0.parquet", buffer.getvalue())
-        write_atomic(folder / "embed.json", (embeddings / "embed.json").read_bytes())
-        build_index(str(folder), str(index), name, num_shards=2)
+        build_index(str(embeddings), str(index), name, num_shards=2, where={"style": style})
     return names
 
 

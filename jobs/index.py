@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--index-spec", help="FAISS index_factory string (default: chosen by size)")
     build.add_argument("--recall-k", type=int, default=20)
     build.add_argument("--target-recall", type=float, default=0.95)
+    build.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
+                       help="index only the rows whose COLUMN equals VALUE, e.g. style=ukiyo-e (repeatable)")
     rebuild = sub.add_parser("rebuild", help="re-embed what changed in a corpus, build, validate, publish, notify")
     rebuild.add_argument("database", help="database name")
     rebuild.add_argument("--corpus", required=True, help="the database's corpus (folder or s3://)")
@@ -47,6 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_where(items: list[str]) -> dict[str, str]:
+    """["style=ukiyo-e", ...] -> {"style": "ukiyo-e", ...}."""
+    where: dict[str, str] = {}
+    for item in items:
+        column, sep, value = item.partition("=")
+        if not sep or not column.strip():
+            raise InputError(f"--where takes COLUMN=VALUE, got {item!r}")
+        if column.strip() in where:
+            raise InputError(f"--where names column {column.strip()!r} twice")
+        where[column.strip()] = value
+    return where
+
+
 def run_build(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
@@ -54,10 +69,11 @@ def run_build(args: argparse.Namespace) -> None:
 
     if args.shards is not None and args.shards < 1:
         raise InputError(f"--shards must be >= 1, got {args.shards}")
+    where = parse_where(args.where)
     with tqdm(total=args.shards, desc="index shards", unit="shard") as bar:
         manifest = build_index(args.embeddings, args.out, args.database, num_shards=args.shards,
                                index_spec=args.index_spec, recall_k=args.recall_k, target_recall=args.target_recall,
-                               progress=bar)
+                               where=where, progress=bar)
     print(f"published {manifest.database} {manifest.version}: {manifest.count} vectors in {len(manifest.shards)} "
           f"shards, {manifest.index_spec}, recall@{manifest.recall['k']}={manifest.recall['recall']:.3f} "
           f"(nprobe {manifest.nprobe}), {manifest.build_time_s:.1f}s")

@@ -40,22 +40,37 @@ class Segment:
     stop: int
 
 
-def read_embeddings(store: ObjectStore, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(ids [n], vectors [n, D] in their stored dtype) of one embeddings parquet file."""
-    table = pq.read_table(io.BytesIO(store.read_bytes(key)), columns=["id", "embedding"])
+def row_filter(where: dict[str, str] | None) -> list[tuple[str, str, str]] | None:
+    """pyarrow `filters` selecting the rows whose columns equal every value of `where` (None: all rows)."""
+    return [(column, "==", value) for column, value in sorted(where.items())] if where else None
+
+
+def read_embeddings(store: ObjectStore, key: str, where: dict[str, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [n], vectors [n, D] in their stored dtype) of one embeddings parquet file, rows matching `where`."""
+    data = io.BytesIO(store.read_bytes(key))
+    if where:
+        names = pq.ParquetFile(data).schema_arrow.names
+        missing = sorted(set(where) - set(names))
+        if missing:
+            raise IndexBuildError(f"{store.uri}/{key} has no column {', '.join(missing)} to filter on; "
+                                  f"columns: {', '.join(names)}")
+    table = pq.read_table(data, columns=["id", "embedding"], filters=row_filter(where))
     dim = table.schema.field("embedding").type.list_size
     vectors = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
     return np.asarray(table.column("id").to_pylist(), dtype=object), vectors
 
 
-def scan_file(store: ObjectStore, key: str) -> tuple[int, int, str]:
+def scan_file(store: ObjectStore, key: str, where: dict[str, str] | None = None) -> tuple[int, int, str]:
+    """(rows matching `where`, dim, value type) of one embeddings parquet file."""
     schema_file = pq.ParquetFile(io.BytesIO(store.read_bytes(key)))
     field = schema_file.schema_arrow.field("embedding").type
-    return schema_file.metadata.num_rows, field.list_size, str(field.value_type)
+    rows = len(read_embeddings(store, key, where)[0]) if where else schema_file.metadata.num_rows
+    return rows, field.list_size, str(field.value_type)
 
 
-def sample_file(store: ObjectStore, key: str, fraction: float, seed: int) -> np.ndarray:
-    _, vectors = read_embeddings(store, key)
+def sample_file(store: ObjectStore, key: str, fraction: float, seed: int,
+                where: dict[str, str] | None = None) -> np.ndarray:
+    _, vectors = read_embeddings(store, key, where)
     rng = np.random.default_rng(seed)
     take = rng.random(len(vectors)) < fraction
     return vectors[take].astype(np.float32)
@@ -78,9 +93,9 @@ def split_segments(keys: list[str], counts: list[int], num_shards: int) -> list[
 
 def build_shard(emb_store: ObjectStore, segments: list[Segment], template: bytes | None, spec: str,
                 index_store: ObjectStore, manifest_prefix: tuple[str, str, int], queries: np.ndarray,
-                k: int, nprobes: list[int]) -> dict:
-    """Ray task: build, write and self-evaluate one shard."""
-    parts = [read_embeddings(emb_store, seg.key) for seg in segments]
+                k: int, nprobes: list[int], where: dict[str, str] | None = None) -> dict:
+    """Ray task: build, write and self-evaluate one shard (segments count rows matching `where`)."""
+    parts = [read_embeddings(emb_store, seg.key, where) for seg in segments]
     ids = np.concatenate([p[0][seg.start:seg.stop] for p, seg in zip(parts, segments, strict=True)])
     vectors = np.concatenate([p[1][seg.start:seg.stop] for p, seg in zip(parts, segments, strict=True)])
     shard = IndexShard.build(template, spec, vectors, ids)
@@ -122,10 +137,12 @@ def held_out_queries(sample: np.ndarray, num_queries: int, seed: int) -> tuple[n
 def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shards: int | None = None,
                 index_spec: str | None = None, recall_k: int = 20, target_recall: float = 0.95,
                 num_queries: int = 100, shard_num_cpus: float = 0.5, seed: int = 0, min_recall: float | None = None,
-                progress=None) -> Manifest:
+                where: dict[str, str] | None = None, progress=None) -> Manifest:
     """Build and publish a new version of `database` from `embeddings_uri` (the output of `rdm embed`).
 
-    With `min_recall`, a version whose measured recall@k stays below it is not published."""
+    `where` keeps only the rows whose columns equal its values (say {"style": "ukiyo-e"}: one style's
+    database out of a corpus embedded once). With `min_recall`, a version whose measured recall@k stays
+    below it is not published."""
     import json
 
     import ray
@@ -138,14 +155,15 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
         raise EmptyCorpusError(f"no embeddings under {emb_store.uri}/{EMBEDDINGS_DIR}; run `rdm embed` first")
     clip = json.loads(emb_store.read_bytes("embed.json")).get("clip", "") if emb_store.exists("embed.json") else ""
     scan = ray.remote(scan_file).options(num_cpus=shard_num_cpus)
-    scanned = ray.get([scan.remote(emb_store, k) for k in keys])
+    scanned = ray.get([scan.remote(emb_store, k, where) for k in keys])
     counts = [c for c, _, _ in scanned]
     dims = {d for _, d, _ in scanned}
     if len(dims) != 1:
         raise IndexBuildError(f"embedding files under {emb_store.uri} have different dims {sorted(dims)}")
     dim, total = dims.pop(), sum(counts)
     if total == 0:
-        raise EmptyCorpusError(f"the embedding files under {emb_store.uri} hold no rows")
+        selected = f" matching {where}" if where else ""
+        raise EmptyCorpusError(f"the embedding files under {emb_store.uri} hold no rows{selected}")
     num_shards = max(1, min(num_shards or max(1, total // 1_000_000), total))
     spec = index_spec or choose_index_spec(total, dim)
     try:
@@ -155,7 +173,7 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
     nlist = nlist_of(spec)
     wanted = training_size(spec, total) + num_queries
     sampler = ray.remote(sample_file).options(num_cpus=shard_num_cpus)
-    sample = np.concatenate(ray.get([sampler.remote(emb_store, k, min(1.0, 1.2 * wanted / total), seed + i)
+    sample = np.concatenate(ray.get([sampler.remote(emb_store, k, min(1.0, 1.2 * wanted / total), seed + i, where)
                                      for i, k in enumerate(keys)]))
     train, queries = held_out_queries(sample, num_queries, seed)
     template = None
@@ -170,7 +188,7 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
     builder = ray.remote(build_shard).options(num_cpus=shard_num_cpus, max_retries=2)
     segments = split_segments(keys, counts, num_shards)
     futures = [builder.remote(emb_store, segs, template, spec, index_store, (database, version, i), queries,
-                              recall_k, nprobes) for i, segs in enumerate(segments)]
+                              recall_k, nprobes, where) for i, segs in enumerate(segments)]
     results = []
     for ref in futures:
         results.append(ray.get(ref))
@@ -188,7 +206,7 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
                         clip_model=clip, embedding_dtype=ARROW_DTYPES.get(scanned[0][2], scanned[0][2]),
                         build_time_s=round(time.perf_counter() - started, 3),
                         recall={"k": k, "recall": recall, "nprobe": nprobe, "num_queries": len(queries)},
-                        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), where=dict(where or {}))
     if min_recall is not None and recall < min_recall:
         raise IndexBuildError(f"{database} {version}: recall@{k}={recall:.3f} < required {min_recall} even at nprobe "
                               f"{nprobe}; not published (try another --index-spec)")

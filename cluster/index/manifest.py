@@ -57,6 +57,7 @@ class Manifest:
     build_time_s: float = 0.0
     recall: dict = field(default_factory=dict)  # {"k", "recall", "nprobe", "num_queries"}
     created_at: str = ""
+    where: dict = field(default_factory=dict)  # the row filter the version was built with ({}: every row)
 
     @property
     def prefix(self) -> str:

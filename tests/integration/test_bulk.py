@@ -119,13 +119,16 @@ def test_demo_builds_style_databases_and_a_gallery(ray_cluster, tmp_path):
     gallery holds one image per (style, content) plus the text-only row."""
     from PIL import Image
 
-    from cluster.index.manifest import list_databases
+    from cluster.index.manifest import list_databases, load_manifest
     from jobs.demo import main as demo
     from rdm.toyart import CONTENTS, STYLES
 
     assert demo(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--per-cell", "2",
                  "--num-steps", "2"]) == 0
-    assert len(list_databases(open_store(str(tmp_path / "data" / "index")))) == len(STYLES)
+    index = open_store(str(tmp_path / "data" / "index"))
+    assert len(list_databases(index)) == len(STYLES)
+    manifest = load_manifest(index, "pencil-sketch")  # one embedding run, one database per style
+    assert manifest.where == {"style": "pencil sketch"} and manifest.count == 2 * len(CONTENTS)
     rows = pq.read_table(tmp_path / "out" / "gallery" / "manifest.parquet").to_pylist()
     assert len(rows) == (len(STYLES) + 1) * len(CONTENTS)
     grid = Image.open(tmp_path / "out" / "gallery" / "grid.png")

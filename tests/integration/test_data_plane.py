@@ -17,6 +17,7 @@ from cluster.embedding import embed_corpus
 from cluster.errors import (
     CorruptShardError,
     EmptyCorpusError,
+    IndexBuildError,
     ShardUnavailableError,
     StorageCredentialsError,
     UnknownDatabaseError,
@@ -134,6 +135,34 @@ def test_ivf_index_reaches_recall_target(ray_cluster, clustered, tmp_path):
     _, labels = flat.search(queries, 20)
     recall = np.mean([len(set(f) & {f"v{j}" for j in row}) / 20 for f, row in zip(found.ids, labels, strict=True)])
     assert recall >= 0.95
+
+
+def test_where_builds_a_database_of_matching_rows_only(ray_cluster, tmp_path):
+    """One embedding run, one database per value of a column: each holds exactly its rows (here spread over
+    files and shards), records its filter, and a filter on a missing column or value is a typed error."""
+    rng = np.random.default_rng(5)
+    vectors = unit(rng.standard_normal((60, 16)))
+    styles = np.array(["ukiyo-e", "neon", "mosaic"])[rng.integers(0, 3, 60)]
+    store = open_store(str(tmp_path / "emb"))
+    for f, rows in enumerate(np.array_split(np.arange(60), 3)):
+        table = pa.table({"id": [f"v{j}" for j in rows], "style": styles[rows].tolist(),
+                          "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors[rows].reshape(-1)), 16)})
+        store.write_bytes(f"embeddings/part-{f}.parquet", parquet_bytes(table))
+    index = str(tmp_path / "idx")
+    manifest = build_index(str(tmp_path / "emb"), index, "neon", num_shards=2, where={"style": "neon"})
+    wanted = np.flatnonzero(styles == "neon")
+    assert manifest.count == len(wanted) and manifest.where == {"style": "neon"}
+    assert load_manifest(open_store(index), "neon").where == {"style": "neon"}
+    retriever = ShardedRetriever(index, "neon")
+    try:
+        found = retriever.search(torch.from_numpy(vectors), len(wanted))
+    finally:
+        retriever.close()
+    assert all(set(ids) == {f"v{j}" for j in wanted} for ids in found.ids)
+    with pytest.raises(IndexBuildError, match="no column colour"):
+        build_index(str(tmp_path / "emb"), index, "bad", where={"colour": "red"})
+    with pytest.raises(EmptyCorpusError, match="matching"):
+        build_index(str(tmp_path / "emb"), index, "none", where={"style": "cubist"})
 
 
 def test_bad_inputs_give_typed_errors(ray_cluster, clustered, tmp_path, make_bucket, monkeypatch):
