@@ -1,10 +1,11 @@
 """Correctness, then speed, of the sampling pipeline on one device (the GPU issue's prepared check).
 
-1. correctness: bf16 (autocast) and compiled images against our fp32 eager images of the same seeds
-   (max pixel difference and mean absolute latent error), with the zero-initialised layers of the random
-   model given small weights so that the outputs depend on every input;
+1. correctness: the images of every `rdm.acceleration` mode against our fp32 eager images of the same
+   seeds (max and mean pixel difference), with the zero-initialised layers of the random model given
+   small weights so that the outputs depend on every input;
 2. speed: images/s at 50 DDIM steps and at 20 DPM-Solver++ steps, guidance 5, k = 10 neighbours, for fp32
-   eager (the baseline, same run), bf16 autocast, and bf16 autocast + torch.compile;
+   eager (the baseline, same run), bf16 autocast, bf16 weights + channels_last, and that + torch.compile
+   (UNet and decoder) -- the options the Serve deployment and the bulk job take;
 3. CLIP image-embedding throughput (ViT-L/14 shape, random weights; the tiny CLIP with --smoke).
 
     python bench/gpu_check.py            # rdm-768, 768 px, on CUDA
@@ -14,14 +15,21 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import numpy as np
 import torch
 
+from rdm.acceleration import InferenceOptions
 from rdm.config import get_config
 from rdm.factory import build_model
 from rdm.pipeline import Pipeline, SamplerParams
+
+MODES = {"fp32 eager": InferenceOptions(), "bf16 autocast": InferenceOptions("bf16-autocast"),
+         "bf16 weights + channels_last": InferenceOptions("bf16", channels_last=True),
+         "bf16 + channels_last + compile": InferenceOptions("bf16", channels_last=True, compile="default")}
+"""The first mode is the baseline every other is compared with."""
 
 
 def lively(model, seed: int = 1):
@@ -56,27 +64,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, few steps")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated: {', '.join(MODES)}")
     args = parser.parse_args(argv)
+    modes = {name: MODES[name] for name in args.modes.split(",")}
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     config = get_config("tiny" if args.smoke else "rdm-768")
     batch = 4 if args.smoke else args.batch_size
     steps = {"ddim": 5 if args.smoke else 50, "dpmpp_2m": 4 if args.smoke else 20}
     with torch.device(device):
-        model = lively(build_model(config, seed=0))
+        base = lively(build_model(config, seed=0))
     context = torch.nn.functional.normalize(torch.randn(batch, 11, config.unet.context_dim), dim=-1)
     size = config.image_size
-    modes = {"fp32 eager": (None, False), "bf16 autocast": (torch.bfloat16, False),
-             "bf16 + compile": (torch.bfloat16, True)}
-    rows = []
+    rows, pipelines = [], {}
     for sampler, num_steps in steps.items():
         params = SamplerParams(sampler, num_steps, 5.0)
         reference, baseline = None, None
-        for name, (dtype, compiled) in modes.items():
-            unet_forward = model.unet.forward
-            if compiled:
-                model.unet.forward = torch.compile(unet_forward, dynamic=False)
-            images, ips = run(Pipeline(model, autocast=dtype), context, params, size, device, args.repeats)
-            model.unet.forward = unet_forward
+        for name, options in modes.items():
+            if name not in pipelines:  # each mode on its own copy: bf16 casts the weights in place
+                pipelines[name] = Pipeline(base if options.is_reference else copy.deepcopy(base), options=options)
+            images, ips = run(pipelines[name], context, params, size, device, args.repeats)
             reference = images if reference is None else reference
             baseline = baseline or ips
             diff = np.abs(images.astype(int) - reference.astype(int))

@@ -1,10 +1,10 @@
-"""Sampler throughput: fp32 eager (the baseline) vs bf16 autocast vs torch.compile, in one run.
+"""Sampler throughput: fp32 eager (the baseline) vs the other `rdm.acceleration` options, in one run.
 
 Times `Pipeline.sample_latents` + `decode` for a batch of contexts with classifier-free guidance and
 prints a markdown table (s/step, images/s, speed-up over fp32 eager, and the max pixel difference to
 the fp32 images). Defaults: the `tiny` model on CPU; on a GPU pass `--model rdm-768` (random weights).
 
-    python bench/sampler.py [--model tiny] [--batch-size 8] [--num-steps 20] [--modes fp32,bf16,compile]
+    python bench/sampler.py [--model tiny] [--batch-size 8] [--num-steps 20] [--modes fp32,bf16-autocast,compile]
 """
 
 from __future__ import annotations
@@ -16,17 +16,15 @@ import time
 import numpy as np
 import torch
 
+from rdm.acceleration import InferenceOptions
 from rdm.config import get_config
 from rdm.factory import build_model
 from rdm.pipeline import Pipeline, SamplerParams
 
-MODES = ("fp32", "bf16", "compile", "compile-bf16")
-
-
-def make_pipeline(model, mode: str) -> Pipeline:
-    if mode.startswith("compile"):
-        model.unet.forward = torch.compile(model.unet.forward, dynamic=False)
-    return Pipeline(model, autocast=torch.bfloat16 if mode.endswith("bf16") else None)
+MODES = {"fp32": InferenceOptions(), "bf16-autocast": InferenceOptions("bf16-autocast"),
+         "bf16": InferenceOptions("bf16"), "bf16-channels-last": InferenceOptions("bf16", channels_last=True),
+         "compile": InferenceOptions(compile="default"),
+         "compile-bf16": InferenceOptions("bf16", channels_last=True, compile="default")}
 
 
 def run_once(pipeline: Pipeline, context, seeds, params, size) -> tuple[float, np.ndarray]:
@@ -50,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-neighbors", type=int, default=4)
     parser.add_argument("--guidance-scale", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--modes", default="fp32,bf16,compile")
+    parser.add_argument("--modes", default="fp32,bf16-autocast,compile", help=f"comma-separated: {', '.join(MODES)}")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     config = get_config(args.model)
@@ -61,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     rows, baseline, reference = [], None, None
     for mode in args.modes.split(","):
         if mode not in MODES:
-            parser.error(f"unknown mode {mode!r}; choose from {MODES}")
+            parser.error(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
         with torch.device(args.device):
             model = build_model(config, seed=0)
-        pipeline = make_pipeline(model.to(args.device), mode)
+        pipeline = Pipeline(model.to(args.device), options=MODES[mode])
         start = time.perf_counter()
         run_once(pipeline, context, seeds, params, config.image_size)  # warm-up (and compilation)
         warmup = time.perf_counter() - start

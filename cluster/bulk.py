@@ -45,17 +45,28 @@ class BulkSettings:
     batch_size: int = 8
     num_samplers: int = 1
     sampler_num_cpus: float = 0.5
+    precision: str = "fp32"  # rdm.acceleration.InferenceOptions: fp32 | bf16-autocast | bf16
+    channels_last: bool = False
+    compile: str | None = None
+
+    def inference_options(self):
+        from rdm.acceleration import InferenceOptions
+
+        return InferenceOptions(self.precision, self.channels_last, self.compile)
 
 
 def expand(rows: list[PromptRow], settings: BulkSettings, model_id: str) -> list[dict]:
     """One item per image, with its seed and deterministic output key."""
-    items = []
+    items, options = [], settings.inference_options()
     for row in rows:
         first = row.seed if row.seed is not None else settings.base_seed + 1000 * row.row
         for j in range(row.num_images):
             seed = first + j
-            ident = json.dumps([row.prompt, row.image, row.database, seed, settings.num_neighbors if row.database else 0,
-                                settings.sampler, settings.num_steps, settings.guidance_scale, settings.eta, model_id])
+            fields = [row.prompt, row.image, row.database, seed, settings.num_neighbors if row.database else 0,
+                      settings.sampler, settings.num_steps, settings.guidance_scale, settings.eta, model_id]
+            if not options.is_reference:  # other numerics, other images: other keys
+                fields.append([options.precision, options.channels_last, options.compile])
+            ident = json.dumps(fields)
             digest = hashlib.sha256(ident.encode()).hexdigest()[:32]
             items.append({"row": row.row, "prompt": row.prompt or "", "image": row.image or "",
                           "database": row.database or "", "seed": seed, "key": f"images/{digest[:2]}/{digest}.png"})
@@ -159,7 +170,7 @@ class BulkSampler:
 
         self.settings = BulkSettings(**settings)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.pipeline = Pipeline(load_model(self.settings.model).to(device))
+        self.pipeline = Pipeline(load_model(self.settings.model).to(device), options=self.settings.inference_options())
         s = self.settings
         self.params = SamplerParams(s.sampler, s.num_steps, s.guidance_scale, s.eta)
         self.store, self.model_id = open_store(out_uri), model_id

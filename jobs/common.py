@@ -58,3 +58,19 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def add_inference_args(parser) -> None:
+    """--precision, --channels-last, --compile: `rdm.acceleration.InferenceOptions` on the command line."""
+    from rdm.acceleration import COMPILE_MODES, PRECISIONS
+
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="fp32 (the reference path), bf16-autocast, or bf16 (bf16 weights)")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPUs)")
+    parser.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile the UNet and decoder in this mode")
+
+
+def inference_options(args):
+    from rdm.acceleration import InferenceOptions
+
+    return InferenceOptions(args.precision, args.channels_last, args.compile)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from jobs.common import EXIT_OK, exit_codes, setup_logging
+from jobs.common import EXIT_OK, add_inference_args, exit_codes, setup_logging
 from rdm.sampling import SAMPLERS
 
 logger = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-samplers", type=int, default=1, help="sampler actors (one GPU each when present)")
     parser.add_argument("--sampler-num-cpus", type=float, default=0.5)
+    add_inference_args(parser)
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
                             num_neighbors=args.num_neighbors, sampler=args.sampler, num_steps=args.num_steps,
                             guidance_scale=args.guidance_scale, eta=args.eta, base_seed=args.seed,
                             batch_size=args.batch_size, num_samplers=args.num_samplers,
-                            sampler_num_cpus=args.sampler_num_cpus)
+                            sampler_num_cpus=args.sampler_num_cpus, precision=args.precision,
+                            channels_last=args.channels_last, compile=args.compile)
     connect()
     with tqdm(desc="images", unit="img") as bar:
         result = generate(args.prompts, args.out, settings, progress=bar)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from jobs.common import EXIT_OK, exit_codes, setup_logging, write_atomic
+from jobs.common import EXIT_OK, add_inference_args, exit_codes, inference_options, setup_logging, write_atomic
 from rdm.errors import InputError
 from rdm.factory import load_clip_for, load_model
 from rdm.pipeline import Pipeline, SamplerParams, encode_png
@@ -40,7 +40,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--clip-weights", type=Path, help="local open_clip weights file (offline use)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--bf16", action="store_true", help="autocast the UNet and decoder to bfloat16")
+    add_inference_args(parser)
     parser.add_argument("--out", type=Path, default=Path("outputs"))
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model).to(args.device)
     clip = load_clip_for(model, weights=args.clip_weights)
     clip = clip.to(args.device) if clip is not None else None
-    pipeline = Pipeline(model, clip, retriever, autocast=torch.bfloat16 if args.bf16 else None)
+    pipeline = Pipeline(model, clip, retriever, options=inference_options(args))
     jobs = [(i, j, prompt, args.seed + i * args.num_images + j)
             for i, prompt in enumerate(prompts) for j in range(args.num_images)]
     records = []

@@ -7,7 +7,6 @@ on the batch it shares or the device it runs on.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from rdm.acceleration import InferenceOptions, prepare
 from rdm.clip import ClipEncoder
 from rdm.conditioning import build_context, null_context
 from rdm.errors import InputError, ShapeError
@@ -94,25 +94,25 @@ def encode_png(image: np.ndarray | Image.Image) -> bytes:
 class Pipeline:
     """Text (or image) -> retrieval -> RDM sampling -> decoding, in one process.
 
-    `autocast` (e.g. torch.bfloat16) runs the UNet and decoder under autocast on the model's device;
-    None keeps the fp32 path used for conformance.
+    `options` (see `rdm.acceleration`) set precision, memory format and compilation; they are applied
+    to `model` in place (bf16 casts its weights). The default is the fp32 eager path used for conformance.
     """
 
     def __init__(self, model: RDM, clip: ClipEncoder | None = None, retriever: Retriever | None = None, *,
-                 autocast: torch.dtype | None = None) -> None:
+                 options: InferenceOptions | None = None) -> None:
         if clip is not None and clip.config.embed_dim != model.config.unet.context_dim:
             raise ShapeError(f"CLIP embeds to {clip.config.embed_dim} dims but the model's context is "
                              f"{model.config.unet.context_dim}")
-        self.model, self.clip, self.retriever, self.autocast = model, clip, retriever, autocast
+        self.model, self.clip, self.retriever = model, clip, retriever
+        self.modules = prepare(model, options or InferenceOptions())
+
+    @property
+    def options(self) -> InferenceOptions:
+        return self.modules.options
 
     @property
     def device(self) -> torch.device:
         return self.model.alphas_cumprod.device
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast)
 
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
         if self.clip is None:
@@ -145,16 +145,16 @@ class Pipeline:
             raise ShapeError(f"{len(seeds)} seeds for {context.shape[0]} contexts")
         noise = SeededNoise(seeds, self.latent_shape(height, width), device=self.device)
         context = context.to(self.device)
-        eps_model = GuidedEps(self.model.unet, context, null_context(context), params.guidance_scale)
-        with self._autocast():
+        eps_model = GuidedEps(self.modules.unet, context, null_context(context), params.guidance_scale)
+        with self.modules.autocast(self.device):
             latents = sample(params.sampler, eps_model, noise.draw(), self.model.alphas_cumprod,
                              num_steps=params.num_steps, eta=params.eta, noise=noise)
         return latents.float()
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> np.ndarray:
-        with self._autocast():
-            images = self.model.decode_latents(latents.to(self.device))
+        with self.modules.autocast(self.device):
+            images = self.modules.decode(latents.to(self.device))
         return to_uint8(images)
 
     def generate(self, prompts: Sequence[str] | None = None, *, query: Tensor | None = None,

@@ -44,8 +44,9 @@ class Generator:
     Items with the same sampler, steps, guidance, eta, size and number of neighbours share one
     sampling call; each keeps its own seed, so its image does not depend on the batch."""
 
-    def __init__(self, model: str, clip_weights: str | None, output_uri: str, autocast: str = "fp32",
+    def __init__(self, model: str, clip_weights: str | None, output_uri: str, inference: dict | None = None,
                  url_expires_s: int = 3600) -> None:
+        from rdm.acceleration import InferenceOptions
         from rdm.factory import load_clip_for, load_model, model_hash
         from rdm.pipeline import Pipeline
 
@@ -53,7 +54,7 @@ class Generator:
         rdm_model = load_model(model).to(device)
         clip = load_clip_for(rdm_model, weights=clip_weights)
         self.pipeline = Pipeline(rdm_model, clip.to(device) if clip else None,
-                                 autocast=torch.bfloat16 if autocast == "bf16" and device == "cuda" else None)
+                                 options=InferenceOptions(**(inference or {})))
         self.model_name, self.model_hash = model, model_hash(model)
         self.store, self.url_expires_s = open_store(output_uri), url_expires_s
         self.pending = 0

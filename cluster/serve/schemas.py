@@ -80,4 +80,8 @@ class AppArgs(BaseModel):
     max_body_bytes: int = Field(12 * 1024 * 1024, ge=1024)
     retriever_options: dict = Field(default_factory=dict, description="ShardedRetriever keyword arguments")
     refresh_interval_s: float = Field(30.0, ge=0, description="how often replicas look for new index versions (0: never)")
-    autocast: Literal["bf16", "fp32"] = "fp32"
+    precision: Literal["fp32", "bf16-autocast", "bf16"] = Field(
+        "fp32", description="fp32: the reference path; bf16-autocast; bf16: bf16 weights (see rdm.acceleration)")
+    channels_last: bool = False
+    compile: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = Field(
+        None, description="torch.compile mode for the UNet and decoder (None: eager)")

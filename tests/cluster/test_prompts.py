@@ -42,3 +42,10 @@ def test_keys_are_deterministic_and_distinct(tmp_path):
     assert items[1]["key"] == items[3]["key"]  # same prompt and seed: the same image
     assert len({i["key"] for i in items}) == 3
     assert expand(rows, BulkSettings(num_steps=10), "hash")[0]["key"] != items[0]["key"]
+    # other numerics give other images, so other keys; the fp32 reference path keeps the keys it always had
+    bf16 = expand(rows, BulkSettings(precision="bf16"), "hash")
+    assert bf16[0]["key"] != items[0]["key"]
+    assert expand(rows, BulkSettings(precision="bf16", compile="default"), "hash")[0]["key"] != bf16[0]["key"]
+    assert expand(rows, BulkSettings(precision="fp32"), "hash")[0]["key"] == items[0]["key"]
+    with pytest.raises(InputError, match="precision"):
+        expand(rows, BulkSettings(precision="fp8"), "hash")
