@@ -1,8 +1,14 @@
 """`rdm eval-style`: style control by retrieval database vs prompt, measured (the RDM paper's experiment).
 
-Writes DIR/results.json (overall accuracies "retrieval", "prompt", "text_only", "content_retrieval", ...,
-a per-style table, the classifiers' accuracy on fresh corpus images and the settings) and DIR/grid.png
-(rows: styles; column blocks: retrieval | prompt | text_only, one sample per content).
+The databases are built as the cluster builds them: the evaluation corpus is written as parquet shards,
+embedded with CLIP on Ray Data (`rdm embed`) and indexed with sharded FAISS (`rdm index build`: one
+database per style, `--where style=<s>`, and one of all styles); retrieval goes through the sharded
+retriever's Ray actors. Ray is the cluster named by RAY_ADDRESS, or a local one on loopback.
+
+Writes DIR/results.json (overall accuracies "retrieval", "prompt", "prompt_all_styles", "text_only",
+"content_retrieval", ..., a per-style table, the classifiers' accuracy on fresh corpus images and the
+settings), DIR/grid.png (rows: styles; column blocks: the methods, one sample per content) and, under
+DIR/databases, the corpus, embeddings and indexes the run used (replaced on every run).
 
     rdm eval-style --seed 1234 --out runs/eval [--samples-per-cell 8] [--model tiny]
 """
@@ -14,6 +20,7 @@ import dataclasses
 import io
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -22,8 +29,16 @@ import torch
 from PIL import Image, ImageDraw
 
 from jobs.common import exit_codes, setup_logging, write_atomic
-from rdm.evaluation.style_control import METHODS, StyleEvalSettings, grid_image, run_style_control
-from rdm.factory import load_clip_for, load_model
+from rdm.evaluation.style_control import (
+    ALL,
+    METHODS,
+    StyleEvalSettings,
+    database_start,
+    grid_image,
+    run_style_control,
+)
+from rdm.factory import list_models, load_clip_for, load_model, shipped_weights
+from rdm.model import RDM
 from rdm.pipeline import SamplerParams
 from rdm.toyart import STYLES
 
@@ -44,6 +59,47 @@ def labelled_grid(grid: np.ndarray, *, zoom: int = 2) -> Image.Image:
     for j, method in enumerate(METHODS):
         draw.text((margin + j * block + 4, 2), method, fill="black")
     return canvas
+
+
+def clip_of(model_arg: str, model: RDM, clip_weights: Path | None) -> tuple[str, str | None]:
+    """(CLIP spec, weights file) for the embedding job: the CLIP `model` was trained with."""
+    if model_arg in list_models() and clip_weights is None:
+        return model_arg, None
+    name = model.config.clip.model_name
+    weights = clip_weights or shipped_weights(name)
+    return name, None if weights is None else str(weights)
+
+
+def build_databases(work: Path, seed: int, settings: StyleEvalSettings, clip: tuple[str, str | None]) -> dict:
+    """The evaluation databases through the cluster's jobs: write the database split of the corpus of `seed`,
+    embed it on Ray Data, build one index per style (rows where style = s) and one of all; returns
+    {style index or ALL: ShardedRetriever} (the caller closes them)."""
+    from cluster.embedding import embed_corpus
+    from cluster.index.build import build_index
+    from cluster.retriever import ShardedRetriever
+    from jobs.demo import database_name
+    from jobs.make_corpus import write_corpus
+
+    if work.exists():
+        shutil.rmtree(work)
+    corpus, embeddings, index = work / "corpus", work / "embeddings", work / "index"
+    write_corpus(corpus, seed=seed, per_cell=settings.database_per_cell, rows_per_shard=256,
+                 start_per_cell=database_start(settings))
+    embed_corpus(str(corpus), str(embeddings), clip=clip[0], clip_weights=clip[1], shard_size=256)
+    build_index(str(embeddings), str(index), "all-styles", num_shards=2, index_spec="Flat")
+    names = {ALL: "all-styles"}
+    for i, style in enumerate(STYLES):
+        names[i] = database_name(style)
+        build_index(str(embeddings), str(index), names[i], index_spec="Flat", where={"style": style})
+    databases = {}
+    try:
+        for key, name in names.items():
+            databases[key] = ShardedRetriever(str(index), name)
+    except BaseException:
+        for retriever in databases.values():
+            retriever.close()
+        raise
+    return databases
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -93,14 +149,23 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     model = load_model(args.model)
     clip = load_clip_for(model, weights=args.clip_weights)
-    outcome = run_style_control(model, clip, args.seed, settings)
+    from cluster.runtime import connect
+
+    connect()
+    databases = build_databases(args.out / "databases", args.seed, settings,
+                                clip_of(args.model, model, args.clip_weights))
+    try:
+        outcome = run_style_control(model, clip, args.seed, settings, databases)
+    finally:
+        for retriever in databases.values():
+            retriever.close()
     results = {**outcome.results, "seed": args.seed, "model": str(args.model),
                "settings": dataclasses.asdict(settings), "elapsed_s": time.perf_counter() - start}
     write_atomic(args.out / "results.json", json.dumps(results, indent=2).encode())
     buffer = io.BytesIO()
     labelled_grid(grid_image(outcome.samples)).save(buffer, format="PNG")
     write_atomic(args.out / "grid.png", buffer.getvalue())
-    logger.info("style accuracy: retrieval %.3f, prompt %.3f, text_only %.3f; content (retrieval) %.3f; %.0f s",
-                results["retrieval"], results["prompt"], results["text_only"], results["content_retrieval"],
-                results["elapsed_s"])
+    logger.info("style accuracy: retrieval %.3f, prompt %.3f, prompt_all_styles %.3f, text_only %.3f; "
+                "content (retrieval) %.3f; %.0f s", results["retrieval"], results["prompt"],
+                results["prompt_all_styles"], results["text_only"], results["content_retrieval"], results["elapsed_s"])
     return 0

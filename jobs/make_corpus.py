@@ -40,12 +40,14 @@ def shard_table(items: list[ToyArtItem]) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=SCHEMA)
 
 
-def write_corpus(out: Path, *, seed: int, per_cell: int, rows_per_shard: int) -> list[Path]:
-    """Write DIR/part-00000.parquet, ...; returns the shard paths."""
-    total = per_cell * len(CONTENTS) * len(STYLES)
+def write_corpus(out: Path, *, seed: int, per_cell: int, rows_per_shard: int, start_per_cell: int = 0) -> list[Path]:
+    """Write DIR/part-00000.parquet, ... holding items [s, s + n) of the corpus of `seed`, s = 48 start_per_cell,
+    n = 48 per_cell (every content x style cell equally); returns the shard paths."""
+    cells = len(CONTENTS) * len(STYLES)
+    total, first = per_cell * cells, start_per_cell * cells
     paths = []
     for shard, start in enumerate(range(0, total, rows_per_shard)):
-        items = list(iter_corpus(seed, min(rows_per_shard, total - start), start=start))
+        items = list(iter_corpus(seed, min(rows_per_shard, total - start), start=first + start))
         buffer = io.BytesIO()
         pq.write_table(shard_table(items), buffer)
         path = out / f"part-{shard:05d}.parquet"

@@ -2,16 +2,23 @@
 style better than naming the style in the prompt?
 
 For each style s and content c, with the same model, CLIP, sampler and seeds:
-  retrieval  database = corpus images of style s only, prompt "a c" (the style is never named);
-  prompt     database = corpus images of all styles, prompt "a c in the style of s";
-  text_only  no database (no neighbours), prompt "a c in the style of s".
+  retrieval          database = corpus images of style s only, prompt "a c" (the style is never named);
+  prompt             no database (no neighbours), prompt "a c in the style of s": the style is carried
+                     by the prompt alone (prompt engineering);
+  prompt_all_styles  database = corpus images of all styles, prompt "a c in the style of s": the named
+                     style also steers which neighbours the prompt retrieves;
+  text_only          no database, prompt "a c": the floor (nothing names the style).
 Corpus-trained classifiers label the generated images; accuracy = fraction labelled with the intended
 style (or content). All corpus images come from the evaluation seed (fresh, not the training set).
+
+The databases are any `rdm.Retriever`s keyed by style index and ALL: `exact_databases` builds them in
+process; `rdm eval-style` builds them with the cluster's embed and index jobs.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,14 +29,16 @@ from rdm.clip import ClipEncoder
 from rdm.evaluation.classifiers import ClassifierConfig, predict, train_classifier
 from rdm.model import RDM
 from rdm.pipeline import Pipeline, SamplerParams
-from rdm.retrieval import ExactRetriever
+from rdm.retrieval import ExactRetriever, Retriever
 from rdm.toyart import CONTENTS, STYLES, iter_corpus
 from rdm.training.contrastive import embed_images
 from rdm.training.data import to_tensor
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("retrieval", "prompt", "text_only")
+METHODS = ("retrieval", "prompt", "prompt_all_styles", "text_only")
+ALL = "all"
+"""The databases key of the all-styles database (the others are style indices)."""
 
 
 @dataclass(frozen=True)
@@ -59,11 +68,11 @@ def corpus_split(seed: int, per_cell: int, start_per_cell: int) -> Split:
                  torch.tensor([STYLES.index(it.style) for it in items]))
 
 
-def method_plan(method: str, style: int, content: int) -> tuple[str, int | None]:
-    """(prompt, database style: an index, None for all styles, -1 for no database) of a method."""
-    named = f"a {CONTENTS[content]} in the style of {STYLES[style]}"
-    return {"retrieval": (f"a {CONTENTS[content]}", style), "prompt": (named, None),
-            "text_only": (named, -1)}[method]
+def method_plan(method: str, style: int, content: int) -> tuple[str, int | str | None]:
+    """(prompt, database: a style index, ALL, or None for no database) of a method."""
+    plain, named = f"a {CONTENTS[content]}", f"a {CONTENTS[content]} in the style of {STYLES[style]}"
+    return {"retrieval": (plain, style), "prompt": (named, None), "prompt_all_styles": (named, ALL),
+            "text_only": (plain, None)}[method]
 
 
 def generation_seeds(seed: int, style: int, content: int, count: int) -> list[int]:
@@ -73,13 +82,13 @@ def generation_seeds(seed: int, style: int, content: int, count: int) -> list[in
 
 
 @torch.no_grad()
-def generate_style_row(model: RDM, clip: ClipEncoder, databases: dict, method: str, style: int, seed: int,
-                       settings: StyleEvalSettings) -> Tensor:
+def generate_style_row(model: RDM, clip: ClipEncoder, databases: Mapping[int | str, Retriever], method: str,
+                       style: int, seed: int, settings: StyleEvalSettings) -> Tensor:
     """Images uint8 [num_contents, samples_per_cell, H, W, 3] for one style row and one method (one batch)."""
     n = settings.samples_per_cell
     plans = [method_plan(method, style, content) for content in range(len(CONTENTS))]
     database = plans[0][1]  # the same for every content of a row
-    retriever = None if database == -1 else databases[database]
+    retriever = None if database is None else databases[database]
     prompts = [prompt for prompt, _ in plans for _ in range(n)]
     seeds = [s for content in range(len(CONTENTS)) for s in generation_seeds(seed, style, content, n)]
     result = Pipeline(model, clip, retriever).generate(
@@ -89,10 +98,20 @@ def generate_style_row(model: RDM, clip: ClipEncoder, databases: dict, method: s
     return images.view(len(CONTENTS), n, *images.shape[1:])
 
 
-def build_databases(clip: ClipEncoder, split: Split) -> dict[int | None, ExactRetriever]:
-    """One ExactRetriever over CLIP image embeddings per style (keys 0..S-1) and one over all (key None)."""
+def database_split(seed: int, settings: StyleEvalSettings) -> Split:
+    """The corpus images of `seed` the databases hold: after the classifiers' train and test ranges."""
+    return corpus_split(seed, settings.database_per_cell, database_start(settings))
+
+
+def database_start(settings: StyleEvalSettings) -> int:
+    """Index (per cell) of the first database image in the evaluation corpus."""
+    return settings.classifier_per_cell + settings.classifier_test_per_cell
+
+
+def exact_databases(clip: ClipEncoder, split: Split) -> dict[int | str, ExactRetriever]:
+    """In-process databases: one ExactRetriever over CLIP image embeddings per style (keys 0..S-1), one over all."""
     embeddings = embed_images(clip, split.images)
-    databases: dict[int | None, ExactRetriever] = {None: ExactRetriever(embeddings)}
+    databases: dict[int | str, ExactRetriever] = {ALL: ExactRetriever(embeddings)}
     for style in range(len(STYLES)):
         chosen = (split.styles == style).nonzero().flatten()
         databases[style] = ExactRetriever(embeddings[chosen], ids=[str(int(i)) for i in chosen])
@@ -126,7 +145,7 @@ def label_samples(samples: Tensor, style_model, content_model) -> tuple[Tensor, 
 
 
 def summarize(labels: dict[str, tuple[Tensor, Tensor]]) -> dict:
-    """Overall accuracies {"retrieval", "prompt", "text_only", "content_<method>"} and a per-style table."""
+    """Overall accuracies {<method>, "content_<method>"} and a per-style table."""
     intended_style = torch.arange(len(STYLES)).view(-1, 1, 1)
     intended_content = torch.arange(len(CONTENTS)).view(1, -1, 1)
     results: dict = {"per_style": {s: {} for s in STYLES}}
@@ -140,14 +159,17 @@ def summarize(labels: dict[str, tuple[Tensor, Tensor]]) -> dict:
     return results
 
 
-def run_style_control(model: RDM, clip: ClipEncoder, seed: int, settings: StyleEvalSettings) -> StyleControlResult:
-    """The whole experiment for evaluation corpus seed `seed`."""
+def run_style_control(model: RDM, clip: ClipEncoder, seed: int, settings: StyleEvalSettings,
+                      databases: Mapping[int | str, Retriever]) -> StyleControlResult:
+    """The whole experiment for evaluation corpus seed `seed`; `databases` hold `database_split(seed, settings)`
+    (one per style index and ALL)."""
+    missing = ({ALL} | set(range(len(STYLES)))) - set(databases)
+    if missing:
+        raise ValueError(f"databases lack {sorted(missing, key=str)}")
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         style_model, content_model, classifier_accuracy = train_label_classifiers(seed, settings, generator)
-    start = settings.classifier_per_cell + settings.classifier_test_per_cell
-    databases = build_databases(clip, corpus_split(seed, settings.database_per_cell, start))
     samples, labels = {}, {}
     for method in METHODS:
         samples[method] = torch.stack([generate_style_row(model, clip, databases, method, style, seed, settings)

@@ -29,7 +29,7 @@ TEMPLATES = ("a {content}, {style}", "a {content} in the style of {style}", "a {
 
 @dataclass(frozen=True)
 class ContrastiveConfig:
-    steps: int = 800
+    steps: int = 600
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.05

@@ -1,12 +1,15 @@
 """Training the RDM's UNet: eps prediction on autoencoder latents (Ho et al. 2020; Rombach et al. 2022)
 with the retrieval context of Blattmann et al. 2022.
 
-Context per training image: [query ; k neighbours], laid out as at inference (`build_context`). The
-query is the image's own CLIP image embedding (at inference, CLIP's text embedding of the prompt
-takes its place through the shared space); the neighbours are the CLIP image embeddings of its k
-nearest other training images. Two dropouts: with `query_dropout` the query row alone becomes zeros
-(the model must read content and style off the neighbours), and with `uncond_dropout` the whole
-context does, which trains the unconditional branch of classifier-free guidance (Ho & Salimans 2022).
+Context per training image: [query ; k neighbours], laid out as at inference (`build_context`); at
+inference, CLIP's text embedding of the prompt takes the query's place through the shared space. The
+neighbours are the CLIP image embeddings of the image's nearest other training images. The query is
+either the image's own CLIP image embedding (`query="self"`) or that of its nearest neighbour
+(`query="neighbor"`; the context is then its k + 1 nearest neighbours, as in the RDM paper's training,
+which conditions on retrieved images only). Two dropouts: with `query_dropout` the query row alone
+becomes zeros (the model must read content and style off the neighbours), and with `uncond_dropout`
+the whole context does, which trains the unconditional branch of classifier-free guidance (Ho &
+Salimans 2022).
 """
 
 from __future__ import annotations
@@ -27,15 +30,23 @@ from rdm.training.data import sample_batch
 logger = logging.getLogger(__name__)
 
 
+QUERIES = ("self", "neighbor")
+
+
 @dataclass(frozen=True)
 class DiffusionTrainConfig:
-    steps: int = 3500
+    steps: int = 5000
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 100
     ema_decay: float = 0.999
     uncond_dropout: float = 0.1
     query_dropout: float = 0.5
+    query: str = "neighbor"  # "self": the image's own embedding; "neighbor": its nearest neighbour's
+
+    def __post_init__(self) -> None:
+        if self.query not in QUERIES:
+            raise ValueError(f"query must be one of {QUERIES}, got {self.query!r}")
 
 
 @dataclass(frozen=True)
@@ -43,7 +54,8 @@ class LatentDataset:
     """Posterior moments of the training images and their retrieval conditioning.
 
     means, stds: [N, C, h, w] unscaled; embeddings: [N, D] unit-norm CLIP image embeddings;
-    neighbors: [N, k] indices into the same database (self and near-duplicates excluded).
+    neighbors: [N, k] indices into the same database (self and near-duplicates excluded), nearest first
+    (k + 1 columns when the query is the nearest neighbour).
     """
 
     means: Tensor
@@ -55,7 +67,11 @@ class LatentDataset:
 def training_context(data: LatentDataset, index: Tensor, config: DiffusionTrainConfig,
                      generator: torch.Generator) -> Tensor:
     """Context [B, 1 + k, D] for training images `index` [B], with query and full-context dropout."""
-    context = build_context(data.embeddings[index], data.embeddings[data.neighbors[index]])
+    neighbors = data.embeddings[data.neighbors[index]]
+    if config.query == "self":
+        context = build_context(data.embeddings[index], neighbors)
+    else:
+        context = build_context(neighbors[:, 0], neighbors[:, 1:])
     drop_all = torch.rand(len(index), generator=generator) < config.uncond_dropout
     drop_query = torch.rand(len(index), generator=generator) < config.query_dropout
     context[:, 0] *= (~drop_query)[:, None].float()

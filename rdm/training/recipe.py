@@ -88,7 +88,8 @@ def train_tiny_rdm(config: RDMConfig, recipe: TinyRecipe, seed: int, images: tor
     trained_ae = model.autoencoder.state_dict()
     model = build_model(dataclasses.replace(config, scale_factor=scale), seed=seed)
     model.autoencoder.load_state_dict(trained_ae)
-    neighbors = training_neighbors(embeddings, images, recipe.num_neighbors,
+    extra = 1 if recipe.diffusion.query == "neighbor" else 0  # the nearest neighbour plays the query
+    neighbors = training_neighbors(embeddings, images, recipe.num_neighbors + extra,
                                    min_pixel_distance=recipe.min_pixel_distance)
     data = LatentDataset(means, stds, embeddings, neighbors)
     unet_losses = train_unet(model, data, recipe.diffusion, generator=generator)

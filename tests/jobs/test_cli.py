@@ -86,3 +86,20 @@ def test_converted_tiny_checkpoint_samples_through_the_console_script(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert len(list(out.glob("*.png"))) == 1
+
+
+def test_index_where_parsing():
+    from jobs.index import parse_where
+    from rdm.errors import InputError
+
+    assert parse_where(["style=pencil sketch", "content=boat"]) == {"style": "pencil sketch", "content": "boat"}
+    assert parse_where([]) == {}
+    for bad in (["style"], ["=neon"], ["style=a", "style=b"]):
+        with pytest.raises(InputError, match="--where"):
+            parse_where(bad)
+
+
+def test_eval_style_rejects_too_many_neighbours(tmp_path, capsys):
+    code = rdm(["eval-style", "--seed", "3", "--out", str(tmp_path), "--database-per-cell", "1",
+                "--num-neighbors", "7"])
+    assert code == 2 and "--num-neighbors" in capsys.readouterr().err

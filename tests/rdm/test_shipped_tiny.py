@@ -33,19 +33,19 @@ def test_tiny_loads_trained_weights_by_default(shipped):
 
 
 def test_tiny_clip_zero_shot_on_fresh_corpus_images(shipped):
-    """Regression guard just under the measured level (style 1.0, content 0.83 on these 96 images; chance 1/8
-    and 1/6). The issue's content target of 0.90 is not met by the shipped CLIP."""
+    """The issue's target, 0.90 for style and for content, on 96 fresh images of a seed never trained on
+    (chance: 1/8 and 1/6)."""
     from rdm.evaluation.style_control import corpus_split
     from rdm.training.contrastive import content_prompts, style_prompts, zero_shot_accuracy
     _, clip = shipped
     split = corpus_split(987654, 2, 0)
-    assert zero_shot_accuracy(clip, split.images, split.styles, style_prompts()) >= 0.95
-    assert zero_shot_accuracy(clip, split.images, split.contents, content_prompts()) >= 0.75
+    assert zero_shot_accuracy(clip, split.images, split.styles, style_prompts()) >= 0.90
+    assert zero_shot_accuracy(clip, split.images, split.contents, content_prompts()) >= 0.90
 
 
 # latents[0, :3, 3, 3:6] of the shipped weights, CPU fp32 (update together with rdm/weights/tiny.safetensors)
-GOLDEN = [-1.47585297, -1.73561919, -0.86314350, -1.49347556, -0.94713545, -0.54438585,
-          -0.62725115, 0.04928260, 0.12032193]
+GOLDEN = [-0.98264128, 0.36603558, -0.25786957, 0.77635086, 0.05333057, 0.42581335,
+          0.63777572, 2.55941153, 1.22765076]
 
 
 def test_golden_slice(shipped):

@@ -45,3 +45,29 @@ def test_styles_are_distinguishable_on_a_fresh_seed():
     torch.manual_seed(0)
     style = train_classifier(train.images, train.styles, len(STYLES), config, generator=generator)
     assert (predict(style, test.images) == test.styles).float().mean() >= 0.9
+
+
+def test_style_experiment_plan_names_the_style_only_where_it_should():
+    from rdm.evaluation.style_control import ALL, METHODS, method_plan
+
+    neon = STYLES.index("neon")
+    plans = {m: method_plan(m, neon, CONTENTS.index("boat")) for m in METHODS}
+    assert plans["retrieval"] == ("a boat", neon)  # the database alone carries the style
+    assert plans["prompt"] == ("a boat in the style of neon", None)  # the prompt alone carries it
+    assert plans["prompt_all_styles"] == ("a boat in the style of neon", ALL)
+    assert plans["text_only"] == ("a boat", None)  # nothing does
+
+
+def test_exact_databases_hold_one_style_each_and_all():
+    from rdm.evaluation.style_control import ALL, StyleEvalSettings, database_split, exact_databases
+    from rdm.factory import load_clip_for, load_model
+
+    settings = StyleEvalSettings(database_per_cell=1, classifier_per_cell=1, classifier_test_per_cell=1)
+    split = database_split(5, settings)
+    clip = load_clip_for(load_model("tiny"))
+    databases = exact_databases(clip, split)
+    query = clip.encode_text(["a fish"])
+    assert len(databases[ALL].search(query, 20).ids[0]) == 20
+    for style in range(len(STYLES)):
+        found = databases[style].search(query, len(CONTENTS))
+        assert {int(i) for i in found.ids[0]} == set((split.styles == style).nonzero().flatten().tolist())

@@ -62,13 +62,21 @@ def test_training_context_layout_and_dropout():
     embeddings = F.normalize(torch.randn(10, 8, generator=torch.Generator().manual_seed(3)), dim=-1)
     data = LatentDataset(torch.zeros(10, 4, 2, 2), torch.ones(10, 4, 2, 2), embeddings,
                          torch.tensor([[(i + 1) % 10, (i + 2) % 10] for i in range(10)]))
-    keep = DiffusionTrainConfig(uncond_dropout=0.0, query_dropout=0.0)
+    # the query is the image's own embedding ...
+    keep = DiffusionTrainConfig(uncond_dropout=0.0, query_dropout=0.0, query="self")
     context = training_context(data, torch.tensor([4, 9]), keep, torch.Generator())
     torch.testing.assert_close(context, torch.stack([embeddings[[4, 5, 6]], embeddings[[9, 0, 1]]]))
+    # ... or its nearest neighbour's, the other neighbours following (as the shipped recipe trains)
+    keep = DiffusionTrainConfig(uncond_dropout=0.0, query_dropout=0.0, query="neighbor")
+    context = training_context(data, torch.tensor([4, 9]), keep, torch.Generator())
+    torch.testing.assert_close(context, torch.stack([embeddings[[5, 6]], embeddings[[0, 1]]]))
+    assert DiffusionTrainConfig().query == "neighbor"
+    with pytest.raises(ValueError, match="query"):
+        DiffusionTrainConfig(query="caption")
     dropped = training_context(data, torch.arange(10), DiffusionTrainConfig(uncond_dropout=1.0), torch.Generator())
     assert not dropped.any()
-    no_query = training_context(data, torch.arange(10), DiffusionTrainConfig(uncond_dropout=0.0, query_dropout=1.0),
-                                torch.Generator())
+    no_query = training_context(data, torch.arange(10), DiffusionTrainConfig(uncond_dropout=0.0, query_dropout=1.0,
+                                                                             query="self"), torch.Generator())
     assert not no_query[:, 0].any() and no_query[:, 1:].norm(dim=-1).allclose(torch.ones(10, 2))
 
 
