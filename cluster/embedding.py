@@ -189,7 +189,7 @@ def embed_corpus(corpus_uri: str, out_uri: str, *, clip: str = "tiny", clip_weig
     """Embed every pending shard of the corpus on the connected Ray cluster (see module docstring)."""
     import ray
 
-    from rdm.factory import resolve_clip
+    from rdm.factory import clip_hash, resolve_clip
 
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
@@ -197,7 +197,7 @@ def embed_corpus(corpus_uri: str, out_uri: str, *, clip: str = "tiny", clip_weig
     image_size = _clip_image_size(config.model_name)
     _, shards = list_corpus(corpus_uri, shard_size=shard_size)
     out = open_store(out_uri)
-    info = {"clip": clip, "dim": config.embed_dim, "dtype": dtype}
+    info = {"clip": clip, "clip_hash": clip_hash(clip, weights=clip_weights), "dim": config.embed_dim, "dtype": dtype}
     if out.exists("embed.json"):
         previous = json.loads(out.read_bytes("embed.json"))
         if {k: previous.get(k) for k in info} != info:

@@ -12,6 +12,7 @@ import argparse
 import io
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,22 +28,37 @@ def database_name(style: str) -> str:
     return style.replace(" ", "-")
 
 
+def current_databases(index: Path, names: list[str], clip: str) -> bool:
+    """Whether every database in `names` is published and was embedded with the CLIP whose hash is `clip`."""
+    from cluster.index.manifest import list_databases, load_manifest
+    from cluster.storage import open_store
+
+    store = open_store(index)
+    if not set(names) <= set(list_databases(store)):
+        return False
+    return all(load_manifest(store, name).clip_hash == clip for name in names)
+
+
 def build_style_databases(data: Path, *, seed: int, per_cell: int) -> list[str]:
-    """Publish data/index/<style> for every toy-art style that has none yet; returns the database names."""
+    """Publish data/index/<style> for every toy-art style, unless all are published and were embedded with
+    the shipped CLIP as it is now (new weights make new versions); returns the database names."""
     from cluster.embedding import embed_corpus
     from cluster.index.build import build_index
-    from cluster.index.manifest import list_databases
-    from cluster.storage import open_store
     from jobs.make_corpus import write_corpus
+    from rdm.factory import clip_hash
     from rdm.toyart import STYLES
 
     names = [database_name(s) for s in STYLES]
-    index = data / "index"
-    if set(names) <= set(list_databases(open_store(index))):
+    index, clip = data / "index", clip_hash("tiny")
+    if current_databases(index, names, clip):
         return names
     corpus, embeddings = data / "corpus", data / "embeddings"
     if not list(corpus.glob("*.parquet")):
         write_corpus(corpus, seed=seed, per_cell=per_cell, rows_per_shard=1024)
+    info = embeddings / "embed.json"
+    if info.exists() and json.loads(info.read_text()).get("clip_hash") != clip:
+        logger.info("the embeddings in %s were made with another CLIP; embedding again", embeddings)
+        shutil.rmtree(embeddings)
     embed_corpus(str(corpus), str(embeddings), clip="tiny")
     for style, name in zip(STYLES, names, strict=True):
         build_index(str(embeddings), str(index), name, num_shards=2, where={"style": style})

@@ -33,11 +33,31 @@ def model_hash(model: str | Path) -> str:
         path = shipped_weights(str(model))
     if path is None:
         return hashlib.sha256(f"random:{model}".encode()).hexdigest()[:16]
+    return file_hash(path)
+
+
+def file_hash(path: Path) -> str:
+    """The first 16 hex digits of a file's sha256."""
+    import hashlib
+
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()[:16]
+
+
+def clip_hash(spec: str, *, weights: str | Path | None = None) -> str:
+    """A short hash naming the exact CLIP encoder `spec` (see `resolve_clip`) loads: of its weights file,
+    or of its architecture and pretrained tag. Embeddings are comparable only under the same hash."""
+    import hashlib
+
+    config, path = resolve_clip(spec, weights=weights)
+    if path is not None:
+        if not path.is_file():
+            raise CheckpointError(f"CLIP weights file {path} does not exist")
+        return file_hash(path)
+    return hashlib.sha256(f"open_clip:{config.model_name}:{config.pretrained}".encode()).hexdigest()[:16]
 
 
 def build_model(config: RDMConfig, *, seed: int = 0) -> RDM:

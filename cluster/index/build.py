@@ -153,7 +153,7 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
     keys = [k for k in emb_store.list(EMBEDDINGS_DIR) if k.endswith(".parquet")]
     if not keys:
         raise EmptyCorpusError(f"no embeddings under {emb_store.uri}/{EMBEDDINGS_DIR}; run `rdm embed` first")
-    clip = json.loads(emb_store.read_bytes("embed.json")).get("clip", "") if emb_store.exists("embed.json") else ""
+    embed_info = json.loads(emb_store.read_bytes("embed.json")) if emb_store.exists("embed.json") else {}
     scan = ray.remote(scan_file).options(num_cpus=shard_num_cpus)
     scanned = ray.get([scan.remote(emb_store, k, where) for k in keys])
     counts = [c for c, _, _ in scanned]
@@ -203,7 +203,8 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
             break
     manifest = Manifest(database=database, version=version, count=total, dim=dim, index_spec=spec, nprobe=nprobe,
                         shards=tuple(ShardInfo(r["shard_id"], r["count"], r["files"]) for r in results),
-                        clip_model=clip, embedding_dtype=ARROW_DTYPES.get(scanned[0][2], scanned[0][2]),
+                        clip_model=embed_info.get("clip", ""), clip_hash=embed_info.get("clip_hash", ""),
+                        embedding_dtype=ARROW_DTYPES.get(scanned[0][2], scanned[0][2]),
                         build_time_s=round(time.perf_counter() - started, 3),
                         recall={"k": k, "recall": recall, "nprobe": nprobe, "num_queries": len(queries)},
                         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), where=dict(where or {}))

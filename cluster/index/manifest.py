@@ -52,6 +52,7 @@ class Manifest:
     nprobe: int
     shards: tuple[ShardInfo, ...]
     clip_model: str = ""
+    clip_hash: str = ""  # rdm.factory.clip_hash of the encoder that made the embeddings ("" if unknown)
     metric: str = "inner_product"
     embedding_dtype: str = "float32"
     build_time_s: float = 0.0

@@ -27,6 +27,7 @@ from cluster.index.manifest import load_manifest
 from cluster.retriever import RetrieverPool, ShardedRetriever
 from cluster.storage import open_store
 from rdm.errors import InputError, ShapeError
+from rdm.factory import clip_hash
 from rdm.retrieval import ExactRetriever
 
 pytestmark = pytest.mark.integration
@@ -88,7 +89,7 @@ def test_sharded_exact_index_equals_one_flat_index(embedded, make_bucket):
     index_uri = make_bucket("rdm-index") + "/v"
     manifest = build_index(out, index_uri, "art", num_shards=3)
     assert (manifest.count, len(manifest.shards), manifest.index_spec) == (27, 3, "Flat")
-    assert manifest.recall["recall"] == 1.0 and manifest.clip_model == "tiny"
+    assert manifest.recall["recall"] == 1.0 and manifest.clip_model == "tiny" and manifest.clip_hash == clip_hash("tiny")
     store = open_store(out)
     tables = [pq.read_table(io.BytesIO(store.read_bytes(k))) for k in store.list("embeddings")]
     ids = np.array(sum((t.column("id").to_pylist() for t in tables), []), dtype=object)

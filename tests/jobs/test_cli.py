@@ -103,3 +103,17 @@ def test_eval_style_rejects_too_many_neighbours(tmp_path, capsys):
     code = rdm(["eval-style", "--seed", "3", "--out", str(tmp_path), "--database-per-cell", "1",
                 "--num-neighbors", "7"])
     assert code == 2 and "--num-neighbors" in capsys.readouterr().err
+
+
+def test_demo_rebuilds_databases_made_with_another_clip(tmp_path):
+    from cluster.index.manifest import Manifest, publish
+    from cluster.storage import open_store
+    from jobs.demo import current_databases
+
+    store = open_store(str(tmp_path))
+    for name, clip in (("neon", "aaaa"), ("mosaic", "aaaa")):
+        publish(store, Manifest(database=name, version="v1", count=0, dim=64, index_spec="Flat", nprobe=1, shards=(),
+                                clip_hash=clip))
+    assert current_databases(tmp_path, ["neon", "mosaic"], "aaaa")
+    assert not current_databases(tmp_path, ["neon", "mosaic"], "bbbb")  # new CLIP weights: embed again
+    assert not current_databases(tmp_path, ["neon", "mosaic", "pop-art"], "aaaa")  # one missing
