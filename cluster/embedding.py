@@ -2,8 +2,10 @@
 actor pool, write one parquet file per shard.
 
 A corpus is a folder or prefix (local or s3://) of parquet files with an `image` column of encoded
-bytes (plus optional `id` and metadata columns), or of image files. Each parquet file, or each group
-of `shard_size` image files, is a shard: the unit of work and of resumption. A shard's output is
+bytes (plus optional `id` and metadata columns), of WebDataset tar files (`.tar`, `.tar.gz`, `.tgz`:
+members grouped by key, `<key>.jpg|jpeg|png|webp` the image, `<key>.json` metadata, `<key>.txt` the
+caption, `<key>.cls` the class; the id is the key), or of image files. Each parquet or tar file, or each
+group of `shard_size` image files, is a shard: the unit of work and of resumption. A shard's output is
 `OUT/embeddings/<shard>.parquet` (id, embedding, source_uri, metadata) and, when some images cannot be
 decoded, `OUT/errors/<shard>.parquet`; a re-run skips shards whose output exists.
 """
@@ -30,13 +32,17 @@ from rdm.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+WDS_TEXT_FIELDS = {"txt": "caption", "cls": "class"}
+RESERVED_COLUMNS = ("id", "embedding", "source_uri")
 EMBEDDINGS_DIR, ERRORS_DIR = "embeddings", "errors"
 
 
 @dataclass(frozen=True)
 class CorpusShard:
     name: str
-    kind: str  # "parquet" | "images"
+    kind: str  # "parquet" | "webdataset" | "images"
     keys: tuple[str, ...]
 
 
@@ -54,13 +60,15 @@ def list_corpus(uri: str, *, shard_size: int = 256) -> tuple[ObjectStore, list[C
         store = open_store(uri)
         keys = store.list()
     parquet = [k for k in keys if k.endswith(".parquet")]
+    tars = [k for k in keys if k.lower().endswith(TAR_SUFFIXES)]
     images = [k for k in keys if k.lower().endswith(IMAGE_SUFFIXES)]
     shards = [CorpusShard(_shard_name(k.rsplit(".", 1)[0], k), "parquet", (k,)) for k in parquet]
+    shards += [CorpusShard(_shard_name(k.split(".", 1)[0], k), "webdataset", (k,)) for k in tars]
     for start in range(0, len(images), shard_size):
         group = tuple(images[start:start + shard_size])
         shards.append(CorpusShard(_shard_name("images", "\n".join(group)), "images", group))
     if not shards:
-        raise EmptyCorpusError(f"no parquet or image files under {store.uri}")
+        raise EmptyCorpusError(f"no parquet, tar or image files under {store.uri}")
     return store, shards
 
 
@@ -77,6 +85,8 @@ def _read_rows(store: ObjectStore, shard: CorpusShard) -> list[dict]:
             rows.append({"id": _content_id(data), "data": data, "source_uri": f"{store.uri}/{key}", "metadata": {}})
         return rows
     (key,) = shard.keys
+    if shard.kind == "webdataset":
+        return _read_webdataset(store, key)
     try:
         table = pq.read_table(io.BytesIO(store.read_bytes(key)))
     except pa.ArrowException as err:
@@ -93,6 +103,44 @@ def _read_rows(store: ObjectStore, shard: CorpusShard) -> list[dict]:
         rows.append({"id": str(row_id) if row_id is not None else (_content_id(data) if data else f"{key}#{i}"),
                      "data": data, "source_uri": f"{store.uri}/{key}#{i}",
                      "metadata": {k: None if v is None else str(v) for k, v in meta.items()}})
+    return rows
+
+
+def _read_webdataset(store: ObjectStore, key: str) -> list[dict]:
+    """Rows of one WebDataset tar: one per sample key, in order; a sample without an image gets data None
+    (an error record downstream)."""
+    import tarfile
+
+    samples: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(store.read_bytes(key)), mode="r:*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, _, base = member.name.rpartition("/")
+                stem, dot, ext = base.partition(".")
+                if not dot or stem.startswith("."):
+                    continue
+                sample = f"{folder}/{stem}" if folder else stem
+                samples.setdefault(sample, {})[ext.lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise StorageError(f"{store.uri}/{key}", f"not a readable tar file: {err}") from err
+    rows = []
+    for sample, files in samples.items():
+        data = next((files[e] for e in WDS_IMAGE_EXTENSIONS if e in files), None)
+        metadata = {}
+        if "json" in files:
+            try:
+                parsed = json.loads(files["json"])
+            except ValueError:
+                parsed = {}
+            if isinstance(parsed, dict):
+                metadata.update({k: None if v is None else (v if isinstance(v, str) else json.dumps(v))
+                                 for k, v in parsed.items() if k not in RESERVED_COLUMNS})
+        for ext, column in WDS_TEXT_FIELDS.items():
+            if ext in files:
+                metadata[column] = files[ext].decode("utf-8", errors="replace").strip()
+        rows.append({"id": sample, "data": data, "source_uri": f"{store.uri}/{key}#{sample}", "metadata": metadata})
     return rows
 
 

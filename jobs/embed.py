@@ -13,7 +13,8 @@ logger = logging.getLogger(__name__)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rdm embed", description=__doc__)
-    parser.add_argument("--corpus", required=True, help="folder or s3:// prefix of parquet files or images")
+    parser.add_argument("--corpus", required=True,
+                        help="folder or s3:// prefix of parquet files, WebDataset tars or image files")
     parser.add_argument("--out", required=True, help="output folder or s3:// prefix")
     parser.add_argument("--clip", default="tiny",
                         help="CLIP: a shipped model name (its CLIP) or an open_clip architecture[:pretrained tag]")

@@ -3,7 +3,8 @@
 The databases are built as the cluster builds them: the evaluation corpus is written as parquet shards,
 embedded with CLIP on Ray Data (`rdm embed`) and indexed with sharded FAISS (`rdm index build`: one
 database per style, `--where style=<s>`, and one of all styles); retrieval goes through the sharded
-retriever's Ray actors. Ray is the cluster named by RAY_ADDRESS, or a local one on loopback.
+retriever's Ray actors. Ray is the cluster named by RAY_ADDRESS, or a local one on loopback (with a remote
+cluster, DIR must be a folder its workers see too).
 
 Writes DIR/results.json (overall accuracies "retrieval", "prompt", "prompt_all_styles", "text_only",
 "content_retrieval", ..., a per-style table, the classifiers' accuracy on fresh corpus images and the

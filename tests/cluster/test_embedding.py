@@ -45,5 +45,49 @@ def test_image_folders_are_grouped_into_stable_shards(tmp_path):
 
 
 def test_empty_corpus(tmp_path):
-    with pytest.raises(EmptyCorpusError, match="no parquet or image files"):
+    with pytest.raises(EmptyCorpusError, match="no parquet, tar or image files"):
         list_corpus(str(tmp_path))
+
+
+def write_tar(path, members: dict[str, bytes], mode: str = "w") -> None:
+    import tarfile
+
+    with tarfile.open(path, mode) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_tars_are_shards_of_samples_grouped_by_key(tmp_path):
+    import json
+
+    write_tar(tmp_path / "shard-000.tar", {
+        "s/0001.png": png((255, 0, 0)), "s/0001.txt": b"a red square\n",
+        "s/0001.json": json.dumps({"style": "pop-art", "width": 20, "id": "ignored"}).encode(),
+        "s/0002.jpg": b"not a jpeg", "s/0002.cls": b"3",
+        "s/0003.json": b"{}",  # no image: an error record
+    })
+    write_tar(tmp_path / "shard-001.tar.gz", {"0004.webp": png((0, 0, 255))}, mode="w:gz")  # PIL sniffs the format
+    (tmp_path / "broken.tar").write_bytes(b"not a tar at all" * 40)
+    store, shards = list_corpus(str(tmp_path))
+    kinds = {s.keys[0]: s.kind for s in shards}
+    assert kinds == {"shard-000.tar": "webdataset", "shard-001.tar.gz": "webdataset", "broken.tar": "webdataset"}
+
+    def decode(key):
+        shard = next(s for s in shards if s.keys[0] == key)
+        out = decode_shard({"name": shard.name, "kind": shard.kind, "keys": list(shard.keys)},
+                           corpus_uri=str(tmp_path), image_size=(8, 8), antialias=False)
+        return json.loads(out["rows"]), json.loads(out["errors"]), np.load(io.BytesIO(out["images"]))
+
+    rows, errors, images = decode("shard-000.tar")
+    assert [r["id"] for r in rows] == ["s/0001"] and images.shape == (1, 3, 8, 8)
+    assert rows[0]["metadata"] == {"style": "pop-art", "width": "20", "caption": "a red square"}
+    assert rows[0]["source_uri"].endswith("shard-000.tar#s/0001")
+    assert [e["id"] for e in errors] == ["s/0002", "s/0003"]
+    rows, errors, _ = decode("shard-001.tar.gz")
+    assert [r["id"] for r in rows] == ["0004"] and not errors
+    from cluster.errors import StorageError
+
+    with pytest.raises(StorageError, match="not a readable tar file"):
+        decode("broken.tar")

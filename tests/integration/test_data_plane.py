@@ -84,6 +84,35 @@ def test_embed_rerun_skips_written_shards(embedded, s3_corpus):
     assert (again.shards_skipped, again.embedded) == (first.shards_total, 0)
 
 
+def test_webdataset_corpus_on_s3_embeds_and_indexes_by_style(ray_cluster, make_bucket):
+    """WebDataset tars on S3: each tar a shard, each key a sample, its JSON metadata columns to filter on."""
+    import json
+    import tarfile
+
+    rng, root = np.random.default_rng(3), make_bucket("rdm-wds") + "/art"
+    for t in range(2):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for i in range(4):
+                for ext, data in (("png", png(rng)), ("json", json.dumps({"style": ["neon", "mosaic"][i % 2]}).encode())):
+                    info = tarfile.TarInfo(f"t{t}-{i:03d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        open_store(root).write_bytes(f"shard-{t:05d}.tar", buffer.getvalue())
+    out = make_bucket("rdm-wds-emb") + "/art"
+    result = embed_corpus(root, out, clip="tiny", actor_num_cpus=0.5)
+    assert (result.shards_total, result.embedded, result.errors) == (2, 8, 0)
+    index_uri = make_bucket("rdm-wds-index") + "/v"
+    manifest = build_index(out, index_uri, "neon", where={"style": "neon"})
+    assert manifest.count == 4
+    retriever = ShardedRetriever(index_uri, "neon")
+    try:
+        found = retriever.search(torch.nn.functional.normalize(torch.randn(1, 64), dim=-1), 4)
+    finally:
+        retriever.close()
+    assert sorted(found.ids[0]) == ["t0-000", "t0-002", "t1-000", "t1-002"]
+
+
 def test_sharded_exact_index_equals_one_flat_index(embedded, make_bucket):
     out, _ = embedded
     index_uri = make_bucket("rdm-index") + "/v"
