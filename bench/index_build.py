@@ -3,16 +3,17 @@ in parallel), on the same embeddings, in one run.
 
 Writes N clustered unit vectors (`common.ClusteredVectors`) in the `rdm embed` layout, warms Ray up with a
 small build (workers started, FAISS imported), then times `build_index` for each `--shards` value into the
-same index root (one database per run). A build is scan (a task per file) + sample and train in the driver
-(once, whatever the shard count) + one build task per shard (read rows, add to the trained template, write
-files, self-evaluate) + recall and publish; only the per-shard part runs in parallel. To show that serial
-part, the table's settings line also gives the time to train the same spec in-process on a sample of the
-same size (`training_size`). Each row reports the nprobe build_index picked and its recall@k. Shard counts are
-interleaved across repeats. Ray keeps about num_cpus idle workers: with 0.5-CPU tasks, builds with more tasks
-than CPUs start (and import FAISS in) new worker processes each time, and that start-up is part of the time.
+same index root (one database per run). A build is scan (a task per file) + sample (a task per file) and train
+(one task of `--train-num-cpus`, once, whatever the shard count) + one build task per shard (read rows, add to
+the trained template, write files, self-evaluate) + recall and publish; only the per-shard part runs in
+parallel. To show that serial part, the table's settings line also gives the time to train the same spec
+in-process on a sample of the same size (`training_size`). Each row reports the nprobe build_index picked and
+its recall@k. Shard counts are interleaved across repeats. Ray keeps about num_cpus idle workers: with 0.5-CPU
+tasks, builds with more tasks than CPUs start (and import FAISS in) new worker processes each time, and that
+start-up is part of the time.
 
     python bench/index_build.py [--num-vectors 200000] [--dim 768] [--shards 1,2,4] [--index-spec SPEC]
-                                [--shard-num-cpus 0.5] [--repeats 1]
+                                [--shard-num-cpus 0.5] [--train-num-cpus 2] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", default="1,2,4", help="comma-separated num_shards; the first is the baseline")
     parser.add_argument("--index-spec", default=None, help="FAISS factory string (default: choose_index_spec)")
     parser.add_argument("--shard-num-cpus", type=float, default=0.5, help="build_index's default is 0.5")
+    parser.add_argument("--train-num-cpus", type=float, default=2.0,
+                        help="CPUs (= FAISS threads) of the training task; build_index's default is 0.5")
     parser.add_argument("--recall-k", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--num-centers", type=int, default=None, help="mixture centres (default N / 200)")
@@ -94,13 +97,15 @@ def main(argv: list[str] | None = None) -> int:
                 with Stopwatch() as sw:
                     manifests[num_shards] = build_index(
                         f"{work}/emb", f"{work}/index", f"bench-{num_shards}-{repeat}", num_shards=num_shards,
-                        index_spec=spec, recall_k=args.recall_k, shard_num_cpus=args.shard_num_cpus)
+                        index_spec=spec, recall_k=args.recall_k, shard_num_cpus=args.shard_num_cpus,
+                        train_num_cpus=args.train_num_cpus)
                 times[num_shards].append(sw.s)
         rows = [(n, min(n, math.floor(ray_cpus / args.shard_num_cpus)), statistics.median(times[n]), manifests[n])
                 for n in shard_counts]
     baseline = rows[0][2]
     print(f"\nN={args.num_vectors} D={args.dim} files={args.num_files} spec={spec} "
-          f"shard_num_cpus={args.shard_num_cpus} ({task_threads} FAISS thread(s) per build task) ray_cpus={ray_cpus:g} "
+          f"shard_num_cpus={args.shard_num_cpus} ({task_threads} FAISS thread(s) per build task) "
+          f"train_num_cpus={args.train_num_cpus:g} ray_cpus={ray_cpus:g} "
           f"centres={args.num_centers} noise={args.noise} repeats={args.repeats} (median) | in-process train of "
           f"{spec} on {training_size(spec, args.num_vectors)} vectors: {train_s:.1f}s ({start_line})\n")
     print(markdown_table(

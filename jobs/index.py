@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--index-spec", help="FAISS index_factory string (default: chosen by size)")
     build.add_argument("--recall-k", type=int, default=20)
     build.add_argument("--target-recall", type=float, default=0.95)
+    build.add_argument("--train-cpus", type=float, default=0.5,
+                       help="CPUs (and FAISS threads) of the task that trains the coarse quantizer")
     build.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
                        help="index only the rows whose COLUMN equals VALUE, e.g. style=ukiyo-e (repeatable)")
     rebuild = sub.add_parser("rebuild", help="re-embed what changed in a corpus, build, validate, publish, notify")
@@ -62,18 +64,26 @@ def parse_where(items: list[str]) -> dict[str, str]:
     return where
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """What can be checked before Ray starts."""
+    if getattr(args, "shards", None) is not None and args.shards < 1:
+        raise InputError(f"--shards must be >= 1, got {args.shards}")
+    if args.command == "build":
+        if not args.train_cpus > 0:
+            raise InputError(f"--train-cpus must be > 0, got {args.train_cpus}")
+        parse_where(args.where)
+
+
 def run_build(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from cluster.index.build import build_index
 
-    if args.shards is not None and args.shards < 1:
-        raise InputError(f"--shards must be >= 1, got {args.shards}")
     where = parse_where(args.where)
     with tqdm(total=args.shards, desc="index shards", unit="shard") as bar:
         manifest = build_index(args.embeddings, args.out, args.database, num_shards=args.shards,
                                index_spec=args.index_spec, recall_k=args.recall_k, target_recall=args.target_recall,
-                               where=where, progress=bar)
+                               where=where, train_num_cpus=args.train_cpus, progress=bar)
     print(f"published {manifest.database} {manifest.version}: {manifest.count} vectors in {len(manifest.shards)} "
           f"shards, {manifest.index_spec}, recall@{manifest.recall['k']}={manifest.recall['recall']:.3f} "
           f"(nprobe {manifest.nprobe}), {manifest.build_time_s:.1f}s")
@@ -149,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     from cluster.runtime import connect
 
+    check_args(args)
     connect()
     {"build": run_build, "rebuild": run_rebuild, "query": run_query}[args.command](args)
     return EXIT_OK

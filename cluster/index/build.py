@@ -1,8 +1,9 @@
 """Building a sharded FAISS index from embedding parquet files with Ray tasks.
 
 1. scan: a task per file counts its rows (and reads the dim);
-2. train: the driver draws a sample (one task per file), trains the coarse quantizer (and PQ) once,
-   and shares the trained empty index with every shard;
+2. train: a task per file draws a sample, and one training task (its CPU count configurable) trains
+   the coarse quantizer (and PQ) once and holds out recall queries; the trained empty index goes to
+   every shard through the object store (the driver never holds the sample);
 3. build: a task per shard reads its contiguous range of rows, adds them to a copy of the template,
    writes the shard files with their sha256, and answers held-out queries exactly and approximately;
 4. the driver measures recall@k against exact search, picks the smallest nprobe reaching the target,
@@ -124,6 +125,24 @@ def recall_at_k(results: list[dict], k: int, nprobe: int | None) -> float:
     return float(np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact, strict=True)]))
 
 
+def train_template(spec: str, dim: int, num_queries: int, seed: int, *samples: np.ndarray) -> tuple[bytes | None, np.ndarray]:
+    """Ray task: (serialized trained empty index, or None for specs without training; held-out queries)."""
+    import faiss
+    import ray
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0) if ray.is_initialized() else 1.0
+    faiss.omp_set_num_threads(max(1, int(cpus)))
+    train, queries = held_out_queries(np.concatenate(samples), num_queries, seed)
+    nlist = nlist_of(spec)
+    if not nlist:
+        return None, queries
+    if len(train) < nlist:
+        raise IndexBuildError(f"{spec!r} needs at least {nlist} training vectors, got {len(train)}")
+    index = make_index(spec, dim)
+    index.train(np.ascontiguousarray(train))
+    return serialize(index), queries
+
+
 def held_out_queries(sample: np.ndarray, num_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split `sample` into (training vectors, queries): queries are sampled rows plus a little noise."""
     rng = np.random.default_rng(seed)
@@ -136,10 +155,11 @@ def held_out_queries(sample: np.ndarray, num_queries: int, seed: int) -> tuple[n
 
 def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shards: int | None = None,
                 index_spec: str | None = None, recall_k: int = 20, target_recall: float = 0.95,
-                num_queries: int = 100, shard_num_cpus: float = 0.5, seed: int = 0, min_recall: float | None = None,
-                where: dict[str, str] | None = None, progress=None) -> Manifest:
+                num_queries: int = 100, shard_num_cpus: float = 0.5, train_num_cpus: float = 0.5, seed: int = 0,
+                min_recall: float | None = None, where: dict[str, str] | None = None, progress=None) -> Manifest:
     """Build and publish a new version of `database` from `embeddings_uri` (the output of `rdm embed`).
 
+    The quantizer trains in one task of `train_num_cpus` CPUs (that many FAISS threads, at least one).
     `where` keeps only the rows whose columns equal its values (say {"style": "ukiyo-e"}: one style's
     database out of a corpus embedded once). With `min_recall`, a version whose measured recall@k stays
     below it is not published."""
@@ -173,16 +193,13 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
     nlist = nlist_of(spec)
     wanted = training_size(spec, total) + num_queries
     sampler = ray.remote(sample_file).options(num_cpus=shard_num_cpus)
-    sample = np.concatenate(ray.get([sampler.remote(emb_store, k, min(1.0, 1.2 * wanted / total), seed + i, where)
-                                     for i, k in enumerate(keys)]))
-    train, queries = held_out_queries(sample, num_queries, seed)
-    template = None
-    if nlist:
-        if len(train) < nlist:
-            raise IndexBuildError(f"{spec!r} needs at least {nlist} training vectors, the database has {total}")
-        index = make_index(spec, dim)
-        index.train(np.ascontiguousarray(train))
-        template = ray.put(serialize(index))
+    if nlist and total < nlist + num_queries:
+        raise IndexBuildError(f"{spec!r} needs at least {nlist} training vectors, the database has {total}")
+    samples = [sampler.remote(emb_store, k, min(1.0, 1.2 * wanted / total), seed + i, where)
+               for i, k in enumerate(keys)]
+    trainer = ray.remote(train_template).options(num_cpus=train_num_cpus, num_returns=2)
+    template, queries_ref = trainer.remote(spec, dim, num_queries, seed, *samples)
+    queries = ray.get(queries_ref)
     version = new_version()
     nprobes = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= max(nlist, 1)} | ({nlist} if nlist else set()))
     builder = ray.remote(build_shard).options(num_cpus=shard_num_cpus, max_retries=2)

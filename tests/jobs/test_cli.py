@@ -117,3 +117,10 @@ def test_demo_rebuilds_databases_made_with_another_clip(tmp_path):
     assert current_databases(tmp_path, ["neon", "mosaic"], "aaaa")
     assert not current_databases(tmp_path, ["neon", "mosaic"], "bbbb")  # new CLIP weights: embed again
     assert not current_databases(tmp_path, ["neon", "mosaic", "pop-art"], "aaaa")  # one missing
+
+
+@pytest.mark.parametrize("extra, message", [(["--train-cpus", "0"], "--train-cpus"), (["--shards", "0"], "--shards"),
+                                            (["--where", "style"], "--where")])
+def test_index_build_bad_arguments_exit_2_before_starting_ray(tmp_path, capsys, extra, message):
+    code = rdm(["index", "build", "--embeddings", str(tmp_path), "--database", "db", "--out", str(tmp_path)] + extra)
+    assert code == 2 and message in capsys.readouterr().err
