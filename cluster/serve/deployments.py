@@ -132,10 +132,35 @@ class Generator:
         return out | {"url": image_url(self.store, key, expires_s=self.url_expires_s)}
 
 
+def search_batch(resolve, items: list[tuple[str, np.ndarray, int]]) -> list:
+    """Answer many (database, query [D], num_neighbors) items with one search per (database, k) group.
+
+    `resolve(database)` -> (rdm.Retriever, version) or raises. Returns, per item in order, a dict
+    {ids, scores, embeddings, version, degraded} or the exception its group raised."""
+    groups: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for i, (database, _, k) in enumerate(items):
+        groups[database, k].append(i)
+    results: list = [None] * len(items)
+    for (database, k), members in groups.items():
+        try:
+            retriever, version = resolve(database)
+            queries = torch.from_numpy(np.stack([np.asarray(items[i][1], np.float32) for i in members]))
+            found = retriever.search(queries, k)
+        except Exception as err:  # noqa: BLE001 - the group's callers get the error, other groups go on
+            for i in members:
+                results[i] = err
+            continue
+        for row, i in enumerate(members):
+            results[i] = {"ids": found.ids[row], "scores": found.scores[row].tolist(),
+                          "embeddings": found.embeddings[row].numpy(), "version": version, "degraded": found.degraded}
+    return results
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.1})
 class Retriever:
     """Named databases: published sharded indexes (a RetrieverPool of Ray actors) and/or local
-    embedding files searched exactly in-process."""
+    embedding files searched exactly in-process. Concurrent searches are batched: one fan-out to the
+    shard actors per (database, k) answers them all."""
 
     def __init__(self, index_uri: str | None, local_databases: dict[str, str], retriever_options: dict,
                  refresh_interval_s: float = 30.0) -> None:
@@ -148,24 +173,37 @@ class Retriever:
         self.local = {name: ExactRetriever.from_file(path) for name, path in local_databases.items()}
         self.m_latency = metrics.Histogram("rdm_retrieval_seconds", description="retrieval latency",
                                            boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5])
+        self.m_batch = metrics.Histogram("rdm_retrieval_batch_size", description="queries per retrieval batch",
+                                         boundaries=[1, 2, 4, 8, 16, 32, 64])
 
     def databases(self) -> list[dict]:
         found = [{"name": n, "version": "local", "count": len(r)} for n, r in self.local.items()]
         return found + (self.pool.databases() if self.pool else [])
 
-    def search(self, database: str, query: np.ndarray, num_neighbors: int) -> dict:
-        started = time.perf_counter()
+    def resolve(self, database: str):
+        """(retriever, version) of a database name."""
         if database in self.local:
-            retriever, version = self.local[database], "local"
-        elif self.pool is not None:
+            return self.local[database], "local"
+        if self.pool is not None:
             retriever = self.pool.get(database)
-            version = retriever.version
-        else:
-            raise UnknownDatabaseError(f"unknown database {database!r}; known: {', '.join(self.local) or 'none'}")
-        found = retriever.search(torch.from_numpy(np.asarray(query, np.float32))[None], num_neighbors)
-        self.m_latency.observe(time.perf_counter() - started)
-        return {"ids": found.ids[0], "scores": found.scores[0].tolist(), "embeddings": found.embeddings[0].numpy(),
-                "version": version, "degraded": found.degraded}
+            return retriever, retriever.version
+        raise UnknownDatabaseError(f"unknown database {database!r}; known: {', '.join(self.local) or 'none'}")
+
+    async def search(self, database: str, query: np.ndarray, num_neighbors: int) -> dict:
+        result = await self._search_batch((database, query, num_neighbors))
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _search_batch(self, items: list[tuple[str, np.ndarray, int]]) -> list:
+        started = time.perf_counter()
+        results = await asyncio.to_thread(search_batch, self.resolve, items)
+        elapsed = time.perf_counter() - started
+        self.m_batch.observe(len(items))
+        for _ in items:
+            self.m_latency.observe(elapsed)
+        return results
 
     def refresh(self) -> dict[str, bool]:
         return self.pool.refresh() if self.pool else {}
