@@ -37,6 +37,22 @@ logger = logging.getLogger("ray.serve")
 TOKEN_ENV = "RDM_API_TOKEN"
 
 
+def batching_config(config: dict, *, max_batch_size: int, batch_wait_timeout_s: float) -> tuple[int, float]:
+    """(max_batch_size, batch_wait_timeout_s) of a deployment's `user_config`; unknown keys and bad values are
+    a ConfigError (Serve would otherwise ignore a misspelled key silently)."""
+    unknown = sorted(set(config) - {"max_batch_size", "batch_wait_timeout_s"})
+    if unknown:
+        raise ConfigError(f"unknown user_config key(s) {', '.join(unknown)}; known: max_batch_size, batch_wait_timeout_s")
+    try:
+        size = int(config.get("max_batch_size", max_batch_size))
+        wait = float(config.get("batch_wait_timeout_s", batch_wait_timeout_s))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"user_config: {err}") from err
+    if size < 1 or not 0 <= wait <= 60:
+        raise ConfigError(f"user_config: max_batch_size must be >= 1 and batch_wait_timeout_s in 0..60, got {size}, {wait}")
+    return size, wait
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
 class Generator:
     """Loads the model and its CLIP once per replica; `generate` batches compatible requests.
@@ -67,8 +83,9 @@ class Generator:
 
     def reconfigure(self, config: dict) -> None:
         """`user_config`: max_batch_size and batch_wait_timeout_s change without restarting replicas."""
-        self._batch.set_max_batch_size(int(config.get("max_batch_size", 8)))
-        self._batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.05)))
+        size, wait = batching_config(config, max_batch_size=8, batch_wait_timeout_s=0.05)
+        self._batch.set_max_batch_size(size)
+        self._batch.set_batch_wait_timeout_s(wait)
 
     def info(self) -> dict:
         config = self.pipeline.model.config
@@ -175,6 +192,12 @@ class Retriever:
                                            boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5])
         self.m_batch = metrics.Histogram("rdm_retrieval_batch_size", description="queries per retrieval batch",
                                          boundaries=[1, 2, 4, 8, 16, 32, 64])
+
+    def reconfigure(self, config: dict) -> None:
+        """`user_config`: max_batch_size (1: no batching) and batch_wait_timeout_s, changeable at runtime."""
+        size, wait = batching_config(config, max_batch_size=32, batch_wait_timeout_s=0.002)
+        self._search_batch.set_max_batch_size(size)
+        self._search_batch.set_batch_wait_timeout_s(wait)
 
     def databases(self) -> list[dict]:
         found = [{"name": n, "version": "local", "count": len(r)} for n, r in self.local.items()]

@@ -45,3 +45,14 @@ def test_one_search_per_database_and_k_with_answers_in_order(databases):
         alone = ExactRetriever.search(databases[name], torch.from_numpy(query)[None], k)
         assert result["ids"] == alone.ids[0] and result["version"] == "v1" and len(result["scores"]) == k
         np.testing.assert_allclose(result["embeddings"], alone.embeddings[0].numpy(), atol=1e-6)
+
+
+def test_batching_user_config_is_checked():
+    from cluster.serve.deployments import batching_config
+    from rdm.errors import ConfigError
+
+    assert batching_config({}, max_batch_size=8, batch_wait_timeout_s=0.05) == (8, 0.05)
+    assert batching_config({"max_batch_size": 1}, max_batch_size=8, batch_wait_timeout_s=0.05) == (1, 0.05)
+    for bad in ({"max_batch_sise": 4}, {"max_batch_size": 0}, {"batch_wait_timeout_s": "soon"}):
+        with pytest.raises(ConfigError, match="user_config"):
+            batching_config(bad, max_batch_size=8, batch_wait_timeout_s=0.05)
