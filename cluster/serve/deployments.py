@@ -173,7 +173,7 @@ def search_batch(resolve, items: list[tuple[str, np.ndarray, int]]) -> list:
     return results
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1})
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=128)
 class Retriever:
     """Named databases: published sharded indexes (a RetrieverPool of Ray actors) and/or local
     embedding files searched exactly in-process. Concurrent searches are batched: one fan-out to the
