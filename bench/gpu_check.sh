@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
 # The prepared device check of the GPU issue: correctness first, then a speed table, in one run.
-# On the lent GPU machine (torch installed, no Ray):  bash bench/gpu_check.sh
-# On this CPU machine, to test the script:              bash bench/gpu_check.sh --smoke
+# On the lent GPU machine (torch installed, no Ray, no internet): first, here, `bash bench/gpu_wheels.sh`,
+#   then run `bash bench/gpu_check.sh` there with `.gpu-wheels` carried.
+# On this CPU machine, to test the script:  bash bench/gpu_check.sh --smoke
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-python3 -c "import safetensors, open_clip" 2>/dev/null || pip install -q safetensors open_clip_torch pyyaml
 PY=python3
 [ -x .venv/bin/python ] && PY=.venv/bin/python
+if ! "$PY" -c "import safetensors, open_clip" 2>/dev/null; then
+    if ! ls .gpu-wheels/*.whl >/dev/null 2>&1; then
+        echo "open_clip is not installed and .gpu-wheels/ is empty: run bench/gpu_wheels.sh where pip works" >&2
+        exit 2
+    fi
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/gpu-site .gpu-wheels/*.whl
+    export PYTHONPATH="$PYTHONPATH:/tmp/gpu-site"
+fi
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 "$PY" bench/gpu_check.py "$@"
