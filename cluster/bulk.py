@@ -207,6 +207,7 @@ class BulkSampler:
                 "neighbor_ids": json.loads(row["neighbor_ids"]), "neighbor_scores": json.loads(row["neighbor_scores"]),
                 "sampler": s.sampler, "num_steps": s.num_steps, "guidance_scale": s.guidance_scale, "eta": s.eta,
                 "num_neighbors": s.num_neighbors, "model": s.model, "model_hash": self.model_id,
+                "precision": s.precision, "channels_last": s.channels_last, "compile": s.compile or "",
                 "error": str(row["error"])}
 
 

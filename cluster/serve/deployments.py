@@ -4,6 +4,7 @@ databases) and `Ingress` (FastAPI: validation, auth, orchestration, the web page
 
 import asyncio
 import base64
+import dataclasses
 import hmac
 import io
 import logging
@@ -72,6 +73,7 @@ class Generator:
         self.pipeline = Pipeline(rdm_model, clip.to(device) if clip else None,
                                  options=InferenceOptions(**(inference or {})))
         self.model_name, self.model_hash = model, model_hash(model)
+        self.inference = dataclasses.asdict(self.pipeline.options)  # precision etc.: other numerics, other images
         self.store, self.url_expires_s = open_store(output_uri), url_expires_s
         self.pending = 0
         self.m_images = metrics.Counter("rdm_images_generated", description="images generated")
@@ -90,7 +92,8 @@ class Generator:
     def info(self) -> dict:
         config = self.pipeline.model.config
         return {"name": self.model_name, "hash": self.model_hash, "image_size": config.image_size,
-                "context_dim": config.unet.context_dim, "clip": config.clip.model_name if config.clip else None}
+                "context_dim": config.unet.context_dim, "clip": config.clip.model_name if config.clip else None,
+                "inference": self.inference}
 
     def embed(self, prompt: str | None, image_b64: str | None) -> np.ndarray:
         """The query embedding [D]: CLIP text of the prompt, or CLIP image of a base64 PNG/JPEG."""
@@ -144,7 +147,8 @@ class Generator:
         if item["output"] == "inline":
             return out | {"data": base64.b64encode(png).decode()}
         key = image_key(item["request_id"], item["seed"])
-        metadata = item["metadata"] | {"seed": item["seed"], "model": self.model_name, "model_hash": self.model_hash}
+        metadata = item["metadata"] | {"seed": item["seed"], "model": self.model_name, "model_hash": self.model_hash,
+                                       "inference": self.inference}
         write_image(self.store, key, png, metadata)
         return out | {"url": image_url(self.store, key, expires_s=self.url_expires_s)}
 

@@ -56,7 +56,7 @@ def test_bulk_job_writes_every_image_once_and_resumes(index_uri, make_bucket):
     for r in rows:
         assert hashlib.sha256(out.read_bytes(r["uri"])).hexdigest() == r["sha256"]
         assert len(r["neighbor_ids"]) == 3 and r["neighbor_ids"][0].startswith(r["database"])
-        assert r["index_version"].startswith("v") and r["model_hash"]
+        assert r["index_version"].startswith("v") and r["model_hash"] and r["precision"] == "fp32"
     errors = pq.read_table(io.BytesIO(out.read_bytes("errors.parquet"))).to_pylist()
     assert errors[0]["row"] == 6 and "missing" in errors[0]["error"]
     assert b"<img" in out.read_bytes("index.html")

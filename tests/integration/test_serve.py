@@ -75,6 +75,7 @@ def test_generate_writes_images_and_metadata(app_url):
     meta = json.loads(next((root / "out").rglob("7.json")).read_text())
     assert meta["prompt"] == "a boat" and meta["database"] == "art" and len(meta["neighbors"]) == 3
     assert meta["index_version"] == out["index_version"] and meta["model_hash"]
+    assert meta["inference"] == {"precision": "fp32", "channels_last": False, "compile": None}
 
 
 def test_inline_output_and_image_queries(app_url):
@@ -146,7 +147,7 @@ def test_databases_models_and_openapi(app_url):
     status, out = call(url, "/v1/databases")
     assert status == 200 and out["databases"][0]["name"] == "art" and out["databases"][0]["count"] == 60
     status, out = call(url, "/v1/models")
-    assert status == 200 and out["models"][0]["name"] == "tiny"
+    assert status == 200 and out["models"][0]["name"] == "tiny" and out["models"][0]["inference"]["precision"] == "fp32"
     status, spec = call(url, "/openapi.json", token=None)
     assert status == 200 and "/v1/generate" in spec["paths"]
 
