@@ -1,30 +1,19 @@
 """Inference options: the fp32 eager path stays the reference; the others stay close to it."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from rdm.acceleration import InferenceOptions
 from rdm.conditioning import build_context
-from rdm.config import get_config
 from rdm.errors import InputError
-from rdm.factory import build_model
 from rdm.pipeline import Pipeline, SamplerParams
 
 
-def lively_tiny():
-    """The tiny architecture, with its zero-initialised output layers given weights (so outputs vary)."""
-    model = build_model(get_config("tiny"), seed=0)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-    return model
-
-
-def images_of(options: InferenceOptions) -> np.ndarray:
-    pipeline = Pipeline(lively_tiny(), options=options)
+def images_of(model, options: InferenceOptions) -> np.ndarray:
+    pipeline = Pipeline(copy.deepcopy(model), options=options)  # options may cast the weights in place
     context = build_context(torch.nn.functional.normalize(torch.randn(3, 64, generator=torch.Generator().manual_seed(2)),
                                                           dim=-1))
     latents = pipeline.sample_latents(context, [1, 2, 3], SamplerParams("dpmpp_2m", 6, 3.0), height=32, width=32)
@@ -41,18 +30,18 @@ def test_options_are_validated():
         InferenceOptions(channels_last="yes")
 
 
-def test_bf16_and_channels_last_stay_close_to_fp32():
-    reference = images_of(InferenceOptions())
+def test_bf16_and_channels_last_stay_close_to_fp32(lively_tiny_model):
+    reference = images_of(lively_tiny_model, InferenceOptions())
     assert reference.std() > 5  # the outputs depend on the inputs
-    channels_last = images_of(InferenceOptions(channels_last=True))
+    channels_last = images_of(lively_tiny_model, InferenceOptions(channels_last=True))
     assert np.abs(channels_last - reference).max() <= 1  # same math, other memory layout
     for precision in ("bf16-autocast", "bf16"):
-        diff = np.abs(images_of(InferenceOptions(precision, channels_last=True)) - reference)
+        diff = np.abs(images_of(lively_tiny_model, InferenceOptions(precision, channels_last=True)) - reference)
         assert diff.mean() < 4 and diff.max() < 64, (precision, diff.mean(), diff.max())
 
 
-def test_bf16_casts_the_weights_and_fp32_does_not():
-    model = lively_tiny()
+def test_bf16_casts_the_weights_and_fp32_does_not(lively_tiny_model):
+    model = copy.deepcopy(lively_tiny_model)
     Pipeline(model)
     assert model.unet.out[2].weight.dtype == torch.float32
     Pipeline(model, options=InferenceOptions("bf16"))
