@@ -255,16 +255,32 @@ def test_version_swap_does_not_fail_in_flight_queries(ray_cluster, tmp_path):
     assert [d["name"] for d in pool.databases()] == ["swap"]
 
 
+def kill_and_wait(actor) -> None:
+    """ray.kill returns before the actor is gone (it may still answer a call or two): wait until it is dead."""
+    import ray
+
+    ray.kill(actor)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.ready.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return
+        except ray.exceptions.GetTimeoutError:
+            continue
+        time.sleep(0.1)
+    raise AssertionError(f"actor {actor} still answers 60 s after ray.kill")
+
+
 @pytest.mark.timeout(180)  # a hang guard: the search must end in an answer or a typed error, not wait forever
 def test_dead_shard_is_a_typed_error_or_degraded(ray_cluster, tmp_path):
-    import ray
 
     write_embeddings(str(tmp_path / "emb"), unit(np.random.default_rng(4).standard_normal((100, 16))))
     build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), "fragile", num_shards=2)
     for degraded in (False, True):
         retriever = ShardedRetriever(str(tmp_path / "idx"), "fragile", max_restarts=0, timeout_s=3,
                                      allow_degraded=degraded)
-        ray.kill(retriever._set.actors[1][0])
+        kill_and_wait(retriever._set.actors[1][0])
         if degraded:
             found = retriever.search(torch.randn(2, 16), 5)
             assert found.degraded and all(len(row) == 5 for row in found.ids)
