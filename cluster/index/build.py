@@ -46,26 +46,31 @@ def row_filter(where: dict[str, str] | None) -> list[tuple[str, str, str]] | Non
     return [(column, "==", value) for column, value in sorted(where.items())] if where else None
 
 
-def read_embeddings(store: ObjectStore, key: str, where: dict[str, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(ids [n], vectors [n, D] in their stored dtype) of one embeddings parquet file, rows matching `where`."""
-    data = io.BytesIO(store.read_bytes(key))
+def read_table(data: bytes, uri: str, columns: list[str], where: dict[str, str] | None = None):
+    """`columns` of the rows of one parquet file (bytes) matching `where`; a missing filter column is an error."""
+    buffer = io.BytesIO(data)
     if where:
-        names = pq.ParquetFile(data).schema_arrow.names
+        names = pq.ParquetFile(buffer).schema_arrow.names
         missing = sorted(set(where) - set(names))
         if missing:
-            raise IndexBuildError(f"{store.uri}/{key} has no column {', '.join(missing)} to filter on; "
-                                  f"columns: {', '.join(names)}")
-    table = pq.read_table(data, columns=["id", "embedding"], filters=row_filter(where))
+            raise IndexBuildError(f"{uri} has no column {', '.join(missing)} to filter on; columns: {', '.join(names)}")
+    return pq.read_table(buffer, columns=columns, filters=row_filter(where))
+
+
+def read_embeddings(store: ObjectStore, key: str, where: dict[str, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [n], vectors [n, D] in their stored dtype) of one embeddings parquet file, rows matching `where`."""
+    table = read_table(store.read_bytes(key), f"{store.uri}/{key}", ["id", "embedding"], where)
     dim = table.schema.field("embedding").type.list_size
     vectors = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
     return np.asarray(table.column("id").to_pylist(), dtype=object), vectors
 
 
 def scan_file(store: ObjectStore, key: str, where: dict[str, str] | None = None) -> tuple[int, int, str]:
-    """(rows matching `where`, dim, value type) of one embeddings parquet file."""
-    schema_file = pq.ParquetFile(io.BytesIO(store.read_bytes(key)))
+    """(rows matching `where`, dim, value type) of one embeddings parquet file, read once; vectors not decoded."""
+    data = store.read_bytes(key)
+    schema_file = pq.ParquetFile(io.BytesIO(data))
     field = schema_file.schema_arrow.field("embedding").type
-    rows = len(read_embeddings(store, key, where)[0]) if where else schema_file.metadata.num_rows
+    rows = read_table(data, f"{store.uri}/{key}", ["id"], where).num_rows if where else schema_file.metadata.num_rows
     return rows, field.list_size, str(field.value_type)
 
 
