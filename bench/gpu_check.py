@@ -1,35 +1,55 @@
 """Correctness, then speed, of the sampling pipeline on one device (the GPU issue's prepared check).
 
-1. correctness: the images of every `rdm.acceleration` mode against our fp32 eager images of the same
-   seeds (max and mean pixel difference), with the zero-initialised layers of the random model given
-   small weights so that the outputs depend on every input;
-2. speed: images/s at 50 DDIM steps and at 20 DPM-Solver++ steps, guidance 5, k = 10 neighbours, for fp32
-   eager (the baseline, same run), bf16 autocast, bf16 weights + channels_last, and that + torch.compile
-   (UNet and decoder) -- the options the Serve deployment and the bulk job take;
-3. CLIP image-embedding throughput (ViT-L/14 shape, random weights; the tiny CLIP with --smoke).
+For each mode (an `rdm.acceleration.InferenceOptions`, the setting the Serve deployment and the bulk job
+take), on its own copy of one random model whose zero-initialised layers get small weights so that the
+outputs depend on every input:
 
-    python bench/gpu_check.py            # rdm-768, 768 px, on CUDA
-    python bench/gpu_check.py --smoke    # tiny model on CPU, to test the script
+1. correctness: the UNet's eps at one step against fp32 eager's, conditional (a mode over
+   --max-eps-error is marked FAIL) and guided (the guidance scale multiplies the difference of two
+   predictions, and so their rounding errors), as relative L2 errors; and after sampling, the images
+   against fp32 eager's images of the same seeds (max and mean pixel difference; a random model's
+   50-step trajectories drift apart, so these are reported, not judged);
+2. speed: images/s at 50 DDIM steps and at 20 DPM-Solver++ steps, guidance 5, k = 10 neighbours,
+   sampling plus the KL decode, after a 2-step warm-up (compilation); fp32 eager is the baseline, at
+   --baseline-batch; the other modes run at --batch-size.
+
+Then CLIP image-embedding throughput (ViT-L/14 shape, random weights; the tiny CLIP with --smoke).
+Rows print as they are measured, so a run stopped at its limit keeps them; --json writes them too.
+Nothing starts after --budget-s: a skipped row says so.
+
+    python bench/gpu_check.py                 # rdm-768, 768 px, on CUDA
+    python bench/gpu_check.py --smoke         # tiny model on the CPU, to test the script
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
+import json
 import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
 from rdm.acceleration import InferenceOptions
+from rdm.conditioning import null_context
 from rdm.config import get_config
 from rdm.factory import build_model
-from rdm.pipeline import Pipeline, SamplerParams
+from rdm.pipeline import Pipeline, SamplerParams, SeededNoise
 
-MODES = {"fp32 eager": InferenceOptions(), "bf16 autocast": InferenceOptions("bf16-autocast"),
-         "bf16 weights + channels_last": InferenceOptions("bf16", channels_last=True),
-         "bf16 + channels_last + compile": InferenceOptions("bf16", channels_last=True, compile="default")}
-"""The first mode is the baseline every other is compared with."""
+MODES = {"fp32 eager": InferenceOptions(),
+         "bf16 autocast": InferenceOptions("bf16-autocast"),
+         "bf16 + channels_last": InferenceOptions("bf16", channels_last=True),
+         "bf16 + channels_last + compile": InferenceOptions("bf16", channels_last=True, compile="default"),
+         "bf16 + channels_last + compile + CUDA graphs": InferenceOptions("bf16", channels_last=True,
+                                                                          compile="reduce-overhead")}
+DEFAULT_MODES = ("fp32 eager", "bf16 + channels_last", "bf16 + channels_last + compile",
+                 "bf16 + channels_last + compile + CUDA graphs")
+"""fp32 eager comes first: it is the baseline every other mode is compared with."""
+
+GUIDANCE, NUM_NEIGHBORS, PROBE_T = 5.0, 10, 500
 
 
 def lively(model, seed: int = 1):
@@ -41,72 +61,168 @@ def lively(model, seed: int = 1):
     return model
 
 
-def timed(fn, device: str) -> float:
+def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> float:
+    synchronize(device)
     start = time.perf_counter()
     fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     return time.perf_counter() - start
 
 
-def run(pipeline: Pipeline, context, params, size, device, repeats):
+@torch.no_grad()
+def eps_pair(pipeline: Pipeline, context: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(conditional eps, guided eps) of one step at t = PROBE_T from seeded noise, in float32, from one
+    UNet call on the batch the sampler sends (unconditional and conditional halves)."""
+    x = SeededNoise(range(context.shape[0]), pipeline.latent_shape(size, size), device=pipeline.device).draw()
+    context = context.to(pipeline.device)
+    t = torch.full((2 * x.shape[0],), PROBE_T, dtype=torch.int64, device=pipeline.device)
+    with pipeline.modules.autocast(pipeline.device):
+        eps_u, eps_c = pipeline.modules.unet(torch.cat([x, x]), t, torch.cat([null_context(context), context])).chunk(2)
+        eps_u, eps_c = eps_u.float(), eps_c.float()
+    return eps_c, eps_u + GUIDANCE * (eps_c - eps_u)
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((value - reference).norm() / reference.norm())
+
+
+def sample_images(pipeline: Pipeline, context: torch.Tensor, params: SamplerParams, size: int) -> np.ndarray:
     seeds = list(range(context.shape[0]))
-    go = lambda: pipeline.decode(pipeline.sample_latents(context, seeds, params, height=size, width=size))  # noqa: E731
-    images = go()  # warm-up (compilation)
-    seconds = min(timed(go, device) for _ in range(repeats))
-    return images, context.shape[0] / seconds
+    return pipeline.decode(pipeline.sample_latents(context, seeds, params, height=size, width=size))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, few steps")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated: {', '.join(MODES)}")
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, few steps, small batches")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch for the accelerated modes")
+    parser.add_argument("--baseline-batch", type=int, default=16, help="images per batch for fp32 eager")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per row (fewer past --row-s)")
+    parser.add_argument("--row-s", type=float, default=25.0, help="stop repeating a row after this many seconds")
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated: {', '.join(MODES)}")
+    parser.add_argument("--max-eps-error", type=float, default=0.05,
+                        help="largest relative L2 error of a mode's conditional eps against fp32 eager's")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="start no new measurement after this many seconds (the lent machine allows 8 min)")
+    parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    modes = {name: MODES[name] for name in args.modes.split(",")}
+    names = args.modes.split(",")
+    unknown = [name for name in names if name not in MODES]
+    if unknown or names[0] != "fp32 eager":
+        parser.error(f"--modes must start with 'fp32 eager' and name modes of: {', '.join(MODES)}")
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     config = get_config("tiny" if args.smoke else "rdm-768")
-    batch = 4 if args.smoke else args.batch_size
+    batch, baseline_batch = (4, 2) if args.smoke else (args.batch_size, args.baseline_batch)
     steps = {"ddim": 5 if args.smoke else 50, "dpmpp_2m": 4 if args.smoke else 20}
     with torch.device(device):
         base = lively(build_model(config, seed=0))
-    context = torch.nn.functional.normalize(torch.randn(batch, 11, config.unet.context_dim), dim=-1)
+    largest = max(batch, baseline_batch)
+    context = torch.nn.functional.normalize(
+        torch.randn(largest, 1 + NUM_NEIGHBORS, config.unet.context_dim, generator=torch.Generator().manual_seed(0)),
+        dim=-1)
     size = config.image_size
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(f"\nmodel={config.name} device={device} ({name}) batch={batch} size={size}px guidance=5 k=10\n")
-    print("| sampler | steps | mode | images/s | vs fp32 | max pixel diff | mean pixel diff |")
-    print("|---|---|---|---|---|---|---|", flush=True)  # rows print as measured: a killed run keeps them
-    pipelines = {}
-    for sampler, num_steps in steps.items():
-        params = SamplerParams(sampler, num_steps, 5.0)
-        reference, baseline = None, None
-        for mode, options in modes.items():
-            if time.perf_counter() - started > args.budget_s:
-                print(f"| {sampler} | {num_steps} | {mode} | skipped: past --budget-s {args.budget_s:g} | | | |")
+    print(f"\nmodel={config.name} device={device} ({name}) torch={torch.__version__} size={size}px "
+          f"guidance={GUIDANCE:g} k={NUM_NEIGHBORS}\n")
+    print("| sampler | steps | mode | batch | images/s | vs fp32 | eps error | guided eps error | max pixel diff | "
+          "mean pixel diff | warm-up s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    rows: list[dict] = []
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        if "skipped" in row:
+            print(f"| {row['sampler']} | {row['steps']} | {row['mode']} | | skipped: {row['skipped']} | | | | | | |",
+                  flush=True)
+            return
+        print(f"| {row['sampler']} | {row['steps']} | {row['mode']} | {row['batch']} | {row['images_per_s']:.2f} | "
+              f"{row['speedup']:.2f}x | {row['eps_error']:.2e}{'' if row['eps_ok'] else ' FAIL'} | "
+              f"{row['guided_eps_error']:.2e} | "
+              f"{row['max_pixel_diff']} | {row['mean_pixel_diff']:.3f} | {row['warmup_s']:.1f} |", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": name, "torch": torch.__version__, "model": config.name, "rows": rows}, f, indent=1)
+
+    reference_eps = eps_pair(Pipeline(base), context, size)  # fp32 eager, every context row
+    reference_images: dict[str, np.ndarray] = {}
+    baseline_ips: dict[str, float] = {}
+    def over_budget() -> bool:
+        return time.perf_counter() - started > args.budget_s
+
+    def measure(mode: str, options: InferenceOptions, pipeline: Pipeline, rows_batch: int) -> None:
+        mode_context = context[:rows_batch]
+        warm_start = time.perf_counter()
+        eps = eps_pair(pipeline, mode_context, size)  # compiles the UNet for this batch
+        eps_error, guided_error = (relative_error(value, reference[:rows_batch])
+                                   for value, reference in zip(eps, reference_eps, strict=True))
+        for sampler, num_steps in steps.items():
+            if over_budget():
+                emit({"sampler": sampler, "steps": num_steps, "mode": mode, "skipped": f"past --budget-s {args.budget_s:g}"})
                 continue
-            if mode not in pipelines:  # each mode on its own copy: bf16 casts the weights in place
-                pipelines[mode] = Pipeline(base if options.is_reference else copy.deepcopy(base), options=options)
-            images, ips = run(pipelines[mode], context, params, size, device, args.repeats)
-            reference = images if reference is None else reference
-            baseline = baseline or ips
-            diff = np.abs(images.astype(int) - reference.astype(int))
-            print(f"| {sampler} | {num_steps} | {mode} | {ips:.2f} | {ips / baseline:.2f}x | {int(diff.max())} | "
-                  f"{float(diff.mean()):.3f} |", flush=True)
-    del pipelines, base
+            params = SamplerParams(sampler, num_steps, GUIDANCE)
+            sample_images(pipeline, mode_context, SamplerParams(sampler, 2, GUIDANCE), size)  # warm-up, compiles the decoder
+            warmup = time.perf_counter() - warm_start
+            seconds, images = [], None
+            while len(seconds) < args.repeats and (not seconds or sum(seconds) < args.row_s):
+                synchronize(device)
+                start = time.perf_counter()
+                images = sample_images(pipeline, mode_context, params, size)
+                seconds.append(time.perf_counter() - start)
+            ips = rows_batch / min(seconds)
+            baseline_ips.setdefault(sampler, ips)
+            reference = reference_images.setdefault(sampler, images)
+            shared = min(len(images), len(reference))
+            diff = np.abs(images[:shared].astype(int) - reference[:shared].astype(int))
+            emit({"sampler": sampler, "steps": num_steps, "mode": mode, "options": asdict(options), "batch": rows_batch,
+                  "images_per_s": ips, "speedup": ips / baseline_ips[sampler], "eps_error": eps_error,
+                  "guided_eps_error": guided_error, "eps_ok": eps_error <= args.max_eps_error,
+                  "max_pixel_diff": int(diff.max()), "mean_pixel_diff": float(diff.mean()), "warmup_s": warmup,
+                  "timed_runs": len(seconds)})
+            warm_start = time.perf_counter()
+
+    for mode in names:
+        options = MODES[mode]
+        if over_budget():
+            for sampler, num_steps in steps.items():
+                emit({"sampler": sampler, "steps": num_steps, "mode": mode, "skipped": f"past --budget-s {args.budget_s:g}"})
+            continue
+        rows_batch = baseline_batch if options.is_reference else batch
+        try:
+            pipeline = Pipeline(base if options.is_reference else copy.deepcopy(base), options=options)
+            measure(mode, options, pipeline, rows_batch)
+        except Exception as error:  # noqa: BLE001 -- one mode failing (compiler, memory) must not lose the others
+            if options.is_reference:
+                raise
+            emit({"sampler": "-", "steps": "-", "mode": mode, "skipped": f"failed: {type(error).__name__}: "
+                  f"{str(error).splitlines()[0][:200] if str(error) else ''}"})
+        pipeline = None
+        release(device)
+    del base
+    release(device)
     if time.perf_counter() - started > args.budget_s:
         print("\nCLIP image embedding: skipped (past --budget-s)")
     else:
         clip_ips = clip_throughput(args.smoke, device, batch)
         print(f"\nCLIP image embedding ({'tiny' if args.smoke else 'ViT-L-14'}, random weights, bf16 autocast on "
               f"GPUs): {clip_ips:.1f} images/s")
-    print(f"total {time.perf_counter() - started:.0f} s")
-    return 0
+    failed = [row["mode"] for row in rows
+              if ("eps_ok" in row and not row["eps_ok"]) or row.get("skipped", "").startswith("failed")]
+    print(f"total {time.perf_counter() - started:.0f} s; correctness: "
+          f"{'FAIL in ' + ', '.join(sorted(set(failed))) if failed else 'every measured mode within --max-eps-error'}")
+    return 1 if failed else 0
+
+
+def release(device: str) -> None:
+    """Free what a finished mode held: its compiled graphs (and CUDA graph pools) and cached blocks."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def clip_throughput(smoke: bool, device: str, batch: int) -> float:
@@ -116,7 +232,7 @@ def clip_throughput(smoke: bool, device: str, batch: int) -> float:
     config = ClipConfig("rdm-tiny-clip", None, 64) if smoke else ClipConfig("ViT-L-14", None, 768)
     encoder = load_clip(config).to(device)
     images = torch.rand(batch * (1 if smoke else 4), 3, 224, 224, device=device) * 2 - 1
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
         encoder.encode_image(images)
         seconds = min(timed(lambda: encoder.encode_image(images), device) for _ in range(3))
     return len(images) / seconds

@@ -17,4 +17,5 @@ if ! "$PY" -c "import safetensors, open_clip" 2>/dev/null; then
     export PYTHONPATH="$PYTHONPATH:/tmp/gpu-site"
 fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-"$PY" bench/gpu_check.py "$@"
+JSON=(); [ -n "${OUT:-}" ] && JSON=(--json "$OUT/gpu_check.json")  # the device tool brings $OUT back
+"$PY" bench/gpu_check.py "${JSON[@]}" "$@"

@@ -6,26 +6,57 @@ Parameter names match the reference so checkpoints map key for key. Attention ru
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention of `x` [B, N, query_dim] over `context` [B, M, context_dim] (self if None)."""
+    """Multi-head attention of `x` [B, N, query_dim] over `context` [B, M, context_dim] (self if None).
+
+    `fuse_projections()` (an inference option) computes the projections of one input with one matmul.
+    """
 
     def __init__(self, query_dim: int, *, context_dim: int | None = None, heads: int, dim_head: int) -> None:
         super().__init__()
         inner_dim = heads * dim_head
+        self.is_self_attention = context_dim is None
         context_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(0.0))
+        self.register_buffer("fused_weight", None, persistent=False)
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """One weight for [q; k; v] (self-attention) or [k; v] (cross-attention), for inference.
+
+        The separate layers' weights become views into it, so parameter names, the state dict and the
+        memory used stay as they were. Cast or move the module before fusing, not after: `.to()` copies
+        parameters and buffers apart, which keeps the results but doubles those weights' memory.
+        """
+        if self.fused_weight is not None:
+            return
+        layers = (self.to_q, self.to_k, self.to_v) if self.is_self_attention else (self.to_k, self.to_v)
+        fused = torch.cat([layer.weight for layer in layers])
+        for layer, view in zip(layers, fused.split([layer.out_features for layer in layers]), strict=True):
+            layer.weight = nn.Parameter(view, requires_grad=False)
+        self.fused_weight = fused
+
+    def project(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        if self.fused_weight is not None and (context is None) == self.is_self_attention:
+            if context is None:
+                q, k, v = F.linear(x, self.fused_weight).chunk(3, dim=-1)
+                return q, k, v
+            k, v = F.linear(context, self.fused_weight).chunk(2, dim=-1)
+            return self.to_q(x), k, v
+        context = x if context is None else context
+        return self.to_q(x), self.to_k(context), self.to_v(context)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q, k, v = self.project(x, context)
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)  # scale dim_head ** -0.5, as the reference
         return self.to_out(out.transpose(1, 2).flatten(2))

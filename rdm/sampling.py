@@ -87,14 +87,26 @@ def make_ddim_schedule(alphas_cumprod: Tensor, num_steps: int, *, eta: float = 0
     return DDIMSchedule(timesteps, alphas, alphas_prev, torch.from_numpy(np.sqrt(one_minus)), sigmas)
 
 
-def _ddim_update(x: Tensor, eps: Tensor, sched: DDIMSchedule, index: int,
+class _DeviceConstants:
+    """A DDIM schedule's per-step constants as float32 tensors on the sampling device, moved once.
+
+    Making a scalar tensor on a GPU per step would copy from host memory and wait for the stream each
+    time, so the host could never queue the next step's kernels ahead of the running ones.
+    """
+
+    def __init__(self, sched: DDIMSchedule, device: torch.device) -> None:
+        def on_device(values: Tensor) -> Tensor:
+            return values.to(torch.float32).to(device)
+
+        self.alphas, self.alphas_prev = on_device(sched.alphas), on_device(sched.alphas_prev)
+        self.sigmas, self.sqrt_one_minus = on_device(sched.sigmas), on_device(sched.sqrt_one_minus_alphas)
+
+
+def _ddim_update(x: Tensor, eps: Tensor, consts: _DeviceConstants, index: int,
                  noise: Tensor | None) -> tuple[Tensor, Tensor]:
     """One DDIM update from step `index` in float32: returns (x_prev, pred_x0)."""
-    def const(values: Tensor) -> Tensor:
-        return torch.tensor(float(values[index]), dtype=torch.float32, device=x.device)
-
-    a_t, a_prev = const(sched.alphas), const(sched.alphas_prev)
-    sigma, sqrt_one_minus = const(sched.sigmas), const(sched.sqrt_one_minus_alphas)
+    a_t, a_prev = consts.alphas[index], consts.alphas_prev[index]
+    sigma, sqrt_one_minus = consts.sigmas[index], consts.sqrt_one_minus[index]
     pred_x0 = (x - sqrt_one_minus.to(x.dtype) * eps) / a_t.sqrt().to(x.dtype)
     dir_xt = (1.0 - a_prev - sigma**2).sqrt().to(x.dtype) * eps
     x_prev = a_prev.sqrt().to(x.dtype) * pred_x0 + dir_xt
@@ -115,12 +127,12 @@ def sample_ddim(eps_model: EpsModel, x: Tensor, sched: DDIMSchedule, *, noise: N
     stochastic = bool((sched.sigmas > 0).any())
     if stochastic and noise is None:
         raise InputError("eta > 0 needs a noise source")
-    num_steps = len(sched.timesteps)
+    num_steps, consts = len(sched.timesteps), _DeviceConstants(sched, x.device)
     for i in range(num_steps):
         index = num_steps - 1 - i
         t = int(sched.timesteps[index])
         eps = eps_model(x, _timestep(t, x))
-        x, pred_x0 = _ddim_update(x, eps, sched, index, noise(i) if stochastic else None)
+        x, pred_x0 = _ddim_update(x, eps, consts, index, noise(i) if stochastic else None)
         if callback is not None:
             callback(Step(index=i, t=t, x=x, pred_x0=pred_x0))
     return x
@@ -136,19 +148,19 @@ def sample_plms(eps_model: EpsModel, x: Tensor, sched: DDIMSchedule, *,
     """
     if bool((sched.sigmas != 0).any()):
         raise InputError("PLMS is deterministic: eta must be 0")
-    num_steps = len(sched.timesteps)
+    num_steps, consts = len(sched.timesteps), _DeviceConstants(sched, x.device)
     history: list[Tensor] = []
     for i in range(num_steps):
         index = num_steps - 1 - i
         t = int(sched.timesteps[index])
         eps = eps_model(x, _timestep(t, x))
         if not history:
-            x_next, _ = _ddim_update(x, eps, sched, index, None)
+            x_next, _ = _ddim_update(x, eps, consts, index, None)
             t_next = int(sched.timesteps[max(index - 1, 0)])
             eps_prime = (eps + eps_model(x_next, _timestep(t_next, x))) / 2
         else:
             eps_prime = _plms_combine(eps, history)
-        x, pred_x0 = _ddim_update(x, eps_prime, sched, index, None)
+        x, pred_x0 = _ddim_update(x, eps_prime, consts, index, None)
         history = (history + [eps])[-3:]
         if callback is not None:
             callback(Step(index=i, t=t, x=x, pred_x0=pred_x0))

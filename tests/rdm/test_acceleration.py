@@ -47,3 +47,34 @@ def test_bf16_casts_the_weights_and_fp32_does_not(lively_tiny_model):
     Pipeline(model, options=InferenceOptions("bf16"))
     assert model.unet.out[2].weight.dtype == torch.bfloat16
     assert next(model.autoencoder.parameters()).dtype == torch.bfloat16
+
+
+def test_fused_projections_compute_the_same_attention():
+    from rdm.attention import CrossAttention
+
+    torch.manual_seed(0)
+    x, context = torch.randn(2, 36, 64), torch.randn(2, 5, 48)
+    for layer, ctx in ((CrossAttention(64, heads=4, dim_head=16), None),
+                       (CrossAttention(64, context_dim=48, heads=4, dim_head=16), context)):
+        expected = layer(x, ctx)
+        names = sorted(layer.state_dict())
+        layer.fuse_projections()
+        assert layer.fused_weight is not None and sorted(layer.state_dict()) == names
+        torch.testing.assert_close(layer(x, ctx), expected, rtol=1e-5, atol=1e-6)
+        # the separate weights are views of the fused one: an update to either is seen by both
+        layer.to_k.weight.data.mul_(2)
+        assert torch.equal(layer.fused_weight[layer.to_k.out_features * layer.is_self_attention:][:4],
+                           layer.to_k.weight[:4])
+        assert not torch.allclose(layer(x, ctx), expected)
+
+
+def test_only_the_non_reference_options_fuse_the_projections(lively_tiny_model):
+    from rdm.attention import CrossAttention
+
+    def fused(options):
+        model = copy.deepcopy(lively_tiny_model)
+        Pipeline(model, options=options)
+        return {m.fused_weight is not None for m in model.unet.modules() if isinstance(m, CrossAttention)}
+
+    assert fused(InferenceOptions()) == {False}
+    assert fused(InferenceOptions("bf16")) == {True}

@@ -1,0 +1,57 @@
+"""The prepared GPU check (bench/gpu_check.py) runs end to end on the CPU with the tiny model, keeps going
+when a mode fails, and says so in its exit status: a broken script would waste a lent GPU's only run."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu_check.py"
+
+
+@pytest.fixture
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_run_measures_every_mode_and_checks_eps(gpu_check, tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    modes = "fp32 eager,bf16 + channels_last"
+    assert gpu_check.main(["--smoke", "--modes", modes, "--repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mode"], r["sampler"]) for r in rows] == [
+        ("fp32 eager", "ddim"), ("fp32 eager", "dpmpp_2m"),
+        ("bf16 + channels_last", "ddim"), ("bf16 + channels_last", "dpmpp_2m")]
+    baseline, bf16 = rows[0], rows[2]
+    assert baseline["eps_error"] == 0 and baseline["max_pixel_diff"] == 0 and baseline["speedup"] == 1
+    assert 0 < bf16["eps_error"] < 0.05 and bf16["eps_ok"] and bf16["batch"] == 4 and baseline["batch"] == 2
+    assert bf16["guided_eps_error"] > bf16["eps_error"]  # guidance scales up the rounding error
+    assert "CLIP image embedding" in capsys.readouterr().out
+
+
+def test_a_failing_mode_is_reported_and_the_rest_still_run(gpu_check, tmp_path, monkeypatch):
+    real_prepare = gpu_check.Pipeline.__init__
+
+    def init(self, model, *args, options=None, **kwargs):
+        if options is not None and options.channels_last:
+            raise RuntimeError("compiler exploded\nlong trace")
+        real_prepare(self, model, *args, options=options, **kwargs)
+
+    monkeypatch.setattr(gpu_check.Pipeline, "__init__", init)
+    out = tmp_path / "rows.json"
+    status = gpu_check.main(["--smoke", "--modes", "fp32 eager,bf16 + channels_last,bf16 autocast", "--repeats", "1",
+                             "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert status == 1
+    assert any(r["mode"] == "bf16 + channels_last" and r.get("skipped") == "failed: RuntimeError: compiler exploded"
+               for r in rows)
+    assert [r["sampler"] for r in rows if r["mode"] == "bf16 autocast"] == ["ddim", "dpmpp_2m"]
+
+
+def test_modes_must_start_with_the_baseline(gpu_check):
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--smoke", "--modes", "bf16 + channels_last"])
