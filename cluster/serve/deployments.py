@@ -13,6 +13,7 @@ import secrets
 import threading
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
@@ -82,6 +83,7 @@ class Generator:
         self.m_sampling = metrics.Histogram("rdm_sampling_seconds", description="sampling + decode time per batch",
                                             boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60])
         self.m_queue = metrics.Gauge("rdm_generator_queue_depth", description="items waiting or sampling")
+        self._writers = ThreadPoolExecutor(max_workers=16, thread_name_prefix="rdm-deliver")
 
     def reconfigure(self, config: dict) -> None:
         """`user_config`: max_batch_size and batch_wait_timeout_s change without restarting replicas."""
@@ -113,20 +115,31 @@ class Generator:
         self.pending += 1
         self.m_queue.set(self.pending)
         try:
-            return await self._batch(item)
+            result = await self._batch(item)
         finally:
             self.pending -= 1
             self.m_queue.set(self.pending)
+        if isinstance(result, Exception):  # this item's delivery failed; the batch's others did not
+            raise result
+        return result
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def _batch(self, items: list[dict]) -> list[dict]:
+        """Sample each group of the batch, then encode and write its images in parallel threads (PNG + S3);
+        an item whose write failed gets its own exception.
+
+        Sampling runs on the event loop, blocking it, on purpose: Serve freezes a batch as soon as it has
+        collected one (the first item plus what comes within the wait), even while the previous batch
+        still runs. With sampling in a worker thread the loop collected the next batch early, from few
+        items (measured on 2 cores, 128 requests, 8 clients: mean batch 3.6-4.6 against 5.6-6.0, and
+        no more images/s); blocked, it collects what arrived during sampling."""
         from rdm.pipeline import SamplerParams
 
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, item in enumerate(items):
             groups[(item["sampler"], item["num_steps"], item["guidance_scale"], item["eta"],
                     np.shape(item["context"]))].append(i)
-        results: list[dict] = [{} for _ in items]
+        results: list[dict | Exception] = [{} for _ in items]
         for (sampler, steps, scale, eta, _), members in groups.items():
             started = time.perf_counter()
             contexts = torch.from_numpy(np.stack([items[i]["context"] for i in members])).float()
@@ -138,11 +151,15 @@ class Generator:
             self.m_batch.observe(len(members))
             self.m_sampling.observe(elapsed)
             self.m_images.inc(len(members))
-            for row, i in enumerate(members):
-                results[i] = self._deliver(items[i], encode_png(pixels[row]), len(members), elapsed)
+            writes = [self._writers.submit(self._deliver, items[i], pixels[row], len(members), elapsed)
+                      for row, i in enumerate(members)]
+            for i, write in zip(members, writes, strict=True):
+                error = write.exception()
+                results[i] = write.result() if error is None else error
         return results
 
-    def _deliver(self, item: dict, png: bytes, batch_size: int, elapsed: float) -> dict:
+    def _deliver(self, item: dict, pixels: np.ndarray, batch_size: int, elapsed: float) -> dict:
+        png = encode_png(pixels)
         out = {"seed": item["seed"], "batch_size": batch_size, "sampling_s": elapsed}
         if item["output"] == "inline":
             return out | {"data": base64.b64encode(png).decode()}

@@ -1,0 +1,62 @@
+"""The Generator's batch handler, called directly (no Serve): one sampling call per group, images written
+in parallel, and a failed write fails only its own item."""
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from cluster.errors import StorageError
+from cluster.serve import deployments
+from cluster.storage import open_store
+from rdm.factory import load_model
+from rdm.pipeline import Pipeline
+
+
+class Recorder:
+    def __init__(self):
+        self.values = []
+
+    def observe(self, value):
+        self.values.append(value)
+
+    inc = set = observe
+
+
+@pytest.fixture
+def generator(tmp_path):
+    cls = deployments.Generator.func_or_class
+    gen = cls.__new__(cls)  # the replica's state, without Serve's metrics registry
+    gen.pipeline = Pipeline(load_model("tiny"))
+    gen.model_name, gen.model_hash, gen.inference = "tiny", "hash", {}
+    gen.store, gen.url_expires_s = open_store(str(tmp_path / "out")), 60
+    gen.m_images, gen.m_batch, gen.m_sampling = Recorder(), Recorder(), Recorder()
+    gen._writers = ThreadPoolExecutor(4)
+    return gen
+
+
+def item(seed: int, steps: int = 3) -> dict:
+    context = torch.nn.functional.normalize(torch.randn(3, 64, generator=torch.Generator().manual_seed(seed)), dim=-1)
+    return {"context": context.numpy(), "seed": seed, "sampler": "ddim", "num_steps": steps, "guidance_scale": 2.0,
+            "eta": 0.0, "output": "store", "request_id": f"r{seed}", "metadata": {"prompt": "p"}}
+
+
+def test_a_failed_write_fails_only_its_item(generator, monkeypatch, tmp_path):
+    real_write = deployments.write_image
+
+    def write(store, key, png, metadata):
+        if metadata["seed"] == 2:
+            raise StorageError(key, "disk full")
+        real_write(store, key, png, metadata)
+
+    monkeypatch.setattr(deployments, "write_image", write)
+    handler = deployments.Generator.func_or_class._batch.__wrapped__
+    results = asyncio.run(handler(generator, [item(1), item(2), item(3), item(4, steps=2)]))
+    assert isinstance(results[1], StorageError)
+    assert [r["seed"] for r in (results[0], results[2], results[3])] == [1, 3, 4]
+    assert [r["batch_size"] for r in (results[0], results[2], results[3])] == [3, 3, 1]  # the 3-step group, then the 2-step one
+    assert generator.m_batch.values == [3, 1]
+    written = sorted(p.name for p in (tmp_path / "out").rglob("*.png"))
+    assert written == ["1.png", "3.png", "4.png"]
+    assert all(r["url"].startswith("/v1/outputs/") for r in (results[0], results[2], results[3]))
