@@ -83,7 +83,7 @@ class Generator:
         self.m_sampling = metrics.Histogram("rdm_sampling_seconds", description="sampling + decode time per batch",
                                             boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60])
         self.m_queue = metrics.Gauge("rdm_generator_queue_depth", description="items waiting or sampling")
-        self._writers = ThreadPoolExecutor(max_workers=16, thread_name_prefix="rdm-deliver")
+        self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="rdm-deliver")
 
     def reconfigure(self, config: dict) -> None:
         """`user_config`: max_batch_size and batch_wait_timeout_s change without restarting replicas."""
