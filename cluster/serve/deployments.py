@@ -28,6 +28,7 @@ from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
 
 from cluster.errors import ObjectNotFoundError, RetrievalError, ShardUnavailableError, UnknownDatabaseError
+from cluster.serve.batching import ModelBatcher
 from cluster.serve.outputs import image_key, image_url, write_image
 from cluster.serve.schemas import AppArgs, GeneratedImage, GenerateRequest, GenerateResponse, NeighborOut
 from cluster.storage import open_store
@@ -84,12 +85,12 @@ class Generator:
                                             boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60])
         self.m_queue = metrics.Gauge("rdm_generator_queue_depth", description="items waiting or sampling")
         self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="rdm-deliver")
+        self._batcher = ModelBatcher(self._run_batch, max_batch_size=8, batch_wait_timeout_s=0.05)
 
     def reconfigure(self, config: dict) -> None:
         """`user_config`: max_batch_size and batch_wait_timeout_s change without restarting replicas."""
         size, wait = batching_config(config, max_batch_size=8, batch_wait_timeout_s=0.05)
-        self._batch.set_max_batch_size(size)
-        self._batch.set_batch_wait_timeout_s(wait)
+        self._batcher.configure(max_batch_size=size, batch_wait_timeout_s=wait)
 
     def info(self) -> dict:
         config = self.pipeline.model.config
@@ -115,24 +116,14 @@ class Generator:
         self.pending += 1
         self.m_queue.set(self.pending)
         try:
-            result = await self._batch(item)
+            return await self._batcher.submit(item)
         finally:
             self.pending -= 1
             self.m_queue.set(self.pending)
-        if isinstance(result, Exception):  # this item's delivery failed; the batch's others did not
-            raise result
-        return result
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _batch(self, items: list[dict]) -> list[dict]:
-        """Sample each group of the batch, then encode and write its images in parallel threads (PNG + S3);
-        an item whose write failed gets its own exception.
-
-        Sampling runs on the event loop, blocking it, on purpose: Serve freezes a batch as soon as it has
-        collected one (the first item plus what comes within the wait), even while the previous batch
-        still runs. With sampling in a worker thread the loop collected the next batch early, from few
-        items (measured on 2 cores, 128 requests, 8 clients: mean batch 3.6-4.6 against 5.6-6.0, and
-        no more images/s); blocked, it collects what arrived during sampling."""
+    def _run_batch(self, items: list[dict]) -> list[dict | Exception]:
+        """On the batcher's model thread: sample each group of compatible items, then encode and write its
+        images on the writer threads; an item whose write failed gets its own exception."""
         from rdm.pipeline import SamplerParams
 
         groups: dict[tuple, list[int]] = defaultdict(list)
@@ -144,9 +135,15 @@ class Generator:
             started = time.perf_counter()
             contexts = torch.from_numpy(np.stack([items[i]["context"] for i in members])).float()
             size = self.pipeline.model.config.image_size
-            latents = self.pipeline.sample_latents(contexts, [items[i]["seed"] for i in members],
-                                                   SamplerParams(sampler, steps, scale, eta), height=size, width=size)
-            pixels = self.pipeline.decode(latents)
+            try:
+                latents = self.pipeline.sample_latents(contexts, [items[i]["seed"] for i in members],
+                                                       SamplerParams(sampler, steps, scale, eta), height=size,
+                                                       width=size)
+                pixels = self.pipeline.decode(latents)
+            except Exception as error:  # noqa: BLE001 -- this group's items get it; other groups go on
+                for i in members:
+                    results[i] = error
+                continue
             elapsed = time.perf_counter() - started
             self.m_batch.observe(len(members))
             self.m_sampling.observe(elapsed)

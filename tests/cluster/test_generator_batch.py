@@ -1,7 +1,6 @@
-"""The Generator's batch handler, called directly (no Serve): one sampling call per group, images written
-in parallel, and a failed write fails only its own item."""
+"""The Generator's batch function, called directly (no Serve): one sampling call per group, images
+written in parallel, and a failed write or a failed group fails only its own items."""
 
-import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -51,8 +50,7 @@ def test_a_failed_write_fails_only_its_item(generator, monkeypatch, tmp_path):
         real_write(store, key, png, metadata)
 
     monkeypatch.setattr(deployments, "write_image", write)
-    handler = deployments.Generator.func_or_class._batch.__wrapped__
-    results = asyncio.run(handler(generator, [item(1), item(2), item(3), item(4, steps=2)]))
+    results = generator._run_batch([item(1), item(2), item(3), item(4, steps=2)])
     assert isinstance(results[1], StorageError)
     assert [r["seed"] for r in (results[0], results[2], results[3])] == [1, 3, 4]
     assert [r["batch_size"] for r in (results[0], results[2], results[3])] == [3, 3, 1]  # the 3-step group, then the 2-step one
@@ -60,3 +58,10 @@ def test_a_failed_write_fails_only_its_item(generator, monkeypatch, tmp_path):
     written = sorted(p.name for p in (tmp_path / "out").rglob("*.png"))
     assert written == ["1.png", "3.png", "4.png"]
     assert all(r["url"].startswith("/v1/outputs/") for r in (results[0], results[2], results[3]))
+
+
+def test_a_failed_group_fails_only_its_items(generator):
+    bad = item(5) | {"num_steps": 0}  # SamplerParams rejects it: InputError for this group alone
+    results = generator._run_batch([item(1), bad, item(3)])
+    assert type(results[1]).__name__ == "InputError" and "num_steps" in str(results[1])
+    assert [results[0]["seed"], results[2]["seed"]] == [1, 3]
