@@ -4,6 +4,8 @@ What the Serve `Generator` and the bulk `BulkSampler` do after each sampling bat
 would otherwise wait. Images are smooth random fields (PNG compresses them about as much as photographs),
 written to a local folder (or any store URI given with --out, such as s3://bucket/prefix).
 
+Then PNG encoding alone (one thread) at zlib compress levels 1 and 6 (Pillow's default, what we write).
+
     python bench/delivery.py [--size 768] [--images 32] [--threads 8] [--out URI]
 """
 
@@ -46,6 +48,19 @@ def run(store, batch: np.ndarray, threads: int, tag: str) -> tuple[float, int]:
     return time.perf_counter() - start, sum(sizes)
 
 
+def encode_seconds(batch: np.ndarray, level: int) -> tuple[float, int]:
+    import io
+
+    from PIL import Image
+
+    start, size = time.perf_counter(), 0
+    for pixels in batch:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=level)
+        size += buffer.tell()
+    return time.perf_counter() - start, size
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=768)
@@ -70,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|")
     for threads, (seconds, _) in results.items():
         print(f"| {threads} | {seconds:.2f} | {1000 * seconds / args.images:.1f} | {base / seconds:.2f}x |")
+    print("\n| PNG compress_level | ms per image (encode only) | MB per image |")
+    print("|---|---|---|")
+    for level in (1, 6):
+        seconds, size = min(encode_seconds(batch[:8], level) for _ in range(args.repeats))
+        print(f"| {level} | {1000 * seconds / 8:.0f} | {size / 8 / 1e6:.2f} |")
     return 0
 
 

@@ -36,10 +36,6 @@ class ModelBatcher:
         """Takes effect from the next batch."""
         self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
 
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
-
     async def submit(self, item: Any) -> Any:
         """The result of `item` once its batch has run."""
         loop = asyncio.get_running_loop()
