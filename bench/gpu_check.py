@@ -130,20 +130,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmodel={config.name} device={device} ({name}) torch={torch.__version__} size={size}px "
           f"guidance={GUIDANCE:g} k={NUM_NEIGHBORS}\n")
     print("| sampler | steps | mode | batch | images/s | vs fp32 | eps error | guided eps error | max pixel diff | "
-          "mean pixel diff | warm-up s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+          "mean pixel diff | warm-up s | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     rows: list[dict] = []
 
     def emit(row: dict) -> None:
         rows.append(row)
         if "skipped" in row:
-            print(f"| {row['sampler']} | {row['steps']} | {row['mode']} | | skipped: {row['skipped']} | | | | | | |",
+            print(f"| {row['sampler']} | {row['steps']} | {row['mode']} | | skipped: {row['skipped']} | | | | | | | |",
                   flush=True)
             return
         print(f"| {row['sampler']} | {row['steps']} | {row['mode']} | {row['batch']} | {row['images_per_s']:.2f} | "
               f"{row['speedup']:.2f}x | {row['eps_error']:.2e}{'' if row['eps_ok'] else ' FAIL'} | "
               f"{row['guided_eps_error']:.2e} | "
-              f"{row['max_pixel_diff']} | {row['mean_pixel_diff']:.3f} | {row['warmup_s']:.1f} |", flush=True)
+              f"{row['max_pixel_diff']} | {row['mean_pixel_diff']:.3f} | {row['warmup_s']:.1f} | {row['peak_gib']:.1f} |",
+              flush=True)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"device": name, "torch": torch.__version__, "model": config.name, "rows": rows}, f, indent=1)
@@ -156,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def measure(mode: str, options: InferenceOptions, pipeline: Pipeline, rows_batch: int) -> None:
         mode_context = context[:rows_batch]
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         warm_start = time.perf_counter()
         eps = eps_pair(pipeline, mode_context, size)  # compiles the UNet for this batch
         eps_error, guided_error = (relative_error(value, reference[:rows_batch])
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                   "images_per_s": ips, "speedup": ips / baseline_ips[sampler], "eps_error": eps_error,
                   "guided_eps_error": guided_error, "eps_ok": eps_error <= args.max_eps_error,
                   "max_pixel_diff": int(diff.max()), "mean_pixel_diff": float(diff.mean()), "warmup_s": warmup,
-                  "timed_runs": len(seconds)})
+                  "timed_runs": len(seconds), "peak_gib": peak_gib(device)})
             warm_start = time.perf_counter()
 
     for mode in names:
@@ -204,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         release(device)
     del base
     release(device)
+    print_split(rows, steps)
     if time.perf_counter() - started > args.budget_s:
         print("\nCLIP image embedding: skipped (past --budget-s)")
     else:
@@ -217,6 +221,32 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total {time.perf_counter() - started:.0f} s; correctness: "
           f"{'FAIL in ' + ', '.join(sorted(set(failed))) if failed else 'every measured mode within --max-eps-error'}")
     return 1 if failed else 0
+
+
+def peak_gib(device: str) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+
+
+def print_split(rows: list[dict], steps: dict[str, int]) -> None:
+    """Where a batch's time goes, from the two step counts: both samplers make one (guided) UNet call per
+    step, so a batch takes `steps * step + fixed`, fixed being the decode and per-batch overhead."""
+    (long_sampler, long_steps), (short_sampler, short_steps) = sorted(steps.items(), key=lambda kv: -kv[1])
+    timed_rows = {(row["mode"], row["sampler"]): row for row in rows if "images_per_s" in row}
+    lines = []
+    for mode in dict.fromkeys(row["mode"] for row in timed_rows.values()):
+        long, short = timed_rows.get((mode, long_sampler)), timed_rows.get((mode, short_sampler))
+        if long is None or short is None:
+            continue
+        batch_s = {key: row["batch"] / row["images_per_s"] for key, row in (("long", long), ("short", short))}
+        step = (batch_s["long"] - batch_s["short"]) / (long_steps - short_steps)
+        fixed = batch_s["short"] - short_steps * step
+        lines.append(f"| {mode} | {long['batch']} | {1000 * step:.1f} | {fixed:.2f} | "
+                     f"{100 * fixed / batch_s['long']:.0f}% |")
+    if lines:
+        print(f"\nPer batch, from the {long_steps}- and {short_steps}-step rows (fixed = decode + overhead):\n")
+        print(f"| mode | batch | UNet step ms | fixed s | fixed share at {long_steps} steps |")
+        print("|---|---|---|---|---|")
+        print("\n".join(lines), flush=True)
 
 
 def release(device: str) -> None:
