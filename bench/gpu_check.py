@@ -13,6 +13,8 @@ outputs depend on every input:
    sampling plus the KL decode, after a 2-step warm-up (compilation); fp32 eager is the baseline, at
    --baseline-batch; the other modes run at --batch-size.
 
+Two more modes, not run by default, try Inductor's kernel tunings (`InferenceOptions.kernel_tuning`);
+--profile prints each accelerated mode's top kernels over a 2-step sample and its decode.
 Then CLIP image-embedding throughput (ViT-L/14 shape, random weights; the tiny CLIP with --smoke).
 Rows print as they are measured, so a run stopped at its limit keeps them; --json writes them too.
 Nothing starts after --budget-s: a skipped row says so.
@@ -44,7 +46,11 @@ MODES = {"fp32 eager": InferenceOptions(),
          "bf16 + channels_last": InferenceOptions("bf16", channels_last=True),
          "bf16 + channels_last + compile": InferenceOptions("bf16", channels_last=True, compile="default"),
          "bf16 + channels_last + compile + CUDA graphs": InferenceOptions("bf16", channels_last=True,
-                                                                          compile="reduce-overhead")}
+                                                                          compile="reduce-overhead"),
+         "bf16 + channels_last + compile + 1x1 conv as matmul": InferenceOptions(
+             "bf16", channels_last=True, compile="default", kernel_tuning="conv1x1-mm"),
+         "bf16 + channels_last + compile + coordinate descent": InferenceOptions(
+             "bf16", channels_last=True, compile="default", kernel_tuning="coordinate-descent")}
 DEFAULT_MODES = ("fp32 eager", "bf16 + channels_last", "bf16 + channels_last + compile",
                  "bf16 + channels_last + compile + CUDA graphs")
 """fp32 eager comes first: it is the baseline every other mode is compared with."""
@@ -57,7 +63,7 @@ def lively(model, seed: int = 1):
     with torch.no_grad():
         for p in model.parameters():
             if not p.any():
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+                p.copy_(torch.randn(p.shape, generator=generator, device="cpu") * 0.02)
     return model
 
 
@@ -109,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="start no new measurement after this many seconds (the lent machine allows 8 min)")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--profile", action="store_true",
+                        help="after each accelerated mode's rows, print its top kernels over a 2-step sample")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     names = args.modes.split(",")
@@ -119,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     config = get_config("tiny" if args.smoke else "rdm-768")
     batch, baseline_batch = (4, 2) if args.smoke else (args.batch_size, args.baseline_batch)
     steps = {"ddim": 5 if args.smoke else 50, "dpmpp_2m": 4 if args.smoke else 20}
-    with torch.device(device):
-        base = lively(build_model(config, seed=0))
+    with torch.device(device):  # initialise on the device; .to() then moves what numpy-built buffers left behind
+        base = lively(build_model(config, seed=0).to(device))
     largest = max(batch, baseline_batch)
     context = torch.nn.functional.normalize(
         torch.randn(largest, 1 + NUM_NEIGHBORS, config.unet.context_dim, generator=torch.Generator().manual_seed(0)),
@@ -187,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
                   "max_pixel_diff": int(diff.max()), "mean_pixel_diff": float(diff.mean()), "warmup_s": warmup,
                   "timed_runs": len(seconds), "peak_gib": peak_gib(device)})
             warm_start = time.perf_counter()
+        if args.profile and not options.is_reference and not over_budget():
+            try:
+                print_profile(pipeline, mode_context, size, device)
+            except Exception as error:  # noqa: BLE001 -- a profiler problem must not fail the measured mode
+                print(f"profile failed: {type(error).__name__}: {error}", flush=True)
 
     for mode in names:
         options = MODES[mode]
@@ -221,6 +234,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total {time.perf_counter() - started:.0f} s; correctness: "
           f"{'FAIL in ' + ', '.join(sorted(set(failed))) if failed else 'every measured mode within --max-eps-error'}")
     return 1 if failed else 0
+
+
+def print_profile(pipeline: Pipeline, context: torch.Tensor, size: int, device: str) -> None:
+    """The kernels of one 2-step DDIM sample and its decode, by self time on the device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        sample_images(pipeline, context, SamplerParams("ddim", 2, GUIDANCE), size)
+        synchronize(device)
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=90), flush=True)
 
 
 def peak_gib(device: str) -> float:

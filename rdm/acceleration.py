@@ -9,7 +9,11 @@ reference. The others trade bit-exactness for speed on GPUs:
   autocast, so that what autocast keeps in float32 stays there;
 - channels_last: NHWC memory format for the convolutions (faster cuDNN kernels with bf16);
 - compile: `torch.compile` of the UNet and of the decoder, in one of torch's modes
-  ("reduce-overhead" also captures CUDA graphs).
+  ("reduce-overhead" also captures CUDA graphs);
+- kernel_tuning (with compile only): Inductor settings for convolutional UNets, scoped to these two
+  compilations: "conv1x1-mm" lowers 1x1 convolutions to matmuls (which Inductor can fuse with the
+  surrounding normalisation and residual code); "coordinate-descent" adds a per-kernel search of the
+  generated Triton kernels' launch parameters (much longer compilation) and turns epilogue fusion off.
 
 Every option but the reference also fuses the attention projections (one matmul for q, k and v) and,
 on CUDA, turns on cuDNN's convolution autotuner (`torch.backends.cudnn.benchmark`, process-wide):
@@ -34,6 +38,11 @@ from rdm.errors import InputError
 PRECISIONS = ("fp32", "bf16-autocast", "bf16")
 NORMS = (nn.GroupNorm, nn.LayerNorm)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+KERNEL_TUNINGS: dict[str, dict[str, bool]] = {
+    "none": {},
+    "conv1x1-mm": {"conv_1x1_as_mm": True},
+    "coordinate-descent": {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False},
+}
 
 
 @dataclass(frozen=True)
@@ -41,12 +50,17 @@ class InferenceOptions:
     precision: str = "fp32"
     channels_last: bool = False
     compile: str | None = None  # None: eager; else a torch.compile mode
+    kernel_tuning: str = "none"  # one of KERNEL_TUNINGS; only with compile
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.compile is not None and self.compile not in COMPILE_MODES:
             raise InputError(f"compile must be one of {', '.join(COMPILE_MODES)} or None, got {self.compile!r}")
+        if self.kernel_tuning not in KERNEL_TUNINGS:
+            raise InputError(f"kernel_tuning must be one of {', '.join(KERNEL_TUNINGS)}, got {self.kernel_tuning!r}")
+        if self.kernel_tuning != "none" and self.compile is None:
+            raise InputError(f"kernel_tuning {self.kernel_tuning!r} needs compile")
         if not isinstance(self.channels_last, bool):
             raise InputError(f"channels_last must be true or false, got {self.channels_last!r}")
 
@@ -88,6 +102,17 @@ class PreparedModules:
         return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
+def compile_module(module: Callable, options: InferenceOptions) -> Callable:
+    """`torch.compile` in the options' mode, with their kernel tuning scoped to this compilation (torch takes
+    either a mode or Inductor settings, so a tuned compile passes the mode's settings plus the tuning's)."""
+    tuning = KERNEL_TUNINGS[options.kernel_tuning]
+    if not tuning:
+        return torch.compile(module, mode=options.compile, dynamic=False)
+    from torch._inductor import list_mode_options
+
+    return torch.compile(module, options={**list_mode_options(options.compile), **tuning}, dynamic=False)
+
+
 def prepare(model: nn.Module, options: InferenceOptions) -> PreparedModules:
     """Apply `options` to an `RDM` (its UNet and autoencoder weights are cast in place for "bf16")."""
     if options.weight_dtype != torch.float32:
@@ -108,6 +133,5 @@ def prepare(model: nn.Module, options: InferenceOptions) -> PreparedModules:
         if model.alphas_cumprod.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
     if options.compile is not None:
-        unet = torch.compile(unet, mode=options.compile, dynamic=False)
-        decoder = torch.compile(decoder, mode=options.compile, dynamic=False)
+        unet, decoder = (compile_module(part, options) for part in (unet, decoder))
     return PreparedModules(unet, decoder, options)

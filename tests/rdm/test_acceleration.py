@@ -28,6 +28,26 @@ def test_options_are_validated():
         InferenceOptions(compile="fast")
     with pytest.raises(InputError, match="channels_last"):
         InferenceOptions(channels_last="yes")
+    with pytest.raises(InputError, match="kernel_tuning"):
+        InferenceOptions(compile="default", kernel_tuning="fastest")
+    with pytest.raises(InputError, match="needs compile"):
+        InferenceOptions("bf16", kernel_tuning="conv1x1-mm")
+
+
+def test_kernel_tuning_is_scoped_to_the_compilations(monkeypatch):
+    """A tuned compile passes the mode's Inductor settings plus the tuning's (torch takes a mode or
+    settings, not both) rather than changing Inductor's process-wide configuration."""
+    from torch._inductor import config as inductor_config
+
+    from rdm.acceleration import compile_module
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: calls.append(kwargs) or module)
+    compile_module(torch.nn.Identity(), InferenceOptions("bf16", compile="default"))
+    compile_module(torch.nn.Identity(), InferenceOptions("bf16", compile="reduce-overhead", kernel_tuning="conv1x1-mm"))
+    assert calls[0] == {"mode": "default", "dynamic": False}
+    assert calls[1] == {"options": {"triton.cudagraphs": True, "conv_1x1_as_mm": True}, "dynamic": False}
+    assert inductor_config.conv_1x1_as_mm is False
 
 
 def test_bf16_and_channels_last_stay_close_to_fp32(lively_tiny_model):

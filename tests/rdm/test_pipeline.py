@@ -105,3 +105,10 @@ def test_seeded_noise_is_per_sample():
 def test_to_uint8_truncates_like_the_reference():
     x = torch.tensor([-2.0, -1.0, 0.0, 0.999, 3.0]).view(1, 1, 1, 5).expand(1, 3, 1, 5)
     assert to_uint8(x)[0, 0, :, 0].tolist() == [0, 0, 127, 254, 255]
+
+
+def test_to_uint8_gives_the_bytes_of_knn2img_numpy_post_processing():
+    images = torch.randn(2, 3, 17, 19, generator=torch.Generator().manual_seed(0)) * 1.2
+    x = torch.clamp((images + 1.0) / 2.0, min=0.0, max=1.0)
+    reference = (255.0 * x.permute(0, 2, 3, 1).numpy()).astype(np.uint8)  # knn2img, on the host
+    assert np.array_equal(to_uint8(images), reference)
