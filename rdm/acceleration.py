@@ -15,6 +15,11 @@ reference. The others trade bit-exactness for speed on GPUs:
   surrounding normalisation and residual code); "coordinate-descent" adds a per-kernel search of the
   generated Triton kernels' launch parameters (much longer compilation) and turns epilogue fusion off.
 
+Compiled modules are specialised to their input shapes (`dynamic=False`), so a compiled pipeline pads
+each batch up to a size from a short list (`padded_batch_size`: 1, 2, 4, 8, then multiples of 8; the
+padding repeats the last row and its outputs are dropped) and `Pipeline.warm_up` compiles those sizes
+ahead of traffic; the recompile limit is raised to hold every size (and neighbour count) a replica sees.
+
 Every option but the reference also fuses the attention projections (one matmul for q, k and v) and,
 on CUDA, turns on cuDNN's convolution autotuner (`torch.backends.cudnn.benchmark`, process-wide):
 both keep the math and change only which kernels compute it.
@@ -38,6 +43,7 @@ from rdm.errors import InputError
 PRECISIONS = ("fp32", "bf16-autocast", "bf16")
 NORMS = (nn.GroupNorm, nn.LayerNorm)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+RECOMPILE_LIMIT = 64
 KERNEL_TUNINGS: dict[str, dict[str, bool]] = {
     "none": {},
     "conv1x1-mm": {"conv_1x1_as_mm": True},
@@ -101,6 +107,17 @@ class PreparedModules:
         dtype = self.options.autocast_dtype
         return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
+    def batch_size(self, n: int) -> int:
+        """The batch size a batch of n runs at: padded for compiled modules, else n."""
+        return n if self.options.compile is None else padded_batch_size(n)
+
+
+def padded_batch_size(n: int) -> int:
+    """1, 2, 4, 8, then the next multiple of 8: few compiled shapes, at most 8 padding rows past 8."""
+    if n < 1:
+        raise InputError(f"batch size must be positive, got {n}")
+    return 1 << (n - 1).bit_length() if n <= 8 else -(-n // 8) * 8
+
 
 def compile_module(module: Callable, options: InferenceOptions) -> Callable:
     """`torch.compile` in the options' mode, with their kernel tuning scoped to this compilation (torch takes
@@ -133,5 +150,8 @@ def prepare(model: nn.Module, options: InferenceOptions) -> PreparedModules:
         if model.alphas_cumprod.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
     if options.compile is not None:
+        # one compiled graph per (padded batch size, neighbour count, guidance on/off): torch's default
+        # limit of 8 would silently fall back to eager for the next shape
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         unet, decoder = (compile_module(part, options) for part in (unet, decoder))
     return PreparedModules(unet, decoder, options)

@@ -8,6 +8,7 @@ on the batch it shares or the device it runs on.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -83,6 +84,11 @@ def to_uint8(images: Tensor) -> np.ndarray:
     return (255.0 * x).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def pad_rows(x: Tensor, padding: int) -> Tensor:
+    """x with its last row repeated `padding` more times (along the batch dimension)."""
+    return x if padding == 0 else torch.cat([x, x[-1:].expand(padding, *x.shape[1:])])
+
+
 def encode_png(image: np.ndarray | Image.Image) -> bytes:
     """PNG bytes of a uint8 [H, W, 3] array or a PIL image (lossless: same pixels, same bytes)."""
     import io
@@ -142,21 +148,48 @@ class Pipeline:
     def sample_latents(self, context: Tensor, seeds: Sequence[int], params: SamplerParams, *,
                        height: int, width: int) -> Tensor:
         """Latents [B, C, h, w] for contexts [B, M, D] and one seed per sample."""
-        if len(seeds) != context.shape[0]:
-            raise ShapeError(f"{len(seeds)} seeds for {context.shape[0]} contexts")
+        n = context.shape[0]
+        if len(seeds) != n:
+            raise ShapeError(f"{len(seeds)} seeds for {n} contexts")
+        padding = self.modules.batch_size(n) - n  # compiled modules: repeat the last row, drop it after
+        seeds = list(seeds) + [seeds[-1]] * padding
         noise = SeededNoise(seeds, self.latent_shape(height, width), device=self.device)
-        context = context.to(self.device)
+        context = pad_rows(context.to(self.device), padding)
         eps_model = GuidedEps(self.modules.unet, context, null_context(context), params.guidance_scale)
         with self.modules.autocast(self.device):
             latents = sample(params.sampler, eps_model, noise.draw(), self.model.alphas_cumprod,
                              num_steps=params.num_steps, eta=params.eta, noise=noise)
-        return latents.float()
+        return latents[:n].float()
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> np.ndarray:
+        n = latents.shape[0]
         with self.modules.autocast(self.device):
-            images = self.modules.decode(latents.to(self.device))
-        return to_uint8(images)
+            images = self.modules.decode(pad_rows(latents.to(self.device), self.modules.batch_size(n) - n))
+        return to_uint8(images[:n])
+
+    def warm_up(self, batch_sizes: Sequence[int], *, num_neighbors: int, guidance_scale: float,
+                height: int | None = None, width: int | None = None) -> dict[int, float]:
+        """Compile (once per padded size) what a batch of each size runs: the UNet at one sampling step
+        (its shapes do not depend on the sampler or the step) and the decoder. Returns seconds per padded
+        size; nothing to do, and {} returned, for an eager pipeline."""
+        if self.options.compile is None:
+            return {}
+        check_num_neighbors(num_neighbors)
+        height = height or self.model.config.image_size
+        width = width or self.model.config.image_size
+        dim = self.model.config.unet.context_dim
+        seconds = {}
+        for size in sorted({self.modules.batch_size(n) for n in batch_sizes}):
+            started = time.perf_counter()
+            query = torch.nn.functional.normalize(torch.randn(size, dim), dim=-1)
+            neighbors = torch.nn.functional.normalize(torch.randn(size, num_neighbors, dim), dim=-1)
+            context = build_context(query, neighbors if num_neighbors else None)
+            latents = self.sample_latents(context, list(range(size)), SamplerParams("ddim", 1, guidance_scale),
+                                          height=height, width=width)
+            self.decode(latents)
+            seconds[size] = time.perf_counter() - started
+        return seconds
 
     def generate(self, prompts: Sequence[str] | None = None, *, query: Tensor | None = None,
                  neighbors: Tensor | None = None, num_neighbors: int = 0, seeds: Sequence[int],

@@ -19,5 +19,5 @@ def build_app(args: dict, deployments: dict[str, dict] | None = None) -> Applica
     generator = Generator.options(**options.get("Generator", {})).bind(
         config.model, config.clip_weights, config.output_uri,
         {"precision": config.precision, "channels_last": config.channels_last, "compile": config.compile},
-        config.url_expires_s)
+        config.url_expires_s, config.warm_up)
     return Ingress.options(**options.get("Ingress", {})).bind(generator, retriever, config.model_dump())

@@ -36,6 +36,11 @@ class ModelBatcher:
         """Takes effect from the next batch."""
         self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
 
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the model thread (after the batch in progress, if any) and return its result; for
+        work that must share the batches' thread, such as compiling ahead of traffic."""
+        return self._thread.submit(fn).result()
+
     async def submit(self, item: Any) -> Any:
         """The result of `item` once its batch has run."""
         loop = asyncio.get_running_loop()

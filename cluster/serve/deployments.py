@@ -64,7 +64,7 @@ class Generator:
     sampling call; each keeps its own seed, so its image does not depend on the batch."""
 
     def __init__(self, model: str, clip_weights: str | None, output_uri: str, inference: dict | None = None,
-                 url_expires_s: int = 3600) -> None:
+                 url_expires_s: int = 3600, warm_up: bool = True) -> None:
         from rdm.acceleration import InferenceOptions
         from rdm.factory import load_clip_for, load_model, model_hash
         from rdm.pipeline import Pipeline
@@ -86,11 +86,31 @@ class Generator:
         self.m_queue = metrics.Gauge("rdm_generator_queue_depth", description="items waiting or sampling")
         self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="rdm-deliver")
         self._batcher = ModelBatcher(self._run_batch, max_batch_size=8, batch_wait_timeout_s=0.05)
+        self._warm_up_enabled, self._warmed = warm_up, set()
+        self._warm_up(8)
 
     def reconfigure(self, config: dict) -> None:
         """`user_config`: max_batch_size and batch_wait_timeout_s change without restarting replicas."""
         size, wait = batching_config(config, max_batch_size=8, batch_wait_timeout_s=0.05)
+        self._warm_up(size)
         self._batcher.configure(max_batch_size=size, batch_wait_timeout_s=wait)
+
+    def _warm_up(self, max_batch_size: int) -> None:
+        """A compiled pipeline compiles each padded batch size up to max_batch_size for the default request
+        (its neighbour count and guidance) on the model thread before the replica serves (or before a
+        larger max_batch_size takes effect), so that no request waits for a compilation. Other neighbour
+        counts compile on first use."""
+        if self.pipeline.options.compile is None or not self._warm_up_enabled:
+            return
+        sizes = {self.pipeline.modules.batch_size(n) for n in range(1, max_batch_size + 1)} - self._warmed
+        if not sizes:
+            return
+        defaults = GenerateRequest.model_fields
+        seconds = self._batcher.call(lambda: self.pipeline.warm_up(
+            sorted(sizes), num_neighbors=defaults["num_neighbors"].default,
+            guidance_scale=defaults["guidance_scale"].default))
+        self._warmed |= set(seconds)
+        logger.info("compiled batch sizes %s in %.0f s", sorted(seconds), sum(seconds.values()))
 
     def info(self) -> dict:
         config = self.pipeline.model.config

@@ -85,3 +85,5 @@ class AppArgs(BaseModel):
     channels_last: bool = False
     compile: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = Field(
         None, description="torch.compile mode for the UNet and decoder (None: eager)")
+    warm_up: bool = Field(True, description="with compile: compile each padded batch size up to the Generator's "
+                                            "max_batch_size before serving")

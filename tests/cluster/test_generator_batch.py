@@ -1,6 +1,7 @@
 """The Generator's batch function, called directly (no Serve): one sampling call per group, images
 written in parallel, and a failed write or a failed group fails only its own items."""
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -65,3 +66,33 @@ def test_a_failed_group_fails_only_its_items(generator):
     results = generator._run_batch([item(1), bad, item(3)])
     assert type(results[1]).__name__ == "InputError" and "num_steps" in str(results[1])
     assert [results[0]["seed"], results[2]["seed"]] == [1, 3]
+
+
+def test_a_compiled_generator_warms_up_each_padded_batch_size_once(generator, monkeypatch):
+    """Before serving, and again when max_batch_size grows, a compiled pipeline runs every padded batch size
+    up to max_batch_size once, on the model thread; an eager one compiles nothing."""
+    from cluster.serve.batching import ModelBatcher
+    from rdm.acceleration import InferenceOptions
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)  # count the warm-ups, not the compiler
+    generator._batcher = ModelBatcher(generator._run_batch, max_batch_size=8, batch_wait_timeout_s=0.01,
+                                      thread_name="model")
+    generator._warm_up_enabled, generator._warmed = True, set()
+    generator._warm_up(8)
+    assert generator._warmed == set()  # eager: nothing to compile
+    generator.pipeline = Pipeline(load_model("tiny"), options=InferenceOptions(compile="default"))
+    calls = []
+    real_warm_up = generator.pipeline.warm_up
+
+    def warm_up(sizes, **kwargs):
+        calls.append((sorted(sizes), kwargs, threading.current_thread().name))
+        return real_warm_up(sizes, **kwargs)
+
+    generator.pipeline.warm_up = warm_up
+    generator._warm_up(8)
+    generator.reconfigure({"max_batch_size": 12})
+    generator.reconfigure({"max_batch_size": 12, "batch_wait_timeout_s": 0.02})
+    assert [sizes for sizes, _, _ in calls] == [[1, 2, 4, 8], [16]]
+    assert calls[0][1] == {"num_neighbors": 4, "guidance_scale": 5.0}  # the request defaults
+    assert all(thread.startswith("model") for _, _, thread in calls)
+    assert generator._warmed == {1, 2, 4, 8, 16} and generator._batcher.max_batch_size == 12

@@ -98,3 +98,57 @@ def test_only_the_non_reference_options_fuse_the_projections(lively_tiny_model):
 
     assert fused(InferenceOptions()) == {False}
     assert fused(InferenceOptions("bf16")) == {True}
+
+
+def test_padded_batch_sizes():
+    from rdm.acceleration import padded_batch_size
+
+    assert [padded_batch_size(n) for n in (1, 2, 3, 4, 5, 8, 9, 16, 17, 33)] == [1, 2, 4, 4, 8, 8, 16, 16, 24, 40]
+    with pytest.raises(InputError):
+        padded_batch_size(0)
+
+
+class RecordingUnet:
+    def __init__(self, unet):
+        self.unet, self.batches = unet, []
+
+    def __call__(self, x, t, context):
+        self.batches.append(x.shape[0])
+        return self.unet(x, t, context)
+
+
+def test_a_compiled_pipeline_pads_batches_and_drops_the_padding(lively_tiny_model, monkeypatch):
+    """Compiled modules are specialised to shapes: a batch of 3 runs as 4 (guided: 8 UNet rows), and the
+    3 images are those of the unpadded batch."""
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)  # the padding, not the compiler
+    context = build_context(torch.nn.functional.normalize(torch.randn(3, 64, generator=torch.Generator().manual_seed(2)),
+                                                          dim=-1))
+    params = SamplerParams("ddim", 3, 3.0)
+    eager = Pipeline(copy.deepcopy(lively_tiny_model))
+    padded = Pipeline(copy.deepcopy(lively_tiny_model), options=InferenceOptions(compile="default"))
+    padded.modules.unet = recorder = RecordingUnet(padded.modules.unet)
+    latents = padded.sample_latents(context, [1, 2, 3], params, height=32, width=32)
+    assert recorder.batches == [8, 8, 8] and latents.shape[0] == 3
+    expected = eager.sample_latents(context, [1, 2, 3], params, height=32, width=32)
+    torch.testing.assert_close(latents, expected, rtol=1e-3, atol=1e-4)  # fused projections, other batch
+    assert padded.decode(latents).shape[0] == 3
+    assert np.abs(padded.decode(latents).astype(int) - eager.decode(expected).astype(int)).max() <= 1
+    assert eager.warm_up([3], num_neighbors=2, guidance_scale=3.0) == {}  # nothing to compile
+
+
+def test_warm_up_compiles_each_padded_size_once(lively_tiny_model):
+    """After warm_up, a batch that pads to a warmed size runs without compiling; another size would."""
+    pipeline = Pipeline(copy.deepcopy(lively_tiny_model), options=InferenceOptions(compile="default"))
+    assert list(pipeline.warm_up([4], num_neighbors=1, guidance_scale=2.0, height=32, width=32)) == [4]
+
+    def run(n: int) -> np.ndarray:
+        query = torch.nn.functional.normalize(torch.randn(n, 64), dim=-1)
+        context = build_context(query, torch.nn.functional.normalize(torch.randn(n, 1, 64), dim=-1))
+        latents = pipeline.sample_latents(context, list(range(n)), SamplerParams("dpmpp_2m", 2, 2.0),
+                                          height=32, width=32)
+        return pipeline.decode(latents)
+
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert run(3).shape == (3, 32, 32, 3)  # padded to the warmed 4
+        with pytest.raises(Exception, match="[Rr]ecompil"):
+            run(5)  # padded to 8: not warmed
