@@ -13,8 +13,10 @@ outputs depend on every input:
    sampling plus the KL decode, after a 2-step warm-up (compilation); fp32 eager is the baseline, at
    --baseline-batch; the other modes run at --batch-size.
 
-Two more modes, not run by default, try Inductor's kernel tunings (`InferenceOptions.kernel_tuning`);
---profile prints each accelerated mode's top kernels over a 2-step sample and its decode.
+Other modes try Inductor's kernel tunings (`InferenceOptions.kernel_tuning`) and a chosen attention kernel
+(`InferenceOptions.attention`). Before the modes, each SDPA kernel is timed on the UNet's attention shapes
+(the first H200 run's profile put attention at a fifth of the UNet step for 8% of its FLOPs: its heads are
+32 wide); --profile prints each accelerated mode's top kernels over a 2-step sample and its decode.
 Then CLIP image-embedding throughput (ViT-L/14 shape, random weights; the tiny CLIP with --smoke).
 Rows print as they are measured, so a run stopped at its limit keeps them; --json writes them too.
 Nothing starts after --budget-s: a skipped row says so.
@@ -26,10 +28,13 @@ Nothing starts after --budget-s: a skipped row says so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import functools
 import gc
 import json
 import time
+from collections import Counter
 from dataclasses import asdict
 
 import numpy as np
@@ -50,9 +55,15 @@ MODES = {"fp32 eager": InferenceOptions(),
          "bf16 + channels_last + compile + 1x1 conv as matmul": InferenceOptions(
              "bf16", channels_last=True, compile="default", kernel_tuning="conv1x1-mm"),
          "bf16 + channels_last + compile + coordinate descent": InferenceOptions(
-             "bf16", channels_last=True, compile="default", kernel_tuning="coordinate-descent")}
-DEFAULT_MODES = ("fp32 eager", "bf16 + channels_last", "bf16 + channels_last + compile",
-                 "bf16 + channels_last + compile + CUDA graphs")
+             "bf16", channels_last=True, compile="default", kernel_tuning="coordinate-descent"),
+         **{f"bf16 + channels_last + compile + {backend} attention": InferenceOptions(
+             "bf16", channels_last=True, compile="default", attention=backend)
+            for backend in ("flash", "cudnn", "efficient")}}
+DEFAULT_MODES = ("fp32 eager", "bf16 + channels_last + compile", "bf16 + channels_last + compile + flash attention",
+                 "bf16 + channels_last + compile + coordinate descent")
+"""The first H200 run (bench/results) measured bf16 + channels_last eager (3.24 images/s) and CUDA graphs
+(no gain over compile); the defaults now try what may close the gap to the target."""
+ATTENTION_KERNELS = ("auto", "flash", "cudnn", "efficient")
 """fp32 eager comes first: it is the baseline every other mode is compared with."""
 
 GUIDANCE, NUM_NEIGHBORS, PROBE_T = 5.0, 10, 500
@@ -106,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, few steps, small batches")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch for the accelerated modes")
-    parser.add_argument("--baseline-batch", type=int, default=16, help="images per batch for fp32 eager")
+    parser.add_argument("--baseline-batch", type=int, default=8, help="images per batch for fp32 eager")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per row (fewer past --row-s)")
     parser.add_argument("--row-s", type=float, default=25.0, help="stop repeating a row after this many seconds")
     parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated: {', '.join(MODES)}")
@@ -115,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="start no new measurement after this many seconds (the lent machine allows 8 min)")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--no-attention-bench", action="store_true",
+                        help="skip timing each SDPA kernel on the UNet's attention shapes")
     parser.add_argument("--profile", action="store_true",
                         help="after each accelerated mode's rows, print its top kernels over a 2-step sample")
     args = parser.parse_args(argv)
@@ -137,9 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"\nmodel={config.name} device={device} ({name}) torch={torch.__version__} size={size}px "
           f"guidance={GUIDANCE:g} k={NUM_NEIGHBORS}\n")
-    print("| sampler | steps | mode | batch | images/s | vs fp32 | eps error | guided eps error | max pixel diff | "
-          "mean pixel diff | warm-up s | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     rows: list[dict] = []
 
     def emit(row: dict) -> None:
@@ -158,6 +168,15 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump({"device": name, "torch": torch.__version__, "model": config.name, "rows": rows}, f, indent=1)
 
     reference_eps = eps_pair(Pipeline(base), context, size)  # fp32 eager, every context row
+    if not args.no_attention_bench:
+        try:
+            attention_bench(base, context, size, batch, device)
+        except Exception as error:  # noqa: BLE001 -- a side measurement must not cost the main table
+            print(f"attention kernels: failed: {type(error).__name__}: {error}", flush=True)
+    print()
+    print("| sampler | steps | mode | batch | images/s | vs fp32 | eps error | guided eps error | max pixel diff | "
+          "mean pixel diff | warm-up s | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     reference_images: dict[str, np.ndarray] = {}
     baseline_ips: dict[str, float] = {}
     def over_budget() -> bool:
@@ -234,6 +253,69 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total {time.perf_counter() - started:.0f} s; correctness: "
           f"{'FAIL in ' + ', '.join(sorted(set(failed))) if failed else 'every measured mode within --max-eps-error'}")
     return 1 if failed else 0
+
+
+def attention_shapes(model, context: torch.Tensor, size: int) -> Counter:
+    """(tokens, context tokens, heads, head width) of each attention call of one UNet forward -> calls."""
+    from rdm.attention import CrossAttention
+
+    shapes: Counter = Counter()
+
+    def record(module, args, kwargs, _):
+        x = args[0]
+        memory = args[1] if len(args) > 1 else kwargs.get("context")
+        tokens = x.shape[1]
+        shapes[tokens, tokens if memory is None else memory.shape[1], module.heads,
+               module.to_q.out_features // module.heads] += 1
+
+    hooks = [m.register_forward_hook(record, with_kwargs=True) for m in model.unet.modules()
+             if isinstance(m, CrossAttention)]
+    try:
+        with torch.no_grad():
+            pipeline = Pipeline(model)
+            x = SeededNoise([0], pipeline.latent_shape(size, size), device=pipeline.device).draw()
+            model.unet(x, torch.full((1,), PROBE_T, device=x.device), context[:1].to(x.device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return shapes
+
+
+def attention_bench(model, context: torch.Tensor, size: int, batch: int, device: str) -> None:
+    """Each SDPA kernel on each attention shape of the UNet at the accelerated modes' batch (guided: two
+    UNet rows per image), bf16, eager: ms per sampling step and TFLOP/s (4 * rows * heads * N * M * d)."""
+    from torch.nn.attention import sdpa_kernel
+
+    from rdm.acceleration import ATTENTION_BACKENDS
+
+    rows, dtype = 2 * batch, torch.bfloat16 if device == "cuda" else torch.float32
+    totals = dict.fromkeys(ATTENTION_KERNELS, 0.0)
+    flop_total = 0.0
+    print(f"\nAttention kernels at {rows} UNet rows ({dtype}; ms per sampling step, all calls of a shape):\n")
+    print(f"| tokens | context | heads x width | calls | {' | '.join(ATTENTION_KERNELS)} | best TFLOP/s |")
+    print(f"|---|---|---|---|{'---|' * len(ATTENTION_KERNELS)}---|")
+    for (tokens, memory, heads, width), calls in sorted(attention_shapes(model, context, size).items(), reverse=True):
+        q = torch.randn(rows, heads, tokens, width, device=device, dtype=dtype)
+        k, v = (torch.randn(rows, heads, memory, width, device=device, dtype=dtype) for _ in range(2))
+        flops = 4.0 * rows * heads * tokens * memory * width * calls
+        flop_total += flops
+        cells = []
+        for kernel in ATTENTION_KERNELS:
+            backend = ATTENTION_BACKENDS[kernel]
+            try:
+                with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
+                    call = functools.partial(torch.nn.functional.scaled_dot_product_attention, q, k, v)
+                    call()
+                    seconds = min(timed(call, device) for _ in range(3)) * calls
+                totals[kernel] += seconds
+                cells.append(f"{1000 * seconds:.2f}")
+            except RuntimeError:
+                totals[kernel] = float("inf")
+                cells.append("n/a")
+        best = min((float(c) for c in cells if c != "n/a"), default=float("nan")) / 1000
+        print(f"| {tokens} | {memory} | {heads} x {width} | {calls} | {' | '.join(cells)} | {flops / best / 1e12:.0f} |")
+    cells = [f"{1000 * t:.2f}" if t != float("inf") else "n/a" for t in totals.values()]
+    print(f"| all | | | | {' | '.join(cells)} | {flop_total / min(totals.values()) / 1e12:.0f} |", flush=True)
 
 
 def print_profile(pipeline: Pipeline, context: torch.Tensor, size: int, device: str) -> None:

@@ -15,6 +15,10 @@ reference. The others trade bit-exactness for speed on GPUs:
   surrounding normalisation and residual code); "coordinate-descent" adds a per-kernel search of the
   generated Triton kernels' launch parameters (much longer compilation) and turns epilogue fusion off.
 
+- attention: which `scaled_dot_product_attention` kernel the UNet's attention uses ("auto": torch picks;
+  "flash", "cudnn", "efficient", "math"); checked on the model's device when applied, since a kernel's
+  support depends on the device, the dtype and the head size (the RDM-768 UNet's heads are 32 wide).
+
 Compiled modules are specialised to their input shapes (`dynamic=False`), so a compiled pipeline pads
 each batch up to a size from a short list (`padded_batch_size`: 1, 2, 4, 8, then multiples of 8; the
 padding repeats the last row and its outputs are dropped) and `Pipeline.warm_up` compiles those sizes
@@ -36,14 +40,17 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rdm.attention import CrossAttention
-from rdm.errors import InputError
+from rdm.errors import ConfigError, InputError
 
 PRECISIONS = ("fp32", "bf16-autocast", "bf16")
 NORMS = (nn.GroupNorm, nn.LayerNorm)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 RECOMPILE_LIMIT = 64
+ATTENTION_BACKENDS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                      "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 KERNEL_TUNINGS: dict[str, dict[str, bool]] = {
     "none": {},
     "conv1x1-mm": {"conv_1x1_as_mm": True},
@@ -57,6 +64,7 @@ class InferenceOptions:
     channels_last: bool = False
     compile: str | None = None  # None: eager; else a torch.compile mode
     kernel_tuning: str = "none"  # one of KERNEL_TUNINGS; only with compile
+    attention: str = "auto"  # one of ATTENTION_BACKENDS
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -67,6 +75,8 @@ class InferenceOptions:
             raise InputError(f"kernel_tuning must be one of {', '.join(KERNEL_TUNINGS)}, got {self.kernel_tuning!r}")
         if self.kernel_tuning != "none" and self.compile is None:
             raise InputError(f"kernel_tuning {self.kernel_tuning!r} needs compile")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise InputError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
         if not isinstance(self.channels_last, bool):
             raise InputError(f"channels_last must be true or false, got {self.channels_last!r}")
 
@@ -130,6 +140,20 @@ def compile_module(module: Callable, options: InferenceOptions) -> Callable:
     return torch.compile(module, options={**list_mode_options(options.compile), **tuning}, dynamic=False)
 
 
+def check_attention_backend(options: InferenceOptions, attention: CrossAttention, device: torch.device) -> None:
+    """ConfigError unless the chosen attention kernel runs on `device` at the options' dtype and the
+    model's head size (torch would only fail at the first sampling call)."""
+    dim_head = attention.to_q.out_features // attention.heads
+    dtype = options.autocast_dtype or torch.float32
+    q = torch.zeros(1, attention.heads, 8, dim_head, device=device, dtype=dtype)
+    try:
+        with sdpa_kernel([ATTENTION_BACKENDS[options.attention]]):
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    except RuntimeError as err:
+        raise ConfigError(f"attention kernel {options.attention!r} does not run on {device.type} with {dtype} "
+                          f"and {dim_head}-wide heads: {str(err).splitlines()[0]}") from err
+
+
 def prepare(model: nn.Module, options: InferenceOptions) -> PreparedModules:
     """Apply `options` to an `RDM` (its UNet and autoencoder weights are cast in place for "bf16")."""
     if options.weight_dtype != torch.float32:
@@ -144,9 +168,13 @@ def prepare(model: nn.Module, options: InferenceOptions) -> PreparedModules:
         unet = ChannelsLast(unet)
         model.autoencoder.to(memory_format=torch.channels_last)
     if not options.is_reference:
-        for module in model.unet.modules():
-            if isinstance(module, CrossAttention):
-                module.fuse_projections()  # after the casts: they would copy the views apart
+        attentions = [module for module in model.unet.modules() if isinstance(module, CrossAttention)]
+        backend = ATTENTION_BACKENDS[options.attention]
+        if backend is not None and attentions:
+            check_attention_backend(options, attentions[0], model.alphas_cumprod.device)
+        for module in attentions:
+            module.fuse_projections()  # after the casts: they would copy the views apart
+            module.sdpa_backends = None if backend is None else [backend]
         if model.alphas_cumprod.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
     if options.compile is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class CrossAttention(nn.Module):
@@ -28,6 +29,7 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(0.0))
         self.register_buffer("fused_weight", None, persistent=False)
+        self.sdpa_backends: list[SDPBackend] | None = None  # None: torch picks (an inference option)
 
     @torch.no_grad()
     def fuse_projections(self) -> None:
@@ -58,7 +60,11 @@ class CrossAttention(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         q, k, v = self.project(x, context)
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)  # scale dim_head ** -0.5, as the reference
+        if self.sdpa_backends is None:
+            out = F.scaled_dot_product_attention(q, k, v)  # scale dim_head ** -0.5, as the reference
+        else:
+            with sdpa_kernel(self.sdpa_backends):
+                out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 

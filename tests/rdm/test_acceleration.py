@@ -1,6 +1,7 @@
 """Inference options: the fp32 eager path stays the reference; the others stay close to it."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -32,6 +33,27 @@ def test_options_are_validated():
         InferenceOptions(compile="default", kernel_tuning="fastest")
     with pytest.raises(InputError, match="needs compile"):
         InferenceOptions("bf16", kernel_tuning="conv1x1-mm")
+    with pytest.raises(InputError, match="attention"):
+        InferenceOptions(attention="fastest")
+
+
+def test_a_chosen_attention_kernel_is_used_and_checked_on_the_device(lively_tiny_model):
+    """`attention` picks the SDPA kernel of every UNet attention; one that cannot run on the device is a
+    ConfigError when the pipeline is built, not a failure at the first request."""
+    from rdm.attention import CrossAttention
+    from rdm.errors import ConfigError
+
+    reference = images_of(lively_tiny_model, InferenceOptions(channels_last=True))
+    math = images_of(lively_tiny_model, InferenceOptions(channels_last=True, attention="math"))
+    assert np.abs(math - reference).max() <= 1
+    model = copy.deepcopy(lively_tiny_model)
+    Pipeline(model, options=InferenceOptions("bf16", attention="math"))
+    attentions = [m for m in model.unet.modules() if isinstance(m, CrossAttention)]
+    assert attentions and all(m.sdpa_backends == [torch.nn.attention.SDPBackend.MATH] for m in attentions)
+    with pytest.raises(ConfigError, match="'cudnn' does not run on cpu"):
+        Pipeline(copy.deepcopy(lively_tiny_model), options=InferenceOptions("bf16", attention="cudnn"))
+
+
 
 
 def test_kernel_tuning_is_scoped_to_the_compilations(monkeypatch):
@@ -137,18 +159,23 @@ def test_a_compiled_pipeline_pads_batches_and_drops_the_padding(lively_tiny_mode
 
 
 def test_warm_up_compiles_each_padded_size_once(lively_tiny_model):
-    """After warm_up, a batch that pads to a warmed size runs without compiling; another size would."""
-    pipeline = Pipeline(copy.deepcopy(lively_tiny_model), options=InferenceOptions(compile="default"))
+    """After warm_up, a batch that pads to a warmed size runs without compiling (and gives the eager
+    pipeline's images); another size would compile. The chosen attention kernel is traced too."""
+    options = InferenceOptions(compile="default", attention="math")
+    pipeline = Pipeline(copy.deepcopy(lively_tiny_model), options=options)
+    eager = Pipeline(copy.deepcopy(lively_tiny_model), options=dataclasses.replace(options, compile=None))
     assert list(pipeline.warm_up([4], num_neighbors=1, guidance_scale=2.0, height=32, width=32)) == [4]
 
-    def run(n: int) -> np.ndarray:
-        query = torch.nn.functional.normalize(torch.randn(n, 64), dim=-1)
-        context = build_context(query, torch.nn.functional.normalize(torch.randn(n, 1, 64), dim=-1))
+    def run(pipeline: Pipeline, n: int) -> np.ndarray:
+        generator = torch.Generator().manual_seed(n)
+        query = torch.nn.functional.normalize(torch.randn(n, 64, generator=generator), dim=-1)
+        context = build_context(query, torch.nn.functional.normalize(torch.randn(n, 1, 64, generator=generator), dim=-1))
         latents = pipeline.sample_latents(context, list(range(n)), SamplerParams("dpmpp_2m", 2, 2.0),
                                           height=32, width=32)
-        return pipeline.decode(latents)
+        return pipeline.decode(latents).astype(int)
 
     with torch._dynamo.config.patch(error_on_recompile=True):
-        assert run(3).shape == (3, 32, 32, 3)  # padded to the warmed 4
+        images = run(pipeline, 3)  # padded to the warmed 4
+        assert images.shape == (3, 32, 32, 3) and np.abs(images - run(eager, 3)).max() <= 2
         with pytest.raises(Exception, match="[Rr]ecompil"):
-            run(5)  # padded to 8: not warmed
+            run(pipeline, 5)  # padded to 8: not warmed

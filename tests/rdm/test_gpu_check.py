@@ -30,7 +30,10 @@ def test_smoke_run_measures_every_mode_and_checks_eps(gpu_check, tmp_path, capsy
     assert baseline["eps_error"] == 0 and baseline["max_pixel_diff"] == 0 and baseline["speedup"] == 1
     assert 0 < bf16["eps_error"] < 0.05 and bf16["eps_ok"] and bf16["batch"] == 4 and baseline["batch"] == 2
     assert bf16["guided_eps_error"] > bf16["eps_error"]  # guidance scales up the rounding error
-    assert "CLIP image embedding" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "CLIP image embedding" in out
+    attention = [line for line in out.splitlines() if line.startswith("| all |")]
+    assert len(attention) == 1 and len(attention[0].split("|")) == 11  # every kernel has a cell (CPU: some n/a)
 
 
 def test_a_failing_mode_is_reported_and_the_rest_still_run(gpu_check, tmp_path, monkeypatch):
