@@ -49,11 +49,13 @@ class BulkSettings:
     precision: str = "fp32"  # rdm.acceleration.InferenceOptions: fp32 | bf16-autocast | bf16
     channels_last: bool = False
     compile: str | None = None
+    kernel_tuning: str = "none"
+    attention: str = "auto"
 
     def inference_options(self):
         from rdm.acceleration import InferenceOptions
 
-        return InferenceOptions(self.precision, self.channels_last, self.compile)
+        return InferenceOptions(self.precision, self.channels_last, self.compile, self.kernel_tuning, self.attention)
 
 
 def expand(rows: list[PromptRow], settings: BulkSettings, model_id: str) -> list[dict]:
@@ -66,7 +68,9 @@ def expand(rows: list[PromptRow], settings: BulkSettings, model_id: str) -> list
             fields = [row.prompt, row.image, row.database, seed, settings.num_neighbors if row.database else 0,
                       settings.sampler, settings.num_steps, settings.guidance_scale, settings.eta, model_id]
             if not options.is_reference:  # other numerics, other images: other keys
-                fields.append([options.precision, options.channels_last, options.compile])
+                fields.append([options.precision, options.channels_last, options.compile]
+                              + ([options.attention, options.kernel_tuning]
+                                 if (options.attention, options.kernel_tuning) != ("auto", "none") else []))
             ident = json.dumps(fields)
             digest = hashlib.sha256(ident.encode()).hexdigest()[:32]
             items.append({"row": row.row, "prompt": row.prompt or "", "image": row.image or "",
@@ -219,6 +223,7 @@ class BulkSampler:
                 "sampler": s.sampler, "num_steps": s.num_steps, "guidance_scale": s.guidance_scale, "eta": s.eta,
                 "num_neighbors": s.num_neighbors, "model": s.model, "model_hash": self.model_id,
                 "precision": s.precision, "channels_last": s.channels_last, "compile": s.compile or "",
+                "attention": s.attention, "kernel_tuning": s.kernel_tuning,
                 "error": str(row["error"])}
 
 

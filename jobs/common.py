@@ -61,16 +61,21 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def add_inference_args(parser) -> None:
-    """--precision, --channels-last, --compile: `rdm.acceleration.InferenceOptions` on the command line."""
-    from rdm.acceleration import COMPILE_MODES, PRECISIONS
+    """--precision, --channels-last, --compile, --kernel-tuning, --attention: `rdm.acceleration.InferenceOptions`
+    on the command line."""
+    from rdm.acceleration import ATTENTION_BACKENDS, COMPILE_MODES, KERNEL_TUNINGS, PRECISIONS
 
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp32 (the reference path), bf16-autocast, or bf16 (bf16 weights)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPUs)")
     parser.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile the UNet and decoder in this mode")
+    parser.add_argument("--kernel-tuning", choices=list(KERNEL_TUNINGS), default="none",
+                        help="Inductor kernel tuning (with --compile)")
+    parser.add_argument("--attention", choices=list(ATTENTION_BACKENDS), default="auto",
+                        help="the SDPA kernel of the UNet's attention (auto: torch picks)")
 
 
 def inference_options(args):
     from rdm.acceleration import InferenceOptions
 
-    return InferenceOptions(args.precision, args.channels_last, args.compile)
+    return InferenceOptions(args.precision, args.channels_last, args.compile, args.kernel_tuning, args.attention)

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                             guidance_scale=args.guidance_scale, eta=args.eta, base_seed=args.seed,
                             batch_size=args.batch_size, num_samplers=args.num_samplers,
                             sampler_num_cpus=args.sampler_num_cpus, precision=args.precision,
-                            channels_last=args.channels_last, compile=args.compile)
+                            channels_last=args.channels_last, compile=args.compile,
+                            kernel_tuning=args.kernel_tuning, attention=args.attention)
     connect()
     with tqdm(desc="images", unit="img") as bar:
         result = generate(args.prompts, args.out, settings, progress=bar)

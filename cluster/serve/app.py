@@ -18,6 +18,7 @@ def build_app(args: dict, deployments: dict[str, dict] | None = None) -> Applica
         config.index_uri, config.local_databases, config.retriever_options, config.refresh_interval_s)
     generator = Generator.options(**options.get("Generator", {})).bind(
         config.model, config.clip_weights, config.output_uri,
-        {"precision": config.precision, "channels_last": config.channels_last, "compile": config.compile},
+        {"precision": config.precision, "channels_last": config.channels_last, "compile": config.compile,
+         "kernel_tuning": config.kernel_tuning, "attention": config.attention},
         config.url_expires_s, config.warm_up)
     return Ingress.options(**options.get("Ingress", {})).bind(generator, retriever, config.model_dump())

@@ -85,5 +85,9 @@ class AppArgs(BaseModel):
     channels_last: bool = False
     compile: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = Field(
         None, description="torch.compile mode for the UNet and decoder (None: eager)")
+    kernel_tuning: Literal["none", "conv1x1-mm", "coordinate-descent"] = Field(
+        "none", description="Inductor kernel tuning, with compile (see rdm.acceleration)")
+    attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = Field(
+        "auto", description="the SDPA kernel of the UNet's attention (auto: torch picks)")
     warm_up: bool = Field(True, description="with compile: compile each padded batch size up to the Generator's "
                                             "max_batch_size before serving")

@@ -47,5 +47,7 @@ def test_keys_are_deterministic_and_distinct(tmp_path):
     assert bf16[0]["key"] != items[0]["key"]
     assert expand(rows, BulkSettings(precision="bf16", compile="default"), "hash")[0]["key"] != bf16[0]["key"]
     assert expand(rows, BulkSettings(precision="fp32"), "hash")[0]["key"] == items[0]["key"]
+    bf16_flash = expand(rows, BulkSettings(precision="bf16", attention="flash"), "hash")
+    assert bf16_flash[0]["key"] not in {bf16[0]["key"], items[0]["key"]}
     with pytest.raises(InputError, match="precision"):
         expand(rows, BulkSettings(precision="fp8"), "hash")

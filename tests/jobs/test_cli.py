@@ -38,6 +38,8 @@ def test_sample_writes_pngs_and_an_index(tmp_path):
     (["sample"], "no prompts"),
     (["sample", "--prompt", "x", "--model", "missing.safetensors"], "does not exist"),
     (["sample", "--prompt", "x", "--model", "no-such-model"], "neither a checkpoint"),
+    (["sample", "--prompt", "x", "--kernel-tuning", "conv1x1-mm"], "needs compile"),
+    (["sample", "--prompt", "x", "--precision", "bf16", "--attention", "cudnn"], "'cudnn' does not run on cpu"),
 ])
 def test_sample_bad_input_exit_2(tmp_path, capsys, argv, message):
     np.save(tmp_path / "db.npy", np.ones((30, 64), np.float32))
