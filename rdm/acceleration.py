@@ -22,7 +22,8 @@ reference. The others trade bit-exactness for speed on GPUs:
 Compiled modules are specialised to their input shapes (`dynamic=False`), so a compiled pipeline pads
 each batch up to a size from a short list (`padded_batch_size`: 1, 2, 4, 8, then multiples of 8; the
 padding repeats the last row and its outputs are dropped) and `Pipeline.warm_up` compiles those sizes
-ahead of traffic; the recompile limit is raised to hold every size (and neighbour count) a replica sees.
+ahead of traffic; the context's token count (1 + k neighbours) is a dynamic dimension, so one graph serves
+every k >= 1; the recompile limit is raised to hold every size a replica sees.
 
 Every option but the reference also fuses the attention projections (one matmul for q, k and v) and,
 on CUDA, turns on cuDNN's convolution autotuner (`torch.backends.cudnn.benchmark`, process-wide):
@@ -122,6 +123,20 @@ class PreparedModules:
         return n if self.options.compile is None else padded_batch_size(n)
 
 
+class ContextTokensDynamic:
+    """Calls a compiled UNet with the context's token dimension marked dynamic, so that every neighbour
+    count k >= 1 (1 + k tokens) runs one compiled graph; everything else stays specialised. (k = 0, a
+    single token, is a size torch always specialises: it compiles once more.)"""
+
+    def __init__(self, unet: Callable[..., Tensor]) -> None:
+        self.unet = unet
+
+    def __call__(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        if context.shape[1] > 1:
+            torch._dynamo.mark_dynamic(context, 1)
+        return self.unet(x, t, context)
+
+
 def padded_batch_size(n: int) -> int:
     """1, 2, 4, 8, then the next multiple of 8: few compiled shapes, at most 8 padding rows past 8."""
     if n < 1:
@@ -181,5 +196,5 @@ def prepare(model: nn.Module, options: InferenceOptions) -> PreparedModules:
         # one compiled graph per (padded batch size, neighbour count, guidance on/off): torch's default
         # limit of 8 would silently fall back to eager for the next shape
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        unet, decoder = (compile_module(part, options) for part in (unet, decoder))
+        unet, decoder = ContextTokensDynamic(compile_module(unet, options)), compile_module(decoder, options)
     return PreparedModules(unet, decoder, options)

@@ -159,17 +159,18 @@ def test_a_compiled_pipeline_pads_batches_and_drops_the_padding(lively_tiny_mode
 
 
 def test_warm_up_compiles_each_padded_size_once(lively_tiny_model):
-    """After warm_up, a batch that pads to a warmed size runs without compiling (and gives the eager
-    pipeline's images); another size would compile. The chosen attention kernel is traced too."""
+    """After warm_up, a batch that pads to a warmed size, with any neighbour count k >= 1, runs without
+    compiling (and gives the eager pipeline's images); another size would compile. The chosen attention
+    kernel is traced too."""
     options = InferenceOptions(compile="default", attention="math")
     pipeline = Pipeline(copy.deepcopy(lively_tiny_model), options=options)
     eager = Pipeline(copy.deepcopy(lively_tiny_model), options=dataclasses.replace(options, compile=None))
     assert list(pipeline.warm_up([4], num_neighbors=1, guidance_scale=2.0, height=32, width=32)) == [4]
 
-    def run(pipeline: Pipeline, n: int) -> np.ndarray:
+    def run(pipeline: Pipeline, n: int, k: int = 1) -> np.ndarray:
         generator = torch.Generator().manual_seed(n)
         query = torch.nn.functional.normalize(torch.randn(n, 64, generator=generator), dim=-1)
-        context = build_context(query, torch.nn.functional.normalize(torch.randn(n, 1, 64, generator=generator), dim=-1))
+        context = build_context(query, torch.nn.functional.normalize(torch.randn(n, k, 64, generator=generator), dim=-1))
         latents = pipeline.sample_latents(context, list(range(n)), SamplerParams("dpmpp_2m", 2, 2.0),
                                           height=32, width=32)
         return pipeline.decode(latents).astype(int)
@@ -177,5 +178,7 @@ def test_warm_up_compiles_each_padded_size_once(lively_tiny_model):
     with torch._dynamo.config.patch(error_on_recompile=True):
         images = run(pipeline, 3)  # padded to the warmed 4
         assert images.shape == (3, 32, 32, 3) and np.abs(images - run(eager, 3)).max() <= 2
+        images = run(pipeline, 3, k=5)  # other neighbour counts share the graph: the token count is dynamic
+        assert images.shape == (3, 32, 32, 3) and np.abs(images - run(eager, 3, k=5)).max() <= 2
         with pytest.raises(Exception, match="[Rr]ecompil"):
             run(pipeline, 5)  # padded to 8: not warmed
