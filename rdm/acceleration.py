@@ -13,8 +13,7 @@ reference. The others trade bit-exactness for speed on GPUs:
 - kernel_tuning (with compile only): Inductor settings for convolutional UNets, scoped to these two
   compilations: "conv1x1-mm" lowers 1x1 convolutions to matmuls (which Inductor can fuse with the
   surrounding normalisation and residual code); "coordinate-descent" adds a per-kernel search of the
-  generated Triton kernels' launch parameters (much longer compilation) and turns epilogue fusion off.
-
+  generated Triton kernels' launch parameters (much longer compilation) and turns epilogue fusion off;
 - attention: which `scaled_dot_product_attention` kernel the UNet's attention uses ("auto": torch picks;
   "flash", "cudnn", "efficient", "math"); checked on the model's device when applied, since a kernel's
   support depends on the device, the dtype and the head size (the RDM-768 UNet's heads are 32 wide).
@@ -193,8 +192,8 @@ def prepare(model: nn.Module, options: InferenceOptions) -> PreparedModules:
         if model.alphas_cumprod.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
     if options.compile is not None:
-        # one compiled graph per (padded batch size, neighbour count, guidance on/off): torch's default
-        # limit of 8 would silently fall back to eager for the next shape
+        # one compiled graph per UNet batch (padded size, doubled with guidance) and k = 0 or not, one per
+        # decoder batch: torch's default limit of 8 would silently fall back to eager past it
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         unet, decoder = ContextTokensDynamic(compile_module(unet, options)), compile_module(decoder, options)
     return PreparedModules(unet, decoder, options)

@@ -152,7 +152,8 @@ class Pipeline:
         if len(seeds) != n:
             raise ShapeError(f"{len(seeds)} seeds for {n} contexts")
         padding = self.modules.batch_size(n) - n  # compiled modules: repeat the last row, drop it after
-        seeds = list(seeds) + [seeds[-1]] * padding
+        if padding:
+            seeds = list(seeds) + [seeds[-1]] * padding
         noise = SeededNoise(seeds, self.latent_shape(height, width), device=self.device)
         context = pad_rows(context.to(self.device), padding)
         eps_model = GuidedEps(self.modules.unet, context, null_context(context), params.guidance_scale)
