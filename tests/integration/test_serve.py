@@ -75,7 +75,8 @@ def test_generate_writes_images_and_metadata(app_url):
     meta = json.loads(next((root / "out").rglob("7.json")).read_text())
     assert meta["prompt"] == "a boat" and meta["database"] == "art" and len(meta["neighbors"]) == 3
     assert meta["index_version"] == out["index_version"] and meta["model_hash"]
-    assert meta["inference"] == {"precision": "fp32", "channels_last": False, "compile": None}
+    assert meta["inference"] == {"precision": "fp32", "channels_last": False, "compile": None, "kernel_tuning": "none",
+                                 "attention": "auto"}
 
 
 def test_inline_output_and_image_queries(app_url):
