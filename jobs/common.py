@@ -63,7 +63,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 def add_inference_args(parser) -> None:
     """--precision, --channels-last, --compile, --kernel-tuning, --attention: `rdm.acceleration.InferenceOptions`
     on the command line."""
-    from rdm.acceleration import ATTENTION_BACKENDS, COMPILE_MODES, KERNEL_TUNINGS, PRECISIONS
+    from rdm.acceleration import ATTENTION_KERNELS, COMPILE_MODES, KERNEL_TUNINGS, PRECISIONS
 
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp32 (the reference path), bf16-autocast, or bf16 (bf16 weights)")
@@ -71,8 +71,8 @@ def add_inference_args(parser) -> None:
     parser.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile the UNet and decoder in this mode")
     parser.add_argument("--kernel-tuning", choices=list(KERNEL_TUNINGS), default="none",
                         help="Inductor kernel tuning (with --compile)")
-    parser.add_argument("--attention", choices=list(ATTENTION_BACKENDS), default="auto",
-                        help="the SDPA kernel of the UNet's attention (auto: torch picks)")
+    parser.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto",
+                        help="the UNet's attention kernel: an SDPA kernel (auto: torch picks) or flex (with --compile)")
 
 
 def inference_options(args):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import flex_attention
 
 
 class CrossAttention(nn.Module):
@@ -30,6 +31,7 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(0.0))
         self.register_buffer("fused_weight", None, persistent=False)
         self.sdpa_backends: list[SDPBackend] | None = None  # None: torch picks (an inference option)
+        self.flex = False  # FlexAttention instead (an inference option, for compiled models)
 
     @torch.no_grad()
     def fuse_projections(self) -> None:
@@ -60,7 +62,10 @@ class CrossAttention(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         q, k, v = self.project(x, context)
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
-        if self.sdpa_backends is None:
+        if self.flex:
+            # contiguous: torch 2.14's CPU lowering of FlexAttention fails on the transposed views
+            out = flex_attention(q.contiguous(), k.contiguous(), v.contiguous())  # the same scale
+        elif self.sdpa_backends is None:
             out = F.scaled_dot_product_attention(q, k, v)  # scale dim_head ** -0.5, as the reference
         else:
             with sdpa_kernel(self.sdpa_backends):

@@ -87,7 +87,7 @@ class AppArgs(BaseModel):
         None, description="torch.compile mode for the UNet and decoder (None: eager)")
     kernel_tuning: Literal["none", "conv1x1-mm", "coordinate-descent"] = Field(
         "none", description="Inductor kernel tuning, with compile (see rdm.acceleration)")
-    attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = Field(
-        "auto", description="the SDPA kernel of the UNet's attention (auto: torch picks)")
+    attention: Literal["auto", "flash", "cudnn", "efficient", "math", "flex"] = Field(
+        "auto", description="the UNet's attention kernel: an SDPA kernel (auto: torch picks) or flex (with compile)")
     warm_up: bool = Field(True, description="with compile: compile each padded batch size up to the Generator's "
                                             "max_batch_size before serving")

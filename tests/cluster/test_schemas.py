@@ -2,7 +2,7 @@ import pytest
 from pydantic import ValidationError
 
 from cluster.serve.outputs import image_key
-from cluster.serve.schemas import GenerateRequest
+from cluster.serve.schemas import AppArgs, GenerateRequest
 
 
 def test_defaults_and_limits():
@@ -46,3 +46,17 @@ def test_rdm_serve_refuses_public_binds_without_a_token(monkeypatch):
     check_auth("0.0.0.0", [Spec], insecure=True)
     monkeypatch.setenv("RDM_API_TOKEN", "t")
     check_auth("0.0.0.0", [Spec], insecure=False)
+
+
+def test_the_app_args_offer_exactly_the_inference_settings_of_the_library():
+    """The Serve config validates the inference settings itself (a misspelling is refused at deploy time),
+    so its choices must be the library's."""
+    from typing import get_args
+
+    from rdm.acceleration import ATTENTION_KERNELS, COMPILE_MODES, KERNEL_TUNINGS, PRECISIONS
+
+    fields = AppArgs.model_fields
+    assert get_args(fields["precision"].annotation) == PRECISIONS
+    assert get_args(get_args(fields["compile"].annotation)[0]) == COMPILE_MODES
+    assert get_args(fields["kernel_tuning"].annotation) == tuple(KERNEL_TUNINGS)
+    assert get_args(fields["attention"].annotation) == ATTENTION_KERNELS

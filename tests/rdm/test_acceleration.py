@@ -35,6 +35,8 @@ def test_options_are_validated():
         InferenceOptions("bf16", kernel_tuning="conv1x1-mm")
     with pytest.raises(InputError, match="attention"):
         InferenceOptions(attention="fastest")
+    with pytest.raises(InputError, match="'flex' needs compile"):
+        InferenceOptions("bf16", attention="flex")
 
 
 def test_a_chosen_attention_kernel_is_used_and_checked_on_the_device(lively_tiny_model):
@@ -54,6 +56,23 @@ def test_a_chosen_attention_kernel_is_used_and_checked_on_the_device(lively_tiny
         Pipeline(copy.deepcopy(lively_tiny_model), options=InferenceOptions("bf16", attention="cudnn"))
 
 
+
+
+def test_flex_attention_computes_the_same_attention():
+    """FlexAttention (compiled models only; here its eager reference) with the reference's scale."""
+    from rdm.attention import CrossAttention
+
+    torch.manual_seed(0)
+    x, context = torch.randn(2, 36, 64), torch.randn(2, 5, 48)
+    for layer, ctx in ((CrossAttention(64, heads=4, dim_head=16), None),
+                       (CrossAttention(64, context_dim=48, heads=4, dim_head=16), context)):
+        with torch.no_grad():
+            expected = layer(x, ctx)
+            layer.flex = True
+            torch.testing.assert_close(layer(x, ctx), expected, rtol=1e-5, atol=1e-5)
+            if ctx is not None:  # and compiled (the option's use), on the projections' strided views
+                layer.fuse_projections()
+                torch.testing.assert_close(torch.compile(layer, dynamic=False)(x, ctx), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_kernel_tuning_is_scoped_to_the_compilations(monkeypatch):

@@ -33,7 +33,7 @@ def test_smoke_run_measures_every_mode_and_checks_eps(gpu_check, tmp_path, capsy
     out = capsys.readouterr().out
     assert "CLIP image embedding" in out
     attention = [line for line in out.splitlines() if line.startswith("| all |")]
-    assert len(attention) == 1 and len(attention[0].split("|")) == 11  # every kernel has a cell (CPU: some n/a)
+    assert len(attention) == 1 and len(attention[0].split("|")) == 12  # every kernel has a cell (CPU: some n/a)
 
 
 def test_a_failing_mode_is_reported_and_the_rest_still_run(gpu_check, tmp_path, monkeypatch):
