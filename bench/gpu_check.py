@@ -59,7 +59,10 @@ MODES = {"fp32 eager": InferenceOptions(),
          **{f"bf16 + channels_last + compile + {backend} attention": InferenceOptions(
              "bf16", channels_last=True, compile="default", attention=backend)
             for backend in ("flash", "cudnn", "efficient", "flex")}}
-DEFAULT_MODES = ("fp32 eager", "bf16 + channels_last + compile", "bf16 + channels_last + compile + flash attention",
+FASTEST = "bf16 + channels_last + compile + fastest attention"
+"""A mode resolved at run time: the attention kernel the attention table found fastest (skipped when that
+is torch's own pick, "auto", or when the table did not run)."""
+DEFAULT_MODES = ("fp32 eager", "bf16 + channels_last + compile", FASTEST,
                  "bf16 + channels_last + compile + coordinate descent")
 """The first H200 run (bench/results) measured bf16 + channels_last eager (3.24 images/s) and CUDA graphs
 (no gain over compile); the defaults now try what may close the gap to the target."""
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-batch", type=int, default=8, help="images per batch for fp32 eager")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per row (fewer past --row-s)")
     parser.add_argument("--row-s", type=float, default=25.0, help="stop repeating a row after this many seconds")
-    parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated: {', '.join(MODES)}")
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                        help=f"comma-separated: {', '.join([*MODES, FASTEST])}")
     parser.add_argument("--max-eps-error", type=float, default=0.05,
                         help="largest relative L2 error of a mode's conditional eps against fp32 eager's")
     parser.add_argument("--budget-s", type=float, default=420.0,
@@ -133,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.perf_counter()
     names = args.modes.split(",")
-    unknown = [name for name in names if name not in MODES]
+    unknown = [name for name in names if name not in MODES and name != FASTEST]
     if unknown or names[0] != "fp32 eager":
-        parser.error(f"--modes must start with 'fp32 eager' and name modes of: {', '.join(MODES)}")
+        parser.error(f"--modes must start with 'fp32 eager' and name modes of: {', '.join([*MODES, FASTEST])}")
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     config = get_config("tiny" if args.smoke else "rdm-768")
     batch, baseline_batch = (4, 2) if args.smoke else (args.batch_size, args.baseline_batch)
@@ -157,20 +161,20 @@ def main(argv: list[str] | None = None) -> int:
         if "skipped" in row:
             print(f"| {row['sampler']} | {row['steps']} | {row['mode']} | | skipped: {row['skipped']} | | | | | | | |",
                   flush=True)
-            return
-        print(f"| {row['sampler']} | {row['steps']} | {row['mode']} | {row['batch']} | {row['images_per_s']:.2f} | "
-              f"{row['speedup']:.2f}x | {row['eps_error']:.2e}{'' if row['eps_ok'] else ' FAIL'} | "
-              f"{row['guided_eps_error']:.2e} | "
-              f"{row['max_pixel_diff']} | {row['mean_pixel_diff']:.3f} | {row['warmup_s']:.1f} | {row['peak_gib']:.1f} |",
-              flush=True)
+        else:
+            print(f"| {row['sampler']} | {row['steps']} | {row['mode']} | {row['batch']} | {row['images_per_s']:.2f} | "
+                  f"{row['speedup']:.2f}x | {row['eps_error']:.2e}{'' if row['eps_ok'] else ' FAIL'} | "
+                  f"{row['guided_eps_error']:.2e} | {row['max_pixel_diff']} | {row['mean_pixel_diff']:.3f} | "
+                  f"{row['warmup_s']:.1f} | {row['peak_gib']:.1f} |", flush=True)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"device": name, "torch": torch.__version__, "model": config.name, "rows": rows}, f, indent=1)
 
     reference_eps = eps_pair(Pipeline(base), context, size)  # fp32 eager, every context row
+    fastest = None
     if not args.no_attention_bench:
         try:
-            attention_bench(base, context, size, batch, device)
+            fastest = attention_bench(base, context, size, batch, device)
         except Exception as error:  # noqa: BLE001 -- a side measurement must not cost the main table
             print(f"attention kernels: failed: {type(error).__name__}: {error}", flush=True)
     print()
@@ -221,6 +225,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"profile failed: {type(error).__name__}: {error}", flush=True)
 
     for mode in names:
+        if mode == FASTEST:
+            if fastest in (None, "auto"):
+                emit({"sampler": "-", "steps": "-", "mode": mode, "skipped": "no attention table" if fastest is None
+                      else "torch's own pick (auto) was fastest: the compile row is this mode"})
+                continue
+            mode = f"bf16 + channels_last + compile + {fastest} attention"
+            if mode in names:
+                continue
         options = MODES[mode]
         if over_budget():
             for sampler, num_steps in steps.items():
@@ -281,10 +293,10 @@ def attention_shapes(model, context: torch.Tensor, size: int) -> Counter:
     return shapes
 
 
-def attention_bench(model, context: torch.Tensor, size: int, batch: int, device: str) -> None:
+def attention_bench(model, context: torch.Tensor, size: int, batch: int, device: str) -> str:
     """Each SDPA kernel, and compiled FlexAttention, on each attention shape of the UNet at the accelerated
     modes' batch (guided: two UNet rows per image), bf16: ms per sampling step and TFLOP/s
-    (4 * rows * heads * N * M * d)."""
+    (4 * rows * heads * N * M * d). Returns the fastest kernel over all shapes."""
     from torch.nn.attention import sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -321,6 +333,7 @@ def attention_bench(model, context: torch.Tensor, size: int, batch: int, device:
         print(f"| {tokens} | {memory} | {heads} x {width} | {calls} | {' | '.join(cells)} | {flops / best / 1e12:.0f} |")
     cells = [f"{1000 * t:.2f}" if t != float("inf") else "n/a" for t in totals.values()]
     print(f"| all | | | | {' | '.join(cells)} | {flop_total / min(totals.values()) / 1e12:.0f} |", flush=True)
+    return min(totals, key=totals.get)
 
 
 def print_profile(pipeline: Pipeline, context: torch.Tensor, size: int, device: str) -> None:

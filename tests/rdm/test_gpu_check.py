@@ -58,3 +58,19 @@ def test_a_failing_mode_is_reported_and_the_rest_still_run(gpu_check, tmp_path, 
 def test_modes_must_start_with_the_baseline(gpu_check):
     with pytest.raises(SystemExit):
         gpu_check.main(["--smoke", "--modes", "bf16 + channels_last"])
+
+
+def test_the_fastest_attention_mode_resolves_to_the_kernel_the_table_found(gpu_check, tmp_path, monkeypatch):
+    from rdm.acceleration import InferenceOptions
+
+    flash = "bf16 + channels_last + compile + flash attention"
+    monkeypatch.setitem(gpu_check.MODES, flash, InferenceOptions("bf16", attention="flash"))  # no compile: fast
+    monkeypatch.setattr(gpu_check, "attention_bench", lambda *args: "flash")
+    out = tmp_path / "rows.json"
+    assert gpu_check.main(["--smoke", "--modes", f"fp32 eager,{gpu_check.FASTEST}", "--repeats", "1",
+                           "--json", str(out)]) == 0
+    assert [r["mode"] for r in json.loads(out.read_text())["rows"]][2:] == [flash, flash]
+    monkeypatch.setattr(gpu_check, "attention_bench", lambda *args: "auto")
+    assert gpu_check.main(["--smoke", "--modes", f"fp32 eager,{gpu_check.FASTEST}", "--repeats", "1",
+                           "--json", str(out)]) == 0
+    assert "auto" in json.loads(out.read_text())["rows"][2]["skipped"]
