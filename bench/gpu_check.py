@@ -14,9 +14,10 @@ outputs depend on every input:
    --baseline-batch; the other modes run at --batch-size.
 
 Other modes try Inductor's kernel tunings (`InferenceOptions.kernel_tuning`) and a chosen attention kernel
-(`InferenceOptions.attention`). Before the modes, each SDPA kernel is timed on the UNet's attention shapes
-(the first H200 run's profile put attention at a fifth of the UNet step for 8% of its FLOPs: its heads are
-32 wide); --profile prints each accelerated mode's top kernels over a 2-step sample and its decode.
+(`InferenceOptions.attention`). Before the modes, each SDPA kernel and compiled FlexAttention is timed on
+the UNet's attention shapes (the first H200 run's profile put attention at a fifth of the UNet step for 8%
+of its FLOPs: its heads are 32 wide), and the "fastest attention" mode compiles with the winner.
+--profile prints each accelerated mode's top kernels over a 2-step sample and its decode.
 Then CLIP image-embedding throughput (ViT-L/14 shape, random weights; the tiny CLIP with --smoke).
 Rows print as they are measured, so a run stopped at its limit keeps them; --json writes them too.
 Nothing starts after --budget-s: a skipped row says so.
