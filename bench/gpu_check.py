@@ -316,7 +316,7 @@ def attention_bench(model, context: torch.Tensor, size: int, batch: int, device:
         k, v = (torch.randn(rows, heads, memory, width, device=device, dtype=dtype) for _ in range(2))
         flops = 4.0 * rows * heads * tokens * memory * width * calls
         flop_total += flops
-        cells = []
+        seconds_by_kernel = {}
         for kernel in ATTENTION_KERNELS:
             backend = ATTENTION_BACKENDS.get(kernel)
             try:
@@ -324,17 +324,22 @@ def attention_bench(model, context: torch.Tensor, size: int, batch: int, device:
                     attend = flex if kernel == "flex" else torch.nn.functional.scaled_dot_product_attention
                     call = functools.partial(attend, q, k, v)
                     call()  # flex: compiles for this shape
-                    seconds = min(timed(call, device) for _ in range(3)) * calls
-                totals[kernel] += seconds
-                cells.append(f"{1000 * seconds:.2f}")
+                    seconds_by_kernel[kernel] = min(timed(call, device) for _ in range(3)) * calls
             except Exception:  # noqa: BLE001 -- a kernel that does not run here (or flex failing to compile)
-                totals[kernel] = float("inf")
-                cells.append("n/a")
-        best = min((float(c) for c in cells if c != "n/a"), default=float("nan")) / 1000
-        print(f"| {tokens} | {memory} | {heads} x {width} | {calls} | {' | '.join(cells)} | {flops / best / 1e12:.0f} |")
-    cells = [f"{1000 * t:.2f}" if t != float("inf") else "n/a" for t in totals.values()]
-    print(f"| all | | | | {' | '.join(cells)} | {flop_total / min(totals.values()) / 1e12:.0f} |", flush=True)
+                seconds_by_kernel[kernel] = float("inf")
+            totals[kernel] += seconds_by_kernel[kernel]
+        print(f"| {tokens} | {memory} | {heads} x {width} | {calls} | {ms_cells(seconds_by_kernel)} | "
+              f"{tflops(flops, min(seconds_by_kernel.values()))} |")
+    print(f"| all | | | | {ms_cells(totals)} | {tflops(flop_total, min(totals.values()))} |", flush=True)
     return min(totals, key=totals.get)
+
+
+def ms_cells(seconds: dict[str, float]) -> str:
+    return " | ".join("n/a" if t == float("inf") else f"{1000 * t:.2f}" for t in seconds.values())
+
+
+def tflops(flops: float, seconds: float) -> str:
+    return "n/a" if seconds == float("inf") or seconds <= 0 else f"{flops / seconds / 1e12:.0f}"
 
 
 def print_profile(pipeline: Pipeline, context: torch.Tensor, size: int, device: str) -> None:

@@ -74,3 +74,10 @@ def test_the_fastest_attention_mode_resolves_to_the_kernel_the_table_found(gpu_c
     assert gpu_check.main(["--smoke", "--modes", f"fp32 eager,{gpu_check.FASTEST}", "--repeats", "1",
                            "--json", str(out)]) == 0
     assert "auto" in json.loads(out.read_text())["rows"][2]["skipped"]
+
+
+def test_attention_table_cells_survive_unmeasurable_and_failed_kernels(gpu_check):
+    """A kernel too fast for the timer (0 s) or one that failed (inf) must not end the table."""
+    assert gpu_check.ms_cells({"auto": 0.00123, "cudnn": float("inf")}) == "1.23 | n/a"
+    assert gpu_check.tflops(1e12, 0.5) == "2"
+    assert gpu_check.tflops(1e12, 0.0) == gpu_check.tflops(1e12, float("inf")) == "n/a"
