@@ -51,6 +51,7 @@ class BulkSettings:
     compile: str | None = None
     kernel_tuning: str = "none"
     attention: str = "auto"
+    compile_cache: str | None = None  # with compile: where samplers share compiled code (cluster.compile_cache)
 
     def inference_options(self):
         from rdm.acceleration import InferenceOptions
@@ -177,6 +178,13 @@ class BulkSampler:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.pipeline = Pipeline(load_model(self.settings.model).to(device), options=self.settings.inference_options())
         s = self.settings
+        self.compile_cache = None
+        if s.compile_cache and s.compile is not None:
+            from cluster.compile_cache import CompileCache
+
+            self.compile_cache = CompileCache(s.compile_cache, model_id=model_id, options=self.pipeline.options,
+                                              device=device)
+            self.compile_cache.load()
         self.params = SamplerParams(s.sampler, s.num_steps, s.guidance_scale, s.eta)
         self.store, self.model_id = open_store(out_uri), model_id
         # PNG encoding (Pillow releases the GIL) and object writes run on threads, in parallel; sequential
@@ -202,6 +210,8 @@ class BulkSampler:
             wait(writes)  # every write has ended before the manifest part names any of them
             for write in writes:
                 write.result()  # the first failure fails the batch, as a sequential loop would
+        if self.compile_cache is not None:
+            self.compile_cache.save_if_new()  # the first batch of each size compiles: later samplers load it
         records = [self._record(r) for r in rows]
         part = hashlib.sha256("".join(sorted(r["key"] for r in records)).encode()).hexdigest()[:24]
         self.store.write_bytes(join(PARTS, f"{part}.parquet"), _parquet(pa.Table.from_pylist(records)))

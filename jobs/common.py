@@ -62,7 +62,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def add_inference_args(parser) -> None:
     """--precision, --channels-last, --compile, --kernel-tuning, --attention: `rdm.acceleration.InferenceOptions`
-    on the command line."""
+    on the command line; and --compile-cache."""
     from rdm.acceleration import ATTENTION_KERNELS, COMPILE_MODES, KERNEL_TUNINGS, PRECISIONS
 
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
@@ -73,6 +73,22 @@ def add_inference_args(parser) -> None:
                         help="Inductor kernel tuning (with --compile)")
     parser.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto",
                         help="the UNet's attention kernel: an SDPA kernel (auto: torch picks) or flex (with --compile)")
+    parser.add_argument("--compile-cache", metavar="URI",
+                        help="with --compile: folder or s3:// URI of shared torch.compile artifacts, loaded before "
+                             "compiling and written after (see cluster.compile_cache)")
+
+
+def open_compile_cache(args, options, model: str, device):
+    """The `cluster.compile_cache.CompileCache` of --compile-cache, loaded; None without one or for an eager
+    run (nothing compiles)."""
+    if not args.compile_cache or options.compile is None:
+        return None
+    from cluster.compile_cache import CompileCache
+    from rdm.factory import model_hash
+
+    cache = CompileCache(args.compile_cache, model_id=model_hash(model), options=options, device=device)
+    cache.load()
+    return cache
 
 
 def inference_options(args):

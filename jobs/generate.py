@@ -48,13 +48,18 @@ def main(argv: list[str] | None = None) -> int:
 
     SamplerParams(args.sampler, args.num_steps, args.guidance_scale, args.eta)  # validate before starting Ray
     check_num_neighbors(args.num_neighbors)
+    if args.compile_cache:
+        from cluster.storage import open_store
+
+        open_store(args.compile_cache)  # a malformed URI fails here, not in every sampler actor
     settings = BulkSettings(model=args.model, clip_weights=args.clip_weights, index_uri=args.index,
                             num_neighbors=args.num_neighbors, sampler=args.sampler, num_steps=args.num_steps,
                             guidance_scale=args.guidance_scale, eta=args.eta, base_seed=args.seed,
                             batch_size=args.batch_size, num_samplers=args.num_samplers,
                             sampler_num_cpus=args.sampler_num_cpus, precision=args.precision,
                             channels_last=args.channels_last, compile=args.compile,
-                            kernel_tuning=args.kernel_tuning, attention=args.attention)
+                            kernel_tuning=args.kernel_tuning, attention=args.attention,
+                            compile_cache=args.compile_cache)
     connect()
     with tqdm(desc="images", unit="img") as bar:
         result = generate(args.prompts, args.out, settings, progress=bar)

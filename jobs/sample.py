@@ -11,7 +11,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from jobs.common import EXIT_OK, add_inference_args, exit_codes, inference_options, setup_logging, write_atomic
+from jobs.common import (
+    EXIT_OK,
+    add_inference_args,
+    exit_codes,
+    inference_options,
+    open_compile_cache,
+    setup_logging,
+    write_atomic,
+)
 from rdm.errors import InputError
 from rdm.factory import load_clip_for, load_model
 from rdm.pipeline import Pipeline, SamplerParams, encode_png
@@ -71,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     clip = load_clip_for(model, weights=args.clip_weights)
     clip = clip.to(args.device) if clip is not None else None
     pipeline = Pipeline(model, clip, retriever, options=inference_options(args))
+    cache = open_compile_cache(args, pipeline.options, args.model, args.device)
     jobs = [(i, j, prompt, args.seed + i * args.num_images + j)
             for i, prompt in enumerate(prompts) for j in range(args.num_images)]
     records = []
@@ -84,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             write_atomic(args.out / name, encode_png(image))
             records.append({"file": name, "prompt": prompt, "seed": seed, **asdict(params),
                             "neighbors": [] if result.neighbors is None else result.neighbors.ids[row]})
+        if cache is not None:
+            cache.save_if_new()
     write_atomic(args.out / "index.json", json.dumps({"model": str(args.model), "images": records},
                                                      indent=1).encode())
     logger.info("wrote %d images to %s", len(records), args.out)

@@ -64,7 +64,8 @@ class Generator:
     sampling call; each keeps its own seed, so its image does not depend on the batch."""
 
     def __init__(self, model: str, clip_weights: str | None, output_uri: str, inference: dict | None = None,
-                 url_expires_s: int = 3600, warm_up: bool = True) -> None:
+                 url_expires_s: int = 3600, warm_up: bool = True, compile_cache: str | None = None) -> None:
+        from cluster.compile_cache import CompileCache
         from rdm.acceleration import InferenceOptions
         from rdm.factory import load_clip_for, load_model, model_hash
         from rdm.pipeline import Pipeline
@@ -87,6 +88,11 @@ class Generator:
         self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="rdm-deliver")
         self._batcher = ModelBatcher(self._run_batch, max_batch_size=8, batch_wait_timeout_s=0.05)
         self._warm_up_enabled, self._warmed = warm_up, set()
+        self._compile_cache = None
+        if compile_cache and self.pipeline.options.compile is not None:
+            self._compile_cache = CompileCache(compile_cache, model_id=self.model_hash, options=self.pipeline.options,
+                                               device=device)
+            self._compile_cache.load()
         self._warm_up(8)
 
     def reconfigure(self, config: dict) -> None:
@@ -107,11 +113,22 @@ class Generator:
         if not sizes:
             return
         defaults = GenerateRequest.model_fields
-        seconds = self._batcher.call(lambda: self.pipeline.warm_up(
-            sorted(sizes), num_neighbors=defaults["num_neighbors"].default,
-            guidance_scale=defaults["guidance_scale"].default))
+
+        def compile_sizes() -> dict[int, float]:
+            seconds = self.pipeline.warm_up(sorted(sizes), num_neighbors=defaults["num_neighbors"].default,
+                                            guidance_scale=defaults["guidance_scale"].default)
+            self._save_compiled()
+            return seconds
+
+        seconds = self._batcher.call(compile_sizes)
         self._warmed |= set(seconds)
         logger.info("compiled batch sizes %s in %.0f s", sorted(seconds), sum(seconds.values()))
+
+    def _save_compiled(self) -> None:
+        """On the model thread: share what this replica compiled (warm-up, or a shape first seen in traffic)
+        with the replicas that start after it."""
+        if self._compile_cache is not None:
+            self._compile_cache.save_if_new()
 
     def info(self) -> dict:
         config = self.pipeline.model.config
@@ -174,6 +191,7 @@ class Generator:
             for i, write in zip(members, writes, strict=True):
                 error = write.exception()
                 results[i] = write.result() if error is None else error
+        self._save_compiled()
         return results
 
     def _deliver(self, item: dict, pixels: np.ndarray, batch_size: int, elapsed: float) -> dict:

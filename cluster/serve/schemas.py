@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cluster.errors import StorageError
+from cluster.storage import open_store
 from rdm.config import MAX_NEIGHBORS
 from rdm.pipeline import MAX_SEED
 
@@ -91,3 +93,17 @@ class AppArgs(BaseModel):
         "auto", description="the UNet's attention kernel: an SDPA kernel (auto: torch picks) or flex (with compile)")
     warm_up: bool = Field(True, description="with compile: compile each padded batch size up to the Generator's "
                                             "max_batch_size before serving")
+    compile_cache: str | None = Field(
+        None, description="with compile: folder or s3:// URI where replicas share torch.compile's artifacts, so "
+                          "that a new replica loads what others compiled (see cluster.compile_cache)")
+
+    @field_validator("output_uri", "index_uri", "compile_cache")
+    @classmethod
+    def _storage_uri(cls, uri: str | None) -> str | None:
+        """A folder or s3://bucket/prefix (checked here, not when a replica first writes)."""
+        if uri is not None:
+            try:
+                open_store(uri)
+            except StorageError as err:
+                raise ValueError(str(err)) from err
+        return uri

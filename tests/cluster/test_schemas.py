@@ -60,3 +60,10 @@ def test_the_app_args_offer_exactly_the_inference_settings_of_the_library():
     assert get_args(get_args(fields["compile"].annotation)[0]) == COMPILE_MODES
     assert get_args(fields["kernel_tuning"].annotation) == tuple(KERNEL_TUNINGS)
     assert get_args(fields["attention"].annotation) == ATTENTION_KERNELS
+
+
+def test_app_args_refuse_storage_uris_no_store_can_open():
+    assert AppArgs(compile_cache="s3://bucket/cache", output_uri="outputs/x").compile_cache == "s3://bucket/cache"
+    for field, uri in (("compile_cache", "gs://bucket/cache"), ("output_uri", "s3:///x"), ("index_uri", "ftp://host/x")):
+        with pytest.raises(ValidationError, match=field):
+            AppArgs(**{field: uri})

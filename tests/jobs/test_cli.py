@@ -40,6 +40,7 @@ def test_sample_writes_pngs_and_an_index(tmp_path):
     (["sample", "--prompt", "x", "--model", "no-such-model"], "neither a checkpoint"),
     (["sample", "--prompt", "x", "--kernel-tuning", "conv1x1-mm"], "needs compile"),
     (["sample", "--prompt", "x", "--precision", "bf16", "--attention", "cudnn"], "'cudnn' does not run on cpu"),
+    (["sample", "--prompt", "x", "--compile", "default", "--compile-cache", "gs://b/c"], "unsupported URI scheme"),
 ])
 def test_sample_bad_input_exit_2(tmp_path, capsys, argv, message):
     np.save(tmp_path / "db.npy", np.ones((30, 64), np.float32))
@@ -126,3 +127,9 @@ def test_demo_rebuilds_databases_made_with_another_clip(tmp_path):
 def test_index_build_bad_arguments_exit_2_before_starting_ray(tmp_path, capsys, extra, message):
     code = rdm(["index", "build", "--embeddings", str(tmp_path), "--database", "db", "--out", str(tmp_path)] + extra)
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_generate_refuses_a_malformed_compile_cache_before_starting_ray(tmp_path, capsys):
+    code = rdm(["generate", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"), "--compile", "default",
+                "--compile-cache", "s3:///no-bucket"])
+    assert code == 2 and "needs a bucket" in capsys.readouterr().err
