@@ -23,7 +23,8 @@ Compiled modules are specialised to their input shapes (`dynamic=False`), so a c
 each batch up to a size from a short list (`padded_batch_size`: 1, 2, 4, 8, then multiples of 8; the
 padding repeats the last row and its outputs are dropped) and `Pipeline.warm_up` compiles those sizes
 ahead of traffic; the context's token count (1 + k neighbours) is a dynamic dimension, so one graph serves
-every k >= 1; the recompile limit is raised to hold every size a replica sees.
+every k (k = 0's single token goes in twice, which attention turns into the same result:
+`ContextTokensDynamic`); the recompile limit is raised to hold every size a replica sees.
 
 Every option but the reference also fuses the attention projections (one matmul for q, k and v) and,
 on CUDA, turns on cuDNN's convolution autotuner (`torch.backends.cudnn.benchmark`, process-wide):
@@ -131,15 +132,19 @@ class PreparedModules:
 
 class ContextTokensDynamic:
     """Calls a compiled UNet with the context's token dimension marked dynamic, so that every neighbour
-    count k >= 1 (1 + k tokens) runs one compiled graph; everything else stays specialised. (k = 0, a
-    single token, is a size torch always specialises: it compiles once more.)"""
+    count runs one compiled graph; everything else stays specialised.
+
+    k = 0 (a single token) is a size torch always specialises, so its context goes in as two copies of
+    its token: cross-attention over two equal keys gives each the weight 1/2, and so the one token's value
+    (equal up to the kernels' rounding), from the graph every k >= 1 already compiled."""
 
     def __init__(self, unet: Callable[..., Tensor]) -> None:
         self.unet = unet
 
     def __call__(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
-        if context.shape[1] > 1:
-            torch._dynamo.mark_dynamic(context, 1)
+        if context.shape[1] == 1:
+            context = context.repeat(1, 2, 1)
+        torch._dynamo.mark_dynamic(context, 1)
         return self.unet(x, t, context)
 
 
@@ -200,8 +205,8 @@ def prepare(model: nn.Module, options: InferenceOptions) -> PreparedModules:
         if model.alphas_cumprod.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
     if options.compile is not None:
-        # one compiled graph per UNet batch (padded size, doubled with guidance) and k = 0 or not, one per
-        # decoder batch: torch's default limit of 8 would silently fall back to eager past it
+        # one compiled graph per UNet batch (padded size; doubled with guidance or not), one per decoder
+        # batch: torch's default limit of 8 would silently fall back to eager past it
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         unet, decoder = ContextTokensDynamic(compile_module(unet, options)), compile_module(decoder, options)
     return PreparedModules(unet, decoder, options)

@@ -105,8 +105,7 @@ class Generator:
         """A compiled pipeline compiles each padded batch size up to max_batch_size for the default request
         (its neighbour count and guidance) on the model thread before the replica serves (or before a
         larger max_batch_size takes effect), so that no request waits for a compilation. Every neighbour
-        count k >= 1 shares those graphs (the context's token count is a dynamic dimension); k = 0 compiles
-        on first use."""
+        count k, 0 included, shares those graphs (the context's token count is a dynamic dimension)."""
         if self.pipeline.options.compile is None or not self._warm_up_enabled:
             return
         sizes = {self.pipeline.modules.batch_size(n) for n in range(1, max_batch_size + 1)} - self._warmed

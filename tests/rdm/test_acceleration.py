@@ -177,8 +177,21 @@ def test_a_compiled_pipeline_pads_batches_and_drops_the_padding(lively_tiny_mode
     assert eager.warm_up([3], num_neighbors=2, guidance_scale=3.0) == {}  # nothing to compile
 
 
+def test_one_context_token_given_twice_conditions_the_unet_as_once(lively_tiny_model):
+    """What lets k = 0 run the compiled graph of k >= 1: two copies of a token are attended to as one."""
+    unet = lively_tiny_model.unet
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, unet.config.in_channels, 8, 8, generator=generator)
+    t = torch.tensor([10, 500, 900])
+    token, other = torch.nn.functional.normalize(torch.randn(2, 3, 1, 64, generator=generator), dim=-1)
+    with torch.no_grad():
+        once = unet(x, t, token)
+        torch.testing.assert_close(unet(x, t, token.repeat(1, 2, 1)), once, rtol=1e-5, atol=1e-5)
+        assert (unet(x, t, torch.cat([token, other], 1)) - once).abs().max() > 1e-3  # a second token matters
+
+
 def test_warm_up_compiles_each_padded_size_once(lively_tiny_model):
-    """After warm_up, a batch that pads to a warmed size, with any neighbour count k >= 1, runs without
+    """After warm_up, a batch that pads to a warmed size, with any neighbour count k (0 too), runs without
     compiling (and gives the eager pipeline's images); another size would compile. The chosen attention
     kernel is traced too."""
     options = InferenceOptions(compile="default", attention="math")
@@ -189,7 +202,8 @@ def test_warm_up_compiles_each_padded_size_once(lively_tiny_model):
     def run(pipeline: Pipeline, n: int, k: int = 1) -> np.ndarray:
         generator = torch.Generator().manual_seed(n)
         query = torch.nn.functional.normalize(torch.randn(n, 64, generator=generator), dim=-1)
-        context = build_context(query, torch.nn.functional.normalize(torch.randn(n, k, 64, generator=generator), dim=-1))
+        neighbors = torch.nn.functional.normalize(torch.randn(n, k, 64, generator=generator), dim=-1)
+        context = build_context(query, neighbors if k else None)
         latents = pipeline.sample_latents(context, list(range(n)), SamplerParams("dpmpp_2m", 2, 2.0),
                                           height=32, width=32)
         return pipeline.decode(latents).astype(int)
@@ -199,5 +213,7 @@ def test_warm_up_compiles_each_padded_size_once(lively_tiny_model):
         assert images.shape == (3, 32, 32, 3) and np.abs(images - run(eager, 3)).max() <= 2
         images = run(pipeline, 3, k=5)  # other neighbour counts share the graph: the token count is dynamic
         assert images.shape == (3, 32, 32, 3) and np.abs(images - run(eager, 3, k=5)).max() <= 2
+        images = run(pipeline, 3, k=0)  # and k = 0, its one token given twice
+        assert images.shape == (3, 32, 32, 3) and np.abs(images - run(eager, 3, k=0)).max() <= 2
         with pytest.raises(Exception, match="[Rr]ecompil"):
             run(pipeline, 5)  # padded to 8: not warmed
