@@ -13,13 +13,17 @@ The batch function runs on one dedicated thread, so compiled code and CUDA graph
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 BatchFn = Callable[[list[Any]], Sequence[Any]]
 """batch_fn(items) -> one result per item, in order; a result that is an Exception is raised to that
-item's caller alone. An exception raised by batch_fn itself goes to every item of the batch."""
+item's caller alone. An exception raised by batch_fn itself goes to every item of the batch. A result may
+also be a `concurrent.futures.Future` (work the batch handed to other threads, such as writing its
+outputs): its caller gets the future's outcome, and the model thread is free for the next batch
+meanwhile."""
 
 
 class ModelBatcher:
@@ -51,6 +55,8 @@ class ModelBatcher:
         self._waiting.append((item, future))
         self._arrived.set()
         result = await future
+        if isinstance(result, concurrent.futures.Future):
+            result = await asyncio.wrap_future(result)
         if isinstance(result, Exception):
             raise result
         return result

@@ -2,6 +2,7 @@
 written in parallel, and a failed write or a failed group fails only its own items."""
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -33,7 +34,13 @@ def generator(tmp_path):
     gen.store, gen.url_expires_s = open_store(str(tmp_path / "out")), 60
     gen.m_images, gen.m_batch, gen.m_sampling = Recorder(), Recorder(), Recorder()
     gen._writers = ThreadPoolExecutor(4)
+    gen._delivering, gen._compile_cache = [], None
     return gen
+
+
+def settled(results: list) -> list:
+    """Each item's delivered result or its exception (the batch function returns deliveries as futures)."""
+    return [r if isinstance(r, Exception) else (r.exception(timeout=60) or r.result()) for r in results]
 
 
 def item(seed: int, steps: int = 3) -> dict:
@@ -51,7 +58,7 @@ def test_a_failed_write_fails_only_its_item(generator, monkeypatch, tmp_path):
         real_write(store, key, png, metadata)
 
     monkeypatch.setattr(deployments, "write_image", write)
-    results = generator._run_batch([item(1), item(2), item(3), item(4, steps=2)])
+    results = settled(generator._run_batch([item(1), item(2), item(3), item(4, steps=2)]))
     assert isinstance(results[1], StorageError)
     assert [r["seed"] for r in (results[0], results[2], results[3])] == [1, 3, 4]
     assert [r["batch_size"] for r in (results[0], results[2], results[3])] == [3, 3, 1]  # the 3-step group, then the 2-step one
@@ -63,9 +70,35 @@ def test_a_failed_write_fails_only_its_item(generator, monkeypatch, tmp_path):
 
 def test_a_failed_group_fails_only_its_items(generator):
     bad = item(5) | {"num_steps": 0}  # SamplerParams rejects it: InputError for this group alone
-    results = generator._run_batch([item(1), bad, item(3)])
+    results = settled(generator._run_batch([item(1), bad, item(3)]))
     assert type(results[1]).__name__ == "InputError" and "num_steps" in str(results[1])
     assert [results[0]["seed"], results[2]["seed"]] == [1, 3]
+
+
+def test_the_next_batch_samples_while_the_last_one_is_delivered(generator, monkeypatch, tmp_path):
+    """The model thread hands a batch's images to the writer threads and goes on: the next batch samples
+    while they are written, and waits only before handing over its own (one batch's deliveries at most)."""
+    release, real_write = threading.Event(), deployments.write_image
+
+    def slow_write(store, key, png, metadata):
+        assert release.wait(60)
+        real_write(store, key, png, metadata)
+
+    monkeypatch.setattr(deployments, "write_image", slow_write)
+    first = generator._run_batch([item(1), item(2)])  # returns with its writes still waiting
+    assert not any(delivery.done() for delivery in first)
+    model_thread = ThreadPoolExecutor(1)
+    second = model_thread.submit(generator._run_batch, [item(3)])
+    deadline = time.monotonic() + 60
+    while len(generator.m_batch.values) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert generator.m_batch.values == [2, 1]  # the second batch sampled while the first was being written
+    time.sleep(0.2)
+    assert not second.done()  # and waits for the first batch's writes before handing over its images
+    release.set()
+    results = settled(first + second.result(timeout=60))
+    assert [r["seed"] for r in results] == [1, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*.png")) == ["1.png", "2.png", "3.png"]
 
 
 def test_a_compiled_generator_warms_up_each_padded_batch_size_once(generator, monkeypatch):

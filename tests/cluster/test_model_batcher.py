@@ -96,3 +96,32 @@ def test_a_cancelled_caller_is_left_out_and_reconfigure_applies_to_the_next_batc
 
     assert run(main()) == [2, 6, 8]
     assert model.batches == [[1], [3, 4]]
+
+
+def test_a_result_given_as_a_future_reaches_its_caller_while_the_next_batch_runs():
+    """A batch can hand work to other threads (writing its images): its callers await those futures, and
+    the model thread takes the next batch meanwhile."""
+    from concurrent.futures import Future
+
+    pending: list[Future] = []
+    batches = []
+
+    def model(items):
+        batches.append(list(items))
+        pending.extend(Future() for _ in items)
+        return pending[-len(items):]
+
+    batcher = ModelBatcher(model, max_batch_size=1, batch_wait_timeout_s=0.0)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.submit("a"))
+        second = asyncio.ensure_future(batcher.submit("b"))
+        while len(batches) < 2:  # the second batch runs although the first one's result is not there
+            await asyncio.sleep(0.01)
+        assert not first.done()
+        pending[0].set_result("A")
+        pending[1].set_exception(ValueError("b failed"))
+        return await first, await asyncio.gather(second, return_exceptions=True)
+
+    first, (second,) = run(main())
+    assert first == "A" and isinstance(second, ValueError) and batches == [["a"], ["b"]]
