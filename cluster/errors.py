@@ -39,6 +39,10 @@ class IndexBuildError(ClusterError):
     """An index could not be built from the given embeddings."""
 
 
+class AcceleratorMemoryError(ClusterError):
+    """A single image did not fit in the accelerator's memory (larger batches are split first)."""
+
+
 class RetrievalError(ClusterError):
     """A retrieval request failed."""
 

@@ -7,6 +7,7 @@ on the batch it shares or the device it runs on.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from rdm.retrieval import Neighbors, Retriever, check_num_neighbors
 from rdm.sampling import SAMPLERS, GuidedEps, sample
 
 MAX_SEED = 2**63 - 1
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,27 @@ class Pipeline:
             images = self.modules.decode(pad_rows(latents.to(self.device), self.modules.batch_size(n) - n))
         return to_uint8(images[:n])
 
+    def sample_images(self, context: Tensor, seeds: Sequence[int], params: SamplerParams, *, height: int,
+                      width: int) -> np.ndarray:
+        """uint8 images [B, H, W, 3]: `sample_latents`, then `decode`. A batch that runs the accelerator out
+        of memory runs again as two halves, and so on down to single images (each image depends only on
+        its own context and seed, so they are the same images); a single image that does not fit raises
+        `torch.OutOfMemoryError`."""
+        try:
+            return self.decode(self.sample_latents(context, seeds, params, height=height, width=width))
+        except torch.OutOfMemoryError:
+            if len(seeds) == 1:
+                raise
+        # outside the handler: the failed attempt's traceback, and the activations its frames hold, are gone
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(seeds) // 2
+        logger.warning("out of accelerator memory at batch %d: running it as %d + %d", len(seeds), half,
+                       len(seeds) - half)
+        return np.concatenate([
+            self.sample_images(context[:half], seeds[:half], params, height=height, width=width),
+            self.sample_images(context[half:], seeds[half:], params, height=height, width=width)])
+
     def warm_up(self, batch_sizes: Sequence[int], *, num_neighbors: int, guidance_scale: float,
                 height: int | None = None, width: int | None = None) -> dict[int, float]:
         """Compile (once per padded size) what a batch of each size runs: the UNet at one sampling step
@@ -208,6 +231,6 @@ class Pipeline:
             neighbors = None if found is None else found.embeddings
         context = build_context(query, neighbors)
         size = self.model.config.image_size
-        latents = self.sample_latents(context, seeds, params, height=height or size, width=width or size)
-        images = [Image.fromarray(a) for a in self.decode(latents)]
+        pixels = self.sample_images(context, seeds, params, height=height or size, width=width or size)
+        images = [Image.fromarray(a) for a in pixels]
         return Generation(images=images, seeds=list(seeds), neighbors=found)

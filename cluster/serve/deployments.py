@@ -27,7 +27,13 @@ from ray import serve
 from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
 
-from cluster.errors import ObjectNotFoundError, RetrievalError, ShardUnavailableError, UnknownDatabaseError
+from cluster.errors import (
+    AcceleratorMemoryError,
+    ObjectNotFoundError,
+    RetrievalError,
+    ShardUnavailableError,
+    UnknownDatabaseError,
+)
 from cluster.serve.batching import ModelBatcher
 from cluster.serve.outputs import image_key, image_url, write_image
 from cluster.serve.schemas import AppArgs, GeneratedImage, GenerateRequest, GenerateResponse, NeighborOut
@@ -178,10 +184,13 @@ class Generator:
             contexts = torch.from_numpy(np.stack([items[i]["context"] for i in members])).float()
             size = self.pipeline.model.config.image_size
             try:
-                latents = self.pipeline.sample_latents(contexts, [items[i]["seed"] for i in members],
-                                                       SamplerParams(sampler, steps, scale, eta), height=size,
-                                                       width=size)
-                pixels = self.pipeline.decode(latents)
+                pixels = self.pipeline.sample_images(contexts, [items[i]["seed"] for i in members],
+                                                     SamplerParams(sampler, steps, scale, eta), height=size,
+                                                     width=size)
+            except torch.OutOfMemoryError as error:  # even one image: the replica is short of memory
+                for i in members:
+                    results[i] = AcceleratorMemoryError(f"out of accelerator memory for one image ({error})"[:300])
+                continue
             except Exception as error:  # noqa: BLE001 -- this group's items get it; other groups go on
                 for i in members:
                     results[i] = error
@@ -416,6 +425,10 @@ class Ingress:
             return self._count(_error(422, "invalid_input", message, field, request_id), "generate")
         except ShardUnavailableError as err:
             return self._count(_error(503, "shard_unavailable", _message(err), None, request_id), "generate")
+        except AcceleratorMemoryError as err:
+            logger.warning("request %s: %s", request_id, _message(err))
+            return self._count(_error(503, "overloaded", "the model is short of accelerator memory; retry later",
+                                      None, request_id), "generate")
         except (RDMError, RetrievalError) as err:
             logger.exception("request %s failed", request_id)
             return self._count(_error(500, "internal_error", f"{type(err).__name__}", None, request_id), "generate")

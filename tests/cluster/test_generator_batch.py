@@ -8,9 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from cluster.errors import StorageError
+from cluster.errors import AcceleratorMemoryError, ShardUnavailableError, StorageError, UnknownDatabaseError
 from cluster.serve import deployments
 from cluster.storage import open_store
+from rdm.errors import InputError
 from rdm.factory import load_model
 from rdm.pipeline import Pipeline
 
@@ -75,6 +76,22 @@ def test_a_failed_group_fails_only_its_items(generator):
     assert [results[0]["seed"], results[2]["seed"]] == [1, 3]
 
 
+def test_an_image_that_does_not_fit_in_accelerator_memory_is_a_typed_error(generator, monkeypatch):
+    """Out-of-memory is injected: a group whose single images do not fit fails with AcceleratorMemoryError
+    (the app answers 503), other groups go on."""
+    fits = generator.pipeline.sample_latents
+
+    def short_of_memory(context, seeds, params, **kwargs):
+        if params.num_steps == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return fits(context, seeds, params, **kwargs)
+
+    monkeypatch.setattr(generator.pipeline, "sample_latents", short_of_memory)
+    results = settled(generator._run_batch([item(1), item(2), item(3, steps=2)]))
+    assert all(isinstance(r, AcceleratorMemoryError) and "out of accelerator memory" in str(r) for r in results[:2])
+    assert results[2]["seed"] == 3
+
+
 def test_the_next_batch_samples_while_the_last_one_is_delivered(generator, monkeypatch, tmp_path):
     """The model thread hands a batch's images to the writer threads and goes on: the next batch samples
     while they are written, and waits only before handing over its own (one batch's deliveries at most)."""
@@ -129,3 +146,30 @@ def test_a_compiled_generator_warms_up_each_padded_batch_size_once(generator, mo
     assert calls[0][1] == {"num_neighbors": 4, "guidance_scale": 5.0}  # the request defaults
     assert all(thread.startswith("model") for _, _, thread in calls)
     assert generator._warmed == {1, 2, 4, 8, 16} and generator._batcher.max_batch_size == 12
+
+
+@pytest.mark.parametrize("error, status, kind", [
+    (AcceleratorMemoryError("out of accelerator memory for one image"), 503, "overloaded"),
+    (ShardUnavailableError(2, "no answer in 10 s"), 503, "shard_unavailable"),
+    (UnknownDatabaseError("unknown database 'x'"), 404, "unknown_database"),
+    (InputError("prompt: too long"), 422, "invalid_input"),
+    (RuntimeError("secret internals"), 500, "internal_error"),
+])
+def test_the_ingress_answers_each_failure_with_its_status_and_no_internals(error, status, kind):
+    import asyncio
+    import json
+
+    from cluster.serve.schemas import GenerateRequest
+
+    cls = deployments.Ingress.func_or_class
+    ingress = cls.__new__(cls)  # the route's own error mapping, without Serve
+    ingress.token, ingress.m_requests = None, type("Counter", (), {"inc": lambda self, tags: None})()
+
+    async def failing(body, request_id):
+        raise error
+
+    ingress._generate = failing
+    response = asyncio.run(ingress.generate(GenerateRequest(prompt="a boat"), None))
+    body = json.loads(response.body)["error"]
+    assert response.status_code == status and body["type"] == kind and body["request_id"]
+    assert "secret" not in body["message"] and "Traceback" not in body["message"]

@@ -112,3 +112,31 @@ def test_to_uint8_gives_the_bytes_of_knn2img_numpy_post_processing():
     x = torch.clamp((images + 1.0) / 2.0, min=0.0, max=1.0)
     reference = (255.0 * x.permute(0, 2, 3, 1).numpy()).astype(np.uint8)  # knn2img, on the host
     assert np.array_equal(to_uint8(images), reference)
+
+
+def test_a_batch_out_of_accelerator_memory_runs_in_halves_with_the_same_images(lively_tiny_model, monkeypatch):
+    """Out-of-memory is injected (this machine has no accelerator): batches over 2 images fail, as a batch
+    too large for a GPU would; the pipeline halves them down to sizes that fit, and a single image that
+    does not fit is the caller's error."""
+    pipeline = Pipeline(lively_tiny_model)
+    context = torch.nn.functional.normalize(torch.randn(5, 3, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
+    seeds = [1, 2, 3, 4, 5]
+    expected = pipeline.sample_images(context, seeds, FAST, height=32, width=32)
+    fits, sizes = pipeline.sample_latents, []
+
+    def at_most_two(context, seeds, params, **kwargs):
+        sizes.append(len(seeds))
+        if len(seeds) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return fits(context, seeds, params, **kwargs)
+
+    monkeypatch.setattr(pipeline, "sample_latents", at_most_two)
+    images = pipeline.sample_images(context, seeds, FAST, height=32, width=32)
+    assert sizes == [5, 2, 3, 1, 2]
+    assert images.shape == expected.shape and np.abs(images.astype(int) - expected).max() <= 1
+    def never_fits(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(pipeline, "sample_latents", never_fits)
+    with pytest.raises(torch.OutOfMemoryError):
+        pipeline.sample_images(context[:1], [1], FAST, height=32, width=32)
