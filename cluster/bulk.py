@@ -167,8 +167,17 @@ class Retrieve:
         return _columns(rows)
 
 
+SAMPLER_CALLS_IN_FLIGHT = 2
+"""Batches one `BulkSampler` actor holds at once: while one batch's images are encoded and written, the next
+one samples on the model thread, so the accelerator does not wait for the writes."""
+
+
 class BulkSampler:
-    """Samples, encodes and stores each batch, then records it in a manifest part."""
+    """Samples, encodes and stores each batch, then records it in a manifest part.
+
+    Ray Data calls it from up to SAMPLER_CALLS_IN_FLIGHT threads at once: each call samples on the one
+    model thread (one batch on the accelerator at a time; compiled code stays on one thread), then writes
+    its images and its manifest part and returns, so every call still ends with its batch recorded."""
 
     def __init__(self, settings: dict, out_uri: str, model_id: str) -> None:
         from rdm.factory import load_model
@@ -190,32 +199,38 @@ class BulkSampler:
         # PNG encoding (Pillow releases the GIL) and object writes run on threads, in parallel; sequential
         # they cost a GPU batch of 768-px images seconds of idle accelerator (bench/delivery.py).
         self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="rdm-write")
+        self._model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rdm-model")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from rdm.conditioning import build_context
-
         rows = _rows(batch)
         groups: dict[tuple, list[dict]] = defaultdict(list)
         for row in rows:
             if not row["error"]:
                 groups[_array(row["context"]).shape].append(row)
-        size = self.pipeline.model.config.image_size
         for members in groups.values():
-            contexts = torch.from_numpy(np.stack([_array(r["context"]) for r in members]))
-            context = build_context(contexts[:, 0], contexts[:, 1:])
-            images = self.pipeline.sample_images(context, [int(r["seed"]) for r in members], self.params,
-                                                 height=size, width=size)  # halved on out-of-memory
+            images = self._model.submit(self._sample, members).result()
             writes = [self._writers.submit(self._store_image, row, pixels)
                       for row, pixels in zip(members, images, strict=True)]
             wait(writes)  # every write has ended before the manifest part names any of them
             for write in writes:
                 write.result()  # the first failure fails the batch, as a sequential loop would
-        if self.compile_cache is not None:
-            self.compile_cache.save_if_new()  # the first batch of each size compiles: later samplers load it
         records = [self._record(r) for r in rows]
         part = hashlib.sha256("".join(sorted(r["key"] for r in records)).encode()).hexdigest()[:24]
         self.store.write_bytes(join(PARTS, f"{part}.parquet"), _parquet(pa.Table.from_pylist(records)))
         return {"key": [r["key"] for r in records], "error": [r["error"] for r in records]}
+
+    def _sample(self, members: list[dict]) -> np.ndarray:
+        """On the model thread: the images of rows that share a context shape."""
+        from rdm.conditioning import build_context
+
+        contexts = torch.from_numpy(np.stack([_array(r["context"]) for r in members]))
+        context = build_context(contexts[:, 0], contexts[:, 1:])
+        size = self.pipeline.model.config.image_size
+        images = self.pipeline.sample_images(context, [int(r["seed"]) for r in members], self.params,
+                                             height=size, width=size)  # halved on out-of-memory
+        if self.compile_cache is not None:
+            self.compile_cache.save_if_new()  # the first batch of each size compiles: later samplers load it
+        return images
 
     def _store_image(self, row: dict, pixels: np.ndarray) -> None:
         from rdm.pipeline import encode_png
@@ -281,7 +296,9 @@ def generate(prompts_uri: str, out_uri: str, settings: BulkSettings, *, progress
                                                                 "model_id": model_id},
                             batch_size=settings.batch_size, num_cpus=settings.sampler_num_cpus,
                             num_gpus=1 if gpu else 0,
-                            compute=ray.data.ActorPoolStrategy(size=settings.num_samplers))
+                            compute=ray.data.ActorPoolStrategy(
+                                size=settings.num_samplers, max_concurrent_calls_per_actor=SAMPLER_CALLS_IN_FLIGHT,
+                                enable_true_multi_threading=True))
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             if progress is not None:
                 progress.update(int(sum(1 for e in batch["error"] if not e)))
