@@ -114,6 +114,7 @@ class Pipeline:
                              f"{model.config.unet.context_dim}")
         self.model, self.clip, self.retriever = model, clip, retriever
         self.modules = prepare(model, options or InferenceOptions())
+        self.out_of_memory_splits = 0  # batches `sample_images` ran again in halves
 
     @property
     def options(self) -> InferenceOptions:
@@ -186,6 +187,7 @@ class Pipeline:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         half = len(seeds) // 2
+        self.out_of_memory_splits += 1
         logger.warning("out of accelerator memory at batch %d: running it as %d + %d", len(seeds), half,
                        len(seeds) - half)
         return np.concatenate([

@@ -91,6 +91,8 @@ class Generator:
         self.m_sampling = metrics.Histogram("rdm_sampling_seconds", description="sampling + decode time per batch",
                                             boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60])
         self.m_queue = metrics.Gauge("rdm_generator_queue_depth", description="items waiting or sampling")
+        self.m_oom = metrics.Counter("rdm_out_of_memory_splits",
+                                     description="batches run again in halves after running out of accelerator memory")
         self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="rdm-deliver")
         self._delivering: list[Future] = []  # the last sampling group's image deliveries
         self._batcher = ModelBatcher(self._run_batch, max_batch_size=8, batch_wait_timeout_s=0.05)
@@ -183,6 +185,7 @@ class Generator:
             started = time.perf_counter()
             contexts = torch.from_numpy(np.stack([items[i]["context"] for i in members])).float()
             size = self.pipeline.model.config.image_size
+            splits = self.pipeline.out_of_memory_splits
             try:
                 pixels = self.pipeline.sample_images(contexts, [items[i]["seed"] for i in members],
                                                      SamplerParams(sampler, steps, scale, eta), height=size,
@@ -195,6 +198,9 @@ class Generator:
                 for i in members:
                     results[i] = error
                 continue
+            finally:
+                if self.pipeline.out_of_memory_splits > splits:
+                    self.m_oom.inc(self.pipeline.out_of_memory_splits - splits)
             elapsed = time.perf_counter() - started
             self.m_batch.observe(len(members))
             self.m_sampling.observe(elapsed)

@@ -33,7 +33,7 @@ def generator(tmp_path):
     gen.pipeline = Pipeline(load_model("tiny"))
     gen.model_name, gen.model_hash, gen.inference = "tiny", "hash", {}
     gen.store, gen.url_expires_s = open_store(str(tmp_path / "out")), 60
-    gen.m_images, gen.m_batch, gen.m_sampling = Recorder(), Recorder(), Recorder()
+    gen.m_images, gen.m_batch, gen.m_sampling, gen.m_oom = Recorder(), Recorder(), Recorder(), Recorder()
     gen._writers = ThreadPoolExecutor(4)
     gen._delivering, gen._compile_cache = [], None
     return gen
@@ -90,6 +90,7 @@ def test_an_image_that_does_not_fit_in_accelerator_memory_is_a_typed_error(gener
     results = settled(generator._run_batch([item(1), item(2), item(3, steps=2)]))
     assert all(isinstance(r, AcceleratorMemoryError) and "out of accelerator memory" in str(r) for r in results[:2])
     assert results[2]["seed"] == 3
+    assert generator.m_oom.values == [1]  # the pair was split once before its single images failed too
 
 
 def test_the_next_batch_samples_while_the_last_one_is_delivered(generator, monkeypatch, tmp_path):
