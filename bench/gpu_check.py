@@ -18,7 +18,9 @@ Other modes try Inductor's kernel tunings (`InferenceOptions.kernel_tuning`) and
 the UNet's attention shapes (the first H200 run's profile put attention at a fifth of the UNet step for 8%
 of its FLOPs: its heads are 32 wide), and the "fastest attention" mode compiles with the winner.
 --profile prints each accelerated mode's top kernels over a 2-step sample and its decode.
-Then CLIP image-embedding throughput (ViT-L/14 shape, random weights; the tiny CLIP with --smoke).
+Then, on CUDA, a real out-of-memory: a batch of 8 under a memory cap must run in halves with the same images
+(`Pipeline.sample_images`; this check cannot run on a CPU), and CLIP image-embedding throughput (ViT-L/14
+shape, random weights; the tiny CLIP with --smoke).
 Rows print as they are measured, so a run stopped at its limit keeps them; --json writes them too.
 Nothing starts after --budget-s: a skipped row says so.
 
@@ -133,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--no-attention-bench", action="store_true",
                         help="skip timing each SDPA kernel on the UNet's attention shapes")
+    parser.add_argument("--no-oom-check", action="store_true",
+                        help="skip checking, under a GPU memory cap, that a batch out of memory runs in halves")
     parser.add_argument("--profile", action="store_true",
                         help="after each accelerated mode's rows, print its top kernels over a 2-step sample")
     args = parser.parse_args(argv)
@@ -250,6 +254,16 @@ def main(argv: list[str] | None = None) -> int:
                   f"{str(error).splitlines()[0][:200] if str(error) else ''}"})
         pipeline = None
         release(device)
+    oom_failed = False
+    if not args.no_oom_check:
+        if over_budget():
+            print("\nout-of-memory split: skipped (past --budget-s)")
+        else:
+            try:
+                line, oom_failed = oom_check(base, context, size, device)
+            except Exception as error:  # noqa: BLE001 -- a side check must not cost the main table
+                line, oom_failed = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}", True
+            print(f"\nout-of-memory split (bf16 + channels_last, eager, batch 8 under a memory cap): {line}", flush=True)
     del base
     release(device)
     print_split(rows, steps)
@@ -263,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{label}: failed: {type(error).__name__}: {error}")
     failed = [row["mode"] for row in rows
               if ("eps_ok" in row and not row["eps_ok"]) or row.get("skipped", "").startswith("failed")]
+    failed += ["out-of-memory split"] if oom_failed else []
     print(f"total {time.perf_counter() - started:.0f} s; correctness: "
           f"{'FAIL in ' + ', '.join(sorted(set(failed))) if failed else 'every measured mode within --max-eps-error'}")
     return 1 if failed else 0
@@ -378,6 +393,39 @@ def print_split(rows: list[dict], steps: dict[str, int]) -> None:
         print(f"| mode | batch | UNet step ms | fixed s | fixed share at {long_steps} steps |")
         print("|---|---|---|---|---|")
         print("\n".join(lines), flush=True)
+
+
+def oom_check(base, context: torch.Tensor, size: int, device: str) -> tuple[str, bool]:
+    """A real out-of-memory: cap this process's GPU memory (`set_per_process_memory_fraction`) at what it
+    holds plus 1.25x what a batch of 4 needs, sample a batch of 8 (2 DDIM steps, guided), and check that
+    `Pipeline.sample_images` split it and gave the images of the uncapped batch (within 8 levels: bf16
+    kernels are chosen per batch size). (line, failed)."""
+    if device != "cuda":
+        return "skipped: needs CUDA (a memory cap)", False
+    if context.shape[0] < 8:
+        return "skipped: needs --batch-size or --baseline-batch of at least 8", False
+    pipeline = Pipeline(copy.deepcopy(base), options=InferenceOptions("bf16", channels_last=True))
+    params, seeds = SamplerParams("ddim", 2, GUIDANCE), list(range(8))
+    expected = pipeline.sample_images(context[:8], seeds, params, height=size, width=size)
+    release(device)
+    held = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    pipeline.sample_images(context[:4], seeds[:4], params, height=size, width=size)
+    need4 = torch.cuda.max_memory_allocated() - held
+    release(device)
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (held + 1.25 * need4) / total))
+    try:
+        images = pipeline.sample_images(context[:8], seeds, params, height=size, width=size)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        release(device)
+    splits = pipeline.out_of_memory_splits
+    diff = int(np.abs(images.astype(int) - expected.astype(int)).max())
+    failed = splits < 1 or diff > 8
+    return (f"{splits} split(s) under a cap of {(held + 1.25 * need4) / 2**30:.1f} GiB (batch 4 needs "
+            f"{need4 / 2**30:.1f} GiB over {held / 2**30:.1f} held); max pixel diff vs uncapped {diff}"
+            f"{' FAIL' if failed else ''}"), failed
 
 
 def release(device: str) -> None:
