@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -174,25 +175,28 @@ class Pipeline:
 
     def sample_images(self, context: Tensor, seeds: Sequence[int], params: SamplerParams, *, height: int,
                       width: int) -> np.ndarray:
-        """uint8 images [B, H, W, 3]: `sample_latents`, then `decode`. A batch that runs the accelerator out
-        of memory runs again as two halves, and so on down to single images (each image depends only on
-        its own context and seed, so they are the same images); a single image that does not fit raises
-        `torch.OutOfMemoryError`."""
+        """uint8 images [B, H, W, 3]: `sample_latents`, then `decode`, each run again as two halves, and so on
+        down to single images, when it runs the accelerator out of memory (each image depends only on its own
+        context and seed, so they are the same images; a decode that does not fit does not sample again). A
+        single image that does not fit raises `torch.OutOfMemoryError`."""
+        latents = self._in_halves(lambda rows: self.sample_latents(context[rows], seeds[rows], params, height=height,
+                                                                   width=width), len(seeds), torch.cat)
+        return self._in_halves(lambda rows: self.decode(latents[rows]), len(seeds), np.concatenate)
+
+    def _in_halves(self, run: Callable[[slice], Any], n: int, join: Callable[[list], Any], start: int = 0) -> Any:
+        """run(rows) for rows start..start+n, split in halves on out-of-memory (recursively)."""
         try:
-            return self.decode(self.sample_latents(context, seeds, params, height=height, width=width))
+            return run(slice(start, start + n))
         except torch.OutOfMemoryError:
-            if len(seeds) == 1:
+            if n == 1:
                 raise
         # outside the handler: the failed attempt's traceback, and the activations its frames hold, are gone
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        half = len(seeds) // 2
+        half = n // 2
         self.out_of_memory_splits += 1
-        logger.warning("out of accelerator memory at batch %d: running it as %d + %d", len(seeds), half,
-                       len(seeds) - half)
-        return np.concatenate([
-            self.sample_images(context[:half], seeds[:half], params, height=height, width=width),
-            self.sample_images(context[half:], seeds[half:], params, height=height, width=width)])
+        logger.warning("out of accelerator memory at batch %d: running it as %d + %d", n, half, n - half)
+        return join([self._in_halves(run, half, join, start), self._in_halves(run, n - half, join, start + half)])
 
     def warm_up(self, batch_sizes: Sequence[int], *, num_neighbors: int, guidance_scale: float,
                 height: int | None = None, width: int | None = None) -> dict[int, float]:

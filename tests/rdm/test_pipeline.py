@@ -140,3 +140,26 @@ def test_a_batch_out_of_accelerator_memory_runs_in_halves_with_the_same_images(l
     monkeypatch.setattr(pipeline, "sample_latents", never_fits)
     with pytest.raises(torch.OutOfMemoryError):
         pipeline.sample_images(context[:1], [1], FAST, height=32, width=32)
+
+
+def test_a_decode_out_of_accelerator_memory_decodes_in_halves_without_sampling_again(lively_tiny_model, monkeypatch):
+    pipeline = Pipeline(lively_tiny_model)
+    context = torch.nn.functional.normalize(torch.randn(5, 3, 64, generator=torch.Generator().manual_seed(1)), dim=-1)
+    expected = pipeline.sample_images(context, [1, 2, 3, 4, 5], FAST, height=32, width=32)
+    sample_latents, decode, sampled, decoded = pipeline.sample_latents, pipeline.decode, [], []
+
+    def counted(context, seeds, *args, **kwargs):
+        sampled.append(len(seeds))
+        return sample_latents(context, seeds, *args, **kwargs)
+
+    def decode_at_most_two(latents):
+        decoded.append(len(latents))
+        if len(latents) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return decode(latents)
+
+    monkeypatch.setattr(pipeline, "sample_latents", counted)
+    monkeypatch.setattr(pipeline, "decode", decode_at_most_two)
+    images = pipeline.sample_images(context, [1, 2, 3, 4, 5], FAST, height=32, width=32)
+    assert sampled == [5] and decoded == [5, 2, 3, 1, 2] and pipeline.out_of_memory_splits == 2
+    assert np.abs(images.astype(int) - expected).max() <= 1
