@@ -202,7 +202,8 @@ class Pipeline:
                 height: int | None = None, width: int | None = None) -> dict[int, float]:
         """Compile (once per padded size) what a batch of each size runs: the UNet at one sampling step
         (its shapes do not depend on the sampler or the step) and the decoder. Returns seconds per padded
-        size; nothing to do, and {} returned, for an eager pipeline."""
+        size; nothing to do, and {} returned, for an eager pipeline. A size that runs the accelerator out of
+        memory is left out (logged): batches of that size will run in halves (`sample_images`)."""
         if self.options.compile is None:
             return {}
         check_num_neighbors(num_neighbors)
@@ -215,9 +216,14 @@ class Pipeline:
             query = torch.nn.functional.normalize(torch.randn(size, dim), dim=-1)
             neighbors = torch.nn.functional.normalize(torch.randn(size, num_neighbors, dim), dim=-1)
             context = build_context(query, neighbors if num_neighbors else None)
-            latents = self.sample_latents(context, list(range(size)), SamplerParams("ddim", 1, guidance_scale),
-                                          height=height, width=width)
-            self.decode(latents)
+            try:
+                latents = self.sample_latents(context, list(range(size)), SamplerParams("ddim", 1, guidance_scale),
+                                              height=height, width=width)
+                self.decode(latents)
+            except torch.OutOfMemoryError as error:
+                logger.warning("warm-up: batch size %d does not fit in accelerator memory (%s); its batches will "
+                               "run in halves", size, str(error).splitlines()[0][:200])
+                continue
             seconds[size] = time.perf_counter() - started
         return seconds
 

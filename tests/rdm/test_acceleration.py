@@ -217,3 +217,19 @@ def test_warm_up_compiles_each_padded_size_once(lively_tiny_model):
         assert images.shape == (3, 32, 32, 3) and np.abs(images - run(eager, 3, k=0)).max() <= 2
         with pytest.raises(Exception, match="[Rr]ecompil"):
             run(pipeline, 5)  # padded to 8: not warmed
+
+
+def test_warm_up_leaves_out_a_batch_size_that_does_not_fit(lively_tiny_model, monkeypatch):
+    """Out-of-memory is injected for batches of 8: warm-up compiles the sizes that fit and leaves 8 to run
+    in halves (a replica whose max_batch_size is too large for its GPU still starts)."""
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)  # which sizes, not the compiler
+    pipeline = Pipeline(copy.deepcopy(lively_tiny_model), options=InferenceOptions(compile="default"))
+    fits = pipeline.sample_latents
+
+    def at_most_four(context, seeds, params, **kwargs):
+        if len(seeds) > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return fits(context, seeds, params, **kwargs)
+
+    monkeypatch.setattr(pipeline, "sample_latents", at_most_four)
+    assert sorted(pipeline.warm_up([1, 3, 8], num_neighbors=2, guidance_scale=3.0, height=32, width=32)) == [1, 4]
