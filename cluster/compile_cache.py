@@ -18,7 +18,6 @@ and costs a cold compile; a failed write is logged. Only a malformed URI is an e
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -28,7 +27,7 @@ import torch
 from cluster.errors import StorageError
 from cluster.storage import join, open_store
 from rdm.acceleration import InferenceOptions
-from rdm.compile_cache import cache_key, compilations, device_signature, export_artifacts, import_artifacts
+from rdm.compile_cache import cache_ident, cache_key, compilations, export_artifacts, import_artifacts
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +36,7 @@ class CompileCache:
     def __init__(self, uri: str, *, model_id: str, options: InferenceOptions, device: torch.device | str) -> None:
         self.store, self.key = open_store(uri), cache_key(model_id, options, device)
         self.uri = f"{str(uri).rstrip('/')}/{self.key}"
-        self.ident = {"model": model_id, "options": dataclasses.asdict(options), "device": device_signature(device),
-                      "torch": torch.__version__}
+        self.ident = cache_ident(model_id, options, device)
         self.known: set[str] = set()  # artifact names the stored exports hold (as far as this process knows)
         self._compilations = compilations()
 

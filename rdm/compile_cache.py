@@ -10,7 +10,8 @@ into another process's compile caches (`load_cache_artifacts`), where the same c
 
 What stays: Dynamo still traces the Python (seconds), and on CPUs Inductor compiles its generated C++
 again (the artifacts carry source, not the shared objects), so a CPU warm start saves about half of the
-compile time (bench/compile_cache.py), a GPU one the Triton compilation and autotuning.
+compile time (bench/compile_cache.py); a GPU one should save the Triton compilation and autotuning (not
+measured yet).
 
 The artifacts are pickles that hold code to run: load them only from storage as trusted as the model's
 weights. Storing them is the caller's business (`cluster.compile_cache` keeps them in object storage).
@@ -21,13 +22,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 
 import torch
 
 from rdm.acceleration import InferenceOptions
-
-logger = logging.getLogger(__name__)
 
 
 def device_signature(device: torch.device | str) -> str:
@@ -41,11 +39,16 @@ def device_signature(device: torch.device | str) -> str:
     return f"{device.type}:{torch.backends.cpu.get_cpu_capability()}"
 
 
+def cache_ident(model_id: str, options: InferenceOptions, device: torch.device | str) -> dict:
+    """What compiled code is compiled for: one model (its content hash), inference options, device kind and
+    torch version."""
+    return {"model": model_id, "options": dataclasses.asdict(options), "device": device_signature(device),
+            "torch": torch.__version__}
+
+
 def cache_key(model_id: str, options: InferenceOptions, device: torch.device | str) -> str:
-    """A name for the compiled code of one model (its content hash), inference options, device kind and
-    torch version: processes that share it compile the same graphs."""
-    ident = {"model": model_id, "options": dataclasses.asdict(options), "device": device_signature(device),
-             "torch": torch.__version__}
+    """A name for `cache_ident`: processes that share it compile the same graphs."""
+    ident = cache_ident(model_id, options, device)
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
 
 
