@@ -1,11 +1,13 @@
-"""Retrieval QPS, latency and recall: `ShardedRetriever` (one Ray actor per shard, fan-out + merge_topk) vs one
-in-process FAISS index of the same spec.
+"""Retrieval QPS, latency and recall: `ShardedRetriever` (Ray actors holding the shards, fan-out + merge_topk) vs
+one in-process FAISS index of the same spec.
 
 Writes N clustered unit vectors (`common.ClusteredVectors`) in the `rdm embed` layout, builds and publishes a
 sharded index with `build_index` (spec chosen by `choose_index_spec` unless `--index-spec`), then times, in
 one run and on the same held-out queries (new points of the same mixture, not database rows):
 
-- sharded: `ShardedRetriever.search` on a local Ray (actors of `num_cpus=0.1`, the default);
+- sharded: `ShardedRetriever.search` on a local Ray (actors of `num_cpus=0.1`, the default), once for each
+  `--shards-per-actor` value (default 1 and all shards: one actor per shard, and one actor holding every shard
+  with the FAISS threads of all the per-shard actors added up);
 - in-process (the baseline): one index in this process holding all N vectors, made from shard 0's trained
   index (emptied, then every shard's vectors added), so it has the same trained quantizer, spec and nprobe;
   searched through `IndexShard.search` (which also gathers ids and stored embeddings, as each shard actor
@@ -19,6 +21,7 @@ queries per call (throughput; p50/p99 are per call). recall@k is against exact i
 
     python bench/retrieval.py [--num-vectors 200000] [--dim 768] [--num-shards 4] [--num-neighbors 20]
                               [--num-queries 1000] [--batch-size 64] [--index-spec SPEC] [--threads T]
+                              [--shards-per-actor 1,4]
 """
 
 from __future__ import annotations
@@ -81,9 +84,10 @@ def time_calls(search: SearchFn, queries: np.ndarray, batch_size: int) -> tuple[
     return time.perf_counter() - start, latencies, ids
 
 
-def search_paths(retriever: ShardedRetriever, local: IndexShard, nprobe: int, k: int) -> dict[str, SearchFn]:
-    def sharded(q: np.ndarray) -> list[list[str]]:
-        return retriever.search(torch.from_numpy(q), k).ids
+def search_paths(retrievers: dict[str, ShardedRetriever], local: IndexShard, nprobe: int, k: int
+                 ) -> dict[str, SearchFn]:
+    def sharded(retriever: ShardedRetriever) -> SearchFn:
+        return lambda q: retriever.search(torch.from_numpy(q), k).ids
 
     def in_process(q: np.ndarray) -> list[list[str]]:
         return local.search(q, k, nprobe=nprobe)["ids"].tolist()
@@ -93,7 +97,7 @@ def search_paths(retriever: ShardedRetriever, local: IndexShard, nprobe: int, k:
         return local.ids[labels].tolist()
 
     set_nprobe(local.index, nprobe)
-    return {"ShardedRetriever (Ray actors)": sharded, BASELINE: in_process,
+    return {**{name: sharded(r) for name, r in retrievers.items()}, BASELINE: in_process,
             "raw faiss index.search": raw_faiss}
 
 
@@ -123,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: the shard actors' threads added up)")
     parser.add_argument("--num-centers", type=int, default=None, help="mixture centres (default N / 200)")
     parser.add_argument("--noise", type=float, default=0.5, help="noise norm around a unit centre")
+    parser.add_argument("--shards-per-actor", default=None,
+                        help="comma-separated ShardedRetriever shards_per_actor values (default: 1 and all shards)")
     parser.add_argument("--ray-num-cpus", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -131,6 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_neighbors > args.num_vectors // args.num_shards:
         parser.error(f"--num-neighbors {args.num_neighbors} exceeds a shard's size")
     args.num_centers = args.num_centers or max(1, args.num_vectors // 200)
+    try:
+        groupings = ([int(v) for v in args.shards_per_actor.split(",")] if args.shards_per_actor
+                     else sorted({1, args.num_shards}))
+    except ValueError:
+        parser.error("--shards-per-actor takes comma-separated integers")
+    if min(groupings) < 1:
+        parser.error("--shards-per-actor values must be >= 1")
     logging.basicConfig(level=logging.WARNING)
     start_line = cpu_line()
     start_ray(args.ray_num_cpus)
@@ -144,11 +157,18 @@ def main(argv: list[str] | None = None) -> int:
                                   metric=faiss.METRIC_INNER_PRODUCT)
         exact = local.ids[labels].tolist()
         faiss.omp_set_num_threads(threads)
-        with Stopwatch() as start_time:
-            retriever = ShardedRetriever(index_uri, DATABASE)
+        retrievers, start_times = {}, {}
+        for spa in groupings:  # an actor of several shards gets their FAISS threads: the same threads in all
+            actors = -(-args.num_shards // spa)
+            name = f"ShardedRetriever ({actors} actor{'s' * (actors > 1)} of {min(spa, args.num_shards)} shard" \
+                   f"{'s' * (spa > 1)})"
+            with Stopwatch() as start_time:
+                retrievers[name] = ShardedRetriever(index_uri, DATABASE, shards_per_actor=spa,
+                                                    threads=actor_threads * min(spa, args.num_shards))
+            start_times[name] = start_time.s
         rows = []
         try:
-            paths = search_paths(retriever, local, manifest.nprobe, args.num_neighbors)
+            paths = search_paths(retrievers, local, manifest.nprobe, args.num_neighbors)
             for batch_size in (1, args.batch_size):
                 for name, search in paths.items():
                     total, latencies, ids = time_calls(search, queries, batch_size)
@@ -156,14 +176,16 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append([name, batch_size, qps, *summarize_latencies(latencies),
                                  recall_at_k(ids, exact, args.num_neighbors)])
         finally:
-            retriever.close()
+            for retriever in retrievers.values():
+                retriever.close()
     baseline = {b: qps for name, b, qps, *_ in rows if name == BASELINE}
     print(f"\nN={args.num_vectors} D={args.dim} shards={args.num_shards} spec={manifest.index_spec} "
           f"nprobe={manifest.nprobe} (build_index's held-out recall@{manifest.recall['k']}="
           f"{manifest.recall['recall']:.3f}) k={args.num_neighbors} queries={args.num_queries} "
-          f"centres={args.num_centers} noise={args.noise} | shard actors: num_cpus=0.1, {actor_threads} FAISS "
-          f"thread(s) each | in-process: {threads} FAISS threads | write {setup['write']:.0f}s, build_index "
-          f"{setup['build']:.0f}s, retriever start {start_time.s:.1f}s, exact search {exact_time.s:.1f}s "
+          f"centres={args.num_centers} noise={args.noise} | actors: num_cpus=0.1, {actor_threads} FAISS "
+          f"thread(s) per shard held | in-process: {threads} FAISS threads | write {setup['write']:.0f}s, build_index "
+          f"{setup['build']:.0f}s, retriever start {', '.join(f'{s:.1f}' for s in start_times.values())}s, "
+          f"exact search {exact_time.s:.1f}s "
           f"faiss={faiss.__version__} ({start_line})\n")
     header = ("path", "queries/call", "QPS", "p50 ms/call", "p99 ms/call", "QPS vs in-process",
               f"recall@{args.num_neighbors}")

@@ -16,7 +16,7 @@ import json
 import logging
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -52,6 +52,7 @@ class BulkSettings:
     kernel_tuning: str = "none"
     attention: str = "auto"
     compile_cache: str | None = None  # with compile: where samplers share compiled code (cluster.compile_cache)
+    retriever_options: dict = field(default_factory=lambda: {"num_cpus": 0.05})  # cluster.retriever.RetrieverOptions
 
     def inference_options(self):
         from rdm.acceleration import InferenceOptions
@@ -131,10 +132,10 @@ class QueryEncoder:
 class Retrieve:
     """Neighbours of each query in its row's database, through the sharded retriever pool."""
 
-    def __init__(self, index_uri: str | None, num_neighbors: int) -> None:
+    def __init__(self, index_uri: str | None, num_neighbors: int, retriever_options: dict) -> None:
         from cluster.retriever import RetrieverPool
 
-        self.pool = RetrieverPool(index_uri, num_cpus=0.05) if index_uri else None
+        self.pool = RetrieverPool(index_uri, **retriever_options) if index_uri else None
         self.num_neighbors = num_neighbors
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -290,7 +291,8 @@ def generate(prompts_uri: str, out_uri: str, settings: BulkSettings, *, progress
                                                                  "clip_weights": settings.clip_weights},
                             batch_size=32, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
         ds = ds.map_batches(Retrieve, fn_constructor_kwargs={"index_uri": settings.index_uri,
-                                                             "num_neighbors": settings.num_neighbors},
+                                                             "num_neighbors": settings.num_neighbors,
+                                                             "retriever_options": settings.retriever_options},
                             batch_size=32, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1)
         ds = ds.map_batches(BulkSampler, fn_constructor_kwargs={"settings": asdict(settings), "out_uri": out_uri,
                                                                 "model_id": model_id},

@@ -1,11 +1,13 @@
-"""The sharded retriever: one Ray actor per index shard (optionally replicated), fanned out and merged.
+"""The sharded retriever: Ray actors that each hold one or more index shards, fanned out and merged.
 
 `ShardedRetriever` implements `rdm.retrieval.Retriever`, so the sampling pipeline cannot tell it from
-the exact in-memory retriever. A shard actor that dies is restarted by Ray and reloads its shard from
-storage; a shard that stays down past the timeout raises `ShardUnavailableError`, or, with
-`allow_degraded`, the results of the other shards come back flagged `degraded`. `refresh()` swaps in a
-newly published version: new actors load first, then the handle set is replaced, and in-flight
-queries finish on the old actors (which Ray reclaims once no call holds them).
+the exact in-memory retriever. Each actor (`RetrieverShards`) holds `shards_per_actor` consecutive shards of
+one database version, searches them in turn and merges their top-k itself, so a query costs one Ray call per
+actor, not per shard: one actor per node, holding the shards that fit there, makes a search one hop per node.
+An actor that dies is restarted by Ray and reloads its shards from storage; shards that stay down past the
+timeout raise `ShardUnavailableError`, or, with `allow_degraded`, the results of the other actors come back
+flagged `degraded`. `refresh()` swaps in a newly published version: new actors load first, then the handle
+set is replaced, and in-flight queries finish on the old actors (which Ray reclaims once no call holds them).
 """
 
 from __future__ import annotations
@@ -18,37 +20,85 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
 from cluster.errors import CorruptShardError, RetrievalError, ShardUnavailableError
 from cluster.index.manifest import Manifest, load_manifest, sha256
-from cluster.index.merge import merge_topk
+from cluster.index.merge import merge_parts
 from cluster.index.shard import IndexShard
 from cluster.storage import open_store
-from rdm.errors import InputError, ShapeError
+from rdm.errors import ConfigError, InputError, ShapeError
 from rdm.retrieval import Neighbors, check_finite, check_num_neighbors
 
 logger = logging.getLogger(__name__)
 
 
-class RetrieverShard:
-    """Ray actor: one shard of one database version, read from storage and checked against the manifest."""
+class RetrieverOptions(BaseModel):
+    """`ShardedRetriever`'s keyword arguments, as a Serve config or `rdm generate --retriever-options` gives
+    them: unknown keys and out-of-range values are config errors, not a failure at the first search."""
 
-    def __init__(self, index_uri: str, manifest_json: bytes, shard_id: int, use_gpu: bool = False,
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    replicas: int = Field(1, ge=1, description="copies of every shard, searched round-robin")
+    shards_per_actor: int = Field(1, ge=1, description="consecutive shards one actor holds and searches: "
+                                                        "fewer actors, fewer Ray calls per query")
+    num_cpus: float = Field(0.1, ge=0, description="CPUs per actor")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor, "
+                                                                           "e.g. {retriever: 1} to place one per node")
+    use_gpu: bool = Field(False, description="one GPU per actor, indexes moved to it (faiss-gpu)")
+    threads: int | None = Field(None, ge=1, description="FAISS threads per actor (default: Ray's, 1 for "
+                                                        "fractional CPUs)")
+    timeout_s: float = Field(30.0, gt=0, description="how long a search waits for a shard, restarts included")
+    allow_degraded: bool = Field(False, description="answer from the shards that are up, flagged degraded")
+    max_restarts: int = Field(-1, ge=-1, description="restarts of a dead actor (-1: unlimited)")
+    reserve_memory: bool = Field(True, description="each actor asks Ray for the memory its shards take (from the "
+                                                   "manifest), so Ray places actors only where they fit")
+    start_timeout_s: float = Field(120.0, gt=0, description="how long a new version's actors may take to load "
+                                                            "(and to be placed) before the start fails")
+
+    @classmethod
+    def from_json(cls, text: str, *, where: str = "retriever options") -> RetrieverOptions:
+        """Options from a JSON object; a malformed or invalid one is a `ConfigError` naming the key."""
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in err.errors())
+            raise ConfigError(f"{where}: {problems} (keys: {', '.join(cls.model_fields)})") from None
+
+
+class RetrieverShards:
+    """Ray actor: some shards of one database version, read from storage and checked against the manifest.
+
+    Shards whose indexes merge (Flat, IVF; see `IndexShard.merge`) become one index, searched once with the
+    coarse quantizer run once; others are searched in turn. Either way the caller gets one top-k per query.
+    """
+
+    def __init__(self, index_uri: str, manifest_json: bytes, shard_ids: list[int], use_gpu: bool = False,
                  threads: int | None = None) -> None:
         self.error: Exception | None = None
-        self.shard_id = shard_id
+        self.shard_ids = list(shard_ids)
+        self.shards: list[IndexShard] = []
+        self.merged = False
         if threads:  # Ray gives a fractional-CPU actor one OpenMP thread; a dedicated node can use more
             import faiss
 
             faiss.omp_set_num_threads(threads)
         try:
-            self._load(index_uri, Manifest.from_json(manifest_json), shard_id, use_gpu)
+            manifest = Manifest.from_json(manifest_json)
+            self.nprobe = manifest.nprobe
+            store = open_store(index_uri)
+            shards = [self._load(store, manifest, shard_id) for shard_id in self.shard_ids]
+            merged = IndexShard.merge(shards) if len(shards) > 1 else None
+            self.merged = merged is not None
+            self.shards = [merged] if merged is not None else shards
+            if use_gpu:
+                self._to_gpu()
         except Exception as err:  # noqa: BLE001 - reported through ready(), so the caller sees the typed error
             self.error = err
 
-    def _load(self, index_uri: str, manifest: Manifest, shard_id: int, use_gpu: bool) -> None:
-        store = open_store(index_uri)
+    @staticmethod
+    def _load(store, manifest: Manifest, shard_id: int) -> IndexShard:
         files = {}
         for name, digest in manifest.shards[shard_id].files.items():
             key = manifest.shard_key(shard_id, name)
@@ -56,39 +106,66 @@ class RetrieverShard:
             if sha256(data) != digest:
                 raise CorruptShardError(f"{store.uri}/{key}", "checksum does not match the manifest; rebuild the index")
             files[name] = data
-        self.shard = IndexShard.from_files(files, name=f"{store.uri}/{manifest.shard_key(shard_id, '')}")
-        self.nprobe = manifest.nprobe
-        if use_gpu:
-            import faiss
+        return IndexShard.from_files(files, name=f"{store.uri}/{manifest.shard_key(shard_id, '')}")
 
-            if hasattr(faiss, "StandardGpuResources"):
-                self.shard.index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, self.shard.index)
+    def _to_gpu(self) -> None:
+        import faiss
+
+        if hasattr(faiss, "StandardGpuResources"):
+            resources = self._gpu_resources = faiss.StandardGpuResources()  # kept alive with the indexes
+            for shard in self.shards:
+                shard.index = faiss.index_cpu_to_gpu(resources, 0, shard.index)
 
     def ready(self) -> int:
         if self.error is not None:
             raise self.error
-        return len(self.shard)
+        return sum(len(shard) for shard in self.shards)
+
+    def describe(self) -> dict:
+        """Which shards this actor holds, their rows, and whether they were merged into one index."""
+        return {"shard_ids": self.shard_ids, "rows": self.ready(), "merged": self.merged}
 
     def search(self, queries: np.ndarray, k: int) -> dict[str, np.ndarray]:
+        """The top-min(k, rows held) of this actor's shards: scores [B, k'] (NaN where a shard had fewer
+        hits), ids [B, k'] and embeddings [B, k', D]."""
         if self.error is not None:
             raise self.error
-        return self.shard.search(queries, min(k, len(self.shard)) or 1, nprobe=self.nprobe)
+        parts = [shard.search(queries, min(k, len(shard)) or 1, nprobe=self.nprobe) for shard in self.shards]
+        if len(parts) == 1:
+            return parts[0]
+        return merge_parts(parts, min(k, sum(p["scores"].shape[1] for p in parts)))
+
+
+def group_shards(num_shards: int, shards_per_actor: int) -> list[list[int]]:
+    """Consecutive shard ids, `shards_per_actor` to an actor (the last actor may hold fewer)."""
+    return [list(range(i, min(i + shards_per_actor, num_shards))) for i in range(0, num_shards, shards_per_actor)]
 
 
 @dataclass
 class _ShardSet:
     manifest: Manifest
-    actors: list[list] = field(default_factory=list)  # [shard][replica]
+    groups: list[list[int]]  # the shard ids each actor holds
+    actors: list[list] = field(default_factory=list)  # [group][replica]
+    memory: list[int] = field(default_factory=list)  # bytes of memory each group's actors asked Ray for
 
 
 class ShardedRetriever:
-    """`search(queries [B, D], num_neighbors)` over every shard of the published version of `database`."""
+    """`search(queries [B, D], num_neighbors)` over every shard of the published version of `database`.
+
+    Each of `replicas` copies of the database is spread over actors of `shards_per_actor` shards each
+    (`num_cpus`, `resources` and `use_gpu` per actor; `threads`: FAISS threads per actor).
+    """
 
     def __init__(self, index_uri: str, database: str, *, replicas: int = 1, num_cpus: float = 0.1,
                  resources: dict[str, float] | None = None, use_gpu: bool = False, timeout_s: float = 30.0,
-                 allow_degraded: bool = False, max_restarts: int = -1, threads: int | None = None) -> None:
+                 allow_degraded: bool = False, max_restarts: int = -1, threads: int | None = None,
+                 shards_per_actor: int = 1, reserve_memory: bool = True, start_timeout_s: float = 120.0) -> None:
         if replicas < 1:
             raise InputError(f"replicas must be >= 1, got {replicas}")
+        if shards_per_actor < 1:
+            raise InputError(f"shards_per_actor must be >= 1, got {shards_per_actor}")
+        self.shards_per_actor, self.reserve_memory, self.start_timeout_s = (shards_per_actor, reserve_memory,
+                                                                             start_timeout_s)
         self.index_uri, self.database = index_uri, database
         self.store = open_store(index_uri)
         self.timeout_s, self.allow_degraded = timeout_s, allow_degraded
@@ -111,19 +188,36 @@ class ShardedRetriever:
     def _start(self, manifest: Manifest) -> _ShardSet:
         import ray
 
-        actor_cls = ray.remote(RetrieverShard).options(**self._options)
+        actor_cls = ray.remote(RetrieverShards)
         payload = manifest.to_json()
-        actors = [[actor_cls.remote(self.index_uri, payload, s.shard_id, self._use_gpu, self._threads)
-                   for _ in range(self._replicas)] for s in manifest.shards]
+        groups = group_shards(len(manifest.shards), self.shards_per_actor)
+        memory = [manifest.memory_bytes(group) if self.reserve_memory else 0 for group in groups]
+        actors = [[actor_cls.options(**self._options, **({"memory": m} if m else {}))
+                   .remote(self.index_uri, payload, group, self._use_gpu, self._threads)
+                   for _ in range(self._replicas)] for group, m in zip(groups, memory, strict=True)]
         try:
-            ray.get([a.ready.remote() for replicas in actors for a in replicas], timeout=max(self.timeout_s, 60.0))
+            ray.get([a.ready.remote() for replicas in actors for a in replicas], timeout=self.start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self._kill(actors)
+            asks = {k: v for k, v in self._options.items() if k in ("num_cpus", "num_gpus", "resources") and v}
+            raise ShardUnavailableError(groups[0][0], f"the actors of database {manifest.database!r} version "
+                                        f"{manifest.version} did not load within {self.start_timeout_s:.0f}s; each "
+                                        f"asks Ray for {asks} and up to {max(memory) / 2**30:.2f} GiB of memory "
+                                        f"({len(actors)} x {self._replicas} actors): is there a node with that much "
+                                        "free? (lower shards_per_actor, or add nodes)") from None
         except Exception:
-            for a in (a for replicas in actors for a in replicas):
-                ray.kill(a)
+            self._kill(actors)
             raise
-        logger.info("retriever %s/%s: %d shards x %d replicas ready", manifest.database, manifest.version,
-                    len(actors), self._replicas)
-        return _ShardSet(manifest, actors)
+        logger.info("retriever %s/%s: %d shards on %d actors x %d replicas ready", manifest.database,
+                    manifest.version, len(manifest.shards), len(actors), self._replicas)
+        return _ShardSet(manifest, groups, actors, memory)
+
+    @staticmethod
+    def _kill(actors: list[list]) -> None:
+        import ray
+
+        for a in (a for replicas in actors for a in replicas):
+            ray.kill(a)
 
     def refresh(self) -> bool:
         """Load the published version if it changed; returns whether a new version was swapped in."""
@@ -136,10 +230,7 @@ class ShardedRetriever:
         return True
 
     def close(self) -> None:
-        import ray
-
-        for a in (a for replicas in self._set.actors for a in replicas):
-            ray.kill(a)
+        self._kill(self._set.actors)
 
     def search(self, queries: Tensor, num_neighbors: int) -> Neighbors:
         check_num_neighbors(num_neighbors)
@@ -156,16 +247,14 @@ class ShardedRetriever:
             return Neighbors([[] for _ in range(b)], torch.zeros(b, 0), torch.zeros(b, 0, dim))
         q = torch.nn.functional.normalize(queries.detach().float(), dim=-1).cpu().numpy()
         parts, degraded = self._fan_out(current, q, num_neighbors)
-        order, scores = merge_topk([p["scores"] for p in parts], num_neighbors)
-        ids = np.take_along_axis(np.concatenate([p["ids"] for p in parts], axis=1), order, 1)
-        embeddings = np.take_along_axis(np.concatenate([p["embeddings"] for p in parts], axis=1), order[..., None], 1)
-        if np.isnan(scores).any():
+        found = merge_parts(parts, num_neighbors)
+        if np.isnan(found["scores"]).any():
             raise RetrievalError(f"fewer than {num_neighbors} neighbours answered for database {self.database!r}")
-        return Neighbors(ids=[list(map(str, row)) for row in ids], scores=torch.from_numpy(scores),
-                         embeddings=torch.from_numpy(np.ascontiguousarray(embeddings)), degraded=degraded)
+        return Neighbors(ids=[list(map(str, row)) for row in found["ids"]], scores=torch.from_numpy(found["scores"]),
+                         embeddings=torch.from_numpy(found["embeddings"]), degraded=degraded)
 
     def _fan_out(self, current: _ShardSet, queries: np.ndarray, k: int) -> tuple[list[dict], bool]:
-        """One search per shard on a round-robin replica; a failed call is retried on the next replica
+        """One search per actor group on a round-robin replica; a failed call is retried on the next replica
         (the same actor, restarted, when there is one) until the deadline."""
         import ray
 
@@ -192,9 +281,11 @@ class ShardedRetriever:
             failures.setdefault(sid, "timed out")
         missing = sorted(set(range(len(current.actors))) - set(results))
         if missing and not (self.allow_degraded and results):
-            sid = missing[0]
-            raise ShardUnavailableError(sid, f"database {self.database!r} version {current.manifest.version}: "
-                                             f"{failures.get(sid, 'no answer')} after {self.timeout_s:.0f}s")
+            group = current.groups[missing[0]]
+            held = "" if len(group) == 1 else f" (an actor holding shards {group[0]}-{group[-1]})"
+            raise ShardUnavailableError(group[0], f"database {self.database!r} version {current.manifest.version}"
+                                                  f"{held}: {failures.get(missing[0], 'no answer')} after "
+                                                  f"{self.timeout_s:.0f}s")
         return [results[sid] for sid in sorted(results)], bool(missing)
 
 

@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-samplers", type=int, default=1, help="sampler actors (one GPU each when present)")
     parser.add_argument("--sampler-num-cpus", type=float, default=0.5)
+    parser.add_argument("--retriever-options", default='{"num_cpus": 0.05}', metavar="JSON",
+                        help="the sharded retriever's actors, as in a Serve config's retriever_options (keys: "
+                             "replicas, shards_per_actor, num_cpus, resources, use_gpu, threads, timeout_s, "
+                             "allow_degraded, max_restarts; default %(default)s)")
     add_inference_args(parser)
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -42,12 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from cluster.bulk import BulkSettings, generate
+    from cluster.retriever import RetrieverOptions
     from cluster.runtime import connect
     from rdm.pipeline import SamplerParams
     from rdm.retrieval import check_num_neighbors
 
     SamplerParams(args.sampler, args.num_steps, args.guidance_scale, args.eta)  # validate before starting Ray
     check_num_neighbors(args.num_neighbors)
+    retriever_options = RetrieverOptions.from_json(args.retriever_options, where="--retriever-options")
     if args.compile_cache:
         from cluster.storage import open_store
 
@@ -59,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                             sampler_num_cpus=args.sampler_num_cpus, precision=args.precision,
                             channels_last=args.channels_last, compile=args.compile,
                             kernel_tuning=args.kernel_tuning, attention=args.attention,
-                            compile_cache=args.compile_cache)
+                            compile_cache=args.compile_cache, retriever_options=retriever_options.model_dump())
     connect()
     with tqdm(desc="images", unit="img") as bar:
         result = generate(args.prompts, args.out, settings, progress=bar)

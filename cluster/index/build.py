@@ -106,15 +106,15 @@ def build_shard(emb_store: ObjectStore, segments: list[Segment], template: bytes
     vectors = np.concatenate([p[1][seg.start:seg.stop] for p, seg in zip(parts, segments, strict=True)])
     shard = IndexShard.build(template, spec, vectors, ids)
     database, version, shard_id = manifest_prefix
-    files = {}
+    files, sizes = {}, {}
     for name, data in shard.to_files().items():
         index_store.write_bytes(join(database, "versions", version, f"shard-{shard_id:05d}", name), data)
-        files[name] = sha256(data)
+        files[name], sizes[name] = sha256(data), len(data)
     kk = min(k, len(ids))
     exact_scores = queries @ vectors.astype(np.float32).T
     top = np.argsort(-exact_scores, axis=1, kind="stable")[:, :kk]
     approx = {n: shard.search(queries, kk, nprobe=n) for n in nprobes}
-    return {"shard_id": shard_id, "count": len(ids), "files": files,
+    return {"shard_id": shard_id, "count": len(ids), "files": files, "sizes": sizes,
             "exact": {"scores": np.take_along_axis(exact_scores, top, 1), "ids": ids[top]},
             "approx": {n: {"scores": r["scores"], "ids": r["ids"]} for n, r in approx.items()}}
 
@@ -224,7 +224,7 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
         if recall >= target_recall:
             break
     manifest = Manifest(database=database, version=version, count=total, dim=dim, index_spec=spec, nprobe=nprobe,
-                        shards=tuple(ShardInfo(r["shard_id"], r["count"], r["files"]) for r in results),
+                        shards=tuple(ShardInfo(r["shard_id"], r["count"], r["files"], r["sizes"]) for r in results),
                         clip_model=embed_info.get("clip", ""), clip_hash=embed_info.get("clip_hash", ""),
                         embedding_dtype=ARROW_DTYPES.get(scanned[0][2], scanned[0][2]),
                         build_time_s=round(time.perf_counter() - started, 3),

@@ -40,6 +40,7 @@ class ShardInfo:
     shard_id: int
     count: int
     files: dict[str, str]  # file name -> sha256
+    sizes: dict[str, int] = field(default_factory=dict)  # file name -> bytes ({} in manifests before sizes)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,18 @@ class Manifest:
 
     def shard_key(self, shard_id: int, name: str) -> str:
         return join(self.prefix, f"shard-{shard_id:05d}", name)
+
+    def memory_bytes(self, shard_ids: list[int]) -> int:
+        """Memory that holding `shard_ids` in one process takes (0: unknown, for manifests without file sizes):
+        each FAISS index as large as its file, the stored embeddings decoded, about 100 bytes per id, and,
+        for several shards, their embeddings once more while they are merged."""
+        shards = [self.shards[i] for i in shard_ids]
+        if any(not s.sizes for s in shards):
+            return 0
+        itemsize = {"float16": 2, "float64": 8}.get(self.embedding_dtype, 4)
+        vectors = sum(s.count * self.dim * itemsize for s in shards)
+        indexes = sum(s.sizes.get("index.faiss", 0) for s in shards)
+        return indexes + vectors * (2 if len(shards) > 1 else 1) + 100 * sum(s.count for s in shards)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=1).encode()

@@ -32,6 +32,49 @@ def deserialize(data: bytes) -> faiss.Index:
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
 
+def merge_indexes(indexes: list[faiss.Index]) -> faiss.Index | None:
+    """The indexes' contents in the first one (the others are emptied; labels continue in order), or None, with
+    nothing changed, where the type cannot be merged (HNSW) or the IVF indexes have different coarse
+    quantizers. Flat, IVF (Flat, PQ, SQ) and those wrapped in a refine step (`...,RFlat`) merge: the shards of
+    one build share the trained quantizer, so one search of the merged index is a search of them all with
+    the quantizer run once."""
+    parts = [_mergeable_parts(faiss.downcast_index(index)) for index in indexes]
+    if any(p is None for p in parts) or len({tuple(type(i).__name__ for i in p) for p in parts}) != 1:
+        return None
+    for position in range(len(parts[0])):
+        ivfs = [p[position] for p in parts]
+        if isinstance(ivfs[0], faiss.IndexIVF) and not _same_quantizer(ivfs):
+            return None
+    merged = faiss.downcast_index(indexes[0])
+    for index, part in zip(indexes[1:], parts[1:], strict=True):
+        offset = merged.ntotal
+        for mine, theirs in zip(parts[0], part, strict=True):
+            mine.merge_from(theirs, offset if isinstance(mine, faiss.IndexIVF) else 0)  # flat labels are positions
+        if isinstance(merged, faiss.IndexRefine):
+            merged.ntotal = parts[0][0].ntotal
+            index.ntotal = 0
+    return indexes[0]  # the caller's wrapper: it owns the C++ index (a downcast view does not)
+
+
+def _same_quantizer(ivfs: list[faiss.IndexIVF]) -> bool:
+    try:
+        first = ivfs[0].quantizer.reconstruct_n(0, ivfs[0].nlist)
+        return all(i.nlist == ivfs[0].nlist and np.array_equal(i.quantizer.reconstruct_n(0, i.nlist), first)
+                   for i in ivfs[1:])
+    except RuntimeError:  # a quantizer that cannot give its centroids back
+        return False
+
+
+def _mergeable_parts(index: faiss.Index) -> list[faiss.Index] | None:
+    """The inner indexes that `merge_from` merges: [index], [base, refine] for a refine step, None if any
+    cannot be merged."""
+    if isinstance(index, faiss.IndexRefine):
+        base, refine = faiss.downcast_index(index.base_index), faiss.downcast_index(index.refine_index)
+        inner = _mergeable_parts(base)
+        return None if inner is None or not isinstance(refine, faiss.IndexFlatCodes) else [*inner, refine]
+    return [index] if isinstance(index, faiss.IndexIVF | faiss.IndexFlatCodes) else None
+
+
 def set_nprobe(index: faiss.Index, nprobe: int) -> None:
     """Probe `nprobe` inverted lists per query (no-op for indexes without lists)."""
     if faiss.try_extract_index_ivf(index) is not None:
@@ -57,6 +100,15 @@ class IndexShard:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @classmethod
+    def merge(cls, shards: list[IndexShard]) -> IndexShard | None:
+        """One shard holding the rows of `shards` in order (their indexes are merged and emptied), or None,
+        with the shards unchanged, when their indexes cannot be merged (see `merge_indexes`)."""
+        index = merge_indexes([s.index for s in shards])
+        if index is None:
+            return None
+        return cls(index, np.concatenate([s.ids for s in shards]), np.concatenate([s.vectors for s in shards]))
+
     def search(self, queries: np.ndarray, k: int, *, nprobe: int = 1) -> dict[str, np.ndarray]:
         """Top-k rows of this shard: scores [B, k] (NaN past the shard's size), ids [B, k] (''), and
         embeddings [B, k, D] (zeros), as float32."""
@@ -65,6 +117,9 @@ class IndexShard:
             self._nprobe = nprobe
         scores, labels = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         hit = labels >= 0
+        if hit.all():  # the usual case: no masking, one gather per array
+            return {"scores": scores.astype(np.float32, copy=False), "ids": self.ids[labels],
+                    "embeddings": self.vectors[labels].astype(np.float32, copy=False)}
         safe = np.where(hit, labels, 0)
         return {
             "scores": np.where(hit, scores, np.nan).astype(np.float32),

@@ -15,7 +15,7 @@ def build_app(args: dict, deployments: dict[str, dict] | None = None) -> Applica
     config = AppArgs(**args)
     options = deployments or {}
     retriever = Retriever.options(**options.get("Retriever", {})).bind(
-        config.index_uri, config.local_databases, config.retriever_options, config.refresh_interval_s)
+        config.index_uri, config.local_databases, config.retriever_options.model_dump(), config.refresh_interval_s)
     generator = Generator.options(**options.get("Generator", {})).bind(
         config.model, config.clip_weights, config.output_uri,
         {"precision": config.precision, "channels_last": config.channels_last, "compile": config.compile,

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cluster.errors import StorageError
+from cluster.retriever import RetrieverOptions
 from cluster.storage import open_store
 from rdm.config import MAX_NEIGHBORS
 from rdm.pipeline import MAX_SEED
@@ -80,7 +81,8 @@ class AppArgs(BaseModel):
     require_token: bool = Field(False, description="refuse to start without RDM_API_TOKEN or api_token_file")
     api_token_file: str | None = None
     max_body_bytes: int = Field(12 * 1024 * 1024, ge=1024)
-    retriever_options: dict = Field(default_factory=dict, description="ShardedRetriever keyword arguments")
+    retriever_options: RetrieverOptions = Field(default_factory=RetrieverOptions,
+                                                description="the sharded retriever's actors (cluster.retriever)")
     refresh_interval_s: float = Field(30.0, ge=0, description="how often replicas look for new index versions (0: never)")
     precision: Literal["fp32", "bf16-autocast", "bf16"] = Field(
         "fp32", description="fp32: the reference path; bf16-autocast; bf16: bf16 weights (see rdm.acceleration)")

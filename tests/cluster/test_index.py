@@ -1,5 +1,8 @@
 """Index shards and the merge checked against one exact FAISS index over the same vectors."""
 
+import gc
+import json
+
 import faiss
 import numpy as np
 import pytest
@@ -7,7 +10,7 @@ import pytest
 from cluster.errors import CorruptShardError, UnknownDatabaseError
 from cluster.index.build import Segment, recall_at_k, split_segments
 from cluster.index.manifest import Manifest, ShardInfo, list_databases, load_manifest, publish
-from cluster.index.merge import merge_topk
+from cluster.index.merge import merge_parts
 from cluster.index.shard import IndexShard, make_index, serialize
 from cluster.index.spec import choose_index_spec, nlist_of, training_size
 from cluster.storage import LocalStore
@@ -29,9 +32,8 @@ def test_sharded_flat_equals_one_exact_index(data):
     bounds = [0, 300, 301, 1000]  # includes a one-vector shard
     shards = [IndexShard.build(None, "Flat", vectors[a:b], ids[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
     parts = [s.search(queries, 10) for s in shards]
-    order, scores = merge_topk([p["scores"] for p in parts], 10)
-    got_ids = np.take_along_axis(np.concatenate([p["ids"] for p in parts], 1), order, 1)
-    got_emb = np.take_along_axis(np.concatenate([p["embeddings"] for p in parts], 1), order[..., None], 1)
+    merged = merge_parts(parts, 10)
+    got_ids, scores, got_emb = merged["ids"], merged["scores"], merged["embeddings"]
     exact = faiss.IndexFlatIP(16)
     exact.add(vectors)
     want_scores, want_labels = exact.search(queries, 10)
@@ -56,6 +58,46 @@ def test_ivf_shards_share_a_trained_template(data):
     exact = faiss.IndexFlatIP(16)
     exact.add(vectors)
     assert (full == np.arange(1000).astype(str)[exact.search(queries, 10)[1]]).all()  # all lists probed = exact
+
+
+@pytest.mark.parametrize("spec", ["Flat", "IVF16,Flat", "IVF16,PQ4x4", "IVF16,PQ4x4,RFlat", "IVF16,SQ8"])
+def test_merged_shards_search_as_one_index_of_all_rows(spec):
+    """Shards of one trained template merge into one index (the others emptied) that answers exactly as one
+    index built over every row, labels continuing in shard order."""
+    rng = np.random.default_rng(1)
+    vectors, queries = unit(rng.standard_normal((3000, 16))), unit(rng.standard_normal((30, 16)))
+    ids = np.array([f"v{i}" for i in range(len(vectors))], dtype=object)
+    template = make_index(spec, 16)
+    template.train(vectors)
+    template = serialize(template)
+    bounds = [0, 1000, 1001, 3000]  # includes a one-vector shard
+    shards = [IndexShard.build(template, spec, vectors[a:b], ids[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    whole = IndexShard.build(template, spec, vectors, ids)
+    merged = IndexShard.merge(shards)
+    assert merged is not None and len(merged) == merged.index.ntotal == 3000
+    assert [s.index.ntotal for s in shards[1:]] == [0, 0]
+    del shards  # the merged shard must own its index (it outlives the shards it was merged from)
+    gc.collect()
+    got, want = merged.search(queries, 10, nprobe=4), whole.search(queries, 10, nprobe=4)
+    assert (got["ids"] == want["ids"]).all()
+    np.testing.assert_array_equal(got["scores"], want["scores"])
+    np.testing.assert_array_equal(got["embeddings"], want["embeddings"])
+
+
+def test_shards_that_cannot_merge_are_left_unchanged(data):
+    vectors, _ = data
+    ids = np.array([f"v{i}" for i in range(len(vectors))], dtype=object)
+    hnsw = [IndexShard.build(None, "HNSW8", vectors[a:a + 500], ids[a:a + 500]) for a in (0, 500)]
+    assert IndexShard.merge(hnsw) is None and [s.index.ntotal for s in hnsw] == [500, 500]
+    ivfs = []
+    for seed in (0, 1):  # two separately trained quantizers: merging their lists would mix up the clusters
+        index = make_index("IVF8,Flat", 16)
+        index.cp.seed = seed
+        index.train(vectors[seed * 500:(seed + 1) * 500])
+        ivfs.append(IndexShard.build(serialize(index), "IVF8,Flat", vectors[:100], ids[:100]))
+    assert IndexShard.merge(ivfs) is None and [s.index.ntotal for s in ivfs] == [100, 100]
+    flat_and_ivf = [IndexShard.build(None, "Flat", vectors[:100], ids[:100]), ivfs[0]]
+    assert IndexShard.merge(flat_and_ivf) is None
 
 
 def test_files_round_trip_and_corruption(data):
@@ -105,3 +147,19 @@ def test_manifest_publish_and_load(tmp_path):
     from rdm.errors import InputError
     with pytest.raises(InputError, match="database name"):
         load_manifest(store, "../etc")
+
+
+def test_manifest_memory_estimate_from_file_sizes():
+    """What a retriever actor asks Ray for: index files + decoded embeddings + ids, the embeddings twice for a
+    merged group; unknown (0, reserve nothing) for a manifest written before file sizes were recorded."""
+    shards = (ShardInfo(0, 1000, {"index.faiss": "a"}, {"index.faiss": 5_000_000, "rows.parquet": 9}),
+              ShardInfo(1, 500, {"index.faiss": "b"}, {"index.faiss": 2_000_000, "rows.parquet": 9}))
+    manifest = Manifest("art", "v1", 1500, 768, "IVF8,Flat", 1, shards, embedding_dtype="float16")
+    assert manifest.memory_bytes([0]) == 5_000_000 + 1000 * 768 * 2 + 100 * 1000
+    assert manifest.memory_bytes([0, 1]) == 7_000_000 + 2 * 1500 * 768 * 2 + 100 * 1500
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    old = json.loads(manifest.to_json())
+    for shard in old["shards"]:
+        del shard["sizes"]
+    old = Manifest.from_json(json.dumps(old).encode())
+    assert old.shards[0].sizes == {} and old.memory_bytes([0, 1]) == 0

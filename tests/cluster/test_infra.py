@@ -88,7 +88,11 @@ def entrypoint_parses(entrypoint: str) -> None:
     argv = shlex.split(entrypoint)
     assert argv[0] == "rdm" and argv[1] in SUBCOMMANDS, entrypoint
     module = importlib.import_module(SUBCOMMANDS[argv[1]][0])
-    module.build_parser().parse_args(argv[2:])
+    args = module.build_parser().parse_args(argv[2:])
+    if getattr(args, "retriever_options", None):  # JSON the parser takes as a string: validated as the job does
+        from cluster.retriever import RetrieverOptions
+
+        RetrieverOptions.from_json(args.retriever_options)
 
 
 def test_every_infra_yaml_parses():

@@ -67,3 +67,32 @@ def test_app_args_refuse_storage_uris_no_store_can_open():
     for field, uri in (("compile_cache", "gs://bucket/cache"), ("output_uri", "s3:///x"), ("index_uri", "ftp://host/x")):
         with pytest.raises(ValidationError, match=field):
             AppArgs(**{field: uri})
+
+
+def test_retriever_options_are_exactly_the_sharded_retrievers_keyword_arguments():
+    """A Serve config's retriever_options (and `rdm generate --retriever-options`) are validated against
+    RetrieverOptions at start, so its fields and defaults must be ShardedRetriever's own."""
+    import inspect
+
+    from cluster.retriever import RetrieverOptions, ShardedRetriever
+
+    keyword = {name: p.default for name, p in inspect.signature(ShardedRetriever).parameters.items()
+               if p.kind is p.KEYWORD_ONLY}
+    defaults = RetrieverOptions().model_dump()
+    assert defaults == {**keyword, "resources": {}}  # ShardedRetriever takes None for no resources
+    assert keyword["resources"] is None
+
+
+def test_retriever_options_refuse_misspelled_keys_and_bad_values():
+    from cluster.retriever import RetrieverOptions
+    from rdm.errors import ConfigError
+
+    assert AppArgs(retriever_options={"shards_per_actor": 4}).retriever_options.shards_per_actor == 4
+    for bad, field in (({"shard_per_actor": 2}, "shard_per_actor"), ({"replicas": 0}, "replicas"),
+                       ({"timeout_s": 0}, "timeout_s"), ({"resources": {"retriever": "one"}}, "resources")):
+        with pytest.raises(ValidationError, match=field):
+            AppArgs(retriever_options=bad)
+    with pytest.raises(ConfigError, match=r"--retriever-options: shards_per_actor: .*greater than or equal to 1"):
+        RetrieverOptions.from_json('{"shards_per_actor": 0}', where="--retriever-options")
+    with pytest.raises(ConfigError, match="Invalid JSON"):
+        RetrieverOptions.from_json("{num_cpus: 1}")

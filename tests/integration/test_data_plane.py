@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 from PIL import Image
 from testkit import parquet_bytes, removable_worker_node, unit, write_embeddings
@@ -113,6 +114,22 @@ def test_webdataset_corpus_on_s3_embeds_and_indexes_by_style(ray_cluster, make_b
     assert sorted(found.ids[0]) == ["t0-000", "t0-002", "t1-000", "t1-002"]
 
 
+def memory_in_use(expected: float | None = None) -> float:
+    """Bytes of Ray's `memory` resource in use once it reads `expected`, or, without one, once it reads the same
+    twice a second apart (Ray reports resource use, and the release of killed actors' resources, a little
+    late); what it reads after 30 s otherwise."""
+    import ray
+
+    deadline, used, last = time.monotonic() + 30, None, None
+    while time.monotonic() < deadline:
+        used = ray.cluster_resources()["memory"] - ray.available_resources()["memory"]
+        if (expected is not None and abs(used - expected) < 1) or (expected is None and used == last):
+            break
+        last = used
+        time.sleep(0.2 if expected is not None else 1.0)
+    return used
+
+
 def test_sharded_exact_index_equals_one_flat_index(embedded, make_bucket):
     out, _ = embedded
     index_uri = make_bucket("rdm-index") + "/v"
@@ -124,20 +141,33 @@ def test_sharded_exact_index_equals_one_flat_index(embedded, make_bucket):
     ids = np.array(sum((t.column("id").to_pylist() for t in tables), []), dtype=object)
     vectors = np.concatenate([np.stack(t.column("embedding").to_numpy(zero_copy_only=False)) for t in tables])
     queries = torch.nn.functional.normalize(torch.randn(6, vectors.shape[1], generator=torch.Generator().manual_seed(1)))
-    retriever = ShardedRetriever(index_uri, "art")
-    try:
-        found = retriever.search(queries, 7)
-    finally:
-        retriever.close()
     flat = faiss.IndexFlatIP(vectors.shape[1])
     flat.add(vectors.astype(np.float32))
     scores, labels = flat.search(queries.numpy(), 7)
-    assert found.ids == ids[labels].tolist()
-    np.testing.assert_allclose(found.scores.numpy(), scores, rtol=1e-5, atol=1e-6)
     exact = ExactRetriever(torch.from_numpy(vectors), list(ids)).search(queries, 7)
-    assert found.ids == exact.ids
-    torch.testing.assert_close(found.embeddings, exact.embeddings, atol=1e-5, rtol=1e-5)
-    assert not found.degraded
+    # one actor per shard; shards {0, 1} and {2} (the merge inside an actor, and an uneven last actor);
+    # all three shards in one actor
+    for shards_per_actor, actors in ((1, 3), (2, 2), (3, 1)):
+        before = memory_in_use()  # settled: the previous retriever's actors are gone
+        retriever = ShardedRetriever(index_uri, "art", shards_per_actor=shards_per_actor)
+        try:
+            assert len(retriever._set.actors) == actors
+            held = [ray.get(replicas[0].describe.remote()) for replicas in retriever._set.actors]
+            wanted = [manifest.memory_bytes(h["shard_ids"]) for h in held]
+            reserved = memory_in_use(before + sum(wanted)) - before
+            found = retriever.search(queries, 7)
+        finally:
+            retriever.close()
+        assert found.ids == ids[labels].tolist() == exact.ids
+        np.testing.assert_allclose(found.scores.numpy(), scores, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(found.embeddings, exact.embeddings, atol=1e-5, rtol=1e-5)
+        assert not found.degraded
+        assert [h["shard_ids"] for h in held] == [list(range(i, min(i + shards_per_actor, 3)))
+                                                  for i in range(0, 3, shards_per_actor)]
+        assert [h["merged"] for h in held] == [len(h["shard_ids"]) > 1 for h in held]  # Flat shards merge
+        assert sum(h["rows"] for h in held) == 27
+        # each actor holds (in Ray's accounting) the memory of its shards, as the manifest estimates it
+        assert min(wanted) > 0 and reserved == sum(wanted)
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +228,10 @@ def test_where_builds_a_database_of_matching_rows_only(ray_cluster, tmp_path):
 def test_bad_inputs_give_typed_errors(ray_cluster, clustered, tmp_path, make_bucket, monkeypatch):
     uri, _ = clustered
     build_index(uri, str(tmp_path), "db", num_shards=1)
+    # actors no node can place (here: a resource no node has) fail the start with a typed error saying what
+    # they asked for
+    with pytest.raises(ShardUnavailableError, match=r"did not load within 3s; each asks Ray for .*'nowhere': 1"):
+        ShardedRetriever(str(tmp_path), "db", resources={"nowhere": 1}, start_timeout_s=3)
     retriever = ShardedRetriever(str(tmp_path), "db")
     try:
         with pytest.raises(ShapeError, match=r"\[B, 32\]"):
@@ -257,8 +291,6 @@ def test_version_swap_does_not_fail_in_flight_queries(ray_cluster, tmp_path):
 
 def kill_and_wait(actor) -> None:
     """ray.kill returns before the actor is gone (it may still answer a call or two): wait until it is dead."""
-    import ray
-
     ray.kill(actor)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -291,6 +323,14 @@ def test_dead_shard_is_a_typed_error_or_degraded(ray_cluster, tmp_path):
             with pytest.raises(ShardUnavailableError, match="shard 1"):
                 retriever.search(torch.randn(2, 16), 5)
         retriever.close()
+    # both shards in one actor: its death takes both, so even a degraded answer is impossible
+    retriever = ShardedRetriever(str(tmp_path / "idx"), "fragile", max_restarts=0, timeout_s=10,
+                                 allow_degraded=True, shards_per_actor=2)
+    assert not retriever.search(torch.randn(2, 16), 5).degraded
+    kill_and_wait(retriever._set.actors[0][0])
+    with pytest.raises(ShardUnavailableError, match="shard 0: .*an actor holding shards 0-1"):
+        retriever.search(torch.randn(2, 16), 5)
+    retriever.close()
 
 
 def test_queries_resume_after_a_shard_node_is_replaced(ray_cluster, tmp_path):

@@ -133,3 +133,12 @@ def test_generate_refuses_a_malformed_compile_cache_before_starting_ray(tmp_path
     code = rdm(["generate", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"), "--compile", "default",
                 "--compile-cache", "s3:///no-bucket"])
     assert code == 2 and "needs a bucket" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, message", [('{"shards_per_actor": 0}', "shards_per_actor"),
+                                              ('{"num_cpu": 1}', "num_cpu: Extra inputs"), ("[1]", "retriever")])
+def test_generate_refuses_bad_retriever_options_before_starting_ray(tmp_path, capsys, options, message):
+    code = rdm(["generate", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"),
+                "--retriever-options", options])
+    err = capsys.readouterr().err
+    assert code == 2 and "--retriever-options" in err and message in err
