@@ -60,3 +60,15 @@ class ShardUnavailableError(RetrievalError):
 
     def __reduce__(self):
         return type(self), (self.shard_id, self.message)
+
+
+class IndexRefreshError(RetrievalError):
+    """Some databases could not load their newly published version; they keep serving the one they had."""
+
+    def __init__(self, refreshed: dict[str, bool], failed: dict[str, str]) -> None:
+        self.refreshed, self.failed = refreshed, failed
+        reasons = "; ".join(f"{name}: {reason}" for name, reason in sorted(failed.items()))
+        super().__init__(f"{len(failed)} database(s) kept their previous version -- {reasons}")
+
+    def __reduce__(self):
+        return type(self), (self.refreshed, self.failed)

@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
-from cluster.errors import CorruptShardError, RetrievalError, ShardUnavailableError
+from cluster.errors import CorruptShardError, IndexRefreshError, RetrievalError, ShardUnavailableError
 from cluster.index.manifest import Manifest, load_manifest, sha256
 from cluster.index.merge import merge_parts
 from cluster.index.shard import IndexShard
@@ -205,8 +205,11 @@ class ShardedRetriever:
                                         f"asks Ray for {asks} and up to {max(memory) / 2**30:.2f} GiB of memory "
                                         f"({len(actors)} x {self._replicas} actors): is there a node with that much "
                                         "free? (lower shards_per_actor, or add nodes)") from None
-        except Exception:
+        except Exception as err:
             self._kill(actors)
+            cause = getattr(err, "cause", None)  # an actor's own error (CorruptShardError...), not Ray's wrapper
+            if isinstance(cause, Exception):
+                raise cause from None
             raise
         logger.info("retriever %s/%s: %d shards on %d actors x %d replicas ready", manifest.database,
                     manifest.version, len(manifest.shards), len(actors), self._replicas)
@@ -311,4 +314,18 @@ class RetrieverPool:
                 for name in list_databases(store)]
 
     def refresh(self) -> dict[str, bool]:
-        return {name: r.refresh() for name, r in list(self._retrievers.items())}
+        """Load each started database's published version if it changed: {name: swapped}. A database whose
+        new version fails to load keeps serving its current one and does not stop the others; those failures
+        are raised together afterwards, as `IndexRefreshError`."""
+        refreshed, failed = {}, {}
+        for name, retriever in list(self._retrievers.items()):
+            try:
+                refreshed[name] = retriever.refresh()
+            except Exception as err:  # noqa: BLE001 - reported below, with the databases that did refresh
+                cause = getattr(err, "cause", None) or err  # an actor's error, without Ray's traceback
+                logger.warning("database %s: the new version did not load (%s: %s); serving %s still", name,
+                               type(cause).__name__, cause, retriever.version)
+                failed[name] = f"{type(cause).__name__}: {cause}"
+        if failed:
+            raise IndexRefreshError(refreshed, failed)
+        return refreshed

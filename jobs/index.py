@@ -121,6 +121,12 @@ def notify(serve_url: str) -> None:
     try:
         with urllib.request.urlopen(request, timeout=300) as response:
             print(f"serving app refreshed: {json.loads(response.read())['refreshed']}")
+    except urllib.error.HTTPError as err:  # the app answered: say what it said (a typed error body)
+        try:
+            message = json.loads(err.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError, OSError):
+            message = err.reason
+        logger.warning("%s answered %d: %s; its replicas try again on their next poll", serve_url, err.code, message)
     except (urllib.error.URLError, OSError) as err:
         logger.warning("could not notify %s (%s); its replicas pick the new version up on their next poll",
                        serve_url, err)

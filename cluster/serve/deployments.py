@@ -29,6 +29,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.errors import (
     AcceleratorMemoryError,
+    IndexRefreshError,
     ObjectNotFoundError,
     RetrievalError,
     ShardUnavailableError,
@@ -415,7 +416,15 @@ class Ingress:
     async def refresh(self, request: Request) -> dict:
         """Load newly published index versions now (other Retriever replicas follow on their next poll)."""
         self._authorize(request)
-        return {"refreshed": await self.retriever.refresh.remote()}
+        try:
+            refreshed = await self.retriever.refresh.remote()
+        except IndexRefreshError as err:
+            return self._count(_error(503, "refresh_failed", _message(err)), "refresh")
+        except Exception:  # noqa: BLE001 - never a stack trace to the caller
+            logger.exception("refresh failed")
+            return self._count(_error(500, "internal_error", "internal error"), "refresh")
+        self.m_requests.inc(tags={"route": "refresh", "status": "200"})
+        return {"refreshed": refreshed}
 
     @app.post("/v1/generate", response_model=GenerateResponse)
     async def generate(self, body: GenerateRequest, request: Request):

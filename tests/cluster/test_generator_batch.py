@@ -8,7 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from cluster.errors import AcceleratorMemoryError, ShardUnavailableError, StorageError, UnknownDatabaseError
+from cluster.errors import (
+    AcceleratorMemoryError,
+    IndexRefreshError,
+    ShardUnavailableError,
+    StorageError,
+    UnknownDatabaseError,
+)
 from cluster.serve import deployments
 from cluster.storage import open_store
 from rdm.errors import InputError
@@ -174,3 +180,63 @@ def test_the_ingress_answers_each_failure_with_its_status_and_no_internals(error
     body = json.loads(response.body)["error"]
     assert response.status_code == status and body["type"] == kind and body["request_id"]
     assert "secret" not in body["message"] and "Traceback" not in body["message"]
+
+
+@pytest.mark.parametrize("error, status, kind, says", [
+    (None, 200, None, None),
+    (IndexRefreshError({"neon": True}, {"ukiyo-e": "ShardUnavailableError: shard 0: did not load within 120s"}),
+     503, "refresh_failed", "ukiyo-e: ShardUnavailableError"),
+    (RuntimeError("secret internals"), 500, "internal_error", "internal error"),
+])
+def test_the_admin_refresh_answers_a_failed_load_with_503_naming_the_database(error, status, kind, says):
+    import asyncio
+    import json
+
+    cls = deployments.Ingress.func_or_class
+    ingress = cls.__new__(cls)
+    ingress.token, ingress.m_requests = None, type("Counter", (), {"inc": lambda self, tags: None})()
+
+    async def refresh():
+        if error is not None:
+            raise error
+        return {"neon": True}
+
+    ingress.retriever = type("Handle", (), {"refresh": type("Method", (), {"remote": staticmethod(refresh)})()})()
+    response = asyncio.run(ingress.refresh(None))
+    if error is None:
+        assert response == {"refreshed": {"neon": True}}
+        return
+    body = json.loads(response.body)["error"]
+    assert response.status_code == status and body["type"] == kind and says in body["message"]
+    assert "secret" not in body["message"]
+
+
+def test_rebuild_notify_reports_what_the_app_answered(caplog):
+    """`rdm index rebuild --serve-url`: a refusal from the app is logged with the app's own message."""
+    import http.server
+    import json
+
+    from jobs.index import notify
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            body = json.dumps({"error": {"type": "refresh_failed", "message": "ukiyo-e: CorruptShardError"}}).encode()
+            self.send_response(503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with caplog.at_level("WARNING", logger="jobs.index"):
+            notify(f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "answered 503: ukiyo-e: CorruptShardError" in caplog.text

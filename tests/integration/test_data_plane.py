@@ -19,6 +19,7 @@ from cluster.errors import (
     CorruptShardError,
     EmptyCorpusError,
     IndexBuildError,
+    IndexRefreshError,
     ShardUnavailableError,
     StorageCredentialsError,
     UnknownDatabaseError,
@@ -287,6 +288,36 @@ def test_version_swap_does_not_fail_in_flight_queries(ray_cluster, tmp_path):
     assert not failures
     assert answered[0].startswith("old") and answered[-1] == "new0"
     assert [d["name"] for d in pool.databases()] == ["swap"]
+
+
+
+def test_a_version_that_fails_to_load_keeps_the_old_one_and_not_the_others(ray_cluster, tmp_path):
+    """Refreshing several databases: one whose new version cannot load (a shard file damaged after publishing)
+    keeps serving its old version, the others swap, and the failure comes back typed, naming the database."""
+    rng = np.random.default_rng(8)
+    index = str(tmp_path / "index")
+    for name in ("good", "bad"):
+        for version in ("v1", "v2"):
+            write_embeddings(str(tmp_path / name / version), unit(rng.standard_normal((40, 16))), prefix=version)
+        build_index(str(tmp_path / name / "v1"), index, name)
+    pool = RetrieverPool(index)
+    try:
+        before = {name: pool.get(name).version for name in ("good", "bad")}
+        for name in ("good", "bad"):
+            build_index(str(tmp_path / name / "v2"), index, name)
+        bad = load_manifest(open_store(index), "bad")
+        open_store(index).write_bytes(bad.shard_key(0, "index.faiss"), b"damaged")
+        with pytest.raises(IndexRefreshError, match="bad: CorruptShardError") as failure:
+            pool.refresh()
+        assert failure.value.refreshed == {"good": True} and list(failure.value.failed) == ["bad"]
+        assert "ray::" not in str(failure.value)  # the shard actor's own error, not Ray's traceback
+        assert pool.get("good").version != before["good"] and pool.get("bad").version == before["bad"]
+        query = torch.from_numpy(unit(rng.standard_normal((1, 16))))
+        assert pool.get("bad").search(query, 3).ids[0][0].startswith("v1")  # the old version still answers
+        assert pool.get("good").search(query, 3).ids[0][0].startswith("v2")
+    finally:
+        for name in ("good", "bad"):
+            pool.get(name).close()
 
 
 def kill_and_wait(actor) -> None:
