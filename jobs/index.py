@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--queries", required=True, type=Path, help=".npy [B, D] query embeddings")
     query.add_argument("-k", type=int, default=10, help="neighbours per query, 1..20")
     query.add_argument("--out", required=True, type=Path, help="output .parquet: query, ids, scores")
+    query.add_argument("--retriever-options", default="{}", metavar="JSON",
+                       help="the retriever's actors, as a Serve config's retriever_options (e.g. "
+                            '\'{"shards_per_actor": 4}\')')
     for p in (build, rebuild, query):
         p.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -72,6 +75,10 @@ def check_args(args: argparse.Namespace) -> None:
         if not args.train_cpus > 0:
             raise InputError(f"--train-cpus must be > 0, got {args.train_cpus}")
         parse_where(args.where)
+    if args.command == "query":
+        from cluster.retriever import RetrieverOptions
+
+        args.retriever_options = RetrieverOptions.from_json(args.retriever_options, where="--retriever-options")
 
 
 def run_build(args: argparse.Namespace) -> None:
@@ -145,7 +152,7 @@ def run_query(args: argparse.Namespace) -> None:
         queries = np.load(args.queries, allow_pickle=False)
     except (OSError, ValueError) as err:
         raise InputError(f"cannot read queries {args.queries}: {err}") from err
-    retriever = ShardedRetriever(args.index, args.database)
+    retriever = ShardedRetriever(args.index, args.database, **args.retriever_options.model_dump())
     try:
         found = retriever.search(torch.from_numpy(np.asarray(queries, dtype=np.float32)), args.k)
     finally:

@@ -198,6 +198,30 @@ def test_ivf_index_reaches_recall_target(ray_cluster, clustered, tmp_path):
     assert recall >= 0.95
 
 
+
+def test_rdm_index_query_writes_each_querys_neighbours(ray_cluster, clustered, tmp_path):
+    """`rdm index query` with grouped shards: the output parquet holds, per query, the retriever's ids and
+    scores (here the exact top-k: Flat shards)."""
+    import pyarrow.parquet as pq
+
+    from jobs.cli import main as rdm
+
+    uri, vectors = clustered
+    build_index(uri, str(tmp_path / "idx"), "q", num_shards=3, index_spec="Flat")
+    queries = unit(vectors[:5] + 0.01)
+    np.save(tmp_path / "q.npy", queries)
+    code = rdm(["index", "query", "--index", str(tmp_path / "idx"), "--database", "q", "--queries",
+                str(tmp_path / "q.npy"), "-k", "4", "--out", str(tmp_path / "r.parquet"),
+                "--retriever-options", '{"shards_per_actor": 2}'])
+    assert code == 0
+    rows = pq.read_table(tmp_path / "r.parquet").to_pylist()
+    flat = faiss.IndexFlatIP(32)
+    flat.add(vectors)
+    scores, labels = flat.search(queries, 4)
+    assert [r["ids"] for r in rows] == [[f"v{j}" for j in row] for row in labels]
+    np.testing.assert_allclose([r["scores"] for r in rows], scores, rtol=1e-5)
+
+
 def test_where_builds_a_database_of_matching_rows_only(ray_cluster, tmp_path):
     """One embedding run, one database per value of a column: each holds exactly its rows (here spread over
     files and shards), records its filter, and a filter on a missing column or value is a typed error."""

@@ -137,8 +137,10 @@ def test_generate_refuses_a_malformed_compile_cache_before_starting_ray(tmp_path
 
 @pytest.mark.parametrize("options, message", [('{"shards_per_actor": 0}', "shards_per_actor"),
                                               ('{"num_cpu": 1}', "num_cpu: Extra inputs"), ("[1]", "retriever")])
-def test_generate_refuses_bad_retriever_options_before_starting_ray(tmp_path, capsys, options, message):
-    code = rdm(["generate", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"),
-                "--retriever-options", options])
-    err = capsys.readouterr().err
-    assert code == 2 and "--retriever-options" in err and message in err
+def test_bad_retriever_options_exit_2_before_starting_ray(tmp_path, capsys, options, message):
+    for command in (["generate", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o")],
+                    ["index", "query", "--index", str(tmp_path), "--database", "db", "--queries",
+                     str(tmp_path / "q.npy"), "--out", str(tmp_path / "r.parquet")]):
+        code = rdm([*command, "--retriever-options", options])
+        err = capsys.readouterr().err
+        assert code == 2 and "--retriever-options" in err and message in err, command
