@@ -81,13 +81,14 @@ def start_ray(num_cpus: int | None) -> None:
     import ray
     import ray.cloudpickle
 
-    from cluster.runtime import connect, loopback_env
+    from cluster.runtime import cap_oom_retries, connect, loopback_env
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     if os.environ.get("RAY_ADDRESS"):
         connect()
         return
     loopback_env()
+    cap_oom_retries()
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
 
 

@@ -7,6 +7,15 @@ import os
 
 logger = logging.getLogger(__name__)
 
+OOM_RETRIES = 3  # Ray's default is unlimited: a task that does not fit retries forever, and the job hangs
+
+
+def cap_oom_retries() -> None:
+    """Retry a task the memory monitor killed at most OOM_RETRIES times (then `ray.exceptions.OutOfMemoryError`
+    reaches the caller), unless RAY_task_oom_retries says otherwise. Read by the driver's Ray core worker (the
+    owner of the tasks, which decides their retries) at `ray.init`."""
+    os.environ.setdefault("RAY_task_oom_retries", str(OOM_RETRIES))
+
 
 def loopback_env() -> None:
     """Make Ray processes started from here bind 127.0.0.1 only and send no usage stats.
@@ -23,6 +32,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    cap_oom_retries()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from testkit import free_ports, wait_for_port
 
-from cluster.runtime import loopback_env
+from cluster.runtime import cap_oom_retries, loopback_env
 
 S3_KEY, S3_SECRET = "rdm-test-key", "rdm-test-secret"
 
@@ -83,6 +83,7 @@ def make_bucket(s3_server):
 def ray_cluster(s3_server):
     """Head (no retriever slots) + 2 worker nodes with a custom `retriever` resource, on loopback."""
     loopback_env()
+    cap_oom_retries()
     import ray
     from ray.cluster_utils import Cluster
 
