@@ -7,6 +7,7 @@ searches through a DeploymentHandle until `--num-queries` are answered. Reports 
 recall@k against exact search. Modes are interleaved across `--repeats`.
 
     python bench/serve_retrieval.py [--num-vectors 50000] [--num-shards 4] [--clients 16] [--num-queries 600]
+                                    [--retriever-options JSON]
 """
 
 from __future__ import annotations
@@ -58,12 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index-spec", default=None)
     parser.add_argument("--num-centers", type=int, default=None)
     parser.add_argument("--noise", type=float, default=0.5)
+    parser.add_argument("--retriever-options", default="{}", metavar="JSON",
+                        help="the deployment's retriever_options (e.g. '{\"shards_per_actor\": 4}')")
     parser.add_argument("--ray-num-cpus", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if min(args.num_vectors, args.num_shards, args.num_queries, args.clients, args.repeats) < 1:
         parser.error("sizes must be positive")
     args.num_centers = args.num_centers or max(1, args.num_vectors // 200)
+    from cluster.retriever import RetrieverOptions
+
+    retriever_options = RetrieverOptions.from_json(args.retriever_options, where="--retriever-options").model_dump()
     logging.basicConfig(level=logging.WARNING)
     start_line = cpu_line()
     start_ray(args.ray_num_cpus)
@@ -91,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.repeats):
                 for name, size in MODES.items():
                     app = Retriever.options(user_config={"max_batch_size": size, "batch_wait_timeout_s": 0.002}).bind(
-                        index_uri, {}, {}, 0.0)
+                        index_uri, {}, retriever_options, 0.0)
                     handle = serve.run(app, name="bench-retriever", route_prefix=None)
                     asyncio.run(load(handle, queries[:20], args.num_neighbors, 4))  # warm-up: shard actors started
                     results[name].append(asyncio.run(load(handle, queries, args.num_neighbors, args.clients)))
@@ -106,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     baseline = rows[0][1]
     print(f"\nN={args.num_vectors} D={args.dim} shards={args.num_shards} spec={manifest.index_spec} "
           f"nprobe={manifest.nprobe} k={args.num_neighbors} queries={len(queries)} clients={args.clients} "
-          f"repeats={args.repeats} (median QPS; latencies of the last repeat) ({start_line})\n")
+          f"repeats={args.repeats} retriever_options={args.retriever_options} (median QPS; latencies of the last "
+          f"repeat) ({start_line})\n")
     print(markdown_table(("Retriever deployment", "QPS", "p50 ms", "p99 ms", "QPS vs batching off",
                           f"recall@{args.num_neighbors}"),
                          [(name, f"{qps:.0f}", f"{p50:.1f}", f"{p99:.1f}", f"{qps / baseline:.2f}x", f"{recall:.3f}")

@@ -101,17 +101,26 @@ def build_shard(emb_store: ObjectStore, segments: list[Segment], template: bytes
                 index_store: ObjectStore, manifest_prefix: tuple[str, str, int], queries: np.ndarray,
                 k: int, nprobes: list[int], where: dict[str, str] | None = None) -> dict:
     """Ray task: build, write and self-evaluate one shard (segments count rows matching `where`)."""
-    parts = [read_embeddings(emb_store, seg.key, where) for seg in segments]
-    ids = np.concatenate([p[0][seg.start:seg.stop] for p, seg in zip(parts, segments, strict=True)])
-    vectors = np.concatenate([p[1][seg.start:seg.stop] for p, seg in zip(parts, segments, strict=True)])
+    ids, vectors, filled = [], None, 0
+    for seg in segments:  # one file decoded at a time, its rows of this shard copied into place
+        file_ids, file_vectors = read_embeddings(emb_store, seg.key, where)
+        rows = file_vectors[seg.start:seg.stop]
+        if vectors is None:
+            vectors = np.empty((sum(s.stop - s.start for s in segments), rows.shape[1]), rows.dtype)
+        vectors[filled:filled + len(rows)] = rows
+        filled += len(rows)
+        ids.append(file_ids[seg.start:seg.stop])
+        del file_ids, file_vectors, rows
+    ids, vectors = np.concatenate(ids), vectors[:filled]
     shard = IndexShard.build(template, spec, vectors, ids)
     database, version, shard_id = manifest_prefix
     files, sizes = {}, {}
-    for name, data in shard.to_files().items():
+    for name, data in shard.iter_files():  # written and released one file at a time
         index_store.write_bytes(join(database, "versions", version, f"shard-{shard_id:05d}", name), data)
         files[name], sizes[name] = sha256(data), len(data)
+        del data
     kk = min(k, len(ids))
-    exact_scores = queries @ vectors.astype(np.float32).T
+    exact_scores = queries @ vectors.astype(np.float32, copy=False).T  # no copy of float32 vectors
     top = np.argsort(-exact_scores, axis=1, kind="stable")[:, :kk]
     approx = {n: shard.search(queries, kk, nprobe=n) for n in nprobes}
     return {"shard_id": shard_id, "count": len(ids), "files": files, "sizes": sizes,

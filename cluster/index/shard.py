@@ -7,6 +7,7 @@ returns as neighbours, so an approximate index (IVF-PQ) never degrades the condi
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import faiss
@@ -128,12 +129,19 @@ class IndexShard:
         }
 
     def to_files(self) -> dict[str, bytes]:
+        return dict(self.iter_files())
+
+    def iter_files(self) -> Iterator[tuple[str, bytes]]:
+        """(name, bytes) of the index file, then of the rows file: one in memory at a time when the caller
+        writes each and lets it go (each is about as large as the vectors)."""
+        yield INDEX_FILE, serialize(self.index)
         buffer = io.BytesIO()
         table = pa.table({"id": pa.array(self.ids.tolist(), pa.string()),
                           "embedding": pa.FixedSizeListArray.from_arrays(
                               pa.array(self.vectors.reshape(-1)), self.vectors.shape[1])})
         pq.write_table(table, buffer)
-        return {INDEX_FILE: serialize(self.index), ROWS_FILE: buffer.getvalue()}
+        del table
+        yield ROWS_FILE, buffer.getvalue()
 
     @classmethod
     def from_files(cls, files: dict[str, bytes], *, name: str = "shard") -> IndexShard:
