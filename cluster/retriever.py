@@ -2,8 +2,9 @@
 
 `ShardedRetriever` implements `rdm.retrieval.Retriever`, so the sampling pipeline cannot tell it from
 the exact in-memory retriever. Each actor (`RetrieverShards`) holds `shards_per_actor` consecutive shards of
-one database version, searches them in turn and merges their top-k itself, so a query costs one Ray call per
-actor, not per shard: one actor per node, holding the shards that fit there, makes a search one hop per node.
+one database version, merged into one FAISS index where the index type allows, and answers with their top-k,
+so a query costs one Ray call per actor, not per shard: one actor per node, holding the shards that fit
+there, makes a search one hop per node. Each actor asks Ray for the memory its shards take.
 An actor that dies is restarted by Ray and reloads its shards from storage; shards that stay down past the
 timeout raise `ShardUnavailableError`, or, with `allow_degraded`, the results of the other actors come back
 flagged `degraded`. `refresh()` swaps in a newly published version: new actors load first, then the handle
@@ -146,7 +147,6 @@ class _ShardSet:
     manifest: Manifest
     groups: list[list[int]]  # the shard ids each actor holds
     actors: list[list] = field(default_factory=list)  # [group][replica]
-    memory: list[int] = field(default_factory=list)  # bytes of memory each group's actors asked Ray for
 
 
 class ShardedRetriever:
@@ -213,7 +213,7 @@ class ShardedRetriever:
             raise
         logger.info("retriever %s/%s: %d shards on %d actors x %d replicas ready", manifest.database,
                     manifest.version, len(manifest.shards), len(actors), self._replicas)
-        return _ShardSet(manifest, groups, actors, memory)
+        return _ShardSet(manifest, groups, actors)
 
     @staticmethod
     def _kill(actors: list[list]) -> None:
