@@ -31,9 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-samplers", type=int, default=1, help="sampler actors (one GPU each when present)")
     parser.add_argument("--sampler-num-cpus", type=float, default=0.5)
     parser.add_argument("--retriever-options", default='{"num_cpus": 0.05}', metavar="JSON",
-                        help="the sharded retriever's actors, as in a Serve config's retriever_options (keys: "
-                             "replicas, shards_per_actor, num_cpus, resources, use_gpu, threads, timeout_s, "
-                             "allow_degraded, max_restarts; default %(default)s)")
+                        help="the sharded retriever's actors, as in a Serve config's retriever_options "
+                             "(cluster.retriever.RetrieverOptions; default %(default)s)")
     add_inference_args(parser)
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
