@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild.add_argument("--index-spec")
     rebuild.add_argument("--min-recall", type=float, default=0.9, help="do not publish below this recall@20")
     rebuild.add_argument("--serve-url", help="a running app to tell to swap now (token from RDM_API_TOKEN)")
+    for p in (build, rebuild):
+        p.add_argument("--no-reserve-memory", dest="reserve_memory", action="store_false",
+                       help="shard tasks reserve no Ray memory and shards are not cut to fit the largest live "
+                            "node (for an autoscaler that adds larger nodes)")
     query = sub.add_parser("query", help="query a published index with embeddings from a .npy file")
     query.add_argument("--index", required=True, help="index root (folder or s3://)")
     query.add_argument("--database", required=True)
@@ -90,7 +94,8 @@ def run_build(args: argparse.Namespace) -> None:
     with tqdm(total=args.shards, desc="index shards", unit="shard") as bar:
         manifest = build_index(args.embeddings, args.out, args.database, num_shards=args.shards,
                                index_spec=args.index_spec, recall_k=args.recall_k, target_recall=args.target_recall,
-                               where=where, train_num_cpus=args.train_cpus, progress=bar)
+                               where=where, train_num_cpus=args.train_cpus, reserve_memory=args.reserve_memory,
+                               progress=bar)
     print(f"published {manifest.database} {manifest.version}: {manifest.count} vectors in {len(manifest.shards)} "
           f"shards, {manifest.index_spec}, recall@{manifest.recall['k']}={manifest.recall['recall']:.3f} "
           f"(nprobe {manifest.nprobe}), {manifest.build_time_s:.1f}s")
@@ -107,7 +112,7 @@ def run_rebuild(args: argparse.Namespace) -> None:
     pruned = prune_embeddings(args.corpus, embeddings)
     print(f"embedded {result.embedded} new images ({result.shards_skipped} shards unchanged, {pruned} removed)")
     manifest = build_index(embeddings, args.index, args.database, num_shards=args.shards, index_spec=args.index_spec,
-                           min_recall=args.min_recall)
+                           min_recall=args.min_recall, reserve_memory=args.reserve_memory)
     print(f"published {manifest.database} {manifest.version}: {manifest.count} vectors, "
           f"recall@{manifest.recall['k']}={manifest.recall['recall']:.3f}")
     if args.serve_url:

@@ -5,7 +5,10 @@
    the coarse quantizer (and PQ) once and holds out recall queries; the trained empty index goes to
    every shard through the object store (the driver never holds the sample);
 3. build: a task per shard reads its contiguous range of rows, adds them to a copy of the template,
-   writes the shard files with their sha256, and answers held-out queries exactly and approximately;
+   writes the shard files with their sha256, and answers held-out queries exactly and approximately; each
+   task asks Ray for the memory its shard takes (`shard_memory_bytes`), and the shards are cut small enough
+   for the largest live node to hold one (`plan_shards`), so the tasks are placed where they fit instead of
+   being killed by the memory monitor, or never scheduled;
 4. the driver measures recall@k against exact search, picks the smallest nprobe reaching the target,
    and publishes the manifest atomically.
 """
@@ -32,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 
 ARROW_DTYPES = {"float": "float32", "halffloat": "float16", "double": "float64"}
+SHARD_FIXED_BYTES = 512 << 20
+"""A build task's memory besides its rows: the interpreter, pyarrow, FAISS and the held-out queries' scores."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,68 @@ def split_segments(keys: list[str], counts: list[int], num_shards: int) -> list[
                 shards[s].append(Segment(key, lo - offset, hi - offset))
         offset += count
     return shards
+
+
+def shard_memory_bytes(rows: int, dim: int, itemsize: int, largest_file_rows: int) -> int:
+    """Peak memory of a `build_shard` task, estimated from above: its rows as stored, their float32 copy for
+    FAISS, the index's copy of them and its serialized bytes (a flat or IVF-Flat index holds every vector:
+    4 bytes per value each; PQ indexes hold less), ids; plus the largest input file in flight (its parquet
+    bytes, Arrow table and NumPy view). 250k x 768 float32 rows measured 3.9 GB above a fresh process; this
+    says 4.1 GB for them in files of 50k rows."""
+    return rows * row_bytes(dim, itemsize) + 3 * largest_file_rows * dim * itemsize + SHARD_FIXED_BYTES
+
+
+def row_bytes(dim: int, itemsize: int) -> int:
+    """A build task's memory per row of its shard (see `shard_memory_bytes`)."""
+    return dim * (itemsize + 4 * 4) + 128
+
+
+def shard_memory(segments: list[Segment], counts: dict[str, int], dim: int, itemsize: int) -> int:
+    rows = sum(seg.stop - seg.start for seg in segments)
+    return shard_memory_bytes(rows, dim, itemsize, max((counts[seg.key] for seg in segments), default=0))
+
+
+def plan_shards(keys: list[str], counts: list[int], dim: int, itemsize: int, requested: int | None,
+                node_memory: float | None) -> list[list[Segment]]:
+    """The shards' segments: `requested` shards (default one per 1M rows), or, when not requested, as many more
+    as it takes for the largest node (`node_memory` bytes; None: unknown) to hold one shard's build task.
+    IndexBuildError when a requested count's shards, or even single-row shards, do not fit."""
+    total, by_key = sum(counts), dict(zip(keys, counts, strict=True))
+    num_shards = max(1, min(requested or max(1, total // 1_000_000), total))
+    segments = split_segments(keys, counts, num_shards)
+    if node_memory is None:
+        return segments
+
+    def largest(segs: list[list[Segment]]) -> int:
+        return max(shard_memory(s, by_key, dim, itemsize) for s in segs)
+
+    if largest(segments) <= node_memory:
+        return segments
+    gib = 2**30
+    spare = node_memory - shard_memory_bytes(0, dim, itemsize, max(counts))
+    if spare < row_bytes(dim, itemsize):
+        raise IndexBuildError(f"the largest embeddings file ({max(counts)} rows of {dim}) takes more memory to "
+                              f"build from than the largest Ray node offers ({node_memory / gib:.1f} GiB); "
+                              "write smaller files or add a larger node")
+    fitting = min(total, -(-total // int(spare // row_bytes(dim, itemsize))))
+    while fitting < total and largest(split_segments(keys, counts, fitting)) > node_memory:
+        fitting += max(1, fitting // 8)  # rounding in the cut: a little more
+    fitting = min(fitting, total)
+    if requested:
+        raise IndexBuildError(f"{requested} shards of {total} vectors take {largest(segments) / gib:.1f} GiB to build "
+                              f"each, more than the largest Ray node offers ({node_memory / gib:.1f} GiB); use "
+                              f"at least {fitting} shards, or leave the count to the build")
+    logger.info("%d shards instead of %d: the largest Ray node (%.1f GiB) holds one shard's build of %d rows",
+                fitting, num_shards, node_memory / gib, -(-total // fitting))
+    return split_segments(keys, counts, fitting)
+
+
+def largest_node_memory() -> float | None:
+    """The largest `memory` resource among the live Ray nodes (bytes), None if none reports one."""
+    import ray
+
+    sizes = [node["Resources"].get("memory", 0.0) for node in ray.nodes() if node.get("Alive")]
+    return max(sizes) if sizes and max(sizes) > 0 else None
 
 
 def build_shard(emb_store: ObjectStore, segments: list[Segment], template: bytes | None, spec: str,
@@ -170,13 +237,17 @@ def held_out_queries(sample: np.ndarray, num_queries: int, seed: int) -> tuple[n
 def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shards: int | None = None,
                 index_spec: str | None = None, recall_k: int = 20, target_recall: float = 0.95,
                 num_queries: int = 100, shard_num_cpus: float = 0.5, train_num_cpus: float = 0.5, seed: int = 0,
-                min_recall: float | None = None, where: dict[str, str] | None = None, progress=None) -> Manifest:
+                min_recall: float | None = None, where: dict[str, str] | None = None, reserve_memory: bool = True,
+                progress=None) -> Manifest:
     """Build and publish a new version of `database` from `embeddings_uri` (the output of `rdm embed`).
 
     The quantizer trains in one task of `train_num_cpus` CPUs (that many FAISS threads, at least one).
     `where` keeps only the rows whose columns equal its values (say {"style": "ukiyo-e"}: one style's
     database out of a corpus embedded once). With `min_recall`, a version whose measured recall@k stays
-    below it is not published."""
+    below it is not published. With `reserve_memory` (the default) each shard's task reserves the memory
+    its build takes (`shard_memory_bytes`) and, with `num_shards` unset, the shards are cut small enough for
+    the largest live node to hold one; a `num_shards` whose shards cannot fit is an IndexBuildError. Off,
+    the tasks reserve nothing (a cluster whose autoscaler adds larger nodes than the live ones)."""
     import json
 
     import ray
@@ -198,7 +269,10 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
     if total == 0:
         selected = f" matching {where}" if where else ""
         raise EmptyCorpusError(f"the embedding files under {emb_store.uri} hold no rows{selected}")
-    num_shards = max(1, min(num_shards or max(1, total // 1_000_000), total))
+    itemsize = np.dtype(ARROW_DTYPES.get(scanned[0][2], "float32")).itemsize
+    segments = plan_shards(keys, counts, dim, itemsize, num_shards,
+                           largest_node_memory() if reserve_memory else None)
+    num_shards = len(segments)
     spec = index_spec or choose_index_spec(total, dim)
     try:
         make_index(spec, dim)
@@ -216,10 +290,11 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
     queries = ray.get(queries_ref)
     version = new_version()
     nprobes = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= max(nlist, 1)} | ({nlist} if nlist else set()))
-    builder = ray.remote(build_shard).options(num_cpus=shard_num_cpus, max_retries=2)
-    segments = split_segments(keys, counts, num_shards)
-    futures = [builder.remote(emb_store, segs, template, spec, index_store, (database, version, i), queries,
-                              recall_k, nprobes, where) for i, segs in enumerate(segments)]
+    builder, by_key = ray.remote(build_shard), dict(zip(keys, counts, strict=True))
+    futures = [builder.options(num_cpus=shard_num_cpus, max_retries=2,
+                               **({"memory": shard_memory(segs, by_key, dim, itemsize)} if reserve_memory else {}))
+               .remote(emb_store, segs, template, spec, index_store, (database, version, i), queries, recall_k,
+                       nprobes, where) for i, segs in enumerate(segments)]
     results = []
     for ref in futures:
         results.append(ray.get(ref))

@@ -2,13 +2,16 @@
 
 import gc
 import json
+import re
+import subprocess
+import sys
 
 import faiss
 import numpy as np
 import pytest
 
-from cluster.errors import CorruptShardError, UnknownDatabaseError
-from cluster.index.build import Segment, recall_at_k, split_segments
+from cluster.errors import CorruptShardError, IndexBuildError, UnknownDatabaseError
+from cluster.index.build import SHARD_FIXED_BYTES, Segment, plan_shards, recall_at_k, shard_memory, split_segments
 from cluster.index.manifest import Manifest, ShardInfo, list_databases, load_manifest, publish
 from cluster.index.merge import merge_parts
 from cluster.index.shard import IndexShard, make_index, serialize
@@ -163,3 +166,62 @@ def test_manifest_memory_estimate_from_file_sizes():
         del shard["sizes"]
     old = Manifest.from_json(json.dumps(old).encode())
     assert old.shards[0].sizes == {} and old.memory_bytes([0, 1]) == 0
+
+
+GIB = 2**30
+
+
+def test_shards_fit_the_largest_node_when_their_count_is_left_to_the_build():
+    keys, counts = [f"part-{i}" for i in range(8)], [250_000] * 8  # 2M rows of 768 float32
+    by_key = dict(zip(keys, counts, strict=True))
+    assert len(plan_shards(keys, counts, 768, 4, None, None)) == 2  # memory unknown: one shard per 1M rows
+    assert len(plan_shards(keys, counts, 768, 4, None, 64 * GIB)) == 2  # fits: unchanged
+    segments = plan_shards(keys, counts, 768, 4, None, 8 * GIB)
+    assert len(segments) > 2
+    assert max(shard_memory(s, by_key, 768, 4) for s in segments) <= 8 * GIB
+    assert sum(seg.stop - seg.start for s in segments for seg in s) == sum(counts)
+    fewer = split_segments(keys, counts, len(segments) - 1)
+    assert max(shard_memory(s, by_key, 768, 4) for s in fewer) > 8 * GIB  # no more shards than it takes
+
+
+def test_a_requested_shard_count_that_cannot_fit_names_one_that_can():
+    keys, counts = [f"part-{i}" for i in range(8)], [250_000] * 8
+    with pytest.raises(IndexBuildError, match=r"use at least (\d+) shards") as err:
+        plan_shards(keys, counts, 768, 4, 2, 8 * GIB)
+    enough = int(re.search(r"at least (\d+) shards", str(err.value)).group(1))
+    assert len(plan_shards(keys, counts, 768, 4, enough, 8 * GIB)) == enough
+    with pytest.raises(IndexBuildError, match="largest embeddings file"):
+        plan_shards(["huge"], [10_000_000], 768, 4, None, 8 * GIB)
+
+
+BUILD_ONE_SHARD = """
+import resource, sys
+import numpy as np, psutil, pyarrow as pa, pyarrow.parquet as pq
+from cluster.index.build import Segment, build_shard, shard_memory_bytes
+from cluster.storage import LocalStore
+rows, dim, per_file = 200_000, 256, 50_000
+store, segments = LocalStore(sys.argv[1]), []
+for start in range(0, rows, per_file):
+    vectors = np.random.default_rng(start).standard_normal((per_file, dim), dtype=np.float32)
+    table = pa.table({"id": [f"img-{start + i}" for i in range(per_file)],
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim)})
+    pq.write_table(table, store.root / f"part-{start}.parquet")
+    segments.append(Segment(f"part-{start}.parquet", 0, per_file))
+    del vectors, table
+queries = np.random.default_rng(1).standard_normal((100, dim), dtype=np.float32)
+base = psutil.Process().memory_info().rss
+build_shard(store, segments, None, "Flat", LocalStore(sys.argv[2]), ("db", "v", 0), queries, 20, [1])
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(peak - base, shard_memory_bytes(rows, dim, 4, per_file))
+"""
+
+
+def test_a_shard_build_stays_within_its_memory_estimate(tmp_path):
+    """What a build task asks Ray for covers what building a shard takes (measured in a fresh process: the
+    rows' part of the estimate, without its fixed allowance for the interpreter and libraries)."""
+    (tmp_path / "emb").mkdir()
+    (tmp_path / "out").mkdir()
+    done = subprocess.run([sys.executable, "-c", BUILD_ONE_SHARD, str(tmp_path / "emb"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, check=True)
+    used, estimate = map(int, done.stdout.split())
+    assert 0.5 * (estimate - SHARD_FIXED_BYTES) < used <= estimate - SHARD_FIXED_BYTES

@@ -25,7 +25,7 @@ from cluster.errors import (
     UnknownDatabaseError,
 )
 from cluster.index.build import build_index
-from cluster.index.manifest import load_manifest
+from cluster.index.manifest import list_databases, load_manifest
 from cluster.retriever import RetrieverPool, ShardedRetriever
 from cluster.storage import open_store
 from rdm.errors import InputError, ShapeError
@@ -197,6 +197,23 @@ def test_ivf_index_reaches_recall_target(ray_cluster, clustered, tmp_path):
     recall = np.mean([len(set(f) & {f"v{j}" for j in row}) / 20 for f, row in zip(found.ids, labels, strict=True)])
     assert recall >= 0.95
 
+
+
+def test_shards_are_cut_to_fit_the_largest_node(ray_cluster, clustered, tmp_path, monkeypatch):
+    """With the shard count left to it, the build cuts as many shards as it takes for the largest node to
+    hold one shard's build (here a node offering room for 5,000 of the 20,000 rows); a requested count that
+    cannot fit is refused before anything is built, naming one that can."""
+    import cluster.index.build as build
+
+    uri, vectors = clustered
+    room = build.shard_memory_bytes(5_000, 32, 4, 5_000)  # the fixture's files hold 5,000 rows each
+    monkeypatch.setattr(build, "largest_node_memory", lambda: float(room))
+    manifest = build_index(uri, str(tmp_path), "cut", index_spec="Flat")
+    assert len(manifest.shards) == 4 and [s.count for s in manifest.shards] == [5_000] * 4
+    assert manifest.recall["recall"] == 1.0
+    with pytest.raises(IndexBuildError, match="use at least 4 shards"):
+        build_index(uri, str(tmp_path), "refused", num_shards=2, index_spec="Flat")
+    assert list_databases(open_store(str(tmp_path))) == ["cut"]
 
 
 def test_rdm_index_query_writes_each_querys_neighbours(ray_cluster, clustered, tmp_path):

@@ -102,6 +102,17 @@ def test_index_where_parsing():
             parse_where(bad)
 
 
+
+def test_index_builds_reserve_memory_unless_told_not_to():
+    from jobs.index import build_parser
+
+    parser = build_parser()
+    build = ["build", "--embeddings", "e", "--database", "d", "--out", "o"]
+    rebuild = ["rebuild", "d", "--corpus", "c", "--index", "i"]
+    assert parser.parse_args(build).reserve_memory and parser.parse_args(rebuild).reserve_memory
+    assert not parser.parse_args([*build, "--no-reserve-memory"]).reserve_memory
+    assert not parser.parse_args([*rebuild, "--no-reserve-memory"]).reserve_memory
+
 def test_eval_style_rejects_too_many_neighbours(tmp_path, capsys):
     code = rdm(["eval-style", "--seed", "3", "--out", str(tmp_path), "--database-per-cell", "1",
                 "--num-neighbors", "7"])
