@@ -106,8 +106,8 @@ def shard_memory_bytes(rows: int, dim: int, itemsize: int, largest_file_rows: in
     """Peak memory of a `build_shard` task, estimated from above: its rows as stored, their float32 copy for
     FAISS, the index's copy of them and its serialized bytes (a flat or IVF-Flat index holds every vector:
     4 bytes per value each; PQ indexes hold less), ids; plus the largest input file in flight (its parquet
-    bytes, Arrow table and NumPy view). 250k x 768 float32 rows measured 3.9 GB above a fresh process; this
-    says 4.1 GB for them in files of 50k rows."""
+    bytes, Arrow table and NumPy view). 250k x 768 float32 rows in files of 50k measured 3.6-3.9 GB above the
+    process's baseline, for an estimate of 4.9 GB (4.3 without the fixed part)."""
     return rows * row_bytes(dim, itemsize) + 3 * largest_file_rows * dim * itemsize + SHARD_FIXED_BYTES
 
 
