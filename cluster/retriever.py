@@ -4,7 +4,10 @@
 the exact in-memory retriever. Each actor (`RetrieverShards`) holds `shards_per_actor` consecutive shards of
 one database version, merged into one FAISS index where the index type allows, and answers with their top-k,
 so a query costs one Ray call per actor, not per shard: one actor per node, holding the shards that fit
-there, makes a search one hop per node. Each actor asks Ray for the memory its shards take.
+there, makes a search one hop per node. Each actor asks Ray for the memory its shards take, and
+`shards_per_actor="auto"` derives the groups from it: as few actors as keep each within half the memory of
+the largest node that offers the actors' resources (the other half is room for a version swap, whose new
+actors load before the old ones go).
 An actor that dies is restarted by Ray and reloads its shards from storage; shards that stay down past the
 timeout raise `ShardUnavailableError`, or, with `allow_degraded`, the results of the other actors come back
 flagged `degraded`. `refresh()` swaps in a newly published version: new actors load first, then the handle
@@ -18,10 +21,11 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import Tensor
 
 from cluster.errors import CorruptShardError, IndexRefreshError, RetrievalError, ShardUnavailableError
@@ -42,8 +46,9 @@ class RetrieverOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     replicas: int = Field(1, ge=1, description="copies of every shard, searched round-robin")
-    shards_per_actor: int = Field(1, ge=1, description="consecutive shards one actor holds and searches: "
-                                                        "fewer actors, fewer Ray calls per query")
+    shards_per_actor: int | Literal["auto"] = Field(
+        1, description="consecutive shards one actor holds and searches: fewer actors, fewer Ray calls per "
+                             "query; 'auto': as many as fit in half the largest suitable node's memory")
     num_cpus: float = Field(0.1, ge=0, description="CPUs per actor")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor, "
                                                                            "e.g. {retriever: 1} to place one per node")
@@ -57,6 +62,13 @@ class RetrieverOptions(BaseModel):
                                                    "manifest), so Ray places actors only where they fit")
     start_timeout_s: float = Field(120.0, gt=0, description="how long a new version's actors may take to load "
                                                             "(and to be placed) before the start fails")
+
+    @field_validator("shards_per_actor", mode="before")
+    @classmethod
+    def _positive_or_auto(cls, value: object) -> object:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"must be an integer >= 1 or 'auto', got {value!r}")
 
     @classmethod
     def from_json(cls, text: str, *, where: str = "retriever options") -> RetrieverOptions:
@@ -137,9 +149,33 @@ class RetrieverShards:
         return merge_parts(parts, min(k, sum(p["scores"].shape[1] for p in parts)))
 
 
+AUTO_NODE_SHARE = 0.5
+"""`shards_per_actor="auto"`: the share of a node's memory one actor's shards may take (the rest leaves room
+for a version swap's new actors, which load before the old ones go)."""
+
+
 def group_shards(num_shards: int, shards_per_actor: int) -> list[list[int]]:
     """Consecutive shard ids, `shards_per_actor` to an actor (the last actor may hold fewer)."""
     return [list(range(i, min(i + shards_per_actor, num_shards))) for i in range(0, num_shards, shards_per_actor)]
+
+
+def group_shards_by_memory(manifest: Manifest, budget: float) -> list[list[int]]:
+    """Consecutive shard ids in as few groups as keep each group's memory (`Manifest.memory_bytes`) within
+    `budget`, evened out (sizes differing by at most one) where that fits too; a shard larger than the budget
+    gets an actor of its own."""
+    num_shards = len(manifest.shards)
+    greedy: list[list[int]] = []
+    for shard_id in range(num_shards):
+        if greedy and manifest.memory_bytes([*greedy[-1], shard_id]) <= budget:
+            greedy[-1].append(shard_id)
+        else:
+            greedy.append([shard_id])
+    n = len(greedy)
+    bounds = [i * num_shards // n for i in range(n + 1)]  # group sizes differ by at most one
+    even = [list(range(lo, hi)) for lo, hi in itertools.pairwise(bounds)]
+    if all(manifest.memory_bytes(g) <= budget or len(g) == 1 for g in even):
+        return even
+    return greedy
 
 
 @dataclass
@@ -159,11 +195,12 @@ class ShardedRetriever:
     def __init__(self, index_uri: str, database: str, *, replicas: int = 1, num_cpus: float = 0.1,
                  resources: dict[str, float] | None = None, use_gpu: bool = False, timeout_s: float = 30.0,
                  allow_degraded: bool = False, max_restarts: int = -1, threads: int | None = None,
-                 shards_per_actor: int = 1, reserve_memory: bool = True, start_timeout_s: float = 120.0) -> None:
+                 shards_per_actor: int | Literal["auto"] = 1, reserve_memory: bool = True,
+                 start_timeout_s: float = 120.0) -> None:
         if replicas < 1:
             raise InputError(f"replicas must be >= 1, got {replicas}")
-        if shards_per_actor < 1:
-            raise InputError(f"shards_per_actor must be >= 1, got {shards_per_actor}")
+        if shards_per_actor != "auto" and not (isinstance(shards_per_actor, int) and shards_per_actor >= 1):
+            raise InputError(f"shards_per_actor must be >= 1 or 'auto', got {shards_per_actor!r}")
         self.shards_per_actor, self.reserve_memory, self.start_timeout_s = (shards_per_actor, reserve_memory,
                                                                              start_timeout_s)
         self.index_uri, self.database = index_uri, database
@@ -190,7 +227,7 @@ class ShardedRetriever:
 
         actor_cls = ray.remote(RetrieverShards)
         payload = manifest.to_json()
-        groups = group_shards(len(manifest.shards), self.shards_per_actor)
+        groups = self._groups(manifest)
         memory = [manifest.memory_bytes(group) if self.reserve_memory else 0 for group in groups]
         actors = [[actor_cls.options(**self._options, **({"memory": m} if m else {}))
                    .remote(self.index_uri, payload, group, self._use_gpu, self._threads)
@@ -214,6 +251,20 @@ class ShardedRetriever:
         logger.info("retriever %s/%s: %d shards on %d actors x %d replicas ready", manifest.database,
                     manifest.version, len(manifest.shards), len(actors), self._replicas)
         return _ShardSet(manifest, groups, actors)
+
+    def _groups(self, manifest: Manifest) -> list[list[int]]:
+        if self.shards_per_actor != "auto":
+            return group_shards(len(manifest.shards), self.shards_per_actor)
+        from cluster import runtime
+
+        asks = {**self._options["resources"], **({"GPU": 1} if self._use_gpu else {})}
+        node = runtime.largest_node_memory(asks)
+        if node is None or not manifest.memory_bytes(list(range(len(manifest.shards)))):
+            logger.warning("shards_per_actor 'auto' for %s: %s, so one shard per actor", manifest.database,
+                           f"no node offering {asks} reports its memory" if node is None
+                           else "the manifest records no file sizes")
+            return group_shards(len(manifest.shards), 1)
+        return group_shards_by_memory(manifest, AUTO_NODE_SHARE * node)
 
     @staticmethod
     def _kill(actors: list[list]) -> None:

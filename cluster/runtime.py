@@ -46,3 +46,14 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
     # /tmp/ray/ray_current_cluster names (another user's or a test's) and die with it.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     logger.info("started a local Ray instance on 127.0.0.1")
+
+
+def largest_node_memory(resources: dict[str, float] | None = None) -> float | None:
+    """The largest `memory` resource (bytes) among the live Ray nodes that offer `resources` (say
+    {"retriever": 0.5, "GPU": 1}); None when no such node reports memory."""
+    import ray
+
+    wanted = {name: amount for name, amount in (resources or {}).items() if amount}
+    sizes = [node["Resources"].get("memory", 0.0) for node in ray.nodes() if node.get("Alive")
+             and all(node["Resources"].get(name, 0.0) >= amount for name, amount in wanted.items())]
+    return max(sizes) if sizes and max(sizes) > 0 else None

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
+from cluster import runtime
 from cluster.embedding import EMBEDDINGS_DIR
 from cluster.errors import EmptyCorpusError, IndexBuildError
 from cluster.index.manifest import Manifest, ShardInfo, check_database_name, new_version, publish, sha256
@@ -105,9 +106,10 @@ def split_segments(keys: list[str], counts: list[int], num_shards: int) -> list[
 def shard_memory_bytes(rows: int, dim: int, itemsize: int, largest_file_rows: int) -> int:
     """Peak memory of a `build_shard` task, estimated from above: its rows as stored, their float32 copy for
     FAISS, the index's copy of them, its serialized bytes and one copy more that the measurements below show
-    (4 bytes per value each: a flat or IVF-Flat index holds every vector; PQ indexes hold less), ids; plus the largest input file in flight (its parquet
-    bytes, Arrow table and NumPy view). 250k x 768 float32 rows in files of 50k measured 3.6-3.9 GB above the
-    process's baseline, for an estimate of 4.9 GB (4.3 without the fixed part)."""
+    (4 bytes per value each: a flat or IVF-Flat index holds every vector; PQ indexes hold less), ids; plus
+    the largest input file in flight (its parquet bytes, Arrow table and NumPy view). 250k x 768 float32
+    rows in files of 50k measured 3.6-3.9 GB above the process's baseline, for an estimate of 4.9 GB (4.3
+    without the fixed part)."""
     return rows * row_bytes(dim, itemsize) + 3 * largest_file_rows * dim * itemsize + SHARD_FIXED_BYTES
 
 
@@ -154,14 +156,6 @@ def plan_shards(keys: list[str], counts: list[int], dim: int, itemsize: int, req
     logger.info("%d shards instead of %d: the largest Ray node (%.1f GiB) holds one shard's build of %d rows",
                 fitting, num_shards, node_memory / gib, -(-total // fitting))
     return split_segments(keys, counts, fitting)
-
-
-def largest_node_memory() -> float | None:
-    """The largest `memory` resource among the live Ray nodes (bytes), None if none reports one."""
-    import ray
-
-    sizes = [node["Resources"].get("memory", 0.0) for node in ray.nodes() if node.get("Alive")]
-    return max(sizes) if sizes and max(sizes) > 0 else None
 
 
 def build_shard(emb_store: ObjectStore, segments: list[Segment], template: bytes | None, spec: str,
@@ -271,7 +265,7 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
         raise EmptyCorpusError(f"the embedding files under {emb_store.uri} hold no rows{selected}")
     itemsize = np.dtype(ARROW_DTYPES.get(scanned[0][2], "float32")).itemsize
     segments = plan_shards(keys, counts, dim, itemsize, num_shards,
-                           largest_node_memory() if reserve_memory else None)
+                           runtime.largest_node_memory() if reserve_memory else None)
     num_shards = len(segments)
     spec = index_spec or choose_index_spec(total, dim)
     try:

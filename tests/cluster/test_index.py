@@ -225,3 +225,17 @@ def test_a_shard_build_stays_within_its_memory_estimate(tmp_path):
                           capture_output=True, text=True, timeout=300, check=True)
     used, estimate = map(int, done.stdout.split())
     assert 0.5 * (estimate - SHARD_FIXED_BYTES) < used <= estimate - SHARD_FIXED_BYTES
+
+
+def test_auto_groups_are_as_few_as_fit_the_budget_and_even():
+    from cluster.retriever import group_shards_by_memory
+
+    shards = tuple(ShardInfo(i, 1000, {"index.faiss": "x"}, {"index.faiss": 1_000_000}) for i in range(10))
+    manifest = Manifest("art", "v1", 10_000, 256, "Flat", 1, shards)
+    one = manifest.memory_bytes([0])
+    assert group_shards_by_memory(manifest, 10 * one * 2) == [list(range(10))]  # all fit (merging: 2x)
+    groups = group_shards_by_memory(manifest, manifest.memory_bytes([0, 1, 2, 3]))
+    assert sorted(len(g) for g in groups) == [3, 3, 4]  # 3 actors are needed; evened out, not 4 + 4 + 2
+    assert sum(groups, []) == list(range(10))
+    assert all(manifest.memory_bytes(g) <= manifest.memory_bytes([0, 1, 2, 3]) for g in groups)
+    assert group_shards_by_memory(manifest, one / 2) == [[i] for i in range(10)]  # too big: one actor each

@@ -92,7 +92,9 @@ def test_retriever_options_refuse_misspelled_keys_and_bad_values():
                        ({"timeout_s": 0}, "timeout_s"), ({"resources": {"retriever": "one"}}, "resources")):
         with pytest.raises(ValidationError, match=field):
             AppArgs(retriever_options=bad)
-    with pytest.raises(ConfigError, match=r"--retriever-options: shards_per_actor: .*greater than or equal to 1"):
-        RetrieverOptions.from_json('{"shards_per_actor": 0}', where="--retriever-options")
+    for bad in ("0", "2.5", '"all"', "true"):
+        with pytest.raises(ConfigError, match=r"--retriever-options: shards_per_actor: .*>= 1 or 'auto'"):
+            RetrieverOptions.from_json(f'{{"shards_per_actor": {bad}}}', where="--retriever-options")
+    assert RetrieverOptions.from_json('{"shards_per_actor": "auto"}').shards_per_actor == "auto"
     with pytest.raises(ConfigError, match="Invalid JSON"):
         RetrieverOptions.from_json("{num_cpus: 1}")

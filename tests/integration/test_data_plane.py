@@ -203,17 +203,46 @@ def test_shards_are_cut_to_fit_the_largest_node(ray_cluster, clustered, tmp_path
     """With the shard count left to it, the build cuts as many shards as it takes for the largest node to
     hold one shard's build (here a node offering room for 5,000 of the 20,000 rows); a requested count that
     cannot fit is refused before anything is built, naming one that can."""
-    import cluster.index.build as build
+    from cluster import runtime
+    from cluster.index.build import shard_memory_bytes
 
     uri, vectors = clustered
-    room = build.shard_memory_bytes(5_000, 32, 4, 5_000)  # the fixture's files hold 5,000 rows each
-    monkeypatch.setattr(build, "largest_node_memory", lambda: float(room))
+    assert runtime.largest_node_memory() > 2**30  # the test cluster's nodes report their memory
+    room = shard_memory_bytes(5_000, 32, 4, 5_000)  # the fixture's files hold 5,000 rows each
+    monkeypatch.setattr(runtime, "largest_node_memory", lambda resources=None: float(room))
     manifest = build_index(uri, str(tmp_path), "cut", index_spec="Flat")
     assert len(manifest.shards) == 4 and [s.count for s in manifest.shards] == [5_000] * 4
     assert manifest.recall["recall"] == 1.0
     with pytest.raises(IndexBuildError, match="use at least 4 shards"):
         build_index(uri, str(tmp_path), "refused", num_shards=2, index_spec="Flat")
     assert list_databases(open_store(str(tmp_path))) == ["cut"]
+
+
+def test_auto_shards_per_actor_follows_node_memory(ray_cluster, clustered, tmp_path, monkeypatch):
+    """shards_per_actor="auto": as few actors as keep each within half the memory of the largest node that
+    offers the actors' resources; where none reports memory, one shard per actor. Results are the same."""
+    from cluster import runtime
+
+    uri, vectors = clustered
+    manifest = build_index(uri, str(tmp_path), "auto", num_shards=3, index_spec="Flat")
+    queries = torch.from_numpy(unit(vectors[:6] + 0.01))
+
+    def actors(**options) -> tuple[int, list[str]]:
+        retriever = ShardedRetriever(str(tmp_path), "auto", shards_per_actor="auto", **options)
+        try:
+            return len(retriever._set.actors), retriever.search(queries, 5).ids
+        finally:
+            retriever.close()
+
+    assert runtime.largest_node_memory({"retriever": 1}) > 2**30 > manifest.memory_bytes([0, 1, 2])
+    assert runtime.largest_node_memory({"no-such-resource": 1}) is None
+    count, exact = actors(resources={"retriever": 1})
+    assert count == 1  # all three shards fit a test node's half
+    monkeypatch.setattr(runtime, "largest_node_memory", lambda resources=None: 2.0 * manifest.memory_bytes([0]))
+    count, ids = actors()
+    assert count == 3 and ids == exact
+    monkeypatch.setattr(runtime, "largest_node_memory", lambda resources=None: None)
+    assert actors()[0] == 3
 
 
 def test_rdm_index_query_writes_each_querys_neighbours(ray_cluster, clustered, tmp_path):
