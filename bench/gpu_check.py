@@ -59,16 +59,21 @@ MODES = {"fp32 eager": InferenceOptions(),
              "bf16", channels_last=True, compile="default", kernel_tuning="conv1x1-mm"),
          "bf16 + channels_last + compile + coordinate descent": InferenceOptions(
              "bf16", channels_last=True, compile="default", kernel_tuning="coordinate-descent"),
+         "bf16 + channels_last + compile max-autotune": InferenceOptions(
+             "bf16", channels_last=True, compile="max-autotune-no-cudagraphs"),
          **{f"bf16 + channels_last + compile + {backend} attention": InferenceOptions(
              "bf16", channels_last=True, compile="default", attention=backend)
             for backend in ("flash", "cudnn", "efficient", "flex")}}
 FASTEST = "bf16 + channels_last + compile + fastest attention"
 """A mode resolved at run time: the attention kernel the attention table found fastest (skipped when that
 is torch's own pick, "auto", or when the table did not run)."""
-DEFAULT_MODES = ("fp32 eager", "bf16 + channels_last + compile", FASTEST,
-                 "bf16 + channels_last + compile + coordinate descent")
-"""The first H200 run (bench/results) measured bf16 + channels_last eager (3.24 images/s) and CUDA graphs
-(no gain over compile); the defaults now try what may close the gap to the target."""
+DEFAULT_MODES = ("fp32 eager", "bf16 + channels_last + compile + coordinate descent",
+                 "bf16 + channels_last + compile max-autotune")
+"""The H200 runs (bench/results) measured bf16 + channels_last eager (3.24 images/s), CUDA graphs and 1x1
+convolutions as matmuls (no gain over compile); the H100 runs the attention kernels (FlexAttention fastest,
+by 3% of the attention's time, a loss once compiled in) and coordinate descent (the fastest, +2-4%). The
+defaults: that winner, and Inductor's max-autotune (Triton templates for the matmuls and convolutions,
+benchmarked against cuDNN's), not yet measured."""
 ATTENTION_KERNELS = ("auto", "flash", "cudnn", "efficient", "flex")
 """fp32 eager comes first: it is the baseline every other mode is compared with."""
 
