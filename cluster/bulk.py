@@ -227,8 +227,10 @@ class BulkSampler:
         contexts = torch.from_numpy(np.stack([_array(r["context"]) for r in members]))
         context = build_context(contexts[:, 0], contexts[:, 1:])
         size = self.pipeline.model.config.image_size
+        # halved on out-of-memory; compiled, a smaller group (rows with errors, a block's last rows, another k)
+        # runs at the batch size instead of compiling its own
         images = self.pipeline.sample_images(context, [int(r["seed"]) for r in members], self.params,
-                                             height=size, width=size)  # halved on out-of-memory
+                                             height=size, width=size, pad_to=self.settings.batch_size)
         if self.compile_cache is not None:
             self.compile_cache.save_if_new()  # the first batch of each size compiles: later samplers load it
         return images

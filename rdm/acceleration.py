@@ -125,9 +125,10 @@ class PreparedModules:
         dtype = self.options.autocast_dtype
         return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
-    def batch_size(self, n: int) -> int:
-        """The batch size a batch of n runs at: padded for compiled modules, else n."""
-        return n if self.options.compile is None else padded_batch_size(n)
+    def batch_size(self, n: int, pad_to: int = 0) -> int:
+        """The batch size a batch of n runs at: padded for compiled modules (to at least `pad_to`, a size
+        already compiled, rather than compile another), else n."""
+        return n if self.options.compile is None else padded_batch_size(max(n, pad_to))
 
 
 class ContextTokensDynamic:

@@ -150,12 +150,13 @@ class Pipeline:
 
     @torch.no_grad()
     def sample_latents(self, context: Tensor, seeds: Sequence[int], params: SamplerParams, *,
-                       height: int, width: int) -> Tensor:
-        """Latents [B, C, h, w] for contexts [B, M, D] and one seed per sample."""
+                       height: int, width: int, pad_to: int = 0) -> Tensor:
+        """Latents [B, C, h, w] for contexts [B, M, D] and one seed per sample. `pad_to`: with compiled
+        modules, run at least that batch size (see `sample_images`)."""
         n = context.shape[0]
         if len(seeds) != n:
             raise ShapeError(f"{len(seeds)} seeds for {n} contexts")
-        padding = self.modules.batch_size(n) - n  # compiled modules: repeat the last row, drop it after
+        padding = self.modules.batch_size(n, pad_to) - n  # compiled modules: repeat the last row, drop it after
         if padding:
             seeds = list(seeds) + [seeds[-1]] * padding
         noise = SeededNoise(seeds, self.latent_shape(height, width), device=self.device)
@@ -167,21 +168,30 @@ class Pipeline:
         return latents[:n].float()
 
     @torch.no_grad()
-    def decode(self, latents: Tensor) -> np.ndarray:
+    def decode(self, latents: Tensor, pad_to: int = 0) -> np.ndarray:
         n = latents.shape[0]
         with self.modules.autocast(self.device):
-            images = self.modules.decode(pad_rows(latents.to(self.device), self.modules.batch_size(n) - n))
+            images = self.modules.decode(pad_rows(latents.to(self.device), self.modules.batch_size(n, pad_to) - n))
         return to_uint8(images[:n])
 
     def sample_images(self, context: Tensor, seeds: Sequence[int], params: SamplerParams, *, height: int,
-                      width: int) -> np.ndarray:
+                      width: int, pad_to: int = 0) -> np.ndarray:
         """uint8 images [B, H, W, 3]: `sample_latents`, then `decode`, each run again as two halves, and so on
         down to single images, when it runs the accelerator out of memory (each image depends only on its own
         context and seed, so they are the same images; a decode that does not fit does not sample again). A
-        single image that does not fit raises `torch.OutOfMemoryError`."""
+        single image that does not fit raises `torch.OutOfMemoryError`.
+
+        `pad_to` (compiled modules only): pad a smaller batch up to that size, one already compiled, instead
+        of compiling its own padded size (minutes for RDM-768, against one batch's seconds); the halves of
+        a batch out of memory are not padded back up."""
+        n = len(seeds)
+
+        def pad(rows: slice) -> int:
+            return pad_to if rows.stop - rows.start == n else 0
+
         latents = self._in_halves(lambda rows: self.sample_latents(context[rows], seeds[rows], params, height=height,
-                                                                   width=width), len(seeds), torch.cat)
-        return self._in_halves(lambda rows: self.decode(latents[rows]), len(seeds), np.concatenate)
+                                                                   width=width, pad_to=pad(rows)), n, torch.cat)
+        return self._in_halves(lambda rows: self.decode(latents[rows], pad_to=pad(rows)), n, np.concatenate)
 
     def _in_halves(self, run: Callable[[slice], Any], n: int, join: Callable[[list], Any], start: int = 0) -> Any:
         """run(rows) for rows start..start+n, split in halves on out-of-memory (recursively)."""

@@ -57,3 +57,16 @@ def test_a_batch_samples_while_the_one_before_is_written_and_each_call_ends_reco
     assert len(parts) == 2
     recorded = sorted(r["seed"] for part in parts for r in pq.read_table(part).to_pylist())
     assert recorded == [1, 2, 3]
+
+
+def test_groups_smaller_than_the_batch_run_at_the_batch_size_when_compiled(tmp_path, monkeypatch):
+    """A group smaller than the job's batch size (here 2 of 8) runs padded to it on compiled modules: one
+    compiled shape per sampler, not one per group size. The two images are the group's own."""
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)  # the shapes, not the compiler
+    settings = BulkSettings(num_steps=2, num_neighbors=0, batch_size=8, compile="default")
+    sampler = BulkSampler(asdict(settings), str(tmp_path), "model-hash")
+    unet, rows = sampler.pipeline.modules.unet, []
+    sampler.pipeline.modules.unet = lambda x, t, context: rows.append(x.shape[0]) or unet(x, t, context)
+    assert sampler(batch([1, 2]))["error"] == ["", ""]
+    assert rows == [16, 16]  # guided: 2 UNet rows per image
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["1.png", "2.png"]

@@ -177,6 +177,39 @@ def test_a_compiled_pipeline_pads_batches_and_drops_the_padding(lively_tiny_mode
     assert eager.warm_up([3], num_neighbors=2, guidance_scale=3.0) == {}  # nothing to compile
 
 
+
+def test_pad_to_runs_a_smaller_batch_at_a_size_already_compiled(lively_tiny_model, monkeypatch):
+    """The bulk job's groups smaller than its batch size run at that size (padded, the padding dropped)
+    rather than compiling their own; eager pipelines ignore it, and the halves of a batch out of memory are
+    not padded back up."""
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
+    context = build_context(torch.nn.functional.normalize(torch.randn(3, 64, generator=torch.Generator().manual_seed(4)),
+                                                          dim=-1))
+    params = SamplerParams("ddim", 2, 3.0)
+    compiled = Pipeline(copy.deepcopy(lively_tiny_model), options=InferenceOptions(compile="default"))
+    compiled.modules.unet = recorder = RecordingUnet(compiled.modules.unet)
+    decoded = []
+    decode = compiled.modules.decode
+    compiled.modules.decode = lambda latents: decoded.append(latents.shape[0]) or decode(latents)
+    images = compiled.sample_images(context, [1, 2, 3], params, height=32, width=32, pad_to=16)
+    assert recorder.batches == [32, 32] and decoded == [16] and images.shape[0] == 3
+    unpadded = compiled.sample_images(context, [1, 2, 3], params, height=32, width=32)
+    assert recorder.batches[2:] == [8, 8] and np.abs(images.astype(int) - unpadded.astype(int)).max() <= 1
+    eager = Pipeline(copy.deepcopy(lively_tiny_model))
+    eager.modules.unet = eager_recorder = RecordingUnet(eager.modules.unet)
+    eager.sample_images(context, [1, 2, 3], params, height=32, width=32, pad_to=16)
+    assert eager_recorder.batches == [6, 6]
+    real = compiled.sample_latents
+
+    def out_of_memory_at_full_size(context, seeds, params, **kwargs):
+        if len(seeds) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(context, seeds, params, **kwargs)
+
+    compiled.sample_latents, recorder.batches = out_of_memory_at_full_size, []
+    compiled.sample_images(context, [1, 2, 3], params, height=32, width=32, pad_to=16)
+    assert recorder.batches == [2, 2, 4, 4]  # halves of 1 and 2 rows: padded to 1 and 2, not 16
+
 def test_one_context_token_given_twice_conditions_the_unet_as_once(lively_tiny_model):
     """What lets k = 0 run the compiled graph of k >= 1: two copies of a token are attended to as one."""
     unet = lively_tiny_model.unet
