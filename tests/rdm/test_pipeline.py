@@ -152,11 +152,11 @@ def test_a_decode_out_of_accelerator_memory_decodes_in_halves_without_sampling_a
         sampled.append(len(seeds))
         return sample_latents(context, seeds, *args, **kwargs)
 
-    def decode_at_most_two(latents):
+    def decode_at_most_two(latents, **kwargs):
         decoded.append(len(latents))
         if len(latents) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return decode(latents)
+        return decode(latents, **kwargs)
 
     monkeypatch.setattr(pipeline, "sample_latents", counted)
     monkeypatch.setattr(pipeline, "decode", decode_at_most_two)
