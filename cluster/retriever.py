@@ -48,7 +48,7 @@ class RetrieverOptions(BaseModel):
     replicas: int = Field(1, ge=1, description="copies of every shard, searched round-robin")
     shards_per_actor: int | Literal["auto"] = Field(
         1, description="consecutive shards one actor holds and searches: fewer actors, fewer Ray calls per "
-                             "query; 'auto': as many as fit in half the largest suitable node's memory")
+                       "query; 'auto': as many as fit in half the largest suitable node's memory")
     num_cpus: float = Field(0.1, ge=0, description="CPUs per actor")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor, "
                                                                            "e.g. {retriever: 1} to place one per node")
