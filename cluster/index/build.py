@@ -3,7 +3,8 @@
 1. scan: a task per file counts its rows (and reads the dim);
 2. train: a task per file draws a sample, and one training task (its CPU count configurable) trains
    the coarse quantizer (and PQ) once and holds out recall queries; the trained empty index goes to
-   every shard through the object store (the driver never holds the sample);
+   every shard through the object store (the driver never holds the sample); both ask Ray for the memory
+   they take (`file_memory_bytes`, `train_memory_bytes`);
 3. build: a task per shard reads its contiguous range of rows, adds them to a copy of the template,
    writes the shard files with their sha256, and answers held-out queries exactly and approximately; each
    task asks Ray for the memory its shard takes (`shard_memory_bytes`), and the shards are cut small enough
@@ -110,7 +111,19 @@ def shard_memory_bytes(rows: int, dim: int, itemsize: int, largest_file_rows: in
     the largest input file in flight (its parquet bytes, Arrow table and NumPy view). 250k x 768 float32
     rows in files of 50k measured 3.6-3.9 GB above the process's baseline, for an estimate of 4.9 GB (4.3
     without the fixed part)."""
-    return rows * row_bytes(dim, itemsize) + 3 * largest_file_rows * dim * itemsize + SHARD_FIXED_BYTES
+    return rows * row_bytes(dim, itemsize) + file_memory_bytes(largest_file_rows, dim, itemsize)
+
+
+def file_memory_bytes(rows: int, dim: int, itemsize: int) -> int:
+    """Peak memory of a task that decodes one embeddings file of `rows` (a sample task): its parquet bytes,
+    Arrow table and NumPy view, plus the fixed part."""
+    return 3 * rows * dim * itemsize + SHARD_FIXED_BYTES
+
+
+def train_memory_bytes(rows: int, dim: int) -> int:
+    """Peak memory of the training task for `rows` sampled float32 vectors: the samples, their concatenation,
+    the training split and k-means' working copy, plus the fixed part."""
+    return 4 * rows * dim * 4 + SHARD_FIXED_BYTES
 
 
 def row_bytes(dim: int, itemsize: int) -> int:
@@ -274,12 +287,23 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
         raise IndexBuildError(f"invalid FAISS index spec {spec!r}: {err}") from err
     nlist = nlist_of(spec)
     wanted = training_size(spec, total) + num_queries
-    sampler = ray.remote(sample_file).options(num_cpus=shard_num_cpus)
+    sampler = ray.remote(sample_file)
     if nlist and total < nlist + num_queries:
         raise IndexBuildError(f"{spec!r} needs at least {nlist} training vectors, the database has {total}")
-    samples = [sampler.remote(emb_store, k, min(1.0, 1.2 * wanted / total), seed + i, where)
-               for i, k in enumerate(keys)]
-    trainer = ray.remote(train_template).options(num_cpus=train_num_cpus, num_returns=2)
+    fraction = min(1.0, 1.2 * wanted / total)
+    train_memory = train_memory_bytes(min(total, round(fraction * total) + 1024), dim)
+    if reserve_memory:
+        node = runtime.largest_node_memory()
+        if node is not None and train_memory > node:
+            raise IndexBuildError(f"training {spec!r} on {wanted} sampled vectors takes about "
+                                  f"{train_memory / 2**30:.1f} GiB, more than the largest Ray node offers "
+                                  f"({node / 2**30:.1f} GiB); choose an index spec with fewer lists")
+    samples = [sampler.options(num_cpus=shard_num_cpus,
+                               **({"memory": file_memory_bytes(c, dim, itemsize)} if reserve_memory else {}))
+               .remote(emb_store, key, fraction, seed + i, where)
+               for i, (key, c) in enumerate(zip(keys, counts, strict=True))]
+    trainer = ray.remote(train_template).options(num_cpus=train_num_cpus, num_returns=2,
+                                                 **({"memory": train_memory} if reserve_memory else {}))
     template, queries_ref = trainer.remote(spec, dim, num_queries, seed, *samples)
     queries = ray.get(queries_ref)
     version = new_version()

@@ -204,7 +204,7 @@ def test_shards_are_cut_to_fit_the_largest_node(ray_cluster, clustered, tmp_path
     hold one shard's build (here a node offering room for 5,000 of the 20,000 rows); a requested count that
     cannot fit is refused before anything is built, naming one that can."""
     from cluster import runtime
-    from cluster.index.build import shard_memory_bytes
+    from cluster.index.build import shard_memory_bytes, train_memory_bytes
 
     uri, vectors = clustered
     assert runtime.largest_node_memory() > 2**30  # the test cluster's nodes report their memory
@@ -215,6 +215,13 @@ def test_shards_are_cut_to_fit_the_largest_node(ray_cluster, clustered, tmp_path
     assert manifest.recall["recall"] == 1.0
     with pytest.raises(IndexBuildError, match="use at least 4 shards"):
         build_index(uri, str(tmp_path), "refused", num_shards=2, index_spec="Flat")
+    # IVF256 trains on 16k sampled vectors: more than a node that still holds the shards offers
+    train = train_memory_bytes(20_000, 32)
+    room = (train + shard_memory_bytes(5_000, 32, 4, 5_000)) // 2
+    assert shard_memory_bytes(5_000, 32, 4, 5_000) < room < train
+    monkeypatch.setattr(runtime, "largest_node_memory", lambda resources=None: float(room))
+    with pytest.raises(IndexBuildError, match="fewer lists"):
+        build_index(uri, str(tmp_path), "untrainable", index_spec="IVF256,Flat")
     assert list_databases(open_store(str(tmp_path))) == ["cut"]
 
 
