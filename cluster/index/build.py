@@ -277,8 +277,8 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
         selected = f" matching {where}" if where else ""
         raise EmptyCorpusError(f"the embedding files under {emb_store.uri} hold no rows{selected}")
     itemsize = np.dtype(ARROW_DTYPES.get(scanned[0][2], "float32")).itemsize
-    segments = plan_shards(keys, counts, dim, itemsize, num_shards,
-                           runtime.largest_node_memory() if reserve_memory else None)
+    node = runtime.largest_node_memory() if reserve_memory else None  # bytes; None: unknown or not reserving
+    segments = plan_shards(keys, counts, dim, itemsize, num_shards, node)
     num_shards = len(segments)
     spec = index_spec or choose_index_spec(total, dim)
     try:
@@ -292,12 +292,10 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
         raise IndexBuildError(f"{spec!r} needs at least {nlist} training vectors, the database has {total}")
     fraction = min(1.0, 1.2 * wanted / total)
     train_memory = train_memory_bytes(min(total, round(fraction * total) + 1024), dim)
-    if reserve_memory:
-        node = runtime.largest_node_memory()
-        if node is not None and train_memory > node:
-            raise IndexBuildError(f"training {spec!r} on {wanted} sampled vectors takes about "
-                                  f"{train_memory / 2**30:.1f} GiB, more than the largest Ray node offers "
-                                  f"({node / 2**30:.1f} GiB); choose an index spec with fewer lists")
+    if node is not None and train_memory > node:
+        raise IndexBuildError(f"training {spec!r} on {wanted} sampled vectors takes about "
+                              f"{train_memory / 2**30:.1f} GiB, more than the largest Ray node offers "
+                              f"({node / 2**30:.1f} GiB); choose an index spec with fewer lists")
     samples = [sampler.options(num_cpus=shard_num_cpus,
                                **({"memory": file_memory_bytes(c, dim, itemsize)} if reserve_memory else {}))
                .remote(emb_store, key, fraction, seed + i, where)
