@@ -179,40 +179,24 @@ def group_shards_by_memory(manifest: Manifest, budget: float) -> list[list[int]]
 
 
 @dataclass
-class _ShardSet:
+class ShardSet:
     manifest: Manifest
     groups: list[list[int]]  # the shard ids each actor holds
     actors: list[list] = field(default_factory=list)  # [group][replica]
 
 
-class ShardedRetriever:
-    """`search(queries [B, D], num_neighbors)` over every shard of the published version of `database`.
+class ShardSearch:
+    """`search(queries [B, D], num_neighbors)` over the actors of one database version (a `ShardSet`): one
+    call per actor group on a round-robin replica, the top-k merged. Who started the actors -- this process
+    (`ShardedRetriever`) or a host shared by several (`cluster.shared_retriever`) -- is the subclass's affair;
+    `_swap` replaces the set, and queries in flight finish on the one they began with."""
 
-    Each of `replicas` copies of the database is spread over actors of `shards_per_actor` shards each
-    (`num_cpus`, `resources` and `use_gpu` per actor; `threads`: FAISS threads per actor).
-    """
-
-    def __init__(self, index_uri: str, database: str, *, replicas: int = 1, num_cpus: float = 0.1,
-                 resources: dict[str, float] | None = None, use_gpu: bool = False, timeout_s: float = 30.0,
-                 allow_degraded: bool = False, max_restarts: int = -1, threads: int | None = None,
-                 shards_per_actor: int | Literal["auto"] = 1, reserve_memory: bool = True,
-                 start_timeout_s: float = 120.0) -> None:
-        if replicas < 1:
-            raise InputError(f"replicas must be >= 1, got {replicas}")
-        if shards_per_actor != "auto" and not (isinstance(shards_per_actor, int) and shards_per_actor >= 1):
-            raise InputError(f"shards_per_actor must be >= 1 or 'auto', got {shards_per_actor!r}")
-        self.shards_per_actor, self.reserve_memory, self.start_timeout_s = (shards_per_actor, reserve_memory,
-                                                                             start_timeout_s)
-        self.index_uri, self.database = index_uri, database
-        self.store = open_store(index_uri)
-        self.timeout_s, self.allow_degraded = timeout_s, allow_degraded
-        self._options = {"num_cpus": num_cpus, "resources": resources or {}, "max_restarts": max_restarts,
-                         "max_task_retries": -1 if max_restarts else 0, "scheduling_strategy": "SPREAD",
-                         "num_gpus": 1 if use_gpu else 0}
-        self._replicas, self._use_gpu, self._threads = replicas, use_gpu, threads
+    def __init__(self, database: str, shard_set: ShardSet, *, timeout_s: float = 30.0,
+                 allow_degraded: bool = False) -> None:
+        self.database, self.timeout_s, self.allow_degraded = database, timeout_s, allow_degraded
+        self._set = shard_set
         self._lock = threading.Lock()
         self._round_robin = itertools.count()
-        self._set = self._start(load_manifest(self.store, database))
 
     @property
     def manifest(self) -> Manifest:
@@ -222,69 +206,13 @@ class ShardedRetriever:
     def version(self) -> str:
         return self._set.manifest.version
 
-    def _start(self, manifest: Manifest) -> _ShardSet:
-        import ray
+    @property
+    def shard_set(self) -> ShardSet:
+        return self._set
 
-        actor_cls = ray.remote(RetrieverShards)
-        payload = manifest.to_json()
-        groups = self._groups(manifest)
-        memory = [manifest.memory_bytes(group) if self.reserve_memory else 0 for group in groups]
-        actors = [[actor_cls.options(**self._options, **({"memory": m} if m else {}))
-                   .remote(self.index_uri, payload, group, self._use_gpu, self._threads)
-                   for _ in range(self._replicas)] for group, m in zip(groups, memory, strict=True)]
-        try:
-            ray.get([a.ready.remote() for replicas in actors for a in replicas], timeout=self.start_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            self._kill(actors)
-            asks = {k: v for k, v in self._options.items() if k in ("num_cpus", "num_gpus", "resources") and v}
-            raise ShardUnavailableError(groups[0][0], f"the actors of database {manifest.database!r} version "
-                                        f"{manifest.version} did not load within {self.start_timeout_s:.0f}s; each "
-                                        f"asks Ray for {asks} and up to {max(memory) / 2**30:.2f} GiB of memory "
-                                        f"({len(actors)} x {self._replicas} actors): is there a node with that much "
-                                        "free? (lower shards_per_actor, or add nodes)") from None
-        except Exception as err:
-            self._kill(actors)
-            cause = getattr(err, "cause", None)  # an actor's own error (CorruptShardError...), not Ray's wrapper
-            if isinstance(cause, Exception):
-                raise cause from None
-            raise
-        logger.info("retriever %s/%s: %d shards on %d actors x %d replicas ready", manifest.database,
-                    manifest.version, len(manifest.shards), len(actors), self._replicas)
-        return _ShardSet(manifest, groups, actors)
-
-    def _groups(self, manifest: Manifest) -> list[list[int]]:
-        if self.shards_per_actor != "auto":
-            return group_shards(len(manifest.shards), self.shards_per_actor)
-        from cluster import runtime
-
-        asks = {**self._options["resources"], **({"GPU": 1} if self._use_gpu else {})}
-        node = runtime.largest_node_memory(asks)
-        if node is None or not manifest.memory_bytes(list(range(len(manifest.shards)))):
-            logger.warning("shards_per_actor 'auto' for %s: %s, so one shard per actor", manifest.database,
-                           f"no node offering {asks} reports its memory" if node is None
-                           else "the manifest records no file sizes")
-            return group_shards(len(manifest.shards), 1)
-        return group_shards_by_memory(manifest, AUTO_NODE_SHARE * node)
-
-    @staticmethod
-    def _kill(actors: list[list]) -> None:
-        import ray
-
-        for a in (a for replicas in actors for a in replicas):
-            ray.kill(a)
-
-    def refresh(self) -> bool:
-        """Load the published version if it changed; returns whether a new version was swapped in."""
-        manifest = load_manifest(self.store, self.database)
-        if manifest.version == self.version:
-            return False
-        new = self._start(manifest)
+    def _swap(self, shard_set: ShardSet) -> None:
         with self._lock:
-            self._set = new  # queries in flight keep the old set until they finish
-        return True
-
-    def close(self) -> None:
-        self._kill(self._set.actors)
+            self._set = shard_set
 
     def search(self, queries: Tensor, num_neighbors: int) -> Neighbors:
         check_num_neighbors(num_neighbors)
@@ -307,7 +235,7 @@ class ShardedRetriever:
         return Neighbors(ids=[list(map(str, row)) for row in found["ids"]], scores=torch.from_numpy(found["scores"]),
                          embeddings=torch.from_numpy(found["embeddings"]), degraded=degraded)
 
-    def _fan_out(self, current: _ShardSet, queries: np.ndarray, k: int) -> tuple[list[dict], bool]:
+    def _fan_out(self, current: ShardSet, queries: np.ndarray, k: int) -> tuple[list[dict], bool]:
         """One search per actor group on a round-robin replica; a failed call is retried on the next replica
         (the same actor, restarted, when there is one) until the deadline."""
         import ray
@@ -343,6 +271,96 @@ class ShardedRetriever:
         return [results[sid] for sid in sorted(results)], bool(missing)
 
 
+class ShardedRetriever(ShardSearch):
+    """`search(queries [B, D], num_neighbors)` over every shard of the published version of `database`.
+
+    Each of `replicas` copies of the database is spread over actors of `shards_per_actor` shards each
+    (`num_cpus`, `resources` and `use_gpu` per actor; `threads`: FAISS threads per actor).
+    """
+
+    def __init__(self, index_uri: str, database: str, *, replicas: int = 1, num_cpus: float = 0.1,
+                 resources: dict[str, float] | None = None, use_gpu: bool = False, timeout_s: float = 30.0,
+                 allow_degraded: bool = False, max_restarts: int = -1, threads: int | None = None,
+                 shards_per_actor: int | Literal["auto"] = 1, reserve_memory: bool = True,
+                 start_timeout_s: float = 120.0) -> None:
+        if replicas < 1:
+            raise InputError(f"replicas must be >= 1, got {replicas}")
+        if shards_per_actor != "auto" and not (isinstance(shards_per_actor, int) and shards_per_actor >= 1):
+            raise InputError(f"shards_per_actor must be >= 1 or 'auto', got {shards_per_actor!r}")
+        self.shards_per_actor, self.reserve_memory, self.start_timeout_s = (shards_per_actor, reserve_memory,
+                                                                             start_timeout_s)
+        self.index_uri = index_uri
+        self.store = open_store(index_uri)
+        self._options = {"num_cpus": num_cpus, "resources": resources or {}, "max_restarts": max_restarts,
+                         "max_task_retries": -1 if max_restarts else 0, "scheduling_strategy": "SPREAD",
+                         "num_gpus": 1 if use_gpu else 0}
+        self._replicas, self._use_gpu, self._threads = replicas, use_gpu, threads
+        super().__init__(database, self._start(load_manifest(self.store, database)), timeout_s=timeout_s,
+                         allow_degraded=allow_degraded)
+
+    def _start(self, manifest: Manifest) -> ShardSet:
+        import ray
+
+        actor_cls = ray.remote(RetrieverShards)
+        payload = manifest.to_json()
+        groups = self._groups(manifest)
+        memory = [manifest.memory_bytes(group) if self.reserve_memory else 0 for group in groups]
+        actors = [[actor_cls.options(**self._options, **({"memory": m} if m else {}))
+                   .remote(self.index_uri, payload, group, self._use_gpu, self._threads)
+                   for _ in range(self._replicas)] for group, m in zip(groups, memory, strict=True)]
+        try:
+            ray.get([a.ready.remote() for replicas in actors for a in replicas], timeout=self.start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self._kill(actors)
+            asks = {k: v for k, v in self._options.items() if k in ("num_cpus", "num_gpus", "resources") and v}
+            raise ShardUnavailableError(groups[0][0], f"the actors of database {manifest.database!r} version "
+                                        f"{manifest.version} did not load within {self.start_timeout_s:.0f}s; each "
+                                        f"asks Ray for {asks} and up to {max(memory) / 2**30:.2f} GiB of memory "
+                                        f"({len(actors)} x {self._replicas} actors): is there a node with that much "
+                                        "free? (lower shards_per_actor, or add nodes)") from None
+        except Exception as err:
+            self._kill(actors)
+            cause = getattr(err, "cause", None)  # an actor's own error (CorruptShardError...), not Ray's wrapper
+            if isinstance(cause, Exception):
+                raise cause from None
+            raise
+        logger.info("retriever %s/%s: %d shards on %d actors x %d replicas ready", manifest.database,
+                    manifest.version, len(manifest.shards), len(actors), self._replicas)
+        return ShardSet(manifest, groups, actors)
+
+    def _groups(self, manifest: Manifest) -> list[list[int]]:
+        if self.shards_per_actor != "auto":
+            return group_shards(len(manifest.shards), self.shards_per_actor)
+        from cluster import runtime
+
+        asks = {**self._options["resources"], **({"GPU": 1} if self._use_gpu else {})}
+        node = runtime.largest_node_memory(asks)
+        if node is None or not manifest.memory_bytes(list(range(len(manifest.shards)))):
+            logger.warning("shards_per_actor 'auto' for %s: %s, so one shard per actor", manifest.database,
+                           f"no node offering {asks} reports its memory" if node is None
+                           else "the manifest records no file sizes")
+            return group_shards(len(manifest.shards), 1)
+        return group_shards_by_memory(manifest, AUTO_NODE_SHARE * node)
+
+    @staticmethod
+    def _kill(actors: list[list]) -> None:
+        import ray
+
+        for a in (a for replicas in actors for a in replicas):
+            ray.kill(a)
+
+    def refresh(self) -> bool:
+        """Load the published version if it changed; returns whether a new version was swapped in."""
+        manifest = load_manifest(self.store, self.database)
+        if manifest.version == self.version:
+            return False
+        self._swap(self._start(manifest))  # queries in flight keep the old set until they finish
+        return True
+
+    def close(self) -> None:
+        self._kill(self._set.actors)
+
+
 class RetrieverPool:
     """Several named databases under one index root, each a `ShardedRetriever`, started on first use."""
 
@@ -357,12 +375,20 @@ class RetrieverPool:
                 self._retrievers[database] = ShardedRetriever(self.index_uri, database, **self.options)
             return self._retrievers[database]
 
-    def databases(self) -> list[dict]:
-        from cluster.index.manifest import list_databases
+    @property
+    def retrievers(self) -> dict[str, ShardedRetriever]:
+        """The started databases."""
+        return dict(self._retrievers)
 
-        store = open_store(self.index_uri)
-        return [{"name": name, "version": (m := load_manifest(store, name)).version, "count": m.count}
-                for name in list_databases(store)]
+    def databases(self) -> list[dict]:
+        return published_databases(self.index_uri)
+
+    def close(self) -> None:
+        """End the actors of every started database."""
+        with self._lock:
+            for retriever in self._retrievers.values():
+                retriever.close()
+            self._retrievers.clear()
 
     def refresh(self) -> dict[str, bool]:
         """Load each started database's published version if it changed: {name: swapped}. A database whose
@@ -380,3 +406,12 @@ class RetrieverPool:
         if failed:
             raise IndexRefreshError(refreshed, failed)
         return refreshed
+
+
+def published_databases(index_uri: str) -> list[dict]:
+    """[{name, version, count}] of every database published under `index_uri`."""
+    from cluster.index.manifest import list_databases
+
+    store = open_store(index_uri)
+    return [{"name": name, "version": (m := load_manifest(store, name)).version, "count": m.count}
+            for name in list_databases(store)]

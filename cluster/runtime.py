@@ -57,3 +57,15 @@ def largest_node_memory(resources: dict[str, float] | None = None) -> float | No
     sizes = [node["Resources"].get("memory", 0.0) for node in ray.nodes() if node.get("Alive")
              and all(node["Resources"].get(name, 0.0) >= amount for name, amount in wanted.items())]
     return max(sizes) if sizes and max(sizes) > 0 else None
+
+
+def head_node_affinity():
+    """A scheduling strategy that prefers the head node (never scaled down by an autoscaler), or "DEFAULT"
+    when no live node is marked head."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    for node in ray.nodes():
+        if node.get("Alive") and "node:__internal_head__" in node["Resources"]:
+            return NodeAffinitySchedulingStrategy(node["NodeID"], soft=True)
+    return "DEFAULT"

@@ -72,13 +72,15 @@ def read_embeddings(store: ObjectStore, key: str, where: dict[str, str] | None =
     return np.asarray(table.column("id").to_pylist(), dtype=object), vectors
 
 
-def scan_file(store: ObjectStore, key: str, where: dict[str, str] | None = None) -> tuple[int, int, str]:
-    """(rows matching `where`, dim, value type) of one embeddings parquet file, read once; vectors not decoded."""
+def scan_file(store: ObjectStore, key: str, where: dict[str, str] | None = None) -> tuple[int, int, str, int]:
+    """(rows matching `where`, dim, value type, rows in the file) of one embeddings parquet file, read once;
+    vectors not decoded. A task that reads the file decodes all its rows, whatever `where` keeps."""
     data = store.read_bytes(key)
     schema_file = pq.ParquetFile(io.BytesIO(data))
     field = schema_file.schema_arrow.field("embedding").type
-    rows = read_table(data, f"{store.uri}/{key}", ["id"], where).num_rows if where else schema_file.metadata.num_rows
-    return rows, field.list_size, str(field.value_type)
+    file_rows = schema_file.metadata.num_rows
+    rows = read_table(data, f"{store.uri}/{key}", ["id"], where).num_rows if where else file_rows
+    return rows, field.list_size, str(field.value_type), file_rows
 
 
 def sample_file(store: ObjectStore, key: str, fraction: float, seed: int,
@@ -131,17 +133,21 @@ def row_bytes(dim: int, itemsize: int) -> int:
     return dim * (itemsize + 4 * 4) + 128
 
 
-def shard_memory(segments: list[Segment], counts: dict[str, int], dim: int, itemsize: int) -> int:
+def shard_memory(segments: list[Segment], file_rows: dict[str, int], dim: int, itemsize: int) -> int:
+    """`shard_memory_bytes` of a shard's segments; `file_rows`: each file's rows (all of them, not only the
+    ones a filter keeps: reading a file decodes every row)."""
     rows = sum(seg.stop - seg.start for seg in segments)
-    return shard_memory_bytes(rows, dim, itemsize, max((counts[seg.key] for seg in segments), default=0))
+    return shard_memory_bytes(rows, dim, itemsize, max((file_rows[seg.key] for seg in segments), default=0))
 
 
 def plan_shards(keys: list[str], counts: list[int], dim: int, itemsize: int, requested: int | None,
-                node_memory: float | None) -> list[list[Segment]]:
+                node_memory: float | None, file_rows: list[int] | None = None) -> list[list[Segment]]:
     """The shards' segments: `requested` shards (default one per 1M rows), or, when not requested, as many more
     as it takes for the largest node (`node_memory` bytes; None: unknown) to hold one shard's build task.
-    IndexBuildError when a requested count's shards, or even single-row shards, do not fit."""
-    total, by_key = sum(counts), dict(zip(keys, counts, strict=True))
+    `counts`: each file's rows to index; `file_rows`: its rows in all (default: `counts`), which a task that
+    reads it decodes. IndexBuildError when a requested count's shards, or even single-row shards, do not fit."""
+    file_rows = counts if file_rows is None else file_rows
+    total, by_key = sum(counts), dict(zip(keys, file_rows, strict=True))
     num_shards = max(1, min(requested or max(1, total // 1_000_000), total))
     segments = split_segments(keys, counts, num_shards)
     if node_memory is None:
@@ -153,9 +159,9 @@ def plan_shards(keys: list[str], counts: list[int], dim: int, itemsize: int, req
     if largest(segments) <= node_memory:
         return segments
     gib = 2**30
-    spare = node_memory - shard_memory_bytes(0, dim, itemsize, max(counts))
+    spare = node_memory - shard_memory_bytes(0, dim, itemsize, max(file_rows))
     if spare < row_bytes(dim, itemsize):
-        raise IndexBuildError(f"the largest embeddings file ({max(counts)} rows of {dim}) takes more memory to "
+        raise IndexBuildError(f"the largest embeddings file ({max(file_rows)} rows of {dim}) takes more memory to "
                               f"build from than the largest Ray node offers ({node_memory / gib:.1f} GiB); "
                               "write smaller files or add a larger node")
     fitting = min(total, -(-total // int(spare // row_bytes(dim, itemsize))))
@@ -268,8 +274,8 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
     embed_info = json.loads(emb_store.read_bytes("embed.json")) if emb_store.exists("embed.json") else {}
     scan = ray.remote(scan_file).options(num_cpus=shard_num_cpus)
     scanned = ray.get([scan.remote(emb_store, k, where) for k in keys])
-    counts = [c for c, _, _ in scanned]
-    dims = {d for _, d, _ in scanned}
+    counts, file_rows = [c for c, _, _, _ in scanned], [n for _, _, _, n in scanned]
+    dims = {d for _, d, _, _ in scanned}
     if len(dims) != 1:
         raise IndexBuildError(f"embedding files under {emb_store.uri} have different dims {sorted(dims)}")
     dim, total = dims.pop(), sum(counts)
@@ -278,7 +284,7 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
         raise EmptyCorpusError(f"the embedding files under {emb_store.uri} hold no rows{selected}")
     itemsize = np.dtype(ARROW_DTYPES.get(scanned[0][2], "float32")).itemsize
     node = runtime.largest_node_memory() if reserve_memory else None  # bytes; None: unknown or not reserving
-    segments = plan_shards(keys, counts, dim, itemsize, num_shards, node)
+    segments = plan_shards(keys, counts, dim, itemsize, num_shards, node, file_rows)
     num_shards = len(segments)
     spec = index_spec or choose_index_spec(total, dim)
     try:
@@ -297,16 +303,16 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
                               f"{train_memory / 2**30:.1f} GiB, more than the largest Ray node offers "
                               f"({node / 2**30:.1f} GiB); choose an index spec with fewer lists")
     samples = [sampler.options(num_cpus=shard_num_cpus,
-                               **({"memory": file_memory_bytes(c, dim, itemsize)} if reserve_memory else {}))
+                               **({"memory": file_memory_bytes(n, dim, itemsize)} if reserve_memory else {}))
                .remote(emb_store, key, fraction, seed + i, where)
-               for i, (key, c) in enumerate(zip(keys, counts, strict=True))]
+               for i, (key, n) in enumerate(zip(keys, file_rows, strict=True))]
     trainer = ray.remote(train_template).options(num_cpus=train_num_cpus, num_returns=2,
                                                  **({"memory": train_memory} if reserve_memory else {}))
     template, queries_ref = trainer.remote(spec, dim, num_queries, seed, *samples)
     queries = ray.get(queries_ref)
     version = new_version()
     nprobes = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= max(nlist, 1)} | ({nlist} if nlist else set()))
-    builder, by_key = ray.remote(build_shard), dict(zip(keys, counts, strict=True))
+    builder, by_key = ray.remote(build_shard), dict(zip(keys, file_rows, strict=True))
     futures = [builder.options(num_cpus=shard_num_cpus, max_retries=2,
                                **({"memory": shard_memory(segs, by_key, dim, itemsize)} if reserve_memory else {}))
                .remote(emb_store, segs, template, spec, index_store, (database, version, i), queries, recall_k,

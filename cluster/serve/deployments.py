@@ -252,16 +252,16 @@ def search_batch(resolve, items: list[tuple[str, np.ndarray, int]]) -> list:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=128)
 class Retriever:
-    """Named databases: published sharded indexes (a RetrieverPool of Ray actors) and/or local
-    embedding files searched exactly in-process. Concurrent searches are batched: one fan-out to the
-    shard actors per (database, k) answers them all."""
+    """Named databases: published sharded indexes (Ray actors that every replica shares, through a
+    `SharedRetrieverPool`) and/or local embedding files searched exactly in-process. Concurrent searches are
+    batched: one fan-out to the shard actors per (database, k) answers them all."""
 
     def __init__(self, index_uri: str | None, local_databases: dict[str, str], retriever_options: dict,
                  refresh_interval_s: float = 30.0) -> None:
-        from cluster.retriever import RetrieverPool
+        from cluster.shared_retriever import SharedRetrieverPool
         from rdm.retrieval import ExactRetriever
 
-        self.pool = RetrieverPool(index_uri, **retriever_options) if index_uri else None
+        self.pool = SharedRetrieverPool(index_uri, **retriever_options) if index_uri else None
         if self.pool is not None and refresh_interval_s > 0:
             threading.Thread(target=self._poll, args=(refresh_interval_s,), daemon=True).start()
         self.local = {name: ExactRetriever.from_file(path) for name, path in local_databases.items()}
@@ -307,6 +307,10 @@ class Retriever:
 
     def refresh(self) -> dict[str, bool]:
         return self.pool.refresh() if self.pool else {}
+
+    def __del__(self) -> None:  # Serve calls it when the replica stops: the last one out ends the shard actors
+        if getattr(self, "pool", None) is not None:
+            self.pool.close()
 
     def _poll(self, interval_s: float) -> None:
         """Swap in newly published versions without a restart; in-flight queries finish on the old one."""

@@ -194,6 +194,17 @@ def test_a_requested_shard_count_that_cannot_fit_names_one_that_can():
         plan_shards(["huge"], [10_000_000], 768, 4, None, 8 * GIB)
 
 
+def test_memory_estimates_count_every_row_of_a_filtered_file():
+    """With `--where`, a shard indexes the matching rows, but reading a file decodes all of them: the
+    estimate counts the file's own rows, so a filter that keeps few rows of huge files does not hide them."""
+    keys, matching, file_rows = ["a", "b"], [1_000, 1_000], [5_000_000, 5_000_000]
+    assert len(plan_shards(keys, matching, 768, 4, None, 8 * GIB)) == 1  # the matching rows alone would fit
+    with pytest.raises(IndexBuildError, match=r"largest embeddings file \(5000000 rows"):
+        plan_shards(keys, matching, 768, 4, None, 8 * GIB, file_rows)
+    segments = plan_shards(keys, matching, 768, 4, None, 64 * GIB, file_rows)
+    assert shard_memory(segments[0], dict(zip(keys, file_rows, strict=True)), 768, 4) > 3 * 5_000_000 * 768 * 4
+
+
 BUILD_ONE_SHARD = """
 import resource, sys
 import numpy as np, psutil, pyarrow as pa, pyarrow.parquet as pq

@@ -136,7 +136,7 @@ def test_dockerfile_copies_what_exists_and_installs_the_gpu_extra():
 
 def test_the_retriever_nodes_fit_every_retriever_actor_through_an_index_swap():
     """The RayService's retriever worker group (no autoscaler) must place every retriever actor of a database
-    twice over: each Serve Retriever replica starts its own `replicas` copies of the shard groups, and a
+    twice over: `replicas` copies of the shard groups (which every Serve Retriever replica shares), and a
     version swap loads the new actors before the old ones go. Actors that do not fit stay pending and the
     database never loads (or never swaps)."""
     import json
@@ -148,11 +148,10 @@ def test_the_retriever_nodes_fit_every_retriever_actor_through_an_index_swap():
     service = yaml.safe_load((ROOT / "infra" / "kuberay" / "rayservice.yaml").read_text())
     app = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
     options = AppArgs(**app["args"]).retriever_options
-    serve_replicas = next(d for d in app["deployments"] if d["name"] == "Retriever")["num_replicas"]
     rebuild = yaml.safe_load((ROOT / "infra" / "kuberay" / "rayjob-index-rebuild.yaml").read_text())
     argv = shlex.split(rebuild["spec"]["entrypoint"])
     shards = int(argv[argv.index("--shards") + 1])
-    actors = serve_replicas * options.replicas * math.ceil(shards / options.shards_per_actor)
+    actors = options.replicas * math.ceil(shards / options.shards_per_actor)
     group = next(g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"] if g["groupName"] == "retriever")
     per_node = json.loads(json.loads(group["rayStartParams"]["resources"]))
     assert options.resources, "retriever actors should ask for the retriever nodes' resource"

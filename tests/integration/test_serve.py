@@ -38,11 +38,24 @@ def app_url(ray_cluster, tmp_path_factory):
     deployments = {"Generator": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.3},
                                  "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.3}},
                    "Ingress": {"ray_actor_options": {"num_cpus": 0.05}},
-                   "Retriever": {"ray_actor_options": {"num_cpus": 0.05}}}
+                   "Retriever": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.05}}}
     serve.run(build_app(args, deployments), name="rdm", route_prefix="/")
     yield f"http://127.0.0.1:{port}", root
     serve.delete("rdm")
     serve.shutdown()
+    # the Retriever replicas released their leases as they stopped: the shard actors' host ends now,
+    # not a lease (60 s) later
+    import ray
+
+    from cluster.serve.schemas import AppArgs
+    from cluster.shared_retriever import host_name
+
+    options = AppArgs(retriever_options=args["retriever_options"]).retriever_options.model_dump()
+    name = host_name(args["index_uri"], options)
+    deadline = time.monotonic() + 30
+    while name in {a["Name"] for a in ray._private.state.actors(actor_state_name="ALIVE").values()}:
+        assert time.monotonic() < deadline, f"{name} outlived the Serve app by 30 s"
+        time.sleep(0.5)
 
 
 def call(url: str, path: str, body=None, *, token: str | None = TOKEN, raw: bytes | None = None, timeout=120):
@@ -153,6 +166,29 @@ def test_databases_models_and_openapi(app_url):
     assert status == 200 and "/v1/generate" in spec["paths"]
 
 
+def test_retriever_replicas_share_one_copy_of_the_shards(app_url):
+    """Both Retriever replicas lease the same host, which alone owns the database's shard actors: one
+    actor per shard, not one per shard and replica."""
+    import ray
+
+    from cluster.serve.schemas import AppArgs
+    from cluster.shared_retriever import NAMESPACE, host_name
+
+    url, root = app_url
+    assert call(url, "/v1/generate", {"prompt": "a boat", "database": "art", "num_neighbors": 2, "output": "inline",
+                                      **FAST})[0] == 200
+    options = AppArgs(retriever_options={"num_cpus": 0.05, "timeout_s": 10}).retriever_options.model_dump()
+    host = ray.get_actor(host_name(str(root / "index"), options), namespace=NAMESPACE)
+    described = ray.get(host.describe.remote())
+    assert described["clients"] == 2 and described["databases"]["art"]["actors"] == 2
+    actors = ray._private.state.actors(actor_state_name="ALIVE").values()
+    (where,) = [a["Address"] for a in actors if a["ActorClassName"] == "RetrieverHost"
+                and a["Name"] == host_name(str(root / "index"), options)]
+    owned = [a for a in actors if a["ActorClassName"] == "RetrieverShards"
+             and (a["OwnerAddress"]["IPAddress"], a["OwnerAddress"]["Port"]) == (where["IPAddress"], where["Port"])]
+    assert len(owned) == 2
+
+
 def test_generator_replica_killed_under_load(app_url):
     """Kill the only Generator replica mid-load: failures are bounded 5xx JSON, and the service recovers."""
     import ray
@@ -241,9 +277,18 @@ def test_index_rebuild_while_serving_has_zero_failures(app_url, tmp_path, monkey
         thread.join(timeout=120)
     assert code == 0
     assert statuses and set(statuses) == {200}, statuses
-    status, out = call(url, "/v1/generate", {"prompt": "a boat", "database": "art", "num_neighbors": 3,
-                                             "output": "inline", **FAST})
-    assert status == 200 and all(n["id"].startswith("new-") for n in out["neighbors"])
+
+    def answer():
+        status, out = call(url, "/v1/generate", {"prompt": "a boat", "database": "art", "num_neighbors": 3,
+                                                 "output": "inline", **FAST})
+        assert status == 200
+        return out
+
+    # the refresh went to one Retriever replica; the other swaps at its next lease renewal (about a second)
+    deadline = time.monotonic() + 30
+    while not all(all(n["id"].startswith("new-") for n in answer()["neighbors"]) for _ in range(4)):
+        assert time.monotonic() < deadline, "a Retriever replica still answers from the old version"
+    out = answer()
     _, after = call(url, "/v1/databases")
     assert after["databases"][0]["count"] == 30 and after["databases"][0]["version"] != before["databases"][0]["version"]
     assert out["index_version"] == after["databases"][0]["version"]
