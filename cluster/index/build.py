@@ -284,6 +284,11 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
         raise EmptyCorpusError(f"the embedding files under {emb_store.uri} hold no rows{selected}")
     itemsize = np.dtype(ARROW_DTYPES.get(scanned[0][2], "float32")).itemsize
     node = runtime.largest_node_memory() if reserve_memory else None  # bytes; None: unknown or not reserving
+
+    def reserve(memory: int) -> dict:
+        """A task's Ray options for the memory it takes (none when not reserving)."""
+        return {"memory": memory} if reserve_memory else {}
+
     segments = plan_shards(keys, counts, dim, itemsize, num_shards, node, file_rows)
     num_shards = len(segments)
     spec = index_spec or choose_index_spec(total, dim)
@@ -302,19 +307,17 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
         raise IndexBuildError(f"training {spec!r} on {wanted} sampled vectors takes about "
                               f"{train_memory / 2**30:.1f} GiB, more than the largest Ray node offers "
                               f"({node / 2**30:.1f} GiB); choose an index spec with fewer lists")
-    samples = [sampler.options(num_cpus=shard_num_cpus,
-                               **({"memory": file_memory_bytes(n, dim, itemsize)} if reserve_memory else {}))
+    samples = [sampler.options(num_cpus=shard_num_cpus, **reserve(file_memory_bytes(n, dim, itemsize)))
                .remote(emb_store, key, fraction, seed + i, where)
                for i, (key, n) in enumerate(zip(keys, file_rows, strict=True))]
-    trainer = ray.remote(train_template).options(num_cpus=train_num_cpus, num_returns=2,
-                                                 **({"memory": train_memory} if reserve_memory else {}))
+    trainer = ray.remote(train_template).options(num_cpus=train_num_cpus, num_returns=2, **reserve(train_memory))
     template, queries_ref = trainer.remote(spec, dim, num_queries, seed, *samples)
     queries = ray.get(queries_ref)
     version = new_version()
     nprobes = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= max(nlist, 1)} | ({nlist} if nlist else set()))
     builder, by_key = ray.remote(build_shard), dict(zip(keys, file_rows, strict=True))
     futures = [builder.options(num_cpus=shard_num_cpus, max_retries=2,
-                               **({"memory": shard_memory(segs, by_key, dim, itemsize)} if reserve_memory else {}))
+                               **reserve(shard_memory(segs, by_key, dim, itemsize)))
                .remote(emb_store, segs, template, spec, index_store, (database, version, i), queries, recall_k,
                        nprobes, where) for i, segs in enumerate(segments)]
     results = []
