@@ -418,7 +418,8 @@ class Ingress:
 
     @app.post("/v1/admin/refresh")
     async def refresh(self, request: Request) -> dict:
-        """Load newly published index versions now (other Retriever replicas follow on their next poll)."""
+        """Load newly published index versions now, once for every Retriever replica (they share the shard
+        actors; the others swap at their next lease renewal, within about a second)."""
         self._authorize(request)
         try:
             refreshed = await self.retriever.refresh.remote()
