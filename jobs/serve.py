@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.serve.app import build_app
 
     connect()
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={**http, "host": host, "port": port})  # request_timeout_s etc. as configured
     for spec in specs:
         serve.run(build_app(spec.args.model_dump(), spec.deployments), name=spec.name, route_prefix=spec.route_prefix)
     print(f"serving on http://{host}:{port}/ (Ctrl+C to stop)", flush=True)

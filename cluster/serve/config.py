@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from cluster.serve.schemas import AppArgs
+from cluster.serve.schemas import MAX_IMAGES, AppArgs
 from rdm.errors import ConfigError
 
 IMPORT_PATH = "cluster.serve.app:build_app"
@@ -43,10 +43,34 @@ def check_deployment(block: dict, where: str) -> tuple[str, dict]:
         raise ConfigError(f"{where}.{name}.autoscaling_config: unknown key(s) {', '.join(sorted(bad))}")
     if "num_replicas" in options and "autoscaling_config" in options:
         raise ConfigError(f"{where}.{name}: set num_replicas or autoscaling_config, not both")
+    try:  # types and ranges, and the nested blocks Serve checks only at deploy time (backpressure_config)
+        DeploymentSchema(name=name, **options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}.{name}: {err}") from err
+    queued = options.get("max_queued_requests", -1)
+    if name == "Generator" and queued != -1 and queued < MAX_IMAGES:
+        # a request's images reach the Generator together, so a smaller queue would refuse a request of
+        # MAX_IMAGES images even on an idle replica
+        raise ConfigError(f"{where}.{name}: max_queued_requests must be -1 (no limit) or at least {MAX_IMAGES}, "
+                          f"the images one request queues at once; got {queued}")
     return name, options
 
 
+def check_http_options(http: dict, where: str) -> None:
+    """The config's http_options, checked against Serve's schema (unknown keys are refused)."""
+    from ray.serve.schema import HTTPOptionsSchema
+
+    unknown = set(http) - _fields(HTTPOptionsSchema)
+    if unknown:
+        raise ConfigError(f"{where}: unknown http_options key(s) {', '.join(sorted(unknown))}")
+    try:
+        HTTPOptionsSchema(**http)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: http_options: {err}") from err
+
+
 def parse_serve_config(data: dict, *, where: str = "serve config") -> list[AppSpec]:
+    check_http_options(data.get("http_options") or {}, where)
     apps = data.get("applications")
     if not isinstance(apps, list) or not apps:
         raise ConfigError(f"{where} has no applications")
@@ -70,4 +94,5 @@ def read_serve_config(path: str | Path) -> tuple[dict, list[AppSpec]]:
         data = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"cannot read Serve config {path}: {err}") from err
-    return data.get("http_options") or {}, parse_serve_config(data, where=str(path))
+    specs = parse_serve_config(data, where=str(path))
+    return data.get("http_options") or {}, specs

@@ -4,10 +4,12 @@ databases) and `Ingress` (FastAPI: validation, auth, orchestration, the web page
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import hmac
 import io
 import logging
+import math
 import os
 import secrets
 import threading
@@ -25,7 +27,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 from ray import serve
 from ray.serve import metrics
-from ray.serve.handle import DeploymentHandle
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from cluster.errors import (
     AcceleratorMemoryError,
@@ -331,13 +334,40 @@ def _message(err: BaseException) -> str:
     return str(getattr(err, "cause", None) or err)
 
 
-def _error(status: int, kind: str, message: str, field: str | None = None, request_id: str | None = None):
+def _error(status: int, kind: str, message: str, field: str | None = None, request_id: str | None = None,
+           headers: dict[str, str] | None = None):
     body = {"error": {"type": kind, "message": message}}
     if field:
         body["error"]["field"] = field
     if request_id:
         body["error"]["request_id"] = request_id
-    return JSONResponse(status_code=status, content=body)
+    return JSONResponse(status_code=status, content=body, headers=headers)
+
+
+def _overloaded(err: BackPressureError, request_id: str | None = None) -> JSONResponse:
+    """A deployment's queue is full (its `max_queued_requests`): the status (503, or 429) and Retry-After
+    of that deployment's `backpressure_config`, as Serve's proxy answers for its own rejections."""
+    headers = None if err.retry_after_s is None else {"Retry-After": str(max(0, math.ceil(err.retry_after_s)))}
+    return _error(err.status_code, "overloaded", "the service is at capacity; retry later", None, request_id, headers)
+
+
+async def gather_or_cancel(responses: list[DeploymentResponse]) -> list:
+    """The results of several calls, in order. The first failure cancels the calls still queued or running
+    (a request that fails gets no images, so its other images would be work for nobody) and is raised; so
+    does cancelling the caller (the client went away)."""
+    tasks = [asyncio.ensure_future(response) for response in responses]
+    try:
+        for next_done in asyncio.as_completed(tasks):
+            await next_done
+    except BaseException:
+        for response, task in zip(responses, tasks, strict=True):
+            if not task.done():
+                with contextlib.suppress(Exception):  # best effort: a call that just ended has nothing to stop
+                    response.cancel()  # the call itself, queued or on its replica (cancelling the task only stops waiting)
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    return [task.result() for task in tasks]
 
 
 @app.exception_handler(RequestValidationError)
@@ -353,6 +383,11 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 @app.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return _error(exc.status_code, "http_error", str(exc.detail))
+
+
+@app.exception_handler(BackPressureError)
+async def _backpressure(request: Request, exc: BackPressureError) -> JSONResponse:
+    return _overloaded(exc)
 
 
 @app.middleware("http")
@@ -425,6 +460,8 @@ class Ingress:
             refreshed = await self.retriever.refresh.remote()
         except IndexRefreshError as err:
             return self._count(_error(503, "refresh_failed", _message(err)), "refresh")
+        except BackPressureError as err:
+            return self._count(_overloaded(err), "refresh")
         except Exception:  # noqa: BLE001 - never a stack trace to the caller
             logger.exception("refresh failed")
             return self._count(_error(500, "internal_error", "internal error"), "refresh")
@@ -437,6 +474,11 @@ class Ingress:
         request_id = secrets.token_hex(12)
         try:
             response = await self._generate(body, request_id)
+        except asyncio.CancelledError:  # the client went away (or the proxy's request_timeout_s passed)
+            self.m_requests.inc(tags={"route": "generate", "status": "499"})
+            raise
+        except BackPressureError as err:
+            return self._count(_overloaded(err, request_id), "generate")
         except UnknownDatabaseError as err:
             return self._count(_error(404, "unknown_database", _message(err), "database", request_id), "generate")
         except InputError as err:
@@ -483,7 +525,7 @@ class Ingress:
         items = [{"request_id": request_id, "context": context, "seed": seed + i, "sampler": body.sampler,
                   "num_steps": body.num_steps, "guidance_scale": body.guidance_scale, "eta": body.eta,
                   "output": body.output, "metadata": metadata} for i in range(body.num_images)]
-        results = await asyncio.gather(*[self.generator.generate.remote(item) for item in items])
+        results = await gather_or_cancel([self.generator.generate.remote(item) for item in items])
         done = time.perf_counter()
         return GenerateResponse(
             request_id=request_id,

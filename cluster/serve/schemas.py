@@ -13,6 +13,7 @@ from rdm.config import MAX_NEIGHBORS
 from rdm.pipeline import MAX_SEED
 
 MAX_IMAGE_B64 = 8 * 1024 * 1024  # characters of a base64 query image
+MAX_IMAGES = 8  # per request; the Ingress sends them to the Generator together
 
 
 class GenerateRequest(BaseModel):
@@ -25,7 +26,7 @@ class GenerateRequest(BaseModel):
                               description="base64 PNG or JPEG; its CLIP image embedding is the query")
     database: str | None = Field(None, min_length=1, max_length=64, description="none: text (or image) only")
     num_neighbors: int = Field(4, ge=0, le=MAX_NEIGHBORS)
-    num_images: int = Field(1, ge=1, le=8)
+    num_images: int = Field(1, ge=1, le=MAX_IMAGES)
     num_steps: int = Field(50, ge=1, le=500)
     sampler: Literal["ddim", "plms", "dpmpp_2m"] = "ddim"
     guidance_scale: float = Field(5.0, ge=0.0, le=50.0, allow_inf_nan=False)

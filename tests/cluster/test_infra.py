@@ -40,6 +40,7 @@ def test_rayservice_embeds_the_gpu_applications_block():
     embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
     gpu = yaml.safe_load((ROOT / "infra" / "serve" / "gpu.yaml").read_text())
     assert embedded["applications"] == gpu["applications"]
+    assert embedded["http_options"]["request_timeout_s"] == gpu["http_options"]["request_timeout_s"]
     parse_serve_config(embedded)
 
 
@@ -47,6 +48,10 @@ def test_rayservice_embeds_the_gpu_applications_block():
     (lambda d: d["autoscaling_config"].update(target_ongoing_request=4), "target_ongoing_request"),
     (lambda d: d.update(num_replica=2), "num_replica"),
     (lambda d: d.update(name="Sampler"), "Sampler"),
+    (lambda d: d.update(max_queued_requests=4), "at least 8"),
+    (lambda d: d.update(max_queued_requests="many"), "max_queued_requests"),
+    (lambda d: d.update(backpressure_config={"retry_after": 2}), "retry_after"),
+    (lambda d: d.update(backpressure_config={"status_code": 500}), "status_code"),
 ])
 def test_misspelled_serve_keys_are_rejected(mutate, match):
     data = yaml.safe_load((ROOT / "infra" / "serve" / "local.yaml").read_text())
@@ -54,6 +59,25 @@ def test_misspelled_serve_keys_are_rejected(mutate, match):
     mutate(generator)
     with pytest.raises(ConfigError, match=match):
         parse_serve_config(data)
+
+
+@pytest.mark.parametrize("http, match", [({"request_timeout": 60}, "request_timeout"),
+                                         ({"request_timeout_s": "soon"}, "request_timeout_s")])
+def test_bad_http_options_are_rejected(http, match):
+    data = yaml.safe_load((ROOT / "infra" / "serve" / "local.yaml").read_text())
+    data["http_options"].update(http)
+    with pytest.raises(ConfigError, match=match):
+        parse_serve_config(data)
+
+
+def test_shipped_configs_bound_the_generator_queue_and_time_out_requests():
+    """Overload gets a fast 503 with Retry-After rather than an unbounded wait, and a request the proxy
+    gives up on is cancelled (tests/integration/test_serve.py checks both on a live app)."""
+    for path in SERVE_CONFIGS:
+        http, specs = read_serve_config(path)
+        generator = specs[0].deployments["Generator"]
+        assert generator["max_queued_requests"] >= generator["max_ongoing_requests"], path
+        assert generator["backpressure_config"]["retry_after_s"] > 0 and http["request_timeout_s"] > 0, path
 
 
 def test_unknown_app_args_are_rejected():

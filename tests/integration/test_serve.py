@@ -35,7 +35,11 @@ def app_url(ray_cluster, tmp_path_factory):
     args = {"model": "tiny", "index_uri": str(root / "index"), "output_uri": str(root / "out"),
             "api_token_file": str(root / "token"), "require_token": True, "max_body_bytes": 200_000,
             "retriever_options": {"num_cpus": 0.05, "timeout_s": 10}}
+    # at most 8 calls (CLIP embeddings, images) on the Generator and 16 more queued per caller: past
+    # that, 503 + Retry-After (test_overload_...)
     deployments = {"Generator": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.3},
+                                 "max_ongoing_requests": 8, "max_queued_requests": 16,
+                                 "backpressure_config": {"retry_after_s": 2},
                                  "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.3}},
                    "Ingress": {"ray_actor_options": {"num_cpus": 0.05}},
                    "Retriever": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.05}}}
@@ -58,7 +62,8 @@ def app_url(ray_cluster, tmp_path_factory):
         time.sleep(0.5)
 
 
-def call(url: str, path: str, body=None, *, token: str | None = TOKEN, raw: bytes | None = None, timeout=120):
+def call(url: str, path: str, body=None, *, token: str | None = TOKEN, raw: bytes | None = None, timeout=120,
+         with_headers: bool = False):
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     headers = {"Content-Type": "application/json"}
     if token:
@@ -66,11 +71,16 @@ def call(url: str, path: str, body=None, *, token: str | None = TOKEN, raw: byte
     request = urllib.request.Request(url + path, data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            payload = response.read()
-            status, ctype = response.status, response.headers.get("content-type", "")
+            payload, status, got = response.read(), response.status, response.headers
     except urllib.error.HTTPError as err:
-        payload, status, ctype = err.read(), err.code, err.headers.get("content-type", "")
-    return status, (json.loads(payload) if "json" in ctype else payload)
+        payload, status, got = err.read(), err.code, err.headers
+    out = json.loads(payload) if "json" in got.get("content-type", "") else payload
+    return (status, out, {k.lower(): v for k, v in got.items()}) if with_headers else (status, out)
+
+
+def written_seeds(root: Path, seeds) -> list[int]:
+    """The seeds among `seeds` whose image (and metadata) the Generator wrote to the app's output folder."""
+    return sorted(int(p.stem) for p in (root / "out").rglob("*.json") if p.stem.isdigit() and int(p.stem) in set(seeds))
 
 
 FAST = {"num_steps": 3, "sampler": "dpmpp_2m"}
@@ -208,6 +218,52 @@ def test_generator_replica_killed_under_load(app_url):
         recovered = call(url, "/v1/generate", body)[0] == 200
         time.sleep(1)
     assert recovered
+
+
+def test_an_abandoned_request_is_dropped_before_sampling(app_url):
+    """A client that goes away (here: its timeout) while its images wait behind a running batch: Serve
+    cancels the request, and its images leave the Generator's queue unsampled and unwritten."""
+    url, root = app_url
+    with ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(call, url, "/v1/generate", {"prompt": "busy", "num_images": 4, "num_steps": 400,
+                                                       "sampler": "ddim", "seed": 5000})
+        time.sleep(0.5)
+        with pytest.raises((TimeoutError, urllib.error.URLError)):
+            call(url, "/v1/generate", {"prompt": "gone", "num_images": 2, "seed": 6000, **FAST}, timeout=1.0)
+        gone_at = time.monotonic()
+        assert busy.result()[0] == 200
+        assert time.monotonic() > gone_at + 0.5, "the busy batch ended before the client left: no test"
+    time.sleep(2.0)  # a sampled image would be written by now
+    assert written_seeds(root, range(5000, 5004)) == [5000, 5001, 5002, 5003]
+    assert written_seeds(root, [6000, 6001]) == []
+
+
+def test_overload_is_a_503_with_retry_after_and_a_rejected_request_leaves_nothing(app_url):
+    """More images than the Generator runs and queues (8 + 16 here): the requests past the queue are
+    answered at once with 503 `overloaded` and the configured Retry-After, not an endless wait, and the
+    images they had queued are cancelled; the others complete."""
+    url, root = app_url
+
+    def generate(seed: int):
+        return call(url, "/v1/generate", {"prompt": "load", "num_images": 8, "num_steps": 60, "sampler": "ddim",
+                                          "seed": seed}, with_headers=True)
+
+    with ThreadPoolExecutor(5) as pool:
+        busy = pool.submit(generate, 7000)  # fills the Generator's 8 slots
+        time.sleep(1.0)
+        seeds = [8000, 9000, 10000, 11000]
+        results = list(pool.map(generate, seeds))
+        assert busy.result()[0] == 200
+    assert {status for status, _, _ in results} <= {200, 503}, results
+    rejected = [(seed, out, headers) for seed, (status, out, headers) in zip(seeds, results, strict=True) if status == 503]
+    assert rejected, "32 images fit 8 running + 16 queued: some request must be refused"
+    time.sleep(2.0)
+    for seed, out, headers in rejected:
+        assert out["error"]["type"] == "overloaded" and headers.get("retry-after") == "2", (out, headers)
+        assert written_seeds(root, range(seed, seed + 8)) == []
+    for seed, (status, _, _) in zip(seeds, results, strict=True):
+        if status == 200:
+            assert written_seeds(root, range(seed, seed + 8)) == list(range(seed, seed + 8))
 
 
 def test_web_page_generates_in_headless_chromium(app_url, tmp_path):
