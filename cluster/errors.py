@@ -39,6 +39,10 @@ class IndexBuildError(ClusterError):
     """An index could not be built from the given embeddings."""
 
 
+class IndexVersionError(ClusterError, InputError):
+    """A database version cannot be rolled back to (unknown, never published, or with files missing)."""
+
+
 class AcceleratorMemoryError(ClusterError):
     """A single image did not fit in the accelerator's memory (larger batches are split first)."""
 

@@ -12,7 +12,7 @@ SUBCOMMANDS = {
     "sample": ("jobs.sample", "generate images in one process"),
     "generate": ("jobs.generate", "bulk generation on Ray from a prompts file"),
     "embed": ("jobs.embed", "embed a corpus with CLIP on Ray Data"),
-    "index": ("jobs.index", "build or query a sharded FAISS index"),
+    "index": ("jobs.index", "build, rebuild or query a sharded FAISS index; list, roll back or prune its versions"),
     "serve": ("jobs.serve", "run the online serving app (Ray Serve)"),
     "make-corpus": ("jobs.make_corpus", "write the procedural toy-art corpus as parquet shards"),
     "train-tiny": ("jobs.train_tiny", "train the tiny CLIP, autoencoder and RDM from a seed"),

@@ -1,4 +1,5 @@
-"""`rdm index build|query`: build a sharded FAISS index from embeddings, or query a published one."""
+"""`rdm index build|rebuild|query|versions|rollback|prune`: build a sharded FAISS index from embeddings,
+query a published one, and manage a database's versions (list, roll back, delete old ones)."""
 
 from __future__ import annotations
 
@@ -53,7 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--retriever-options", default="{}", metavar="JSON",
                        help="the retriever's actors, as a Serve config's retriever_options (e.g. "
                             '\'{"shards_per_actor": 4}\')')
-    for p in (build, rebuild, query):
+    versions = sub.add_parser("versions", help="list a database's versions: current, published, incomplete")
+    rollback = sub.add_parser("rollback", help="point CURRENT back at an earlier published version")
+    rollback.add_argument("--to", metavar="VERSION", help="the version (default: the one published before CURRENT)")
+    rollback.add_argument("--serve-url", help="a running app to tell to swap now (token from RDM_API_TOKEN)")
+    prune = sub.add_parser("prune", help="delete old versions: all but CURRENT, the --keep newest published ones "
+                                         "and those younger than --min-age-hours")
+    prune.add_argument("--keep", type=int, default=2, help="published versions to keep besides CURRENT (default 2)")
+    prune.add_argument("--min-age-hours", type=float, default=24.0,
+                       help="never delete a version younger than this: a build in progress, a version replicas "
+                            "may still be loading (default 24)")
+    prune.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
+    for p in (versions, rollback, prune):
+        p.add_argument("database", help="database name")
+        p.add_argument("--index", required=True, help="index root (folder or s3://)")
+    versions.add_argument("--json", action="store_true", help="one JSON object per version")
+    for p in (build, rebuild, query, versions, rollback, prune):
         p.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -75,6 +91,8 @@ def check_args(args: argparse.Namespace) -> None:
     """What can be checked before Ray starts."""
     if getattr(args, "shards", None) is not None and args.shards < 1:
         raise InputError(f"--shards must be >= 1, got {args.shards}")
+    if args.command == "prune" and (args.keep < 0 or not args.min_age_hours >= 0):
+        raise InputError(f"--keep and --min-age-hours must be >= 0, got {args.keep} and {args.min_age_hours}")
     if args.command == "build":
         if not args.train_cpus > 0:
             raise InputError(f"--train-cpus must be > 0, got {args.train_cpus}")
@@ -144,6 +162,62 @@ def notify(serve_url: str) -> None:
                        serve_url, err)
 
 
+def describe(info) -> dict:
+    """A `VersionInfo` as one JSON-able row."""
+    manifest = info.manifest
+    return {"version": info.version, "status": info.status,
+            "created": info.created.strftime("%Y-%m-%d %H:%M:%S") if info.created else None,
+            "count": manifest.count if manifest else None, "shards": len(manifest.shards) if manifest else None,
+            "index_spec": manifest.index_spec if manifest else None,
+            "recall": manifest.recall.get("recall") if manifest else None,
+            "size_bytes": info.size_bytes, "files": info.num_files}
+
+
+def run_versions(args: argparse.Namespace) -> None:
+    import json
+
+    from cluster.index.versions import list_versions
+    from cluster.storage import open_store
+
+    rows = [describe(info) for info in list_versions(open_store(args.index), args.database)]
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    print(f"{'version':<25} {'status':<10} {'created (UTC)':<19} {'vectors':>10} {'shards':>6} {'index':<14} "
+          f"{'recall':>6} {'MB':>9}")
+    for r in rows:
+        recall = "-" if r["recall"] is None else f"{r['recall']:.3f}"
+        size = "-" if r["size_bytes"] is None else f"{r['size_bytes'] / 1e6:.1f}"
+        print(f"{r['version']:<25} {r['status']:<10} {r['created'] or '-':<19} {r['count'] or '-':>10} "
+              f"{r['shards'] or '-':>6} {r['index_spec'] or '-':<14} {recall:>6} {size:>9}")
+
+
+def run_rollback(args: argparse.Namespace) -> None:
+    from cluster.index.versions import rollback
+    from cluster.storage import open_store
+
+    before, manifest = rollback(open_store(args.index), args.database, args.to)
+    if before == manifest.version:
+        print(f"{args.database}: {before} is already current")
+    else:
+        print(f"{args.database}: CURRENT {before} -> {manifest.version} ({manifest.count} vectors)")
+    if args.serve_url:
+        notify(args.serve_url)
+
+
+def run_prune(args: argparse.Namespace) -> None:
+    from cluster.index.versions import prune
+    from cluster.storage import open_store
+
+    doomed = prune(open_store(args.index), args.database, keep=args.keep, min_age_s=args.min_age_hours * 3600,
+                   dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    for info in doomed:
+        print(f"{verb} {args.database} {info.version} ({info.status}, {info.num_files} files)")
+    print(f"{args.database}: {verb} {len(doomed)} version(s)")
+
+
 def run_query(args: argparse.Namespace) -> None:
     import io
 
@@ -178,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.runtime import connect
 
     check_args(args)
+    if args.command in ("versions", "rollback", "prune"):  # object storage only: no Ray
+        {"versions": run_versions, "rollback": run_rollback, "prune": run_prune}[args.command](args)
+        return EXIT_OK
     connect()
     {"build": run_build, "rebuild": run_rebuild, "query": run_query}[args.command](args)
     return EXIT_OK

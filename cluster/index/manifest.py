@@ -96,7 +96,17 @@ class Manifest:
 def publish(store: ObjectStore, manifest: Manifest) -> None:
     """Write the version's manifest, then flip CURRENT to it (the shard files must already be written)."""
     store.write_bytes(join(manifest.prefix, "manifest.json"), manifest.to_json())
-    store.write_bytes(join(manifest.database, "CURRENT"), json.dumps({"version": manifest.version}).encode())
+    set_current(store, manifest.database, manifest.version)
+
+
+def set_current(store: ObjectStore, database: str, version: str) -> None:
+    """Point CURRENT at `version` (one atomic write: readers see the old version or this one)."""
+    store.write_bytes(join(database, "CURRENT"), json.dumps({"version": version}).encode())
+
+
+def current_version(store: ObjectStore, database: str) -> str:
+    """The version CURRENT names (ObjectNotFoundError if the database was never published)."""
+    return json.loads(store.read_bytes(join(database, "CURRENT")))["version"]
 
 
 def load_manifest(store: ObjectStore, database: str, version: str | None = None) -> Manifest:
@@ -104,7 +114,7 @@ def load_manifest(store: ObjectStore, database: str, version: str | None = None)
     check_database_name(database)
     try:
         if version is None:
-            version = json.loads(store.read_bytes(join(database, "CURRENT")))["version"]
+            version = current_version(store, database)
         key = join(database, "versions", version, "manifest.json")
         return Manifest.from_json(store.read_bytes(key), uri=f"{store.uri}/{key}")
     except ObjectNotFoundError as err:

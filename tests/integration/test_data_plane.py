@@ -367,6 +367,35 @@ def test_version_swap_does_not_fail_in_flight_queries(ray_cluster, tmp_path):
     assert [d["name"] for d in pool.databases()] == ["swap"]
 
 
+def test_rollback_on_s3_swaps_serving_back_and_prune_deletes_the_bad_version(ray_cluster, make_bucket, tmp_path):
+    """Two builds on SeaweedFS; `rdm index rollback` points CURRENT at the first and a refresh serves it
+    again; `rdm index prune` then deletes the rolled-back-from version's objects, and it cannot come back."""
+    from jobs.index import main as index_main
+
+    rng = np.random.default_rng(12)
+    good, bad = unit(rng.standard_normal((120, 16))), unit(rng.standard_normal((120, 16)))
+    write_embeddings(str(tmp_path / "good"), good, prefix="good")
+    write_embeddings(str(tmp_path / "bad"), bad, prefix="bad")
+    index = make_bucket("rdm-versions") + "/databases"
+    first = build_index(str(tmp_path / "good"), index, "styles", num_shards=2).version
+    second = build_index(str(tmp_path / "bad"), index, "styles", num_shards=2).version
+    pool = RetrieverPool(index)
+    query = torch.from_numpy(bad[:1])
+    try:
+        assert pool.get("styles").search(query, 3).ids[0][0] == "bad0"
+        assert index_main(["rollback", "styles", "--index", index]) == 0
+        assert pool.refresh() == {"styles": True} and pool.get("styles").version == first
+        assert pool.get("styles").search(query, 3).ids[0][0].startswith("good")
+        assert index_main(["prune", "styles", "--index", index, "--keep", "0", "--min-age-hours", "0"]) == 0
+        store = open_store(index)
+        assert not [key for key in store.list("styles") if second in key]
+        assert [key.rsplit("/", 1)[-1] for key in store.list(f"styles/versions/{first}")].count("index.faiss") == 2
+        assert index_main(["rollback", "styles", "--index", index, "--to", second]) == 2
+        assert pool.refresh() == {"styles": False}  # still the first version, still answering
+        assert pool.get("styles").search(query, 3).ids[0][0].startswith("good")
+    finally:
+        pool.get("styles").close()
+
 
 def test_a_version_that_fails_to_load_keeps_the_old_one_and_not_the_others(ray_cluster, tmp_path):
     """Refreshing several databases: one whose new version cannot load (a shard file damaged after publishing)

@@ -1,0 +1,149 @@
+"""A database's versions: list them, point CURRENT back at an earlier one, delete old ones.
+
+A version with a manifest was published: `build_index` writes the manifest just before it flips CURRENT,
+and never for a version it refuses (recall too low, rows missing). A version without one is a build that
+failed or is still running ("incomplete"). Version names are UTC timestamps (`new_version`), so they sort
+by age and say when their build started.
+
+Rolling back is one atomic write of CURRENT, after checking that every file the target's manifest names is
+still there; serving replicas swap to it at their next refresh, as they do for a new build. Pruning keeps
+CURRENT, the `keep` newest other published versions (the rollback targets) and anything younger than
+`min_age_s` (a build in progress, a version replicas may still be loading), and deletes the rest, each
+version's manifest first: a prune that stops half-way leaves an incomplete version, never a manifest
+naming deleted files.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from cluster.errors import IndexVersionError, ObjectNotFoundError, UnknownDatabaseError
+from cluster.index.manifest import (
+    Manifest,
+    check_database_name,
+    current_version,
+    list_databases,
+    load_manifest,
+    set_current,
+)
+from cluster.storage import LocalStore, ObjectStore, join
+
+VERSION_FORMAT = "v%Y%m%dT%H%M%S%fZ"
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: str
+    status: str  # "current", "published" (CURRENT once: a rollback target) or "incomplete" (no manifest)
+    manifest: Manifest | None
+    num_files: int
+
+    @property
+    def created(self) -> datetime | None:
+        """When the version's build started, from its name (None for a name not made by `new_version`)."""
+        try:
+            return datetime.strptime(self.version, VERSION_FORMAT).replace(tzinfo=timezone.utc)
+        except ValueError:
+            return None
+
+    @property
+    def size_bytes(self) -> int | None:
+        """The shard files' bytes, from the manifest (None without one, or for manifests without sizes)."""
+        if self.manifest is None or any(not shard.sizes for shard in self.manifest.shards):
+            return None
+        return sum(sum(shard.sizes.values()) for shard in self.manifest.shards)
+
+
+def _versions_prefix(database: str) -> str:
+    return join(database, "versions") + "/"
+
+
+def list_versions(store: ObjectStore, database: str) -> list[VersionInfo]:
+    """Every version of `database` under `store`, oldest first."""
+    check_database_name(database)
+    try:
+        current = current_version(store, database)
+    except ObjectNotFoundError as err:
+        raise UnknownDatabaseError(f"no published database {database!r} in {store.uri}; known: "
+                                   f"{', '.join(list_databases(store)) or 'none'}") from err
+    files: dict[str, list[str]] = defaultdict(list)
+    prefix = _versions_prefix(database)
+    for key in store.list(prefix):
+        if key.startswith(prefix) and "/" in key[len(prefix):]:
+            files[key[len(prefix):].split("/", 1)[0]].append(key)
+    versions = []
+    for version in sorted(set(files) | {current}):
+        published = join(database, "versions", version, "manifest.json") in files[version]
+        manifest = load_manifest(store, database, version) if published else None
+        status = "current" if version == current else "published" if published else "incomplete"
+        versions.append(VersionInfo(version, status, manifest, len(files[version])))
+    return versions
+
+
+def rollback(store: ObjectStore, database: str, to: str | None = None) -> tuple[str, Manifest]:
+    """Point CURRENT at version `to` (default: the newest published version before the current one), once
+    every file its manifest names is found. Returns (the version CURRENT named before, the new manifest)."""
+    versions = list_versions(store, database)
+    (current,) = [v for v in versions if v.status == "current"]
+    published = [v.version for v in versions if v.status == "published"]
+    if to is None:
+        earlier = [v for v in versions if v.status == "published" and v.version < current.version]
+        if not earlier:
+            raise IndexVersionError(f"{database}: no published version before {current.version} to roll back to")
+        target = earlier[-1]
+    else:
+        target = next((v for v in versions if v.version == to), None)
+        if target is None:
+            raise IndexVersionError(f"{database} has no version {to!r}; published ones besides the current "
+                                    f"{current.version}: {', '.join(published) or 'none'}")
+        if target.status == "incomplete":
+            raise IndexVersionError(f"{database} {to} was never published (no manifest): a build that failed or "
+                                    "is still running")
+    if target.manifest is None:  # CURRENT names a version whose manifest is gone
+        raise IndexVersionError(f"{database} {target.version} has no manifest")
+    manifest = target.manifest
+    missing = [key for shard in manifest.shards for name in shard.files
+               if not store.exists(key := manifest.shard_key(shard.shard_id, name))]
+    if missing:
+        raise IndexVersionError(f"{database} {target.version}: {len(missing)} of its files are gone "
+                                f"(first: {missing[0]}); not rolled back")
+    if target.version != current.version:
+        set_current(store, database, target.version)
+    return current.version, manifest
+
+
+def prune(store: ObjectStore, database: str, *, keep: int = 2, min_age_s: float = 86_400, dry_run: bool = False,
+          now: datetime | None = None) -> list[VersionInfo]:
+    """Delete the versions that are not CURRENT, not among the `keep` newest other published versions, and
+    at least `min_age_s` old (a version whose age its name does not tell is kept). Returns them, oldest
+    first; with `dry_run`, deletes nothing."""
+    if keep < 0 or min_age_s < 0:
+        raise IndexVersionError(f"keep and the minimum age must be >= 0, got {keep} and {min_age_s}")
+    versions = list_versions(store, database)
+    now = now or datetime.now(timezone.utc)
+    published = [v.version for v in versions if v.status == "published"]
+    kept = set(published[len(published) - keep:]) if keep else set()
+    doomed = [v for v in versions if v.status != "current" and v.version not in kept and v.created is not None
+              and (now - v.created).total_seconds() >= min_age_s]
+    for info in [] if dry_run else doomed:
+        prefix = join(database, "versions", info.version) + "/"
+        keys = [key for key in store.list(prefix) if key.startswith(prefix)]
+        manifest = prefix + "manifest.json"
+        for key in sorted(keys, key=lambda k: k != manifest):  # the manifest first
+            store.delete(key)
+        if isinstance(store, LocalStore):  # a folder has no objects but its files: drop the empty shard folders
+            _remove_empty_dirs(store.root / prefix)
+    return doomed
+
+
+def _remove_empty_dirs(folder: Path) -> None:
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    if not any(folder.iterdir()):
+        folder.rmdir()

@@ -1,0 +1,133 @@
+"""A database's versions in the published layout: listing, rollback and pruning, on a folder and on S3
+(moto here; tests/integration/test_data_plane.py runs them on indexes built on Ray, on SeaweedFS)."""
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from cluster.errors import IndexVersionError, UnknownDatabaseError
+from cluster.index.manifest import Manifest, ShardInfo, load_manifest, publish
+from cluster.index.versions import list_versions, prune, rollback
+from cluster.storage import open_store
+from jobs.index import main as index_main
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=timezone.utc)
+
+
+def version_at(hours_ago: float) -> str:
+    return (NOW - timedelta(hours=hours_ago)).strftime("v%Y%m%dT%H%M%S%fZ")
+
+
+def write_version(store, database: str, version: str, *, count: int = 10, published: bool = True) -> None:
+    """A version's two shards as `build_index` lays them out; `published` writes the manifest and flips
+    CURRENT (as `publish` does), else the files only (a failed or running build)."""
+    shards = []
+    for shard_id in range(2):
+        files = {}
+        for name in ("index.faiss", "rows.parquet"):
+            store.write_bytes(f"{database}/versions/{version}/shard-{shard_id:05d}/{name}", b"x" * 100)
+            files[name] = "0" * 64
+        shards.append(ShardInfo(shard_id, count // 2, files, {name: 100 for name in files}))
+    if published:
+        publish(store, Manifest(database=database, version=version, count=count, dim=16, index_spec="Flat",
+                                nprobe=1, shards=tuple(shards), recall={"k": 5, "recall": 1.0}))
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return open_store(str(tmp_path / "index"))
+    request.getfixturevalue("fake_s3")
+    return open_store("s3://rdm-unit/index")
+
+
+def test_versions_are_listed_oldest_first_with_their_status(store):
+    old, failed, current, running = version_at(72), version_at(48), version_at(30), version_at(1)
+    write_version(store, "art", old, count=4)
+    write_version(store, "art", failed, published=False)
+    write_version(store, "art", current, count=8)
+    write_version(store, "art", running, published=False)
+    write_version(store, "art2", version_at(5))  # a database whose name starts like this one's
+    versions = list_versions(store, "art")
+    assert [(v.version, v.status) for v in versions] == [
+        (old, "published"), (failed, "incomplete"), (current, "current"), (running, "incomplete")]
+    assert versions[0].manifest.count == 4 and versions[0].size_bytes == 400 and versions[0].num_files == 5
+    assert versions[1].manifest is None and versions[1].size_bytes is None and versions[1].num_files == 4
+    assert versions[2].created == NOW - timedelta(hours=30)
+    with pytest.raises(UnknownDatabaseError, match="art, art2"):
+        list_versions(store, "missing")
+
+
+def test_rollback_goes_to_the_previous_published_version_and_back(store):
+    first, second, third = version_at(50), version_at(40), version_at(30)
+    for version in (first, second, third):
+        write_version(store, "art", version)
+    write_version(store, "art", version_at(35), published=False)  # a failed build between them is skipped
+    assert rollback(store, "art")[0] == third and load_manifest(store, "art").version == second
+    assert rollback(store, "art")[1].version == first
+    with pytest.raises(IndexVersionError, match="no published version before"):
+        rollback(store, "art")
+    assert rollback(store, "art", to=third) == (first, load_manifest(store, "art"))  # forward again, by name
+    assert load_manifest(store, "art").version == third
+    assert rollback(store, "art", to=third)[0] == third  # already current: nothing changes
+
+
+def test_rollback_refuses_unknown_unpublished_and_damaged_versions(store):
+    good, damaged, current = version_at(50), version_at(40), version_at(30)
+    for version in (good, damaged, current):
+        write_version(store, "art", version)
+    failed = version_at(35)
+    write_version(store, "art", failed, published=False)
+    with pytest.raises(IndexVersionError, match=f"no version 'v1'.*{good}, {damaged}"):
+        rollback(store, "art", to="v1")
+    with pytest.raises(IndexVersionError, match="never published"):
+        rollback(store, "art", to=failed)
+    store.delete(f"art/versions/{damaged}/shard-00001/rows.parquet")
+    with pytest.raises(IndexVersionError, match="1 of its files are gone"):
+        rollback(store, "art")
+    assert load_manifest(store, "art").version == current  # CURRENT untouched
+
+
+def test_prune_keeps_current_the_newest_published_and_the_young(store):
+    oldest, old, failed, newer, current, running = (version_at(h) for h in (90, 80, 70, 60, 50, 2))
+    for version in (oldest, old, newer, current):
+        write_version(store, "art", version)
+    for version in (failed, running):
+        write_version(store, "art", version, published=False)
+    rollback(store, "art", to=newer)  # current is now published-but-not-current, newer is CURRENT
+    assert [v.version for v in prune(store, "art", keep=1, min_age_s=3 * 3600, now=NOW, dry_run=True)] == [
+        oldest, old, failed]
+    assert len(list_versions(store, "art")) == 6  # a dry run deletes nothing
+    deleted = prune(store, "art", keep=1, min_age_s=3 * 3600, now=NOW)
+    assert [v.version for v in deleted] == [oldest, old, failed]
+    assert [(v.version, v.status) for v in list_versions(store, "art")] == [
+        (newer, "current"), (current, "published"), (running, "incomplete")]
+    assert not [key for key in store.list("art") if oldest in key or old in key or failed in key]
+    assert [v.version for v in prune(store, "art", keep=0, min_age_s=0, now=NOW)] == [current, running]
+    assert [v.status for v in list_versions(store, "art")] == ["current"]
+    with pytest.raises(IndexVersionError, match=">= 0"):
+        prune(store, "art", keep=-1)
+
+
+def test_cli_lists_rolls_back_and_prunes(tmp_path, capsys):
+    store = open_store(str(tmp_path / "index"))
+    first, second = version_at(50), version_at(40)
+    write_version(store, "art", first)
+    write_version(store, "art", second)
+    index = str(tmp_path / "index")
+    assert index_main(["versions", "art", "--index", index, "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["version"], r["status"], r["count"], r["size_bytes"]) for r in rows] == [
+        (first, "published", 10, 400), (second, "current", 10, 400)]
+    assert index_main(["versions", "art", "--index", index]) == 0
+    assert second in capsys.readouterr().out
+    assert index_main(["rollback", "art", "--index", index]) == 0
+    assert f"{second} -> {first}" in capsys.readouterr().out
+    assert index_main(["rollback", "art", "--index", index, "--to", "nope"]) == 2
+    assert "no version 'nope'" in capsys.readouterr().err
+    assert index_main(["prune", "art", "--index", index, "--keep", "0", "--min-age-hours", "0"]) == 0
+    assert f"deleted art {second}" in capsys.readouterr().out
+    assert not (tmp_path / "index" / "art" / "versions" / second).exists()  # no empty folders left behind
+    assert index_main(["prune", "art", "--index", index, "--keep", "-1"]) == 2
+    assert index_main(["versions", "nothing", "--index", index]) == 2
