@@ -104,19 +104,26 @@ def test_grafana_dashboard_uses_our_metrics():
 
 
 def entrypoint_parses(entrypoint: str) -> None:
-    """`rdm <subcommand> args...` names a subcommand whose own parser accepts the arguments."""
+    """Each `rdm <subcommand> args...` of an entrypoint (commands joined by &&) names a subcommand whose own
+    parser accepts the arguments."""
     import shlex
 
     from jobs.cli import SUBCOMMANDS
 
-    argv = shlex.split(entrypoint)
-    assert argv[0] == "rdm" and argv[1] in SUBCOMMANDS, entrypoint
-    module = importlib.import_module(SUBCOMMANDS[argv[1]][0])
-    args = module.build_parser().parse_args(argv[2:])
-    if getattr(args, "retriever_options", None):  # JSON the parser takes as a string: validated as the job does
-        from cluster.retriever import RetrieverOptions
+    commands: list[list[str]] = [[]]
+    for word in shlex.split(entrypoint):
+        if word == "&&":
+            commands.append([])
+        else:
+            commands[-1].append(word)
+    for argv in commands:
+        assert argv[0] == "rdm" and argv[1] in SUBCOMMANDS, entrypoint
+        module = importlib.import_module(SUBCOMMANDS[argv[1]][0])
+        args = module.build_parser().parse_args(argv[2:])
+        if getattr(args, "retriever_options", None):  # JSON the parser takes as a string: validated as the job does
+            from cluster.retriever import RetrieverOptions
 
-        RetrieverOptions.from_json(args.retriever_options)
+            RetrieverOptions.from_json(args.retriever_options)
 
 
 def test_every_infra_yaml_parses():
@@ -137,6 +144,8 @@ def test_rayjobs_name_real_entrypoints():
                                         *job["spec"]["rayClusterSpec"]["workerGroupSpecs"]]
                   for c in g["template"]["spec"]["containers"]}
         assert images == {"ghcr.io/rdm-cluster/rdm:latest"}
+    rebuild = yaml.safe_load((ROOT / "infra" / "kuberay" / "rayjob-index-rebuild.yaml").read_text())
+    assert " && rdm index prune " in rebuild["spec"]["entrypoint"]  # old versions do not pile up
 
 
 def test_ray_up_config_is_consistent():
