@@ -5,6 +5,10 @@ settings and model), so a re-run after a crash or a kill regenerates only what i
 duplicates: each sampling batch writes its PNGs, then a manifest part `OUT/_parts/<hash>.parquet`;
 items whose key appears in a part are done. The run ends by merging the parts into
 `OUT/manifest.parquet`, writing `OUT/errors.parquet` (row numbers and reasons) and `OUT/index.html`.
+
+A job retrieves from the index versions that were published when it first ran, recorded in `OUT/job.json`:
+a resumed job keeps them even after a rebuild publishes new ones, so one output never mixes versions
+unless told to (`index_versions`, `rdm generate --index-version DB=VERSION|current`).
 """
 
 from __future__ import annotations
@@ -23,13 +27,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from cluster.errors import IndexVersionError, ObjectNotFoundError, UnknownDatabaseError
+from cluster.index.manifest import check_database_name, current_version, load_manifest
 from cluster.prompts import PromptRow, read_prompts
 from cluster.storage import join, open_store
-from rdm.errors import RDMError
+from rdm.errors import InputError, RDMError
 from rdm.factory import model_hash
 
 logger = logging.getLogger(__name__)
 PARTS = "_parts"
+JOB_STATE = "job.json"
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ class BulkSettings:
     attention: str = "auto"
     compile_cache: str | None = None  # with compile: where samplers share compiled code (cluster.compile_cache)
     retriever_options: dict = field(default_factory=lambda: {"num_cpus": 0.05})  # cluster.retriever.RetrieverOptions
+    index_versions: dict = field(default_factory=dict)  # {database: version or "current"}: pins over job.json's
 
     def inference_options(self):
         from rdm.acceleration import InferenceOptions
@@ -129,13 +137,51 @@ class QueryEncoder:
         return _columns(rows)
 
 
-class Retrieve:
-    """Neighbours of each query in its row's database, through the sharded retriever pool."""
+def pin_index_versions(settings: BulkSettings, rows: list[PromptRow], store) -> dict[str, str]:
+    """{database: version} for the databases the rows name: the job's recorded versions (`job.json` in the
+    output, written by its first run), else the published ones; `settings.index_versions` overrides them
+    ("current": the published one). The result is recorded for the next run. A pinned version that is gone
+    from the index (pruned) is an IndexVersionError: resuming with another would mix versions silently.
+    Databases that do not exist are left out (their rows fail as unknown databases)."""
+    if settings.index_uri is None:
+        return {}
+    recorded = json.loads(store.read_bytes(JOB_STATE)).get("index_versions", {}) if store.exists(JOB_STATE) else {}
+    index = open_store(settings.index_uri)
+    pins = {}
+    for database in sorted({row.database for row in rows if row.database}):
+        try:
+            check_database_name(database)
+        except InputError:
+            continue
+        version = settings.index_versions.get(database) or recorded.get(database)
+        if version is None or version == "current":
+            try:
+                pins[database] = current_version(index, database)
+            except ObjectNotFoundError:
+                pass
+            continue
+        try:
+            load_manifest(index, database, version)
+        except UnknownDatabaseError as err:
+            how = "was told to use" if database in settings.index_versions else "started with"
+            raise IndexVersionError(f"database {database!r} version {version}, which this job {how}, is not in "
+                                    f"{index.uri} (pruned?); to go on with another, pass --index-version "
+                                    f"{database}=current (or =VERSION), and the job's images will come from two "
+                                    "versions; or write to a new output") from err
+        pins[database] = version
+    store.write_bytes(JOB_STATE, json.dumps({"index_versions": {**recorded, **pins}}, indent=1).encode())
+    return pins
 
-    def __init__(self, index_uri: str | None, num_neighbors: int, retriever_options: dict) -> None:
+
+class Retrieve:
+    """Neighbours of each query in its row's database, through the sharded retriever pool, from the versions
+    the job pinned."""
+
+    def __init__(self, index_uri: str | None, num_neighbors: int, retriever_options: dict,
+                 versions: dict[str, str] | None = None) -> None:
         from cluster.retriever import RetrieverPool
 
-        self.pool = RetrieverPool(index_uri, **retriever_options) if index_uri else None
+        self.pool = RetrieverPool(index_uri, versions=versions, **retriever_options) if index_uri else None
         self.num_neighbors = num_neighbors
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -281,6 +327,7 @@ def generate(prompts_uri: str, out_uri: str, settings: BulkSettings, *, progress
     model_id = model_hash(settings.model)
     items = expand(rows, settings, model_id)
     store = open_store(out_uri)
+    versions = pin_index_versions(settings, rows, store)
     done, _ = _read_parts(store)
     pending = [i for i in items if i["key"] not in done]
     logger.info("%d images requested, %d already done, %d to generate", len(items), len(items) - len(pending),
@@ -294,7 +341,8 @@ def generate(prompts_uri: str, out_uri: str, settings: BulkSettings, *, progress
                             batch_size=32, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
         ds = ds.map_batches(Retrieve, fn_constructor_kwargs={"index_uri": settings.index_uri,
                                                              "num_neighbors": settings.num_neighbors,
-                                                             "retriever_options": settings.retriever_options},
+                                                             "retriever_options": settings.retriever_options,
+                                                             "versions": versions},
                             batch_size=32, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1)
         ds = ds.map_batches(BulkSampler, fn_constructor_kwargs={"settings": asdict(settings), "out_uri": out_uri,
                                                                 "model_id": model_id},

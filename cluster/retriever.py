@@ -272,7 +272,8 @@ class ShardSearch:
 
 
 class ShardedRetriever(ShardSearch):
-    """`search(queries [B, D], num_neighbors)` over every shard of the published version of `database`.
+    """`search(queries [B, D], num_neighbors)` over every shard of the published version of `database`,
+    or of `version` (pinned: `refresh` keeps it).
 
     Each of `replicas` copies of the database is spread over actors of `shards_per_actor` shards each
     (`num_cpus`, `resources` and `use_gpu` per actor; `threads`: FAISS threads per actor).
@@ -282,7 +283,7 @@ class ShardedRetriever(ShardSearch):
                  resources: dict[str, float] | None = None, use_gpu: bool = False, timeout_s: float = 30.0,
                  allow_degraded: bool = False, max_restarts: int = -1, threads: int | None = None,
                  shards_per_actor: int | Literal["auto"] = 1, reserve_memory: bool = True,
-                 start_timeout_s: float = 120.0) -> None:
+                 start_timeout_s: float = 120.0, version: str | None = None) -> None:
         if replicas < 1:
             raise InputError(f"replicas must be >= 1, got {replicas}")
         if shards_per_actor != "auto" and not (isinstance(shards_per_actor, int) and shards_per_actor >= 1):
@@ -295,7 +296,8 @@ class ShardedRetriever(ShardSearch):
                          "max_task_retries": -1 if max_restarts else 0, "scheduling_strategy": "SPREAD",
                          "num_gpus": 1 if use_gpu else 0}
         self._replicas, self._use_gpu, self._threads = replicas, use_gpu, threads
-        super().__init__(database, self._start(load_manifest(self.store, database)), timeout_s=timeout_s,
+        self.pinned = version is not None
+        super().__init__(database, self._start(load_manifest(self.store, database, version)), timeout_s=timeout_s,
                          allow_degraded=allow_degraded)
 
     def _start(self, manifest: Manifest) -> ShardSet:
@@ -350,7 +352,10 @@ class ShardedRetriever(ShardSearch):
             ray.kill(a)
 
     def refresh(self) -> bool:
-        """Load the published version if it changed; returns whether a new version was swapped in."""
+        """Load the published version if it changed (never, when pinned); returns whether a new version was
+        swapped in."""
+        if self.pinned:
+            return False
         manifest = load_manifest(self.store, self.database)
         if manifest.version == self.version:
             return False
@@ -362,17 +367,19 @@ class ShardedRetriever(ShardSearch):
 
 
 class RetrieverPool:
-    """Several named databases under one index root, each a `ShardedRetriever`, started on first use."""
+    """Several named databases under one index root, each a `ShardedRetriever`, started on first use;
+    `versions` pins some of them ({database: version}), the others follow their published version."""
 
-    def __init__(self, index_uri: str, **retriever_options) -> None:
-        self.index_uri, self.options = index_uri, retriever_options
+    def __init__(self, index_uri: str, *, versions: dict[str, str] | None = None, **retriever_options) -> None:
+        self.index_uri, self.options, self.versions = index_uri, retriever_options, dict(versions or {})
         self._retrievers: dict[str, ShardedRetriever] = {}
         self._lock = threading.Lock()
 
     def get(self, database: str) -> ShardedRetriever:
         with self._lock:
             if database not in self._retrievers:
-                self._retrievers[database] = ShardedRetriever(self.index_uri, database, **self.options)
+                self._retrievers[database] = ShardedRetriever(self.index_uri, database, **self.options,
+                                                              version=self.versions.get(database))
             return self._retrievers[database]
 
     @property

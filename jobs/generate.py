@@ -9,6 +9,7 @@ import argparse
 import logging
 
 from jobs.common import EXIT_OK, add_inference_args, exit_codes, setup_logging
+from rdm.errors import InputError
 from rdm.sampling import SAMPLERS
 
 logger = logging.getLogger(__name__)
@@ -33,9 +34,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--retriever-options", default='{"num_cpus": 0.05}', metavar="JSON",
                         help="the sharded retriever's actors, as in a Serve config's retriever_options "
                              "(cluster.retriever.RetrieverOptions; default %(default)s)")
+    parser.add_argument("--index-version", action="append", default=[], metavar="DATABASE=VERSION",
+                        help="retrieve from this version of a database (or =current: the published one) instead "
+                             "of the one the job started with (recorded in OUT/job.json; repeatable)")
     add_inference_args(parser)
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
+
+
+def parse_index_versions(items: list[str]) -> dict[str, str]:
+    """["ukiyo-e=v2026...", "neon=current"] -> {database: version}."""
+    from cluster.index.manifest import check_database_name
+
+    versions: dict[str, str] = {}
+    for item in items:
+        database, sep, version = item.partition("=")
+        if not sep or not version.strip():
+            raise InputError(f"--index-version takes DATABASE=VERSION or DATABASE=current, got {item!r}")
+        if check_database_name(database.strip()) in versions:
+            raise InputError(f"--index-version names database {database.strip()!r} twice")
+        versions[database.strip()] = version.strip()
+    return versions
 
 
 @exit_codes
@@ -53,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     SamplerParams(args.sampler, args.num_steps, args.guidance_scale, args.eta)  # validate before starting Ray
     check_num_neighbors(args.num_neighbors)
     retriever_options = RetrieverOptions.from_json(args.retriever_options, where="--retriever-options")
+    index_versions = parse_index_versions(args.index_version)
     if args.compile_cache:
         from cluster.storage import open_store
 
@@ -64,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                             sampler_num_cpus=args.sampler_num_cpus, precision=args.precision,
                             channels_last=args.channels_last, compile=args.compile,
                             kernel_tuning=args.kernel_tuning, attention=args.attention,
-                            compile_cache=args.compile_cache, retriever_options=retriever_options.model_dump())
+                            compile_cache=args.compile_cache, retriever_options=retriever_options.model_dump(),
+                            index_versions=index_versions)
     connect()
     with tqdm(desc="images", unit="img") as bar:
         result = generate(args.prompts, args.out, settings, progress=bar)

@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -70,6 +71,42 @@ def test_bulk_job_writes_every_image_once_and_resumes(index_uri, make_bucket):
     again = generate(prompts, out.uri, settings)
     assert (again.generated, again.skipped, again.images) == (len(lost_rows), 10 - len(lost_rows), 10)
     assert {r["key"]: r["sha256"] for r in manifest(out)} == {r["key"]: r["sha256"] for r in rows}
+
+
+def test_a_resumed_job_keeps_the_index_version_it_started_with(make_bucket, tmp_path):
+    """A rebuild publishes a new version while a job is unfinished: the resumed job still retrieves from the
+    version it started with (OUT/job.json), a pinned version that was pruned stops the job with a typed
+    error, and `index_versions` {db: "current"} moves it on explicitly."""
+    from cluster.errors import IndexVersionError
+    from jobs.index import main as index_main
+
+    rng = np.random.default_rng(21)
+    write_embeddings(str(tmp_path / "old"), unit(rng.standard_normal((30, 64))), prefix="old")
+    write_embeddings(str(tmp_path / "new"), unit(rng.standard_normal((30, 64))), prefix="new")
+    index = make_bucket("rdm-bulk-pin") + "/index"
+    first = build_index(str(tmp_path / "old"), index, "pin", num_shards=1).version
+    out = open_store(make_bucket("rdm-bulk-pin") + "/out")
+    out.write_bytes("prompts.jsonl", b"".join(b'{"prompt": "a boat %d", "database": "pin"}\n' % i for i in range(3)))
+    prompts, settings = f"{out.uri}/prompts.jsonl", BulkSettings(index_uri=index, **SETTINGS)
+
+    def lose_every_part():  # a run that crashed before writing anything
+        for key in out.list("_parts"):
+            out.delete(key)
+
+    assert generate(prompts, out.uri, settings).generated == 3
+    second = build_index(str(tmp_path / "new"), index, "pin", num_shards=1).version
+    lose_every_part()
+    assert generate(prompts, out.uri, settings).generated == 3
+    assert {(r["index_version"], r["neighbor_ids"][0][:3]) for r in manifest(out)} == {(first, "old")}
+    assert json.loads(out.read_bytes("job.json")) == {"index_versions": {"pin": first}}
+    assert index_main(["prune", "pin", "--index", index, "--keep", "0", "--min-age-hours", "0"]) == 0
+    lose_every_part()
+    with pytest.raises(IndexVersionError, match=f"version {first}, which this job started with"):
+        generate(prompts, out.uri, settings)
+    moved = BulkSettings(index_uri=index, index_versions={"pin": "current"}, **SETTINGS)
+    assert generate(prompts, out.uri, moved).generated == 3
+    assert {(r["index_version"], r["neighbor_ids"][0][:3]) for r in manifest(out)} == {(second, "new")}
+    assert generate(prompts, out.uri, settings).generated == 0  # job.json now pins the second version
 
 
 def test_killed_driver_then_rerun_generates_only_the_missing(index_uri, make_bucket, ray_cluster, tmp_path):

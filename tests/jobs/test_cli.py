@@ -102,6 +102,17 @@ def test_index_where_parsing():
             parse_where(bad)
 
 
+def test_generate_index_version_parsing():
+    from jobs.generate import parse_index_versions
+    from rdm.errors import InputError
+
+    assert parse_index_versions(["ink=v20261126T000000000000Z", "neon=current"]) == {
+        "ink": "v20261126T000000000000Z", "neon": "current"}
+    for bad, match in ((["ink"], "DATABASE=VERSION"), (["ink="], "DATABASE=VERSION"), (["a=1", "a=2"], "twice"),
+                       (["../x=v1"], "database name")):
+        with pytest.raises(InputError, match=match):
+            parse_index_versions(bad)
+
 
 def test_index_builds_reserve_memory_unless_told_not_to():
     from jobs.index import build_parser
