@@ -74,9 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=18765)
     args = parser.parse_args(argv)
 
+    from cluster.runtime import connect, loopback_env
+
+    loopback_env()  # before Ray is imported: a local instance binds 127.0.0.1 only
     from ray import serve
 
-    from cluster.runtime import connect
     from cluster.serve.app import build_app
     from cluster.serve.config import read_serve_config
 

@@ -390,15 +390,28 @@ async def _backpressure(request: Request, exc: BackPressureError) -> JSONRespons
     return _overloaded(exc)
 
 
-@app.middleware("http")
-async def _limit_body(request: Request, call_next):
-    limit = getattr(request.app.state, "max_body_bytes", None)
-    length = request.headers.get("content-length")
-    if limit is not None and length is not None and length.isdigit() and int(length) > limit:
-        return _error(413, "payload_too_large", f"request body of {length} bytes exceeds the limit of {limit}")
-    if limit is not None and request.method == "POST" and length is None:
-        return _error(411, "length_required", "send a Content-Length header")
-    return await call_next(request)
+class BodyLimit:
+    """Refuses a POST body over `app.state.max_body_bytes` (413) or without a Content-Length (411) from the
+    headers, before it is read. A plain ASGI middleware: Starlette's `@app.middleware("http")` wrapper raises
+    and logs "No response returned" for every request whose client goes away."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        limit = getattr(scope["app"].state, "max_body_bytes", None) if scope["type"] == "http" else None
+        if limit is not None:
+            request = Request(scope)
+            length = request.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > limit:
+                response = _error(413, "payload_too_large", f"request body of {length} bytes exceeds the limit of {limit}")
+                return await response(scope, receive, send)
+            if request.method == "POST" and length is None:
+                return await _error(411, "length_required", "send a Content-Length header")(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+app.add_middleware(BodyLimit)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=128)
