@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from rdm.errors import RDMError
+from rdm.errors import InputError, RDMError
 
 logger = logging.getLogger("rdm")
 
@@ -58,6 +58,21 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def parse_pairs(items: list[str], option: str, key: str, value: str, *, value_required: bool = False) -> dict[str, str]:
+    """A repeatable `option KEY=VALUE` -> {key: value}; a missing '=' or key, a key given twice, or (with
+    `value_required`) an empty value is an InputError naming the option."""
+    pairs: dict[str, str] = {}
+    for item in items:
+        name, sep, given = item.partition("=")
+        name = name.strip()
+        if not sep or not name or (value_required and not given.strip()):
+            raise InputError(f"{option} takes {key}={value}, got {item!r}")
+        if name in pairs:
+            raise InputError(f"{option} names {key.lower()} {name!r} twice")
+        pairs[name] = given.strip() if value_required else given
+    return pairs
 
 
 def add_inference_args(parser) -> None:

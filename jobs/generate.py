@@ -8,8 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from jobs.common import EXIT_OK, add_inference_args, exit_codes, setup_logging
-from rdm.errors import InputError
+from jobs.common import EXIT_OK, add_inference_args, exit_codes, parse_pairs, setup_logging
 from rdm.sampling import SAMPLERS
 
 logger = logging.getLogger(__name__)
@@ -46,14 +45,9 @@ def parse_index_versions(items: list[str]) -> dict[str, str]:
     """["ukiyo-e=v2026...", "neon=current"] -> {database: version}."""
     from cluster.index.manifest import check_database_name
 
-    versions: dict[str, str] = {}
-    for item in items:
-        database, sep, version = item.partition("=")
-        if not sep or not version.strip():
-            raise InputError(f"--index-version takes DATABASE=VERSION or DATABASE=current, got {item!r}")
-        if check_database_name(database.strip()) in versions:
-            raise InputError(f"--index-version names database {database.strip()!r} twice")
-        versions[database.strip()] = version.strip()
+    versions = parse_pairs(items, "--index-version", "DATABASE", "VERSION", value_required=True)
+    for database in versions:
+        check_database_name(database)
     return versions
 
 

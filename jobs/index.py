@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.common import EXIT_OK, exit_codes, setup_logging, write_atomic
+from jobs.common import EXIT_OK, exit_codes, parse_pairs, setup_logging, write_atomic
 from rdm.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -76,15 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_where(items: list[str]) -> dict[str, str]:
     """["style=ukiyo-e", ...] -> {"style": "ukiyo-e", ...}."""
-    where: dict[str, str] = {}
-    for item in items:
-        column, sep, value = item.partition("=")
-        if not sep or not column.strip():
-            raise InputError(f"--where takes COLUMN=VALUE, got {item!r}")
-        if column.strip() in where:
-            raise InputError(f"--where names column {column.strip()!r} twice")
-        where[column.strip()] = value
-    return where
+    return parse_pairs(items, "--where", "COLUMN", "VALUE")
 
 
 def check_args(args: argparse.Namespace) -> None:
