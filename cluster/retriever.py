@@ -279,11 +279,11 @@ class ShardedRetriever(ShardSearch):
     (`num_cpus`, `resources` and `use_gpu` per actor; `threads`: FAISS threads per actor).
     """
 
-    def __init__(self, index_uri: str, database: str, *, replicas: int = 1, num_cpus: float = 0.1,
-                 resources: dict[str, float] | None = None, use_gpu: bool = False, timeout_s: float = 30.0,
-                 allow_degraded: bool = False, max_restarts: int = -1, threads: int | None = None,
-                 shards_per_actor: int | Literal["auto"] = 1, reserve_memory: bool = True,
-                 start_timeout_s: float = 120.0, version: str | None = None) -> None:
+    def __init__(self, index_uri: str, database: str, version: str | None = None, *, replicas: int = 1,
+                 num_cpus: float = 0.1, resources: dict[str, float] | None = None, use_gpu: bool = False,
+                 timeout_s: float = 30.0, allow_degraded: bool = False, max_restarts: int = -1,
+                 threads: int | None = None, shards_per_actor: int | Literal["auto"] = 1, reserve_memory: bool = True,
+                 start_timeout_s: float = 120.0) -> None:
         if replicas < 1:
             raise InputError(f"replicas must be >= 1, got {replicas}")
         if shards_per_actor != "auto" and not (isinstance(shards_per_actor, int) and shards_per_actor >= 1):
