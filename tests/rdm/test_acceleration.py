@@ -266,3 +266,54 @@ def test_warm_up_leaves_out_a_batch_size_that_does_not_fit(lively_tiny_model, mo
 
     monkeypatch.setattr(pipeline, "sample_latents", at_most_four)
     assert sorted(pipeline.warm_up([1, 3, 8], num_neighbors=2, guidance_scale=3.0, height=32, width=32)) == [1, 4]
+
+
+def test_a_float8_linear_multiplies_in_float8_within_its_rounding():
+    """Per-channel weight and per-token input scales: every product keeps float8 e4m3's ~3.6% relative
+    rounding (3 mantissa bits), whatever the rows' magnitudes; the weight is stored in float8."""
+    from rdm.acceleration import Float8Linear
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 96)
+    x = torch.randn(2, 50, 64) * torch.logspace(-3, 3, 50).view(1, 50, 1)  # rows 6 orders of magnitude apart
+    fp8 = Float8Linear(layer.weight, layer.bias)
+    assert fp8.weight.dtype == torch.float8_e4m3fn and fp8.weight_scale.shape == (1, 96)
+    with torch.no_grad():
+        expected, out = layer(x), fp8(x)
+    assert out.shape == expected.shape and out.dtype == torch.bfloat16
+    row_errors = (out.float() - expected).norm(dim=-1) / expected.norm(dim=-1)
+    assert row_errors.max() < 0.08 and row_errors.mean() > 0.005, row_errors  # rounded, and only by that
+    torch.testing.assert_close(fp8(torch.zeros(3, 64)).float(), layer.bias.expand(3, 96).bfloat16().float())
+    with pytest.raises(ValueError, match="divisible by 16"):
+        Float8Linear(torch.nn.Linear(64, 40).weight)
+
+
+def test_fp8_runs_the_transformer_matmuls_in_float8_and_stays_near_fp32(lively_tiny_model):
+    from rdm.acceleration import Float8Linear
+    from rdm.attention import BasicTransformerBlock
+
+    model = copy.deepcopy(lively_tiny_model)
+    Pipeline(model, options=InferenceOptions("fp8"))
+    blocks = [m for m in model.unet.modules() if isinstance(m, BasicTransformerBlock)]
+    assert blocks
+    for block in blocks:  # every image-token matmul; the context's projections stay bfloat16
+        assert isinstance(block.attn1.fused_fp8, Float8Linear)
+        assert all(isinstance(layer, Float8Linear) for layer in (block.attn1.to_out[0], block.attn2.to_q,
+                                                                  block.attn2.to_out[0], block.ff.net[0].proj,
+                                                                  block.ff.net[2]))
+        assert block.attn2.to_k.weight.dtype == torch.bfloat16
+    reference = images_of(lively_tiny_model, InferenceOptions())
+    diff = np.abs(images_of(lively_tiny_model, InferenceOptions("fp8", channels_last=True)) - reference)
+    assert diff.mean() < 4 and diff.max() < 64, (diff.mean(), diff.max())  # as bf16 (the tiny transformers are small)
+
+
+def test_fp8_is_refused_on_a_gpu_without_float8_matmuls(lively_tiny_model, monkeypatch):
+    from rdm.acceleration import check_fp8_support
+    from rdm.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ConfigError, match="compute capability 8.9 or more.*this one has 8.0"):
+        check_fp8_support(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_fp8_support(torch.device("cuda"))
+    check_fp8_support(torch.device("cpu"))
