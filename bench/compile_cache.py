@@ -59,7 +59,7 @@ def child(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="a model config name (random weights)")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16-autocast", "bf16", "fp8"))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16-autocast", "bf16"))
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--batch-sizes", default="1,2", help="comma-separated batch sizes to warm up")
     parser.add_argument("--num-neighbors", type=int, default=4)

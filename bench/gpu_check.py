@@ -59,9 +59,6 @@ MODES = {"fp32 eager": InferenceOptions(),
              "bf16", channels_last=True, compile="default", kernel_tuning="conv1x1-mm"),
          "bf16 + channels_last + compile + coordinate descent": InferenceOptions(
              "bf16", channels_last=True, compile="default", kernel_tuning="coordinate-descent"),
-         "fp8 + channels_last + compile": InferenceOptions("fp8", channels_last=True, compile="default"),
-         "fp8 + channels_last + compile + coordinate descent": InferenceOptions(
-             "fp8", channels_last=True, compile="default", kernel_tuning="coordinate-descent"),
          "bf16 + channels_last + compile max-autotune": InferenceOptions(
              "bf16", channels_last=True, compile="max-autotune-no-cudagraphs"),
          **{f"bf16 + channels_last + compile + {backend} attention": InferenceOptions(

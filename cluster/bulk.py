@@ -53,7 +53,7 @@ class BulkSettings:
     batch_size: int = 8
     num_samplers: int = 1
     sampler_num_cpus: float = 0.5
-    precision: str = "fp32"  # rdm.acceleration.InferenceOptions: fp32 | bf16-autocast | bf16 | fp8
+    precision: str = "fp32"  # rdm.acceleration.InferenceOptions: fp32 | bf16-autocast | bf16
     channels_last: bool = False
     compile: str | None = None
     kernel_tuning: str = "none"

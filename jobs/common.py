@@ -81,8 +81,7 @@ def add_inference_args(parser) -> None:
     from rdm.acceleration import ATTENTION_KERNELS, COMPILE_MODES, KERNEL_TUNINGS, PRECISIONS
 
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="fp32 (the reference path), bf16-autocast, bf16 (bf16 weights), or fp8 (bf16 and the "
-                             "UNet's transformer matmuls in float8; GPUs of compute capability 8.9+)")
+                        help="fp32 (the reference path), bf16-autocast, or bf16 (bf16 weights)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPUs)")
     parser.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile the UNet and decoder in this mode")
     parser.add_argument("--kernel-tuning", choices=list(KERNEL_TUNINGS), default="none",

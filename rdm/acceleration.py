@@ -7,12 +7,6 @@ reference. The others trade bit-exactness for speed on GPUs:
 - precision "bf16": the UNet's and autoencoder's weights stored in bfloat16 (no per-call weight casts),
   except the normalisation layers', which stay float32 as mixed-precision practice has it; still under
   autocast, so that what autocast keeps in float32 stays there;
-- precision "fp8": "bf16", and the matmuls of the UNet's transformer blocks on image tokens (the fused
-  self-attention projection, the cross-attention query, both attention outputs and the feed-forward) in
-  float8 e4m3 (`Float8Linear`: per-output-channel weight scales, per-token activation scales computed at
-  each call, float32 accumulation, bfloat16 out); a third of the RDM-768 UNet's FLOPs, and the fp8 tensor
-  cores do twice bf16's. Needs a GPU of compute capability 8.9 or more (Ada, Hopper) or the CPU; the
-  convolutions, the attention itself and the context's projections stay bfloat16;
 - channels_last: NHWC memory format for the convolutions (faster cuDNN kernels with bf16);
 - compile: `torch.compile` of the UNet and of the decoder, in one of torch's modes
   ("reduce-overhead" also captures CUDA graphs);
@@ -50,10 +44,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from rdm.attention import BasicTransformerBlock, CrossAttention
+from rdm.attention import CrossAttention
 from rdm.errors import ConfigError, InputError
 
-PRECISIONS = ("fp32", "bf16-autocast", "bf16", "fp8")
+PRECISIONS = ("fp32", "bf16-autocast", "bf16")
 NORMS = (nn.GroupNorm, nn.LayerNorm)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 RECOMPILE_LIMIT = 64
@@ -100,7 +94,7 @@ class InferenceOptions:
 
     @property
     def weight_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.precision in ("bf16", "fp8") else torch.float32
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
 
     @property
     def is_reference(self) -> bool:
@@ -117,74 +111,6 @@ class ChannelsLast(nn.Module):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         return self.module(x.contiguous(memory_format=torch.channels_last), *args, **kwargs)
-
-
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max
-FP8_MIN_SCALE = 1e-12 / FP8_MAX
-FP8_MIN_CAPABILITY = (8, 9)
-
-
-def _fp8_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x [M, K] as float8 with one float32 scale per row ([M, 1]): x ~ fp8 * scale, each row's largest
-    magnitude mapped to float8's largest finite value."""
-    x = x.float()
-    scale = (x.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=FP8_MIN_SCALE)
-    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
-
-
-class Float8Linear(nn.Module):
-    """A linear layer that multiplies in float8 e4m3: the weight quantised once per output channel, the input
-    per token at each call, float32 accumulation (`torch._scaled_mm`), bfloat16 out, bias added after."""
-
-    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        if self.in_features % 16 or self.out_features % 16:
-            raise ValueError(f"float8 matmuls need both dimensions divisible by 16, got {tuple(weight.shape)}")
-        quantised, scale = _fp8_rows(weight.detach())
-        self.register_buffer("weight", quantised)
-        self.register_buffer("weight_scale", scale.t().contiguous())  # [1, out_features]
-        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
-
-    @classmethod
-    def convertible(cls, layer: nn.Linear) -> bool:
-        return layer.in_features % 16 == 0 and layer.out_features % 16 == 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        rows, scale = _fp8_rows(x.reshape(-1, self.in_features))
-        out = torch._scaled_mm(rows, self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
-                               out_dtype=torch.bfloat16)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.unflatten(0, x.shape[:-1])
-
-
-def check_fp8_support(device: torch.device) -> None:
-    """ConfigError unless `device` multiplies float8 (torch's CUDA kernels need compute capability 8.9+)."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < FP8_MIN_CAPABILITY:
-        raise ConfigError(f"precision 'fp8' needs a GPU of compute capability {'.'.join(map(str, FP8_MIN_CAPABILITY))} "
-                          f"or more (Ada, Hopper), this one has {'.'.join(map(str, torch.cuda.get_device_capability(device)))}")
-
-
-def use_fp8_matmuls(unet: nn.Module) -> int:
-    """Replace the image-token matmuls of `unet`'s transformer blocks with `Float8Linear`s (after the
-    attention projections are fused); returns how many were replaced."""
-    replaced = 0
-    for block in unet.modules():
-        if not isinstance(block, BasicTransformerBlock):
-            continue
-        if block.attn1.fused_weight is not None and all(
-                Float8Linear.convertible(layer) for layer in (block.attn1.to_q, block.attn1.to_k, block.attn1.to_v)):
-            block.attn1.fused_fp8 = Float8Linear(block.attn1.fused_weight)
-            replaced += 1
-        for parent, name in ((block.attn1.to_out, "0"), (block.attn2.to_out, "0"), (block.attn2, "to_q"),
-                             (block.ff.net[0], "proj"), (block.ff.net, "2")):
-            layer = getattr(parent, name)
-            if isinstance(layer, nn.Linear) and Float8Linear.convertible(layer):
-                setattr(parent, name, Float8Linear(layer.weight, layer.bias))
-                replaced += 1
-    return replaced
 
 
 @dataclass
@@ -277,9 +203,6 @@ def prepare(model: nn.Module, options: InferenceOptions) -> PreparedModules:
             module.fuse_projections()  # after the casts: they would copy the views apart
             module.sdpa_backends = None if backend is None else [backend]
             module.flex = options.attention == "flex"
-        if options.precision == "fp8":
-            check_fp8_support(model.alphas_cumprod.device)
-            use_fp8_matmuls(model.unet)
         if model.alphas_cumprod.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
     if options.compile is not None:

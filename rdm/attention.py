@@ -32,7 +32,6 @@ class CrossAttention(nn.Module):
         self.register_buffer("fused_weight", None, persistent=False)
         self.sdpa_backends: list[SDPBackend] | None = None  # None: torch picks (an inference option)
         self.flex = False  # FlexAttention instead (an inference option, for compiled models)
-        self.fused_fp8: nn.Module | None = None  # the fused self-attention projection in float8 (an inference option)
 
     @torch.no_grad()
     def fuse_projections(self) -> None:
@@ -53,8 +52,7 @@ class CrossAttention(nn.Module):
     def project(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         if self.fused_weight is not None and (context is None) == self.is_self_attention:
             if context is None:
-                qkv = F.linear(x, self.fused_weight) if self.fused_fp8 is None else self.fused_fp8(x)
-                q, k, v = qkv.chunk(3, dim=-1)
+                q, k, v = F.linear(x, self.fused_weight).chunk(3, dim=-1)
                 return q, k, v
             k, v = F.linear(context, self.fused_weight).chunk(2, dim=-1)
             return self.to_q(x), k, v

@@ -85,9 +85,8 @@ class AppArgs(BaseModel):
     retriever_options: RetrieverOptions = Field(default_factory=RetrieverOptions,
                                                 description="the sharded retriever's actors (cluster.retriever)")
     refresh_interval_s: float = Field(30.0, ge=0, description="how often replicas look for new index versions (0: never)")
-    precision: Literal["fp32", "bf16-autocast", "bf16", "fp8"] = Field(
-        "fp32", description="fp32: the reference path; bf16-autocast; bf16: bf16 weights; fp8: bf16 and the "
-                            "UNet's transformer matmuls in float8, GPUs of compute capability 8.9+ (see rdm.acceleration)")
+    precision: Literal["fp32", "bf16-autocast", "bf16"] = Field(
+        "fp32", description="fp32: the reference path; bf16-autocast; bf16: bf16 weights (see rdm.acceleration)")
     channels_last: bool = False
     compile: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = Field(
         None, description="torch.compile mode for the UNet and decoder (None: eager)")
