@@ -25,6 +25,10 @@ class PromptTooLongError(InputError):
     """A prompt has more tokens than the CLIP text encoder's context length."""
 
 
+class SamplingStopped(RDMError):
+    """Sampling was stopped between steps because the caller's `stop()` said nobody wants the result."""
+
+
 class CheckpointError(RDMError):
     """A checkpoint file cannot be read."""
 

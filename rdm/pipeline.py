@@ -22,7 +22,7 @@ from torch import Tensor
 from rdm.acceleration import InferenceOptions, prepare
 from rdm.clip import ClipEncoder
 from rdm.conditioning import build_context, null_context
-from rdm.errors import InputError, ShapeError
+from rdm.errors import InputError, SamplingStopped, ShapeError
 from rdm.model import RDM
 from rdm.retrieval import Neighbors, Retriever, check_num_neighbors
 from rdm.sampling import SAMPLERS, GuidedEps, sample
@@ -85,6 +85,11 @@ def to_uint8(images: Tensor) -> np.ndarray:
     sends the host one byte per value instead of four (the same float32 operations, the same bytes)."""
     x = torch.clamp((images.float() + 1.0) / 2.0, min=0.0, max=1.0)
     return (255.0 * x).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def stop_if_asked(stop: Callable[[], bool] | None) -> None:
+    if stop is not None and stop():
+        raise SamplingStopped("sampling stopped: its caller no longer wants the result")
 
 
 def pad_rows(x: Tensor, padding: int) -> Tensor:
@@ -150,9 +155,10 @@ class Pipeline:
 
     @torch.no_grad()
     def sample_latents(self, context: Tensor, seeds: Sequence[int], params: SamplerParams, *,
-                       height: int, width: int, pad_to: int = 0) -> Tensor:
+                       height: int, width: int, pad_to: int = 0, stop: Callable[[], bool] | None = None) -> Tensor:
         """Latents [B, C, h, w] for contexts [B, M, D] and one seed per sample. `pad_to`: with compiled
-        modules, run at least that batch size (see `sample_images`)."""
+        modules, run at least that batch size (see `sample_images`). `stop`: asked before each step (on the
+        host: it waits for no device work); once it returns true, `SamplingStopped` is raised."""
         n = context.shape[0]
         if len(seeds) != n:
             raise ShapeError(f"{len(seeds)} seeds for {n} contexts")
@@ -162,9 +168,11 @@ class Pipeline:
         noise = SeededNoise(seeds, self.latent_shape(height, width), device=self.device)
         context = pad_rows(context.to(self.device), padding)
         eps_model = GuidedEps(self.modules.unet, context, null_context(context), params.guidance_scale)
+        stop_if_asked(stop)
         with self.modules.autocast(self.device):
             latents = sample(params.sampler, eps_model, noise.draw(), self.model.alphas_cumprod,
-                             num_steps=params.num_steps, eta=params.eta, noise=noise)
+                             num_steps=params.num_steps, eta=params.eta, noise=noise,
+                             callback=None if stop is None else lambda step: stop_if_asked(stop))
         return latents[:n].float()
 
     @torch.no_grad()
@@ -175,7 +183,7 @@ class Pipeline:
         return to_uint8(images[:n])
 
     def sample_images(self, context: Tensor, seeds: Sequence[int], params: SamplerParams, *, height: int,
-                      width: int, pad_to: int = 0) -> np.ndarray:
+                      width: int, pad_to: int = 0, stop: Callable[[], bool] | None = None) -> np.ndarray:
         """uint8 images [B, H, W, 3]: `sample_latents`, then `decode`, each run again as two halves, and so on
         down to single images, when it runs the accelerator out of memory (each image depends only on its own
         context and seed, so they are the same images; a decode that does not fit does not sample again). A
@@ -183,14 +191,19 @@ class Pipeline:
 
         `pad_to` (compiled modules only): pad a smaller batch up to that size, one already compiled, instead
         of compiling its own padded size (minutes for RDM-768, against one batch's seconds); the halves of
-        a batch out of memory are not padded back up."""
+        a batch out of memory are not padded back up.
+
+        `stop`: asked between sampling steps and before the decode; once it returns true, `SamplingStopped`
+        is raised (a server stops a batch whose every caller has gone)."""
         n = len(seeds)
 
         def pad(rows: slice) -> int:
             return pad_to if rows.stop - rows.start == n else 0
 
         latents = self._in_halves(lambda rows: self.sample_latents(context[rows], seeds[rows], params, height=height,
-                                                                   width=width, pad_to=pad(rows)), n, torch.cat)
+                                                                   width=width, pad_to=pad(rows), stop=stop),
+                                  n, torch.cat)
+        stop_if_asked(stop)
         return self._in_halves(lambda rows: self.decode(latents[rows], pad_to=pad(rows)), n, np.concatenate)
 
     def _in_halves(self, run: Callable[[slice], Any], n: int, join: Callable[[list], Any], start: int = 0) -> Any:

@@ -42,7 +42,7 @@ from cluster.serve.batching import ModelBatcher
 from cluster.serve.outputs import image_key, image_url, write_image
 from cluster.serve.schemas import AppArgs, GeneratedImage, GenerateRequest, GenerateResponse, NeighborOut
 from cluster.storage import open_store
-from rdm.errors import ConfigError, InputError, RDMError
+from rdm.errors import ConfigError, InputError, RDMError, SamplingStopped
 from rdm.pipeline import encode_png
 
 logger = logging.getLogger("ray.serve")
@@ -97,6 +97,9 @@ class Generator:
         self.m_queue = metrics.Gauge("rdm_generator_queue_depth", description="items waiting or sampling")
         self.m_oom = metrics.Counter("rdm_out_of_memory_splits",
                                      description="batches run again in halves after running out of accelerator memory")
+        self.m_stopped = metrics.Counter("rdm_sampling_stopped",
+                                         description="images whose sampling stopped between steps: every caller "
+                                                     "of their batch had gone")
         self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="rdm-deliver")
         self._delivering: list[Future] = []  # the last sampling group's image deliveries
         self._batcher = ModelBatcher(self._run_batch, max_batch_size=8, batch_wait_timeout_s=0.05)
@@ -163,10 +166,17 @@ class Generator:
         return self.pipeline.clip.encode_image(x)[0].cpu().numpy()
 
     async def generate(self, item: dict) -> dict:
+        """One image. A caller that goes away (Serve cancels this call) marks its item abandoned: still
+        queued, it is dropped (`ModelBatcher`); sampling, its batch stops between steps once every item of
+        it is abandoned; sampled, it is not encoded or written."""
         self.pending += 1
         self.m_queue.set(self.pending)
+        item["abandoned"] = threading.Event()  # read on the model and writer threads
         try:
             return await self._batcher.submit(item)
+        except asyncio.CancelledError:
+            item["abandoned"].set()
+            raise
         finally:
             self.pending -= 1
             self.m_queue.set(self.pending)
@@ -191,9 +201,14 @@ class Generator:
             size = self.pipeline.model.config.image_size
             splits = self.pipeline.out_of_memory_splits
             try:
-                pixels = self.pipeline.sample_images(contexts, [items[i]["seed"] for i in members],
-                                                     SamplerParams(sampler, steps, scale, eta), height=size,
-                                                     width=size)
+                pixels = self.pipeline.sample_images(
+                    contexts, [items[i]["seed"] for i in members], SamplerParams(sampler, steps, scale, eta),
+                    height=size, width=size, stop=lambda members=members: all(abandoned(items[i]) for i in members))
+            except SamplingStopped as error:
+                self.m_stopped.inc(len(members))
+                for i in members:
+                    results[i] = error
+                continue
             except torch.OutOfMemoryError as error:  # even one image: the replica is short of memory
                 for i in members:
                     results[i] = AcceleratorMemoryError(f"out of accelerator memory for one image ({error})"[:300])
@@ -218,6 +233,8 @@ class Generator:
         return results
 
     def _deliver(self, item: dict, pixels: np.ndarray, batch_size: int, elapsed: float) -> dict:
+        if abandoned(item):  # its caller went away while the batch sampled: nobody reads it
+            raise SamplingStopped("not delivered: its caller had gone")
         png = encode_png(pixels)
         out = {"seed": item["seed"], "batch_size": batch_size, "sampling_s": elapsed}
         if item["output"] == "inline":
@@ -227,6 +244,12 @@ class Generator:
                                        "inference": self.inference}
         write_image(self.store, key, png, metadata)
         return out | {"url": image_url(self.store, key, expires_s=self.url_expires_s)}
+
+
+def abandoned(item: dict) -> bool:
+    """Whether the item's caller has gone (an item that did not come through `Generator.generate` has none)."""
+    flag = item.get("abandoned")
+    return flag is not None and flag.is_set()
 
 
 def search_batch(resolve, items: list[tuple[str, np.ndarray, int]]) -> list:

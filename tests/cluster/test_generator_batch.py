@@ -39,7 +39,7 @@ def generator(tmp_path):
     gen.pipeline = Pipeline(load_model("tiny"))
     gen.model_name, gen.model_hash, gen.inference = "tiny", "hash", {}
     gen.store, gen.url_expires_s = open_store(str(tmp_path / "out")), 60
-    gen.m_images, gen.m_batch, gen.m_sampling, gen.m_oom = Recorder(), Recorder(), Recorder(), Recorder()
+    gen.m_images, gen.m_batch, gen.m_sampling, gen.m_oom, gen.m_stopped = (Recorder() for _ in range(5))
     gen._writers = ThreadPoolExecutor(4)
     gen._delivering, gen._compile_cache = [], None
     return gen
@@ -97,6 +97,32 @@ def test_an_image_that_does_not_fit_in_accelerator_memory_is_a_typed_error(gener
     assert all(isinstance(r, AcceleratorMemoryError) and "out of accelerator memory" in str(r) for r in results[:2])
     assert results[2]["seed"] == 3
     assert generator.m_oom.values == [1]  # the pair was split once before its single images failed too
+
+
+def test_a_group_whose_callers_all_left_stops_and_one_with_a_caller_left_is_delivered(generator, monkeypatch,
+                                                                                     tmp_path):
+    """Callers leave (Serve cancels `generate`, which marks the item) while the batch samples: a group whose
+    every item is abandoned stops at the next step (counted in `rdm_sampling_stopped`); a group with one
+    caller left samples to the end, and only that caller's image is written."""
+    gone, left = item(1, steps=50), item(2, steps=50)
+    mixed = [item(3), item(4)]
+    for abandoned in (gone, left, mixed[0]):
+        abandoned["abandoned"] = threading.Event()
+    unet, steps = generator.pipeline.modules.unet, []
+
+    def unet_whose_callers_leave(*args):
+        steps.append(len(args[0]))
+        if len(steps) == 2:  # the 50-step group's second step: both of its callers go
+            gone["abandoned"].set(), left["abandoned"].set(), mixed[0]["abandoned"].set()
+        return unet(*args)
+
+    monkeypatch.setattr(generator.pipeline.modules, "unet", unet_whose_callers_leave)
+    results = settled(generator._run_batch([gone, left, *mixed]))
+    assert all(type(r).__name__ == "SamplingStopped" for r in results[:3])
+    assert results[3]["seed"] == 4
+    assert steps == [4, 4] + [4] * 3  # 2 steps of the 50-step group (2 images, guided), then all 3 of the other
+    assert generator.m_stopped.values == [2] and generator.m_images.values == [2]
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*.png")) == ["4.png"]
 
 
 def test_the_next_batch_samples_while_the_last_one_is_delivered(generator, monkeypatch, tmp_path):

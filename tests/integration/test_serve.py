@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -84,6 +85,23 @@ def written_seeds(root: Path, seeds) -> list[int]:
 
 
 FAST = {"num_steps": 3, "sampler": "dpmpp_2m"}
+
+
+def scrape(ray_cluster) -> str:
+    """Every node's Prometheus metrics (Ray's export), concatenated."""
+    texts = []
+    for node in [ray_cluster.head_node, *ray_cluster.worker_nodes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_export_port}/metrics", timeout=10) as response:
+                texts.append(response.read().decode())
+        except OSError:
+            continue
+    return "\n".join(texts)
+
+
+def metric_total(ray_cluster, name: str) -> float:
+    """The sum of a metric's samples over its tags and nodes (0 before its first export)."""
+    return sum(float(value) for value in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", scrape(ray_cluster), re.M))
 
 
 def test_generate_writes_images_and_metadata(app_url):
@@ -238,6 +256,23 @@ def test_an_abandoned_request_is_dropped_before_sampling(app_url):
     assert written_seeds(root, [6000, 6001]) == []
 
 
+def test_a_batch_whose_every_caller_left_stops_between_steps(app_url, ray_cluster):
+    """A client that goes away while its own images sample: the batch stops at the next step rather than
+    run its hundreds of steps (`rdm_sampling_stopped` counts its images), writes nothing, and the next
+    request is served."""
+    url, root = app_url
+    before = metric_total(ray_cluster, "ray_rdm_sampling_stopped_total")
+    with pytest.raises((TimeoutError, urllib.error.URLError)):  # 4 images x 500 steps: far longer than 1.5 s
+        call(url, "/v1/generate", {"prompt": "left", "num_images": 4, "num_steps": 500, "sampler": "ddim",
+                                   "seed": 6100}, timeout=1.5)
+    assert call(url, "/v1/generate", {"prompt": "next", "seed": 6200, **FAST})[0] == 200
+    deadline = time.monotonic() + 60  # Ray exports metrics every few seconds
+    while metric_total(ray_cluster, "ray_rdm_sampling_stopped_total") < before + 4:
+        assert time.monotonic() < deadline, "the abandoned batch was not stopped (queued, or sampled to the end)"
+        time.sleep(2)
+    assert written_seeds(root, range(6100, 6104)) == [] and written_seeds(root, [6200]) == [6200]
+
+
 def test_overload_is_a_503_with_retry_after_not_an_endless_wait(app_url):
     """While a long batch holds the Generator's 8 slots, 16 requests wait in its queue (their CLIP
     embeddings are Generator calls too); requests past that are answered at once with 503 `overloaded` and
@@ -358,23 +393,16 @@ def test_our_metrics_reach_rays_prometheus_endpoint(app_url, ray_cluster):
     url, _ = app_url
     assert call(url, "/v1/generate", {"prompt": "a boat", "database": "art", "num_neighbors": 2, "output": "inline",
                                       **FAST})[0] == 200
-    ports = [n.metrics_export_port for n in [ray_cluster.head_node, *ray_cluster.worker_nodes]]
-    import re
-
     dashboard = (Path(__file__).resolve().parents[2] / "infra" / "grafana" / "rdm-serving.json").read_text()
     wanted = set(re.findall(r"ray_rdm_\w+", dashboard))  # every series the Grafana dashboard plots,
-    failure_only = {"ray_rdm_out_of_memory_splits_total"}  # but counters of failures this healthy run has not had
+    # but counters of events a healthy run need not have had
+    failure_only = {"ray_rdm_out_of_memory_splits_total", "ray_rdm_sampling_stopped_total"}
     assert failure_only <= wanted
     wanted -= failure_only
     assert len(wanted) >= 6
     deadline, seen = time.monotonic() + 60, set()
     while time.monotonic() < deadline and not wanted <= seen:
-        for port in ports:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-                    text = response.read().decode()
-            except OSError:
-                continue
-            seen |= {name for name in wanted if re.search(rf"^{name}[{{ ]", text, re.M)}
+        text = scrape(ray_cluster)
+        seen |= {name for name in wanted if re.search(rf"^{name}[{{ ]", text, re.M)}
         time.sleep(2)
     assert wanted <= seen, wanted - seen

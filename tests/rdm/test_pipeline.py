@@ -163,3 +163,33 @@ def test_a_decode_out_of_accelerator_memory_decodes_in_halves_without_sampling_a
     images = pipeline.sample_images(context, [1, 2, 3, 4, 5], FAST, height=32, width=32)
     assert sampled == [5] and decoded == [5, 2, 3, 1, 2] and pipeline.out_of_memory_splits == 2
     assert np.abs(images.astype(int) - expected).max() <= 1
+
+
+def test_sampling_stops_between_steps_once_asked(lively_tiny_model):
+    """`stop` is asked before every step: the UNet runs no step after it says so, the decode does not run,
+    and the caller gets SamplingStopped; a stop that never fires changes nothing."""
+    from rdm.errors import SamplingStopped
+
+    pipeline = Pipeline(lively_tiny_model)
+    context = torch.nn.functional.normalize(torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(4)), dim=-1)
+    params = SamplerParams("ddim", 10, 3.0)
+    expected = pipeline.sample_images(context, [1, 2], params, height=32, width=32)
+    unet, decode, steps, asked = pipeline.modules.unet, pipeline.modules.decode, [], []
+
+    def counted_unet(*args):
+        steps.append(1)
+        return unet(*args)
+
+    def stop_after_three() -> bool:
+        asked.append(len(steps))
+        return len(steps) >= 3
+
+    pipeline.modules.unet = counted_unet
+    pipeline.modules.decode = lambda latents: pytest.fail("decoded a stopped batch")
+    with pytest.raises(SamplingStopped):
+        pipeline.sample_images(context, [1, 2], params, height=32, width=32, stop=stop_after_three)
+    assert len(steps) == 3 and asked == [0, 1, 2, 3]
+    pipeline.modules.decode = decode
+    steps.clear()
+    images = pipeline.sample_images(context, [1, 2], params, height=32, width=32, stop=lambda: False)
+    assert len(steps) == 10 and np.array_equal(images, expected)
