@@ -142,13 +142,22 @@ def pin_index_versions(settings: BulkSettings, rows: list[PromptRow], store) -> 
     output, written by its first run), else the published ones; `settings.index_versions` overrides them
     ("current": the published one). The result is recorded for the next run. A pinned version that is gone
     from the index (pruned) is an IndexVersionError: resuming with another would mix versions silently.
-    Databases that do not exist are left out (their rows fail as unknown databases)."""
+    Databases that do not exist are left out (their rows fail as unknown databases). An override for a
+    database that no row names (a typo would otherwise be ignored), or without an index, is an
+    IndexVersionError."""
+    named = {row.database for row in rows if row.database}
+    unused = sorted(set(settings.index_versions) - named)
+    if settings.index_versions and settings.index_uri is None:
+        raise IndexVersionError("--index-version needs --index-uri: this job retrieves from no index")
+    if unused:
+        raise IndexVersionError(f"--index-version names database(s) {', '.join(unused)}, which no prompt row uses "
+                                f"(rows name: {', '.join(sorted(named)) or 'none'})")
     if settings.index_uri is None:
         return {}
     recorded = json.loads(store.read_bytes(JOB_STATE)).get("index_versions", {}) if store.exists(JOB_STATE) else {}
     index = open_store(settings.index_uri)
     pins = {}
-    for database in sorted({row.database for row in rows if row.database}):
+    for database in sorted(named):
         try:
             check_database_name(database)
         except InputError:

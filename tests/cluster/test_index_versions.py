@@ -131,3 +131,27 @@ def test_cli_lists_rolls_back_and_prunes(tmp_path, capsys):
     assert not (tmp_path / "index" / "art" / "versions" / second).exists()  # no empty folders left behind
     assert index_main(["prune", "art", "--index", index, "--keep", "-1"]) == 2
     assert index_main(["versions", "nothing", "--index", index]) == 2
+
+
+def test_a_bulk_job_pins_the_versions_its_rows_use_and_refuses_pins_they_do_not(tmp_path):
+    """`pin_index_versions` (the bulk job's first step): the published version of each database the rows
+    name, recorded in the output and kept by the next run after another publish; an `--index-version` for a
+    database no row names (a typo) or for a job without an index is a typed error, not silently ignored."""
+    from cluster.bulk import BulkSettings, pin_index_versions
+    from cluster.prompts import PromptRow
+
+    index, out = open_store(str(tmp_path / "index")), open_store(str(tmp_path / "out"))
+    first, second = version_at(2), version_at(1)
+    write_version(index, "art", first)
+    rows = [PromptRow(1, "a boat", "art", 1, None, None), PromptRow(2, "a tree", None, 1, None, None)]
+    settings = BulkSettings(index_uri=index.uri)
+    assert pin_index_versions(settings, rows, out) == {"art": first}
+    write_version(index, "art", second)
+    assert pin_index_versions(settings, rows, out) == {"art": first}  # resumed: the version it started with
+    assert pin_index_versions(BulkSettings(index_uri=index.uri, index_versions={"art": "current"}), rows, out) == {
+        "art": second}
+    with pytest.raises(IndexVersionError, match=r"database\(s\) atr, which no prompt row uses \(rows name: art\)"):
+        pin_index_versions(BulkSettings(index_uri=index.uri, index_versions={"atr": "current"}), rows, out)
+    with pytest.raises(IndexVersionError, match="needs --index-uri"):
+        pin_index_versions(BulkSettings(index_versions={"art": first}), rows, out)
+    assert json.loads(out.read_bytes("job.json")) == {"index_versions": {"art": second}}
