@@ -148,7 +148,7 @@ def pin_index_versions(settings: BulkSettings, rows: list[PromptRow], store) -> 
     named = {row.database for row in rows if row.database}
     unused = sorted(set(settings.index_versions) - named)
     if settings.index_versions and settings.index_uri is None:
-        raise IndexVersionError("--index-version needs --index-uri: this job retrieves from no index")
+        raise IndexVersionError("--index-version needs an index (--index): this job retrieves from none")
     if unused:
         raise IndexVersionError(f"--index-version names database(s) {', '.join(unused)}, which no prompt row uses "
                                 f"(rows name: {', '.join(sorted(named)) or 'none'})")

@@ -152,6 +152,6 @@ def test_a_bulk_job_pins_the_versions_its_rows_use_and_refuses_pins_they_do_not(
         "art": second}
     with pytest.raises(IndexVersionError, match=r"database\(s\) atr, which no prompt row uses \(rows name: art\)"):
         pin_index_versions(BulkSettings(index_uri=index.uri, index_versions={"atr": "current"}), rows, out)
-    with pytest.raises(IndexVersionError, match="needs --index-uri"):
+    with pytest.raises(IndexVersionError, match=r"needs an index \(--index\)"):
         pin_index_versions(BulkSettings(index_versions={"art": first}), rows, out)
     assert json.loads(out.read_bytes("job.json")) == {"index_versions": {"art": second}}
