@@ -59,11 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--to", metavar="VERSION", help="the version (default: the one published before CURRENT)")
     rollback.add_argument("--serve-url", help="a running app to tell to swap now (token from RDM_API_TOKEN)")
     prune = sub.add_parser("prune", help="delete old versions: all but CURRENT, the --keep newest published ones "
-                                         "and those younger than --min-age-hours")
+                                         "and those built or last current within --min-age-hours")
     prune.add_argument("--keep", type=int, default=2, help="published versions to keep besides CURRENT (default 2)")
     prune.add_argument("--min-age-hours", type=float, default=24.0,
-                       help="never delete a version younger than this: a build in progress, a version replicas "
-                            "may still be loading (default 24)")
+                       help="never delete a version built or last current within this many hours: a build in "
+                            "progress, a version replicas may still be serving or loading (default 24)")
     prune.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
     for p in (versions, rollback, prune):
         p.add_argument("database", help="database name")
@@ -159,6 +159,7 @@ def describe(info) -> dict:
     manifest = info.manifest
     return {"version": info.version, "status": info.status,
             "created": info.created.strftime("%Y-%m-%d %H:%M:%S") if info.created else None,
+            "last_current": info.retired.strftime("%Y-%m-%d %H:%M:%S") if info.retired else None,
             "count": manifest.count if manifest else None, "shards": len(manifest.shards) if manifest else None,
             "index_spec": manifest.index_spec if manifest else None,
             "recall": manifest.recall.get("recall") if manifest else None,
@@ -176,12 +177,13 @@ def run_versions(args: argparse.Namespace) -> None:
         for row in rows:
             print(json.dumps(row))
         return
-    print(f"{'version':<25} {'status':<10} {'created (UTC)':<19} {'vectors':>10} {'shards':>6} {'index':<14} "
-          f"{'recall':>6} {'MB':>9}")
+    print(f"{'version':<25} {'status':<10} {'created (UTC)':<19} {'last current (UTC)':<19} {'vectors':>10} "
+          f"{'shards':>6} {'index':<14} {'recall':>6} {'MB':>9}")
     for r in rows:
         recall = "-" if r["recall"] is None else f"{r['recall']:.3f}"
         size = "-" if r["size_bytes"] is None else f"{r['size_bytes'] / 1e6:.1f}"
-        print(f"{r['version']:<25} {r['status']:<10} {r['created'] or '-':<19} {r['count'] or '-':>10} "
+        last = "now" if r["status"] == "current" else r["last_current"] or "-"
+        print(f"{r['version']:<25} {r['status']:<10} {r['created'] or '-':<19} {last:<19} {r['count'] or '-':>10} "
               f"{r['shards'] or '-':>6} {r['index_spec'] or '-':<14} {recall:>6} {size:>9}")
 
 

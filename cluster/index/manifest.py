@@ -93,20 +93,45 @@ class Manifest:
             raise CorruptShardError(uri, f"invalid manifest: {err}") from err
 
 
-def publish(store: ObjectStore, manifest: Manifest) -> None:
+def publish(store: ObjectStore, manifest: Manifest, *, now: datetime | None = None) -> None:
     """Write the version's manifest, then flip CURRENT to it (the shard files must already be written)."""
     store.write_bytes(join(manifest.prefix, "manifest.json"), manifest.to_json())
-    set_current(store, manifest.database, manifest.version)
+    set_current(store, manifest.database, manifest.version, now=now)
 
 
-def set_current(store: ObjectStore, database: str, version: str) -> None:
-    """Point CURRENT at `version` (one atomic write: readers see the old version or this one)."""
-    store.write_bytes(join(database, "CURRENT"), json.dumps({"version": version}).encode())
+RETIRED_KEPT = 100
+"""How many versions' retirement times CURRENT remembers (the newest)."""
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def set_current(store: ObjectStore, database: str, version: str, *, now: datetime | None = None) -> None:
+    """Point CURRENT at `version` (one atomic write: readers see the old version or this one). CURRENT also
+    remembers when each earlier version stopped being current (`retired_times`), so that pruning can spare
+    a version that served until minutes ago, whatever its build's age."""
+    key = join(database, "CURRENT")
+    try:
+        before = json.loads(store.read_bytes(key))
+    except ObjectNotFoundError:
+        before = {}
+    retired = dict(before.get("retired", {}))
+    if before.get("version") not in (None, version):
+        retired[before["version"]] = (now or datetime.now(timezone.utc)).strftime(TIME_FORMAT)
+    retired.pop(version, None)
+    newest = sorted(retired.items(), key=lambda item: item[1])[-RETIRED_KEPT:]
+    store.write_bytes(key, json.dumps({"version": version, "retired": dict(newest)}).encode())
 
 
 def current_version(store: ObjectStore, database: str) -> str:
     """The version CURRENT names (ObjectNotFoundError if the database was never published)."""
     return json.loads(store.read_bytes(join(database, "CURRENT")))["version"]
+
+
+def retired_times(store: ObjectStore, database: str) -> dict[str, datetime]:
+    """{version: when it last stopped being CURRENT} (ObjectNotFoundError if never published); versions
+    retired before CURRENT recorded this (or past the newest RETIRED_KEPT) are absent."""
+    record = json.loads(store.read_bytes(join(database, "CURRENT")))
+    return {version: datetime.strptime(at, TIME_FORMAT).replace(tzinfo=timezone.utc)
+            for version, at in record.get("retired", {}).items()}
 
 
 def load_manifest(store: ObjectStore, database: str, version: str | None = None) -> Manifest:

@@ -6,11 +6,12 @@ failed or is still running ("incomplete"). Version names are UTC timestamps (`ne
 by age and say when their build started.
 
 Rolling back is one atomic write of CURRENT, after checking that every file the target's manifest names is
-still there; serving replicas swap to it at their next refresh, as they do for a new build. Pruning keeps
-CURRENT, the `keep` newest other published versions (the rollback targets) and anything younger than
-`min_age_s` (a build in progress, a version replicas may still be loading), and deletes the rest, each
-version's manifest first: a prune that stops half-way leaves an incomplete version, never a manifest
-naming deleted files.
+still there; serving replicas swap to it at their next refresh, as they do for a new build. CURRENT also
+records when each version stopped being current. Pruning keeps CURRENT, the `keep` newest other published
+versions (the rollback targets) and anything whose build started, or which was last current, less than
+`min_age_s` ago (a build in progress; a version replicas may still be serving or loading), and deletes the
+rest, each version's manifest first: a prune that stops half-way leaves an incomplete version, never a
+manifest naming deleted files.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from cluster.index.manifest import (
     current_version,
     list_databases,
     load_manifest,
+    retired_times,
     set_current,
 )
 from cluster.storage import LocalStore, ObjectStore, join
@@ -40,6 +42,7 @@ class VersionInfo:
     status: str  # "current", "published" (CURRENT once: a rollback target) or "incomplete" (no manifest)
     manifest: Manifest | None
     num_files: int
+    retired: datetime | None = None  # when it last stopped being CURRENT (None: never was, or not recorded)
 
     @property
     def created(self) -> datetime | None:
@@ -48,6 +51,12 @@ class VersionInfo:
             return datetime.strptime(self.version, VERSION_FORMAT).replace(tzinfo=timezone.utc)
         except ValueError:
             return None
+
+    @property
+    def last_used(self) -> datetime | None:
+        """The later of its build's start and its last day as CURRENT: what pruning measures age from."""
+        times = [t for t in (self.created, self.retired) if t is not None]
+        return max(times) if times else None
 
     @property
     def size_bytes(self) -> int | None:
@@ -69,6 +78,7 @@ def list_versions(store: ObjectStore, database: str) -> list[VersionInfo]:
     except ObjectNotFoundError as err:
         raise UnknownDatabaseError(f"no published database {database!r} in {store.uri}; known: "
                                    f"{', '.join(list_databases(store)) or 'none'}") from err
+    retired = retired_times(store, database)
     files: dict[str, list[str]] = defaultdict(list)
     prefix = _versions_prefix(database)
     for key in store.list(prefix):
@@ -79,11 +89,12 @@ def list_versions(store: ObjectStore, database: str) -> list[VersionInfo]:
         published = join(database, "versions", version, "manifest.json") in files[version]
         manifest = load_manifest(store, database, version) if published else None
         status = "current" if version == current else "published" if published else "incomplete"
-        versions.append(VersionInfo(version, status, manifest, len(files[version])))
+        versions.append(VersionInfo(version, status, manifest, len(files[version]), retired.get(version)))
     return versions
 
 
-def rollback(store: ObjectStore, database: str, to: str | None = None) -> tuple[str, Manifest]:
+def rollback(store: ObjectStore, database: str, to: str | None = None, *,
+             now: datetime | None = None) -> tuple[str, Manifest]:
     """Point CURRENT at version `to` (default: the newest published version before the current one), once
     every file its manifest names is found. Returns (the version CURRENT named before, the new manifest)."""
     versions = list_versions(store, database)
@@ -111,15 +122,15 @@ def rollback(store: ObjectStore, database: str, to: str | None = None) -> tuple[
         raise IndexVersionError(f"{database} {target.version}: {len(missing)} of its files are gone "
                                 f"(first: {missing[0]}); not rolled back")
     if target.version != current.version:
-        set_current(store, database, target.version)
+        set_current(store, database, target.version, now=now)
     return current.version, manifest
 
 
 def prune(store: ObjectStore, database: str, *, keep: int = 2, min_age_s: float = 86_400, dry_run: bool = False,
           now: datetime | None = None) -> list[VersionInfo]:
     """Delete the versions that are not CURRENT, not among the `keep` newest other published versions, and
-    at least `min_age_s` old (a version whose age its name does not tell is kept). Returns them, oldest
-    first; with `dry_run`, deletes nothing."""
+    whose build started and which stopped being CURRENT at least `min_age_s` ago (a version whose age its
+    name does not tell is kept). Returns them, oldest first; with `dry_run`, deletes nothing."""
     if keep < 0 or min_age_s < 0:
         raise IndexVersionError(f"keep and the minimum age must be >= 0, got {keep} and {min_age_s}")
     versions = list_versions(store, database)
@@ -127,7 +138,7 @@ def prune(store: ObjectStore, database: str, *, keep: int = 2, min_age_s: float 
     published = [v.version for v in versions if v.status == "published"]
     kept = set(published[len(published) - keep:]) if keep else set()
     doomed = [v for v in versions if v.status != "current" and v.version not in kept and v.created is not None
-              and (now - v.created).total_seconds() >= min_age_s]
+              and (now - v.last_used).total_seconds() >= min_age_s]
     for info in [] if dry_run else doomed:
         prefix = join(database, "versions", info.version) + "/"
         keys = [key for key in store.list(prefix) if key.startswith(prefix)]

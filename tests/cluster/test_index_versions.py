@@ -21,7 +21,8 @@ def version_at(hours_ago: float) -> str:
 
 def write_version(store, database: str, version: str, *, count: int = 10, published: bool = True) -> None:
     """A version's two shards as `build_index` lays them out; `published` writes the manifest and flips
-    CURRENT (as `publish` does), else the files only (a failed or running build)."""
+    CURRENT (as `publish` does, as if the build had taken no time), else the files only (a failed or
+    running build)."""
     shards = []
     for shard_id in range(2):
         files = {}
@@ -31,7 +32,8 @@ def write_version(store, database: str, version: str, *, count: int = 10, publis
         shards.append(ShardInfo(shard_id, count // 2, files, {name: 100 for name in files}))
     if published:
         publish(store, Manifest(database=database, version=version, count=count, dim=16, index_spec="Flat",
-                                nprobe=1, shards=tuple(shards), recall={"k": 5, "recall": 1.0}))
+                                nprobe=1, shards=tuple(shards), recall={"k": 5, "recall": 1.0}),
+                now=datetime.strptime(version, "v%Y%m%dT%H%M%S%fZ").replace(tzinfo=timezone.utc))
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -95,7 +97,7 @@ def test_prune_keeps_current_the_newest_published_and_the_young(store):
         write_version(store, "art", version)
     for version in (failed, running):
         write_version(store, "art", version, published=False)
-    rollback(store, "art", to=newer)  # current is now published-but-not-current, newer is CURRENT
+    rollback(store, "art", to=newer, now=NOW - timedelta(hours=10))  # current: published, not CURRENT
     assert [v.version for v in prune(store, "art", keep=1, min_age_s=3 * 3600, now=NOW, dry_run=True)] == [
         oldest, old, failed]
     assert len(list_versions(store, "art")) == 6  # a dry run deletes nothing
@@ -110,6 +112,23 @@ def test_prune_keeps_current_the_newest_published_and_the_young(store):
         prune(store, "art", keep=-1)
 
 
+def test_prune_spares_a_version_that_was_current_until_recently_however_old_its_build(store):
+    """Age counts from the later of a version's build and its last moment as CURRENT (recorded in CURRENT
+    at each flip): a version rolled back from an hour ago may still be in replicas' memory."""
+    first, second, third = version_at(72), version_at(48), version_at(30)
+    for version in (first, second, third):
+        write_version(store, "art", version)
+    rollback(store, "art", to=first, now=NOW - timedelta(hours=1))  # third served until an hour ago
+    versions = {v.version: v for v in list_versions(store, "art")}
+    assert versions[third].retired == NOW - timedelta(hours=1) and versions[third].last_used == versions[third].retired
+    assert versions[second].retired == NOW - timedelta(hours=30)  # when third was published
+    assert versions[first].retired is None and versions[first].status == "current"
+    assert [v.version for v in prune(store, "art", keep=0, min_age_s=3 * 3600, now=NOW)] == [second]
+    assert [v.version for v in prune(store, "art", keep=0, min_age_s=3 * 3600, now=NOW + timedelta(hours=3))] == [
+        third]
+    assert [(v.version, v.status) for v in list_versions(store, "art")] == [(first, "current")]
+
+
 def test_cli_lists_rolls_back_and_prunes(tmp_path, capsys):
     store = open_store(str(tmp_path / "index"))
     first, second = version_at(50), version_at(40)
@@ -120,6 +139,7 @@ def test_cli_lists_rolls_back_and_prunes(tmp_path, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["version"], r["status"], r["count"], r["size_bytes"]) for r in rows] == [
         (first, "published", 10, 400), (second, "current", 10, 400)]
+    assert [r["last_current"] for r in rows] == [(NOW - timedelta(hours=40)).strftime("%Y-%m-%d %H:%M:%S"), None]
     assert index_main(["versions", "art", "--index", index]) == 0
     assert second in capsys.readouterr().out
     assert index_main(["rollback", "art", "--index", index]) == 0
