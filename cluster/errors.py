@@ -43,6 +43,10 @@ class IndexVersionError(ClusterError, InputError):
     """A database version cannot be rolled back to (unknown, never published, or with files missing)."""
 
 
+class IndexLockedError(ClusterError):
+    """Another rollback or prune holds the database's lock (or took it over from this one)."""
+
+
 class AcceleratorMemoryError(ClusterError):
     """A single image did not fit in the accelerator's memory (larger batches are split first)."""
 

@@ -3,10 +3,18 @@
 URIs are `s3://bucket/prefix/...` or local paths. S3 settings come from the standard AWS environment
 (credentials, region, `AWS_ENDPOINT_URL`), plus `RDM_S3_ENDPOINT_URL` to point at an S3-compatible
 server such as SeaweedFS or MinIO. Writes are atomic: a reader sees the old object or the new one.
+
+Conditional writes (`create`, `replace_if`) are what locks are built from: on S3 they are the server's
+conditional PUTs (`If-None-Match: *`, `If-Match: ETag`; AWS S3, SeaweedFS and MinIO enforce them); on a
+folder, a hard link (create) and a check and rename under `flock` (replace), so between processes of
+one host.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -30,6 +38,13 @@ class ObjectStore(Protocol):
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str = "") -> list[str]: ...
     def delete(self, key: str) -> None: ...
+    def create(self, key: str, data: bytes) -> str | None: ...
+    def read_tagged(self, key: str) -> tuple[bytes, str]: ...
+    def replace_if(self, key: str, data: bytes, tag: str) -> str | None: ...
+
+
+class _PreconditionFailed(StorageError):
+    """A conditional write found the object other than it required (internal to this module)."""
 
 
 def join(*parts: str) -> str:
@@ -57,15 +72,63 @@ class LocalStore:
     def write_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            os.replace(self._temporary(path, data), path)
         except OSError as err:
             raise StorageError(str(path), f"cannot write: {err}") from err
+
+    @staticmethod
+    def _temporary(path: Path, data: bytes) -> str:
+        """A hidden file beside `path` holding `data`, flushed to disk."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
+
+    def create(self, key: str, data: bytes) -> str | None:
+        """Write `key` only if it does not exist; its tag, or None if it exists."""
+        path = self._path(key)
+        try:
+            tmp = self._temporary(path, data)
+            try:
+                os.link(tmp, path)  # atomic, and fails if the name exists
+            except FileExistsError:
+                return None
+            finally:
+                os.unlink(tmp)
+        except OSError as err:
+            raise StorageError(str(path), f"cannot write: {err}") from err
+        return _content_tag(data)
+
+    def read_tagged(self, key: str) -> tuple[bytes, str]:
+        """The object and its tag (for `replace_if`)."""
+        data = self.read_bytes(key)
+        return data, _content_tag(data)
+
+    def replace_if(self, key: str, data: bytes, tag: str) -> str | None:
+        """Overwrite `key` only if it still has `tag`; the new tag, or None if it changed or is gone."""
+        path = self._path(key)
+        try:
+            with self._guard(path):
+                try:
+                    if _content_tag(path.read_bytes()) != tag:
+                        return None
+                except FileNotFoundError:
+                    return None
+                os.replace(self._temporary(path, data), path)
+        except OSError as err:
+            raise StorageError(str(path), f"cannot write: {err}") from err
+        return _content_tag(data)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _guard(path: Path):
+        """An exclusive `flock` on a hidden file beside `path`: one conditional replace at a time per host."""
+        with open(path.parent / f".{path.name}.guard", "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            yield
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -114,6 +177,8 @@ class S3Store:
                                                "or an AWS profile") from err
         except ClientError as err:
             code = str(err.response.get("Error", {}).get("Code", ""))
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                raise _PreconditionFailed(uri, f"S3 refused a conditional write ({code})") from err
             if code in ("NoSuchKey", "404", "NotFound"):
                 raise ObjectNotFoundError(uri, "does not exist") from err
             if code == "NoSuchBucket":
@@ -151,9 +216,32 @@ class S3Store:
     def delete(self, key: str) -> None:
         self._call(key, "delete_object", Key=self._key(key))
 
+    def create(self, key: str, data: bytes) -> str | None:
+        """Write `key` only if it does not exist (`If-None-Match: *`); its ETag, or None if it exists."""
+        try:
+            return self._call(key, "put_object", Key=self._key(key), Body=data, IfNoneMatch="*")["ETag"]
+        except _PreconditionFailed:
+            return None
+
+    def read_tagged(self, key: str) -> tuple[bytes, str]:
+        """The object and its ETag (for `replace_if`)."""
+        response = self._call(key, "get_object", Key=self._key(key))
+        return response["Body"].read(), response["ETag"]
+
+    def replace_if(self, key: str, data: bytes, tag: str) -> str | None:
+        """Overwrite `key` only if its ETag is still `tag` (`If-Match`); the new ETag, or None."""
+        try:
+            return self._call(key, "put_object", Key=self._key(key), Body=data, IfMatch=tag)["ETag"]
+        except (_PreconditionFailed, ObjectNotFoundError):
+            return None
+
     def presigned_url(self, key: str, expires_s: int = 3600) -> str:
         return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": self._key(key)},
                                                   ExpiresIn=expires_s)
+
+
+def _content_tag(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def s3_client():

@@ -11,7 +11,8 @@ records when each version stopped being current. Pruning keeps CURRENT, the `kee
 versions (the rollback targets) and anything whose build started, or which was last current, less than
 `min_age_s` ago (a build in progress; a version replicas may still be serving or loading), and deletes the
 rest, each version's manifest first: a prune that stops half-way leaves an incomplete version, never a
-manifest naming deleted files.
+manifest naming deleted files. Rollback and prune each hold the database's lock (`cluster.index.lock`), so
+they never run at once on one database.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cluster.errors import IndexVersionError, ObjectNotFoundError, UnknownDatabaseError
+from cluster.index.lock import database_lock
 from cluster.index.manifest import (
     Manifest,
     check_database_name,
@@ -72,12 +74,7 @@ def _versions_prefix(database: str) -> str:
 
 def list_versions(store: ObjectStore, database: str) -> list[VersionInfo]:
     """Every version of `database` under `store`, oldest first."""
-    check_database_name(database)
-    try:
-        current = current_version(store, database)
-    except ObjectNotFoundError as err:
-        raise UnknownDatabaseError(f"no published database {database!r} in {store.uri}; known: "
-                                   f"{', '.join(list_databases(store)) or 'none'}") from err
+    current = _current(store, database)
     retired = retired_times(store, database)
     files: dict[str, list[str]] = defaultdict(list)
     prefix = _versions_prefix(database)
@@ -93,61 +90,82 @@ def list_versions(store: ObjectStore, database: str) -> list[VersionInfo]:
     return versions
 
 
+def _current(store: ObjectStore, database: str) -> str:
+    check_database_name(database)
+    try:
+        return current_version(store, database)
+    except ObjectNotFoundError as err:
+        raise UnknownDatabaseError(f"no published database {database!r} in {store.uri}; known: "
+                                   f"{', '.join(list_databases(store)) or 'none'}") from err
+
+
 def rollback(store: ObjectStore, database: str, to: str | None = None, *,
              now: datetime | None = None) -> tuple[str, Manifest]:
     """Point CURRENT at version `to` (default: the newest published version before the current one), once
-    every file its manifest names is found. Returns (the version CURRENT named before, the new manifest)."""
-    versions = list_versions(store, database)
-    (current,) = [v for v in versions if v.status == "current"]
-    published = [v.version for v in versions if v.status == "published"]
-    if to is None:
-        earlier = [v for v in versions if v.status == "published" and v.version < current.version]
-        if not earlier:
-            raise IndexVersionError(f"{database}: no published version before {current.version} to roll back to")
-        target = earlier[-1]
-    else:
-        target = next((v for v in versions if v.version == to), None)
-        if target is None:
-            raise IndexVersionError(f"{database} has no version {to!r}; published ones besides the current "
-                                    f"{current.version}: {', '.join(published) or 'none'}")
-        if target.status == "incomplete":
-            raise IndexVersionError(f"{database} {to} was never published (no manifest): a build that failed or "
-                                    "is still running")
-    if target.manifest is None:  # CURRENT names a version whose manifest is gone
-        raise IndexVersionError(f"{database} {target.version} has no manifest")
-    manifest = target.manifest
-    missing = [key for shard in manifest.shards for name in shard.files
-               if not store.exists(key := manifest.shard_key(shard.shard_id, name))]
-    if missing:
-        raise IndexVersionError(f"{database} {target.version}: {len(missing)} of its files are gone "
-                                f"(first: {missing[0]}); not rolled back")
-    if target.version != current.version:
-        set_current(store, database, target.version, now=now)
-    return current.version, manifest
+    every file its manifest names is found, holding the database's lock. Returns (the version CURRENT
+    named before, the new manifest)."""
+    _current(store, database)  # an unknown database is refused before anything is written
+    with database_lock(store, database, "rollback"):
+        versions = list_versions(store, database)
+        (current,) = [v for v in versions if v.status == "current"]
+        published = [v.version for v in versions if v.status == "published"]
+        if to is None:
+            earlier = [v for v in versions if v.status == "published" and v.version < current.version]
+            if not earlier:
+                raise IndexVersionError(f"{database}: no published version before {current.version} to roll back to")
+            target = earlier[-1]
+        else:
+            target = next((v for v in versions if v.version == to), None)
+            if target is None:
+                raise IndexVersionError(f"{database} has no version {to!r}; published ones besides the current "
+                                        f"{current.version}: {', '.join(published) or 'none'}")
+            if target.status == "incomplete":
+                raise IndexVersionError(f"{database} {to} was never published (no manifest): a build that failed or "
+                                        "is still running")
+        if target.manifest is None:  # CURRENT names a version whose manifest is gone
+            raise IndexVersionError(f"{database} {target.version} has no manifest")
+        manifest = target.manifest
+        missing = [key for shard in manifest.shards for name in shard.files
+                   if not store.exists(key := manifest.shard_key(shard.shard_id, name))]
+        if missing:
+            raise IndexVersionError(f"{database} {target.version}: {len(missing)} of its files are gone "
+                                    f"(first: {missing[0]}); not rolled back")
+        if target.version != current.version:
+            set_current(store, database, target.version, now=now)
+        return current.version, manifest
 
 
 def prune(store: ObjectStore, database: str, *, keep: int = 2, min_age_s: float = 86_400, dry_run: bool = False,
           now: datetime | None = None) -> list[VersionInfo]:
     """Delete the versions that are not CURRENT, not among the `keep` newest other published versions, and
     whose build started and which stopped being CURRENT at least `min_age_s` ago (a version whose age its
-    name does not tell is kept). Returns them, oldest first; with `dry_run`, deletes nothing."""
+    name does not tell is kept). Returns them, oldest first; with `dry_run`, deletes nothing. Deletes holding
+    the database's lock, renewed after each version."""
     if keep < 0 or min_age_s < 0:
         raise IndexVersionError(f"keep and the minimum age must be >= 0, got {keep} and {min_age_s}")
-    versions = list_versions(store, database)
+    if dry_run:
+        return _doomed(list_versions(store, database), keep, min_age_s, now)
+    _current(store, database)
+    with database_lock(store, database, "prune") as lock:
+        doomed = _doomed(list_versions(store, database), keep, min_age_s, now)
+        for info in doomed:
+            prefix = join(database, "versions", info.version) + "/"
+            keys = [key for key in store.list(prefix) if key.startswith(prefix)]
+            manifest = prefix + "manifest.json"
+            for key in sorted(keys, key=lambda k: k != manifest):  # the manifest first
+                store.delete(key)
+            if isinstance(store, LocalStore):  # a folder has no objects but its files: drop the empty shard folders
+                _remove_empty_dirs(store.root / prefix)
+            lock.renew()
+    return doomed
+
+
+def _doomed(versions: list[VersionInfo], keep: int, min_age_s: float, now: datetime | None) -> list[VersionInfo]:
     now = now or datetime.now(timezone.utc)
     published = [v.version for v in versions if v.status == "published"]
     kept = set(published[len(published) - keep:]) if keep else set()
-    doomed = [v for v in versions if v.status != "current" and v.version not in kept and v.created is not None
-              and (now - v.last_used).total_seconds() >= min_age_s]
-    for info in [] if dry_run else doomed:
-        prefix = join(database, "versions", info.version) + "/"
-        keys = [key for key in store.list(prefix) if key.startswith(prefix)]
-        manifest = prefix + "manifest.json"
-        for key in sorted(keys, key=lambda k: k != manifest):  # the manifest first
-            store.delete(key)
-        if isinstance(store, LocalStore):  # a folder has no objects but its files: drop the empty shard folders
-            _remove_empty_dirs(store.root / prefix)
-    return doomed
+    return [v for v in versions if v.status != "current" and v.version not in kept and v.created is not None
+            and (now - v.last_used).total_seconds() >= min_age_s]
 
 
 def _remove_empty_dirs(folder: Path) -> None:

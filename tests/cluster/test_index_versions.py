@@ -175,3 +175,56 @@ def test_a_bulk_job_pins_the_versions_its_rows_use_and_refuses_pins_they_do_not(
     with pytest.raises(IndexVersionError, match=r"needs an index \(--index\)"):
         pin_index_versions(BulkSettings(index_versions={"art": first}), rows, out)
     assert json.loads(out.read_bytes("job.json")) == {"index_versions": {"art": second}}
+
+
+def test_one_rollback_or_prune_at_a_time_per_database(store):
+    """While one operation holds a database's lock, a rollback or prune of it fails at once, typed and naming
+    the holder, and changes nothing; other databases are not locked; the lock goes with the operation."""
+    from cluster.errors import IndexLockedError
+    from cluster.index.lock import database_lock
+
+    old, current = version_at(50), version_at(40)
+    for version in (old, current):
+        write_version(store, "art", version)
+        write_version(store, "other", version)
+    with database_lock(store, "art", "prune"):
+        with pytest.raises(IndexLockedError, match=r"art is locked by prune \(host .*, pid \d+\)"):
+            rollback(store, "art")
+        with pytest.raises(IndexLockedError):
+            prune(store, "art", keep=0, min_age_s=0, now=NOW)
+        assert [v.status for v in list_versions(store, "art")] == ["published", "current"]  # untouched
+        assert prune(store, "art", keep=0, min_age_s=0, now=NOW, dry_run=True)  # reading needs no lock
+        rollback(store, "other")
+    assert not store.exists("art/LOCK") and not store.exists("other/LOCK")
+    assert rollback(store, "art")[0] == current
+    with pytest.raises(UnknownDatabaseError):
+        rollback(store, "missing")
+    assert not store.list("missing")  # no lock left for a database that does not exist
+
+
+def test_a_lapsed_lock_is_taken_over_and_its_holder_stops(store):
+    """A holder that died leaves its lock; once its lease ends the next operation takes it over (one
+    conditional write, so of two takers one wins), and the stalled holder, if it comes back, stops at its
+    next renewal rather than go on beside the new one."""
+    from cluster.errors import IndexLockedError
+    from cluster.index.lock import DatabaseLock
+
+    write_version(store, "art", version_at(50))
+    write_version(store, "art", version_at(40))
+    stalled = DatabaseLock(store, "art", "prune", lease_s=-1)  # a lease that has already ended
+    stalled.acquire()
+    rival = DatabaseLock(store, "art", "rollback", lease_s=-1)
+    rival.acquire()  # takes over the lapsed lock
+    with pytest.raises(IndexLockedError, match="lost its lock"):
+        stalled.renew()
+    stalled.release()  # not its lock any more: left alone
+    assert store.exists("art/LOCK")
+    winner = DatabaseLock(store, "art", "rollback")
+    winner.acquire()  # the rival's lease has lapsed too
+    with pytest.raises(IndexLockedError, match="lost its lock"):
+        rival.renew()
+    with pytest.raises(IndexLockedError, match="locked by rollback"):
+        DatabaseLock(store, "art", "prune").acquire()
+    winner.renew()
+    winner.release()
+    assert not store.exists("art/LOCK")

@@ -73,3 +73,23 @@ def test_errors_survive_pickling():
                 IncompatibleCheckpointError("no fit", missing=["a"], unexpected=["b"])):
         clone = pickle.loads(pickle.dumps(err))
         assert type(clone) is type(err) and str(clone) == str(err)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_conditional_writes_create_once_and_replace_only_what_was_read(where, tmp_path, request):
+    """`create` writes only a new key; `replace_if` only over the version read (the tag), so of two writers
+    that read the same version one wins (the base of the index's database lock)."""
+    if where == "s3":
+        request.getfixturevalue("fake_s3")
+    store = open_store(str(tmp_path / "store") if where == "local" else "s3://rdm-unit/cond")
+    first = store.create("db/LOCK", b"one")
+    assert first is not None and store.create("db/LOCK", b"two") is None and store.read_bytes("db/LOCK") == b"one"
+    data, tag = store.read_tagged("db/LOCK")
+    assert (data, tag) == (b"one", first)
+    second = store.replace_if("db/LOCK", b"three", tag)
+    assert second is not None and second != first
+    assert store.replace_if("db/LOCK", b"four", tag) is None  # the other writer, holding the old tag, loses
+    assert store.read_tagged("db/LOCK") == (b"three", second)
+    store.delete("db/LOCK")
+    assert store.replace_if("db/LOCK", b"five", second) is None and not store.exists("db/LOCK")
+    assert store.list("db") == []  # no temporary or guard files show

@@ -369,7 +369,9 @@ def test_version_swap_does_not_fail_in_flight_queries(ray_cluster, tmp_path):
 
 def test_rollback_on_s3_swaps_serving_back_and_prune_deletes_the_bad_version(ray_cluster, make_bucket, tmp_path):
     """Two builds on SeaweedFS; `rdm index rollback` points CURRENT at the first and a refresh serves it
-    again; `rdm index prune` then deletes the rolled-back-from version's objects, and it cannot come back."""
+    again; `rdm index prune` then deletes the rolled-back-from version's objects, and it cannot come back.
+    While another operation holds the database's lock (SeaweedFS's conditional writes), both are refused."""
+    from cluster.index.lock import database_lock
     from jobs.index import main as index_main
 
     rng = np.random.default_rng(12)
@@ -383,6 +385,10 @@ def test_rollback_on_s3_swaps_serving_back_and_prune_deletes_the_bad_version(ray
     query = torch.from_numpy(bad[:1])
     try:
         assert pool.get("styles").search(query, 3).ids[0][0] == "bad0"
+        with database_lock(open_store(index), "styles", "prune"):
+            assert index_main(["rollback", "styles", "--index", index]) == 2
+            assert index_main(["prune", "styles", "--index", index, "--keep", "0", "--min-age-hours", "0"]) == 2
+        assert open_store(index).list("styles/LOCK") == []
         assert index_main(["rollback", "styles", "--index", index]) == 0
         assert pool.refresh() == {"styles": True} and pool.get("styles").version == first
         assert pool.get("styles").search(query, 3).ids[0][0].startswith("good")
