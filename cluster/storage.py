@@ -96,8 +96,14 @@ class LocalStore:
                 os.link(tmp, path)  # atomic, and fails if the name exists
             except FileExistsError:
                 return None
+            except OSError:  # a file system without hard links: check and rename under the guard
+                with self._guard(path):
+                    if path.exists():
+                        return None
+                    os.replace(tmp, path)
             finally:
-                os.unlink(tmp)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
         except OSError as err:
             raise StorageError(str(path), f"cannot write: {err}") from err
         return _content_tag(data)

@@ -13,7 +13,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-from cluster.errors import CorruptShardError, ObjectNotFoundError, UnknownDatabaseError
+from cluster.errors import CorruptShardError, IndexVersionError, ObjectNotFoundError, UnknownDatabaseError
 from cluster.storage import ObjectStore, join
 
 DATABASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -99,26 +99,42 @@ def publish(store: ObjectStore, manifest: Manifest, *, now: datetime | None = No
     set_current(store, manifest.database, manifest.version, now=now)
 
 
+CURRENT_ATTEMPTS = 5
 RETIRED_KEPT = 100
 """How many versions' retirement times CURRENT remembers (the newest)."""
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
-def set_current(store: ObjectStore, database: str, version: str, *, now: datetime | None = None) -> None:
+def set_current(store: ObjectStore, database: str, version: str, *, now: datetime | None = None,
+                expect: str | None = None) -> None:
     """Point CURRENT at `version` (one atomic write: readers see the old version or this one). CURRENT also
     remembers when each earlier version stopped being current (`retired_times`), so that pruning can spare
-    a version that served until minutes ago, whatever its build's age."""
+    a version that served until minutes ago, whatever its build's age.
+
+    The write is conditional on CURRENT being as read (`ObjectStore.replace_if`): a concurrent flip is never
+    overwritten unseen. Without `expect` (a publish) it reads again and retries; with `expect` (a rollback,
+    which checked its target against that CURRENT), a CURRENT that no longer names `expect` is an
+    IndexVersionError and nothing is written."""
     key = join(database, "CURRENT")
-    try:
-        before = json.loads(store.read_bytes(key))
-    except ObjectNotFoundError:
-        before = {}
-    retired = dict(before.get("retired", {}))
-    if before.get("version") not in (None, version):
-        retired[before["version"]] = (now or datetime.now(timezone.utc)).strftime(TIME_FORMAT)
-    retired.pop(version, None)
-    newest = sorted(retired.items(), key=lambda item: item[1])[-RETIRED_KEPT:]
-    store.write_bytes(key, json.dumps({"version": version, "retired": dict(newest)}).encode())
+    for _ in range(CURRENT_ATTEMPTS):
+        try:
+            data, tag = store.read_tagged(key)
+            before = json.loads(data)
+        except ObjectNotFoundError:
+            before, tag = {}, None
+        if expect is not None and before.get("version") != expect:
+            raise IndexVersionError(f"{database}: CURRENT changed to {before.get('version')} meanwhile (a publish or "
+                                    f"rollback ran at the same time); it was {expect}; nothing changed")
+        retired = dict(before.get("retired", {}))
+        if before.get("version") not in (None, version):
+            retired[before["version"]] = (now or datetime.now(timezone.utc)).strftime(TIME_FORMAT)
+        retired.pop(version, None)
+        newest = sorted(retired.items(), key=lambda item: item[1])[-RETIRED_KEPT:]
+        body = json.dumps({"version": version, "retired": dict(newest)}).encode()
+        if (store.create(key, body) if tag is None else store.replace_if(key, body, tag)) is not None:
+            return
+    raise IndexVersionError(f"{database}: CURRENT changed {CURRENT_ATTEMPTS} times while {version} was being "
+                            "published; try again")
 
 
 def current_version(store: ObjectStore, database: str) -> str:

@@ -131,7 +131,7 @@ def rollback(store: ObjectStore, database: str, to: str | None = None, *,
             raise IndexVersionError(f"{database} {target.version}: {len(missing)} of its files are gone "
                                     f"(first: {missing[0]}); not rolled back")
         if target.version != current.version:
-            set_current(store, database, target.version, now=now)
+            set_current(store, database, target.version, now=now, expect=current.version)
         return current.version, manifest
 
 

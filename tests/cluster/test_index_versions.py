@@ -1,6 +1,7 @@
 """A database's versions in the published layout: listing, rollback and pruning, on a folder and on S3
 (moto here; tests/integration/test_data_plane.py runs them on indexes built on Ray, on SeaweedFS)."""
 
+import dataclasses
 import json
 from datetime import datetime, timedelta, timezone
 
@@ -228,3 +229,26 @@ def test_a_lapsed_lock_is_taken_over_and_its_holder_stops(store):
     winner.renew()
     winner.release()
     assert not store.exists("art/LOCK")
+
+
+def test_a_publish_during_a_rollback_is_not_overwritten(store, monkeypatch):
+    """A build publishes (flips CURRENT) while a rollback checks its target's files: the rollback's
+    conditional write sees CURRENT changed and refuses, typed, instead of silently undoing the publish."""
+    old, current, newest = version_at(50), version_at(40), version_at(1)
+    write_version(store, "art", old)
+    write_version(store, "art", current)
+    write_version(store, "art", newest, published=False)  # its build is still running
+    exists = store.exists
+
+    def publish_meanwhile(key):
+        if not store.exists_calls:
+            publish(store, dataclasses.replace(load_manifest(store, "art", current), version=newest))
+        store.exists_calls.append(key)
+        return exists(key)
+
+    store.exists_calls = []
+    monkeypatch.setattr(store, "exists", publish_meanwhile)
+    with pytest.raises(IndexVersionError, match=f"CURRENT changed to {newest} meanwhile.*it was {current}"):
+        rollback(store, "art")
+    assert store.exists_calls and load_manifest(store, "art").version == newest
+    assert {v.version: v.retired for v in list_versions(store, "art")}[current] is not None

@@ -93,3 +93,16 @@ def test_conditional_writes_create_once_and_replace_only_what_was_read(where, tm
     store.delete("db/LOCK")
     assert store.replace_if("db/LOCK", b"five", second) is None and not store.exists("db/LOCK")
     assert store.list("db") == []  # no temporary or guard files show
+
+
+def test_create_works_on_a_folder_without_hard_links(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    store = LocalStore(tmp_path)
+    assert store.create("db/LOCK", b"one") is not None and store.create("db/LOCK", b"two") is None
+    assert store.read_bytes("db/LOCK") == b"one" and store.list("db") == ["db/LOCK"]
