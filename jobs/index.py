@@ -43,8 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild.add_argument("--serve-url", help="a running app to tell to swap now (token from RDM_API_TOKEN)")
     for p in (build, rebuild):
         p.add_argument("--no-reserve-memory", dest="reserve_memory", action="store_false",
-                       help="shard tasks reserve no Ray memory and shards are not cut to fit the largest live "
-                            "node (for an autoscaler that adds larger nodes)")
+                       help="shard tasks reserve no Ray memory and shards are not cut to fit any node")
+        p.add_argument("--node-memory-gib", type=float,
+                       help="cut shards for a node with this much Ray memory (GiB) instead of the largest live "
+                            "one: behind an autoscaler that adds larger nodes (the tasks still reserve memory, "
+                            "so it starts nodes that hold them)")
     query = sub.add_parser("query", help="query a published index with embeddings from a .npy file")
     query.add_argument("--index", required=True, help="index root (folder or s3://)")
     query.add_argument("--database", required=True)
@@ -105,7 +108,7 @@ def run_build(args: argparse.Namespace) -> None:
         manifest = build_index(args.embeddings, args.out, args.database, num_shards=args.shards,
                                index_spec=args.index_spec, recall_k=args.recall_k, target_recall=args.target_recall,
                                where=where, train_num_cpus=args.train_cpus, reserve_memory=args.reserve_memory,
-                               progress=bar)
+                               node_memory_gib=args.node_memory_gib, progress=bar)
     print(f"published {manifest.database} {manifest.version}: {manifest.count} vectors in {len(manifest.shards)} "
           f"shards, {manifest.index_spec}, recall@{manifest.recall['k']}={manifest.recall['recall']:.3f} "
           f"(nprobe {manifest.nprobe}), {manifest.build_time_s:.1f}s")
@@ -122,7 +125,8 @@ def run_rebuild(args: argparse.Namespace) -> None:
     pruned = prune_embeddings(args.corpus, embeddings)
     print(f"embedded {result.embedded} new images ({result.shards_skipped} shards unchanged, {pruned} removed)")
     manifest = build_index(embeddings, args.index, args.database, num_shards=args.shards, index_spec=args.index_spec,
-                           min_recall=args.min_recall, reserve_memory=args.reserve_memory)
+                           min_recall=args.min_recall, reserve_memory=args.reserve_memory,
+                           node_memory_gib=args.node_memory_gib)
     print(f"published {manifest.database} {manifest.version}: {manifest.count} vectors, "
           f"recall@{manifest.recall['k']}={manifest.recall['recall']:.3f}")
     if args.serve_url:

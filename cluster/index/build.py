@@ -251,7 +251,7 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
                 index_spec: str | None = None, recall_k: int = 20, target_recall: float = 0.95,
                 num_queries: int = 100, shard_num_cpus: float = 0.5, train_num_cpus: float = 0.5, seed: int = 0,
                 min_recall: float | None = None, where: dict[str, str] | None = None, reserve_memory: bool = True,
-                progress=None) -> Manifest:
+                node_memory_gib: float | None = None, progress=None) -> Manifest:
     """Build and publish a new version of `database` from `embeddings_uri` (the output of `rdm embed`).
 
     The quantizer trains in one task of `train_num_cpus` CPUs (that many FAISS threads, at least one).
@@ -259,13 +259,19 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
     database out of a corpus embedded once). With `min_recall`, a version whose measured recall@k stays
     below it is not published. With `reserve_memory` (the default) each shard's task reserves the memory
     its build takes (`shard_memory_bytes`) and, with `num_shards` unset, the shards are cut small enough for
-    the largest live node to hold one; a `num_shards` whose shards cannot fit is an IndexBuildError. Off,
-    the tasks reserve nothing (a cluster whose autoscaler adds larger nodes than the live ones)."""
+    the largest live node to hold one; a `num_shards` whose shards cannot fit is an IndexBuildError. Behind
+    an autoscaler that adds larger nodes than the live ones, `node_memory_gib` names the largest node's Ray
+    memory (GiB): the shards are cut for it and the tasks still reserve their memory, so the autoscaler
+    starts nodes that hold them (without one, a task larger than every live node waits). With
+    `reserve_memory` off the tasks reserve nothing and the shards are cut for no node."""
     import json
 
     import ray
 
     check_database_name(database)
+    if node_memory_gib is not None and (not reserve_memory or not node_memory_gib > 0):
+        raise IndexBuildError(f"node_memory_gib plans the memory the tasks reserve: it must be > 0 and needs "
+                              f"reserve_memory, got {node_memory_gib} with reserve_memory={reserve_memory}")
     started = time.perf_counter()
     emb_store, index_store = open_store(embeddings_uri), open_store(index_uri)
     keys = [k for k in emb_store.list(EMBEDDINGS_DIR) if k.endswith(".parquet")]
@@ -283,7 +289,10 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
         selected = f" matching {where}" if where else ""
         raise EmptyCorpusError(f"the embedding files under {emb_store.uri} hold no rows{selected}")
     itemsize = np.dtype(ARROW_DTYPES.get(scanned[0][2], "float32")).itemsize
-    node = runtime.largest_node_memory() if reserve_memory else None  # bytes; None: unknown or not reserving
+    if node_memory_gib is not None:
+        node = node_memory_gib * 2**30
+    else:  # bytes; None: unknown or not reserving
+        node = runtime.largest_node_memory() if reserve_memory else None
 
     def reserve(memory: int) -> dict:
         """A task's Ray options for the memory it takes (none when not reserving)."""

@@ -202,7 +202,8 @@ def test_ivf_index_reaches_recall_target(ray_cluster, clustered, tmp_path):
 def test_shards_are_cut_to_fit_the_largest_node(ray_cluster, clustered, tmp_path, monkeypatch):
     """With the shard count left to it, the build cuts as many shards as it takes for the largest node to
     hold one shard's build (here a node offering room for 5,000 of the 20,000 rows); a requested count that
-    cannot fit is refused before anything is built, naming one that can."""
+    cannot fit is refused before anything is built, naming one that can. `node_memory_gib` (an autoscaler's
+    largest node) is planned for instead of the live nodes."""
     from cluster import runtime
     from cluster.index.build import shard_memory_bytes, train_memory_bytes
 
@@ -215,6 +216,11 @@ def test_shards_are_cut_to_fit_the_largest_node(ray_cluster, clustered, tmp_path
     assert manifest.recall["recall"] == 1.0
     with pytest.raises(IndexBuildError, match="use at least 4 shards"):
         build_index(uri, str(tmp_path), "refused", num_shards=2, index_spec="Flat")
+    monkeypatch.setattr(runtime, "largest_node_memory", lambda resources=None: pytest.fail("asked the live nodes"))
+    planned = build_index(uri, str(tmp_path), "planned", index_spec="Flat", node_memory_gib=room / 2**30)
+    assert [s.count for s in planned.shards] == [5_000] * 4
+    with pytest.raises(IndexBuildError, match="needs reserve_memory"):
+        build_index(uri, str(tmp_path), "planned", node_memory_gib=8, reserve_memory=False)
     # IVF256 trains on 16k sampled vectors: more than a node that still holds the shards offers
     train = train_memory_bytes(20_000, 32)
     room = (train + shard_memory_bytes(5_000, 32, 4, 5_000)) // 2
@@ -222,7 +228,7 @@ def test_shards_are_cut_to_fit_the_largest_node(ray_cluster, clustered, tmp_path
     monkeypatch.setattr(runtime, "largest_node_memory", lambda resources=None: float(room))
     with pytest.raises(IndexBuildError, match="fewer lists"):
         build_index(uri, str(tmp_path), "untrainable", index_spec="IVF256,Flat")
-    assert list_databases(open_store(str(tmp_path))) == ["cut"]
+    assert list_databases(open_store(str(tmp_path))) == ["cut", "planned"]
 
 
 def test_auto_shards_per_actor_follows_node_memory(ray_cluster, clustered, tmp_path, monkeypatch):

@@ -123,6 +123,8 @@ def test_index_builds_reserve_memory_unless_told_not_to():
     assert parser.parse_args(build).reserve_memory and parser.parse_args(rebuild).reserve_memory
     assert not parser.parse_args([*build, "--no-reserve-memory"]).reserve_memory
     assert not parser.parse_args([*rebuild, "--no-reserve-memory"]).reserve_memory
+    assert parser.parse_args(build).node_memory_gib is None
+    assert parser.parse_args([*rebuild, "--node-memory-gib", "24"]).node_memory_gib == 24.0
 
 def test_eval_style_rejects_too_many_neighbours(tmp_path, capsys):
     code = rdm(["eval-style", "--seed", "3", "--out", str(tmp_path), "--database-per-cell", "1",
