@@ -108,7 +108,7 @@ TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 def set_current(store: ObjectStore, database: str, version: str, *, now: datetime | None = None,
                 expect: str | None = None) -> None:
     """Point CURRENT at `version` (one atomic write: readers see the old version or this one). CURRENT also
-    remembers when each earlier version stopped being current (`retired_times`), so that pruning can spare
+    remembers when each earlier version stopped being current (`read_current`), so that pruning can spare
     a version that served until minutes ago, whatever its build's age.
 
     The write is conditional on CURRENT being as read (`ObjectStore.replace_if`): a concurrent flip is never
@@ -139,15 +139,16 @@ def set_current(store: ObjectStore, database: str, version: str, *, now: datetim
 
 def current_version(store: ObjectStore, database: str) -> str:
     """The version CURRENT names (ObjectNotFoundError if the database was never published)."""
-    return json.loads(store.read_bytes(join(database, "CURRENT")))["version"]
+    return read_current(store, database)[0]
 
 
-def retired_times(store: ObjectStore, database: str) -> dict[str, datetime]:
-    """{version: when it last stopped being CURRENT} (ObjectNotFoundError if never published); versions
-    retired before CURRENT recorded this (or past the newest RETIRED_KEPT) are absent."""
+def read_current(store: ObjectStore, database: str) -> tuple[str, dict[str, datetime]]:
+    """From one read of CURRENT: the version it names and {version: when it last stopped being CURRENT}
+    (ObjectNotFoundError if never published); versions retired before CURRENT recorded this (or past the
+    newest RETIRED_KEPT) are absent."""
     record = json.loads(store.read_bytes(join(database, "CURRENT")))
-    return {version: datetime.strptime(at, TIME_FORMAT).replace(tzinfo=timezone.utc)
-            for version, at in record.get("retired", {}).items()}
+    return record["version"], {version: datetime.strptime(at, TIME_FORMAT).replace(tzinfo=timezone.utc)
+                               for version, at in record.get("retired", {}).items()}
 
 
 def load_manifest(store: ObjectStore, database: str, version: str | None = None) -> Manifest:

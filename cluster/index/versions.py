@@ -27,10 +27,9 @@ from cluster.index.lock import database_lock
 from cluster.index.manifest import (
     Manifest,
     check_database_name,
-    current_version,
     list_databases,
     load_manifest,
-    retired_times,
+    read_current,
     set_current,
 )
 from cluster.storage import LocalStore, ObjectStore, join
@@ -74,8 +73,7 @@ def _versions_prefix(database: str) -> str:
 
 def list_versions(store: ObjectStore, database: str) -> list[VersionInfo]:
     """Every version of `database` under `store`, oldest first."""
-    current = _current(store, database)
-    retired = retired_times(store, database)
+    current, retired = _current(store, database)
     files: dict[str, list[str]] = defaultdict(list)
     prefix = _versions_prefix(database)
     for key in store.list(prefix):
@@ -90,10 +88,11 @@ def list_versions(store: ObjectStore, database: str) -> list[VersionInfo]:
     return versions
 
 
-def _current(store: ObjectStore, database: str) -> str:
+def _current(store: ObjectStore, database: str) -> tuple[str, dict[str, datetime]]:
+    """`read_current`, an unknown database being UnknownDatabaseError."""
     check_database_name(database)
     try:
-        return current_version(store, database)
+        return read_current(store, database)
     except ObjectNotFoundError as err:
         raise UnknownDatabaseError(f"no published database {database!r} in {store.uri}; known: "
                                    f"{', '.join(list_databases(store)) or 'none'}") from err
