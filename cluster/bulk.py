@@ -118,13 +118,11 @@ class QueryEncoder:
     def _embed(self, row: dict) -> np.ndarray:
         if not row["image"]:
             return self.clip.encode_text([row["prompt"]])[0].numpy()
-        from PIL import Image
+        from rdm.images import decode_rgb, to_model_range
 
         parent, _, name = str(row["image"]).rpartition("/")
-        data = open_store(parent or ".").read_bytes(name)
-        with Image.open(io.BytesIO(data)) as img:
-            pixels = np.asarray(img.convert("RGB"), np.float32)
-        return self.clip.encode_image(torch.from_numpy(pixels).permute(2, 0, 1)[None] / 127.5 - 1)[0].numpy()
+        pixels = decode_rgb(open_store(parent or ".").read_bytes(name))
+        return self.clip.encode_image(to_model_range(pixels))[0].numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = _rows(batch)

@@ -23,11 +23,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 
 from cluster.errors import EmptyCorpusError, StorageError
 from cluster.storage import ObjectStore, join, open_store
-from rdm.errors import ConfigError
+from rdm.errors import ConfigError, InputError
+from rdm.images import MAX_IMAGE_PIXELS, decode_rgb, to_model_range
 
 logger = logging.getLogger(__name__)
 
@@ -144,27 +144,27 @@ def _read_webdataset(store: ObjectStore, key: str) -> list[dict]:
     return rows
 
 
-def decode_image(data: bytes | None, size: tuple[int, int], *, antialias: bool = False) -> np.ndarray:
-    """Encoded image -> float16 [3, *size] in [-1, 1], resized as the CLIP wrapper does."""
+def decode_image(data: bytes | None, size: tuple[int, int], *, antialias: bool = False,
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Encoded image -> float16 [3, *size] in [-1, 1], resized as the CLIP wrapper does; one of more than
+    `max_pixels` pixels is refused before it is decoded (`rdm.images.decode_rgb`)."""
     from rdm.clip import resize_for_clip
 
-    if not data:
-        raise ValueError("empty image bytes")
-    with Image.open(io.BytesIO(data)) as image:
-        pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-    x = torch.from_numpy(pixels).permute(2, 0, 1)[None] / 127.5 - 1.0
+    x = to_model_range(decode_rgb(data, max_pixels=max_pixels))
     return resize_for_clip(x, size, antialias=antialias)[0].numpy().astype(np.float16)
 
 
-def decode_shard(row: dict, *, corpus_uri: str, image_size: tuple[int, int], antialias: bool) -> dict:
-    """CPU task: read and decode one shard; undecodable images become error records, never exceptions."""
+def decode_shard(row: dict, *, corpus_uri: str, image_size: tuple[int, int], antialias: bool,
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> dict:
+    """CPU task: read and decode one shard; undecodable or oversized images become error records, never
+    exceptions."""
     shard = CorpusShard(**{**row, "keys": tuple(row["keys"])})
     store = open_store(corpus_uri)
     good, errors = [], []
     for record in _read_rows(store, shard):
         try:
-            good.append((record, decode_image(record["data"], image_size, antialias=antialias)))
-        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as err:
+            good.append((record, decode_image(record["data"], image_size, antialias=antialias, max_pixels=max_pixels)))
+        except InputError as err:
             errors.append({"id": record["id"], "source_uri": record["source_uri"], "error": f"{type(err).__name__}: {err}"})
     images = np.stack([img for _, img in good]) if good else np.zeros((0, 3, *image_size), np.float16)
     buffer = io.BytesIO()
@@ -233,8 +233,11 @@ class EmbedResult:
 
 def embed_corpus(corpus_uri: str, out_uri: str, *, clip: str = "tiny", clip_weights: str | None = None,
                  shard_size: int = 256, batch_size: int = 64, num_actors: int = 1, actor_num_cpus: float = 0.5,
-                 decode_num_cpus: float = 0.25, dtype: str = "float32") -> EmbedResult:
-    """Embed every pending shard of the corpus on the connected Ray cluster (see module docstring)."""
+                 decode_num_cpus: float = 0.25, dtype: str = "float32",
+                 max_image_pixels: int = MAX_IMAGE_PIXELS) -> EmbedResult:
+    """Embed every pending shard of the corpus on the connected Ray cluster (see module docstring). Images of
+    more than `max_image_pixels` pixels are error records, refused before they are decoded (a decode task
+    holds about 15 bytes a pixel)."""
     import ray
 
     from rdm.factory import clip_hash, resolve_clip
@@ -259,7 +262,8 @@ def embed_corpus(corpus_uri: str, out_uri: str, *, clip: str = "tiny", clip_weig
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
         ds = ray.data.from_items([asdict(s) for s in pending], override_num_blocks=len(pending))
         ds = ds.map(decode_shard, fn_kwargs={"corpus_uri": corpus_uri, "image_size": image_size,
-                                             "antialias": config.antialias}, num_cpus=decode_num_cpus)
+                                             "antialias": config.antialias, "max_pixels": max_image_pixels},
+                    num_cpus=decode_num_cpus)
         ds = ds.map_batches(ClipEmbedder, fn_constructor_kwargs={"clip": clip, "clip_weights": clip_weights,
                                                                  "out_uri": out_uri, "batch_size": batch_size,
                                                                  "dtype": dtype},

@@ -7,6 +7,7 @@ import logging
 
 from jobs.common import EXIT_OK, exit_codes, setup_logging
 from rdm.errors import InputError
+from rdm.images import MAX_IMAGE_PIXELS
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-actors", type=int, default=1, help="CLIP actors in the pool")
     parser.add_argument("--actor-num-cpus", type=float, default=0.5)
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    parser.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                        help="larger images become error records, refused before they are decoded "
+                             "(default %(default)s; a decode holds about 15 bytes a pixel)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -35,12 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.embedding import embed_corpus
     from cluster.runtime import connect
 
-    if min(args.shard_size, args.batch_size, args.num_actors) < 1:
-        raise InputError("--shard-size, --batch-size and --num-actors must be >= 1")
+    if min(args.shard_size, args.batch_size, args.num_actors, args.max_image_pixels) < 1:
+        raise InputError("--shard-size, --batch-size, --num-actors and --max-image-pixels must be >= 1")
     connect()
     result = embed_corpus(args.corpus, args.out, clip=args.clip, clip_weights=args.clip_weights,
                           shard_size=args.shard_size, batch_size=args.batch_size, num_actors=args.num_actors,
-                          actor_num_cpus=args.actor_num_cpus, dtype=args.dtype)
-    print(f"embedded {result.embedded} images ({result.errors} undecodable) in "
+                          actor_num_cpus=args.actor_num_cpus, dtype=args.dtype,
+                          max_image_pixels=args.max_image_pixels)
+    print(f"embedded {result.embedded} images ({result.errors} undecodable or too large) in "
           f"{result.shards_total - result.shards_skipped} shards; {result.shards_skipped} shards were already done")
     return EXIT_OK

@@ -25,6 +25,10 @@ class PromptTooLongError(InputError):
     """A prompt has more tokens than the CLIP text encoder's context length."""
 
 
+class ImageTooLargeError(InputError):
+    """An image has more pixels than the caller allows (refused before it is decoded)."""
+
+
 class SamplingStopped(RDMError):
     """Sampling was stopped between steps because the caller's `stop()` said nobody wants the result."""
 

@@ -20,5 +20,6 @@ def build_app(args: dict, deployments: dict[str, dict] | None = None) -> Applica
         config.model, config.clip_weights, config.output_uri,
         {"precision": config.precision, "channels_last": config.channels_last, "compile": config.compile,
          "kernel_tuning": config.kernel_tuning, "attention": config.attention},
-        config.url_expires_s, config.warm_up, config.compile_cache)
+        config.url_expires_s, config.warm_up, config.compile_cache,
+        config.max_image_pixels)
     return Ingress.options(**options.get("Ingress", {})).bind(generator, retriever, config.model_dump())

@@ -7,7 +7,6 @@ import base64
 import contextlib
 import dataclasses
 import hmac
-import io
 import logging
 import math
 import os
@@ -24,7 +23,6 @@ import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image
 from ray import serve
 from ray.serve import metrics
 from ray.serve.exceptions import BackPressureError
@@ -43,6 +41,7 @@ from cluster.serve.outputs import image_key, image_url, write_image
 from cluster.serve.schemas import AppArgs, GeneratedImage, GenerateRequest, GenerateResponse, NeighborOut
 from cluster.storage import open_store
 from rdm.errors import ConfigError, InputError, RDMError, SamplingStopped
+from rdm.images import decode_rgb, to_model_range
 from rdm.pipeline import encode_png
 
 logger = logging.getLogger("ray.serve")
@@ -74,7 +73,8 @@ class Generator:
     sampling call; each keeps its own seed, so its image does not depend on the batch."""
 
     def __init__(self, model: str, clip_weights: str | None, output_uri: str, inference: dict | None = None,
-                 url_expires_s: int = 3600, warm_up: bool = True, compile_cache: str | None = None) -> None:
+                 url_expires_s: int = 3600, warm_up: bool = True, compile_cache: str | None = None,
+                 max_image_pixels: int = 4096 * 4096) -> None:
         from cluster.compile_cache import CompileCache
         from rdm.acceleration import InferenceOptions
         from rdm.factory import load_clip_for, load_model, model_hash
@@ -88,6 +88,7 @@ class Generator:
         self.model_name, self.model_hash = model, model_hash(model)
         self.inference = dataclasses.asdict(self.pipeline.options)  # precision etc.: other numerics, other images
         self.store, self.url_expires_s = open_store(output_uri), url_expires_s
+        self.max_image_pixels = max_image_pixels
         self.pending = 0
         self.m_images = metrics.Counter("rdm_images_generated", description="images generated")
         self.m_batch = metrics.Histogram("rdm_batch_size", description="items per sampling batch",
@@ -158,12 +159,11 @@ class Generator:
         if self.pipeline.clip is None:
             raise InputError("this model has no CLIP encoder")
         try:
-            with Image.open(io.BytesIO(base64.b64decode(image_b64, validate=True))) as img:
-                pixels = np.asarray(img.convert("RGB"), dtype=np.float32)
-        except (ValueError, OSError, Image.DecompressionBombError) as err:
-            raise InputError(f"image: not a base64-encoded PNG or JPEG ({err})") from err
-        x = torch.from_numpy(pixels).permute(2, 0, 1)[None] / 127.5 - 1.0
-        return self.pipeline.clip.encode_image(x)[0].cpu().numpy()
+            data = base64.b64decode(image_b64, validate=True)
+        except ValueError as err:
+            raise InputError(f"image: not base64 ({err})") from err
+        pixels = decode_rgb(data, max_pixels=self.max_image_pixels)
+        return self.pipeline.clip.encode_image(to_model_range(pixels))[0].cpu().numpy()
 
     async def generate(self, item: dict) -> dict:
         """One image. A caller that goes away (Serve cancels this call) marks its item abandoned: still

@@ -82,6 +82,8 @@ class AppArgs(BaseModel):
     require_token: bool = Field(False, description="refuse to start without RDM_API_TOKEN or api_token_file")
     api_token_file: str | None = None
     max_body_bytes: int = Field(12 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(4096 * 4096, ge=224 * 224,
+                                  description="an image query with more pixels is refused (422) before it is decoded")
     retriever_options: RetrieverOptions = Field(default_factory=RetrieverOptions,
                                                 description="the sharded retriever's actors (cluster.retriever)")
     refresh_interval_s: float = Field(30.0, ge=0, description="how often replicas look for new index versions (0: never)")

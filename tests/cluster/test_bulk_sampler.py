@@ -70,3 +70,33 @@ def test_groups_smaller_than_the_batch_run_at_the_batch_size_when_compiled(tmp_p
     assert sampler(batch([1, 2]))["error"] == ["", ""]
     assert rows == [16, 16]  # guided: 2 UNet rows per image
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["1.png", "2.png"]
+
+
+def test_image_queries_are_clip_image_embeddings_and_bad_or_huge_images_are_row_errors(tmp_path):
+    """A prompt row with an `image` URI queries with its CLIP image embedding; an image that does not
+    decode, is missing or has more pixels than the bound (refused from its header) fails only its row."""
+    import io
+
+    from PIL import Image
+    from testkit import png_header_only
+
+    from cluster.bulk import QueryEncoder, _array
+    from rdm.images import to_model_range
+
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    (tmp_path / "good.png").write_bytes(buffer.getvalue())
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    (tmp_path / "huge.png").write_bytes(png_header_only(8000, 8000))
+    images = ["", *(str(tmp_path / name) for name in ("good.png", "bad.png", "huge.png", "missing.png"))]
+    rows = {"row": list(range(5)), "prompt": ["a boat", "", "", "", ""], "image": images, "database": [""] * 5,
+            "seed": list(range(5)), "key": [f"k{i}" for i in range(5)]}
+    encoder = QueryEncoder("tiny", None)
+    out = encoder({k: np.array(v, dtype=object) for k, v in rows.items()})
+    assert [bool(e) for e in out["error"]] == [False, False, True, True, True]
+    expected = encoder.clip.encode_image(to_model_range(pixels))[0].numpy()
+    np.testing.assert_array_equal(_array(out["query"][1]), expected)
+    assert not np.allclose(_array(out["query"][0]), expected)
+    assert out["error"][2].startswith("InputError: image: not a decodable image")
+    assert out["error"][3].startswith("ImageTooLargeError: image: 8000 x 8000 pixels")

@@ -22,16 +22,18 @@ def test_decode_resizes_to_clip_input_in_minus_one_one():
     np.testing.assert_allclose(x[:, 5, 5], [1.0, -1.0, -0.00392], atol=2e-3)
 
 
-def test_undecodable_images_become_error_records(tmp_path):
-    table = pa.table({"image": [png((0, 0, 0)), b"not an image", None], "caption": ["a", "b", "c"]})
+def test_undecodable_and_oversized_images_become_error_records(tmp_path):
+    table = pa.table({"image": [png((0, 0, 0)), b"not an image", None, png((1, 1, 1), size=(20, 13))],
+                      "caption": ["a", "b", "c", "d"]})
     pq.write_table(table, tmp_path / "part.parquet")
     store, shards = list_corpus(str(tmp_path))
     result = decode_shard({"name": shards[0].name, "kind": "parquet", "keys": list(shards[0].keys)},
-                          corpus_uri=str(tmp_path), image_size=(8, 8), antialias=False)
+                          corpus_uri=str(tmp_path), image_size=(8, 8), antialias=False, max_pixels=20 * 12)
     import json
     rows, errors = json.loads(result["rows"]), json.loads(result["errors"])
     assert len(rows) == 1 and rows[0]["metadata"] == {"caption": "a"}
-    assert [e["source_uri"].rsplit("#", 1)[1] for e in errors] == ["1", "2"]
+    assert [e["source_uri"].rsplit("#", 1)[1] for e in errors] == ["1", "2", "3"]
+    assert "ImageTooLargeError: image: 20 x 13 pixels" in errors[2]["error"]
     assert np.load(io.BytesIO(result["images"])).shape == (1, 3, 8, 8)
 
 

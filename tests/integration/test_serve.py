@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from testkit import free_ports, unit, write_embeddings
+from testkit import free_ports, png_header_only, unit, write_embeddings
 
 from cluster.index.build import build_index
 
@@ -174,6 +174,15 @@ def test_invalid_requests_get_4xx_naming_the_field(app_url, body, status, field)
     got, out = call(url, "/v1/generate", body)
     assert got == status, out
     assert out["error"]["field"] == field or field in out["error"]["message"]
+
+
+def test_an_image_query_over_max_image_pixels_is_refused_from_its_header(app_url):
+    """100 bytes of PNG that claim 8000 x 8000 pixels (gigabytes once decoded): a 422 naming the size and
+    the bound, not a decode (the bytes hold a few pixels only: decoding would fail differently)."""
+    url, _ = app_url
+    status, out = call(url, "/v1/generate", {"image": base64.b64encode(png_header_only(8000, 8000)).decode()})
+    assert status == 422 and out["error"]["field"] == "image", out
+    assert "8000 x 8000 pixels (64.0 MP) is more than the 16.8 MP allowed" in out["error"]["message"]
 
 
 def test_malformed_and_oversized_bodies(app_url):

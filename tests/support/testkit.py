@@ -63,3 +63,16 @@ def removable_worker_node(cluster):
 
     driver_node = ray.get_runtime_context().get_node_id()
     return next(n for n in list(cluster.worker_nodes) if n.node_id != driver_node)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """An RGB PNG of `width` x `height` cut short: its signature, header chunk and a first data chunk with
+    the first pixels only (what a decoder reads before it allocates the image)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(64)))

@@ -1,0 +1,47 @@
+"""Decoding image bytes that come from outside (requests, corpora, prompt files), bounded in size.
+
+A few hundred kilobytes of PNG can hold a 9000 x 9000 image: 2.8 GB at its peak once decoded, converted to
+floats and resized for CLIP (measured). The size is in the header, so such an image is refused before any
+of it is decoded.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from rdm.errors import ImageTooLargeError, InputError
+
+MAX_IMAGE_PIXELS = 40_000_000
+"""The default bound for corpora and prompt files: an 8K frame (7680 x 4320) or a 7300 x 5470 photo is under it."""
+
+
+def decode_rgb(data: bytes | None, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Encoded image (PNG, JPEG, WebP, ... as Pillow reads) -> uint8 [H, W, 3].
+
+    An image of more than `max_pixels` pixels is an `ImageTooLargeError`, raised from its header before it
+    is decoded; bytes that do not decode are an `InputError` naming Pillow's complaint."""
+    if not data:
+        raise InputError("image: empty bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageTooLargeError(f"image: {width} x {height} pixels ({width * height / 1e6:.1f} MP) is more "
+                                         f"than the {max_pixels / 1e6:.1f} MP allowed")
+            return np.asarray(image.convert("RGB"))
+    except InputError:
+        raise
+    except Image.DecompressionBombError as err:  # Pillow's own bound (179 MP), checked as it opens the header
+        raise ImageTooLargeError(f"image: {err}; at most {max_pixels / 1e6:.1f} MP are allowed") from err
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise InputError(f"image: not a decodable image ({type(err).__name__}: {err})") from err
+
+
+def to_model_range(pixels: np.ndarray) -> Tensor:
+    """uint8 [H, W, 3] -> float32 [1, 3, H, W] in [-1, 1] (x / 127.5 - 1, in place: one float copy)."""
+    return torch.from_numpy(pixels).permute(2, 0, 1)[None].float().div_(127.5).sub_(1.0)
