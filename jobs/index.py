@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("database", help="database name")
         p.add_argument("--index", required=True, help="index root (folder or s3://)")
     versions.add_argument("--json", action="store_true", help="one JSON object per version")
+    for p in (rollback, prune):
+        p.add_argument("--wait-lock-s", type=float, default=0.0, metavar="S",
+                       help="if another rollback or prune holds the database's lock, wait up to S seconds for it "
+                            "(default 0: fail at once, exit 2)")
     for p in (build, rebuild, query, versions, rollback, prune):
         p.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -88,6 +92,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--shards must be >= 1, got {args.shards}")
     if args.command == "prune" and (args.keep < 0 or not args.min_age_hours >= 0):
         raise InputError(f"--keep and --min-age-hours must be >= 0, got {args.keep} and {args.min_age_hours}")
+    if args.command in ("rollback", "prune") and not 0 <= args.wait_lock_s <= 86_400:
+        raise InputError(f"--wait-lock-s must be in 0..86400, got {args.wait_lock_s}")
     if args.command == "build":
         if not args.train_cpus > 0:
             raise InputError(f"--train-cpus must be > 0, got {args.train_cpus}")
@@ -195,7 +201,7 @@ def run_rollback(args: argparse.Namespace) -> None:
     from cluster.index.versions import rollback
     from cluster.storage import open_store
 
-    before, manifest = rollback(open_store(args.index), args.database, args.to)
+    before, manifest = rollback(open_store(args.index), args.database, args.to, wait_lock_s=args.wait_lock_s)
     if before == manifest.version:
         print(f"{args.database}: {before} is already current")
     else:
@@ -209,7 +215,7 @@ def run_prune(args: argparse.Namespace) -> None:
     from cluster.storage import open_store
 
     doomed = prune(open_store(args.index), args.database, keep=args.keep, min_age_s=args.min_age_hours * 3600,
-                   dry_run=args.dry_run)
+                   dry_run=args.dry_run, wait_lock_s=args.wait_lock_s)
     verb = "would delete" if args.dry_run else "deleted"
     for info in doomed:
         print(f"{verb} {args.database} {info.version} ({info.status}, {info.num_files} files)")

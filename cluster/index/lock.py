@@ -6,7 +6,8 @@ Each holds the database's lock while it works: an object created only if absent 
 `ObjectStore.create`) naming its holder and a lease end. A holder renews the lease as it goes (prune does
 after each version); a lock whose lease has ended belongs to a process that died or stalled, and the next
 operation takes it over with a conditional replace, so two takers cannot both win. A live lock makes
-the second operation fail at once with `IndexLockedError`, naming the holder.
+the second operation fail with `IndexLockedError`, naming the holder: at once, or after waiting up to
+`wait_s` for it to be released (a scheduled prune that meets a rollback runs after it instead of failing).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import json
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -26,6 +28,8 @@ from cluster.storage import ObjectStore, join
 LEASE_S = 900.0
 """How long a lock holds without renewal: longer than any step between renewals."""
 ATTEMPTS = 3
+POLL_S = 2.0
+"""How often a waiting operation looks at the lock again."""
 
 
 def _now() -> datetime:
@@ -46,8 +50,22 @@ class DatabaseLock:
                            "pid": os.getpid(), "acquired": acquired.strftime(TIME_FORMAT),
                            "expires": (now + timedelta(seconds=self.lease_s)).strftime(TIME_FORMAT)}).encode()
 
-    def acquire(self) -> None:
-        """Take the lock, or take over one whose lease has ended; IndexLockedError if another holds it."""
+    def acquire(self, wait_s: float = 0.0) -> None:
+        """Take the lock, or take over one whose lease has ended; IndexLockedError if another still holds it
+        after `wait_s` seconds (looked at every POLL_S)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self._try_acquire()
+            except IndexLockedError as err:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if wait_s > 0:
+                        raise IndexLockedError(f"{err} (waited {wait_s:g}s)") from None
+                    raise
+                time.sleep(min(POLL_S, left))
+
+    def _try_acquire(self) -> None:
         for _ in range(ATTEMPTS):
             self.acquired = now = _now()
             self.tag = self.store.create(self.key, self._body(now, now))
@@ -88,10 +106,11 @@ class DatabaseLock:
 
 
 @contextlib.contextmanager
-def database_lock(store: ObjectStore, database: str, operation: str, *, lease_s: float = LEASE_S) -> Iterator[DatabaseLock]:
-    """Hold `database`'s lock for the block (see the module's docstring)."""
+def database_lock(store: ObjectStore, database: str, operation: str, *, lease_s: float = LEASE_S,
+                  wait_s: float = 0.0) -> Iterator[DatabaseLock]:
+    """Hold `database`'s lock for the block, waiting up to `wait_s` for it (see the module's docstring)."""
     lock = DatabaseLock(store, database, operation, lease_s=lease_s)
-    lock.acquire()
+    lock.acquire(wait_s)
     try:
         yield lock
     finally:

@@ -99,12 +99,12 @@ def _current(store: ObjectStore, database: str) -> tuple[str, dict[str, datetime
 
 
 def rollback(store: ObjectStore, database: str, to: str | None = None, *,
-             now: datetime | None = None) -> tuple[str, Manifest]:
+             now: datetime | None = None, wait_lock_s: float = 0.0) -> tuple[str, Manifest]:
     """Point CURRENT at version `to` (default: the newest published version before the current one), once
-    every file its manifest names is found, holding the database's lock. Returns (the version CURRENT
-    named before, the new manifest)."""
+    every file its manifest names is found, holding the database's lock (waiting up to `wait_lock_s` for
+    it). Returns (the version CURRENT named before, the new manifest)."""
     _current(store, database)  # an unknown database is refused before anything is written
-    with database_lock(store, database, "rollback"):
+    with database_lock(store, database, "rollback", wait_s=wait_lock_s):
         versions = list_versions(store, database)
         (current,) = [v for v in versions if v.status == "current"]
         published = [v.version for v in versions if v.status == "published"]
@@ -135,17 +135,18 @@ def rollback(store: ObjectStore, database: str, to: str | None = None, *,
 
 
 def prune(store: ObjectStore, database: str, *, keep: int = 2, min_age_s: float = 86_400, dry_run: bool = False,
-          now: datetime | None = None) -> list[VersionInfo]:
+          now: datetime | None = None, wait_lock_s: float = 0.0) -> list[VersionInfo]:
     """Delete the versions that are not CURRENT, not among the `keep` newest other published versions, and
     whose build started and which stopped being CURRENT at least `min_age_s` ago (a version whose age its
     name does not tell is kept). Returns them, oldest first; with `dry_run`, deletes nothing. Deletes holding
-    the database's lock, renewed after each version."""
+    the database's lock (waiting up to `wait_lock_s` for it), renewed after each version; which versions go
+    is decided once the lock is held."""
     if keep < 0 or min_age_s < 0:
         raise IndexVersionError(f"keep and the minimum age must be >= 0, got {keep} and {min_age_s}")
     if dry_run:
         return _doomed(list_versions(store, database), keep, min_age_s, now)
     _current(store, database)
-    with database_lock(store, database, "prune") as lock:
+    with database_lock(store, database, "prune", wait_s=wait_lock_s) as lock:
         doomed = _doomed(list_versions(store, database), keep, min_age_s, now)
         for info in doomed:
             prefix = join(database, "versions", info.version) + "/"

@@ -203,6 +203,48 @@ def test_one_rollback_or_prune_at_a_time_per_database(store):
     assert not store.list("missing")  # no lock left for a database that does not exist
 
 
+def test_a_prune_told_to_wait_runs_once_the_lock_is_released(store, monkeypatch, capsys):
+    """`--wait-lock-s`: a prune that meets a rollback's lock waits for it (polling) and then prunes, deciding
+    what to delete only then; one whose wait ends first fails typed, saying it waited, and deletes nothing."""
+    import threading
+
+    from cluster.errors import IndexLockedError
+    from cluster.index import lock as lock_module
+    from cluster.index.lock import database_lock
+
+    monkeypatch.setattr(lock_module, "POLL_S", 0.05)
+    versions = [version_at(h) for h in (50, 45, 40)]
+    for version in versions:
+        write_version(store, "art", version)
+    holding, release = threading.Event(), threading.Event()
+
+    def rollback_holding_the_lock():
+        with database_lock(store, "art", "rollback"):
+            holding.set()
+            assert release.wait(30)
+
+    holder = threading.Thread(target=rollback_holding_the_lock)
+    holder.start()
+    assert holding.wait(30)
+    with pytest.raises(IndexLockedError, match=r"locked by rollback .* \(waited 0.2s\)"):
+        prune(store, "art", keep=0, min_age_s=0, now=NOW, wait_lock_s=0.2)
+    assert len(list_versions(store, "art")) == 3
+    threading.Timer(0.5, release.set).start()
+    assert prune(store, "art", keep=0, min_age_s=0, now=NOW, wait_lock_s=30)  # waits, then prunes
+    holder.join()
+    assert [v.version for v in list_versions(store, "art")] == [versions[-1]]
+    holder = threading.Thread(target=rollback_holding_the_lock)
+    release.clear()
+    holding.clear()
+    holder.start()
+    assert holding.wait(30)
+    threading.Timer(0.3, release.set).start()
+    assert index_main(["prune", "art", "--index", store.uri, "--wait-lock-s", "30"]) == 0
+    holder.join()
+    assert index_main(["prune", "art", "--index", store.uri, "--wait-lock-s", "-1"]) == 2
+    assert "--wait-lock-s must be in 0..86400" in capsys.readouterr().err
+
+
 def test_a_lapsed_lock_is_taken_over_and_its_holder_stops(store):
     """A holder that died leaves its lock; once its lease ends the next operation takes it over (one
     conditional write, so of two takers one wins), and the stalled holder, if it comes back, stops at its
