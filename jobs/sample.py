@@ -21,8 +21,8 @@ from jobs.common import (
     write_atomic,
 )
 from rdm.errors import InputError
-from rdm.factory import load_clip_for, load_model
-from rdm.pipeline import Pipeline, SamplerParams, encode_png
+from rdm.factory import load_clip_for, load_model, model_config
+from rdm.pipeline import Pipeline, SamplerParams, check_image_size, check_seed, encode_png
 from rdm.retrieval import ExactRetriever
 from rdm.sampling import SAMPLERS
 
@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"--num-images and --batch-size must be >= 1, got {args.num_images}, {args.batch_size}")
     prompts = read_prompts(args)
     params = SamplerParams(args.sampler, args.num_steps, args.guidance_scale, args.eta)
+    config = model_config(args.model)  # sizes and seeds are checked before the model loads (minutes for RDM-768)
+    check_image_size(config, args.height or config.image_size, args.width or config.image_size)
+    for seed in (args.seed, args.seed + len(prompts) * args.num_images - 1):
+        check_seed(seed)
     retriever = ExactRetriever.from_file(args.database) if args.database else None
     num_neighbors = args.num_neighbors if retriever is not None else 0
     model = load_model(args.model).to(args.device)

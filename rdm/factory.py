@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from rdm.checkpoint import load_pretrained
+from rdm.checkpoint import load_pretrained, read_config
 from rdm.clip import ClipEncoder, load_clip
 from rdm.config import ClipConfig, RDMConfig, get_config, list_models
 from rdm.errors import CheckpointError, ConfigError
@@ -68,21 +68,33 @@ def build_model(config: RDMConfig, *, seed: int = 0) -> RDM:
     return model.eval().requires_grad_(False)
 
 
+def _resolve(model: str | Path) -> Path | None:
+    """The weights file of `model` (a path, or a shipped name's weights), or None for a shipped name
+    without weights; an unknown name or a missing file is an error."""
+    path = Path(model)
+    if path.suffix == ".safetensors" or path.is_file():
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        return path
+    if str(model) not in list_models():
+        raise ConfigError(f"{model!r} is neither a checkpoint file nor a shipped model ({', '.join(list_models())})")
+    return shipped_weights(str(model))
+
+
+def model_config(model: str | Path) -> RDMConfig:
+    """The config of `model` (as `load_model` takes it), read without loading its weights."""
+    path = _resolve(model)
+    return read_config(path) if path is not None else get_config(str(model))
+
+
 def load_model(model: str | Path) -> RDM:
     """Load `model`: a safetensors checkpoint path, or a shipped model name (see `list_models()`).
 
     A shipped name without shipped weights gives random weights (seed 0) and logs a warning.
     """
-    path = Path(model)
-    if path.suffix == ".safetensors" or path.is_file():
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {path} does not exist")
+    path = _resolve(model)
+    if path is not None:
         return load_pretrained(path)
-    if str(model) not in list_models():
-        raise ConfigError(f"{model!r} is neither a checkpoint file nor a shipped model ({', '.join(list_models())})")
-    weights = shipped_weights(str(model))
-    if weights is not None:
-        return load_pretrained(weights)
     logger.warning("model %r has no shipped weights: using random weights (seed 0)", model)
     return build_model(get_config(str(model)))
 

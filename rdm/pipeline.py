@@ -22,6 +22,7 @@ from torch import Tensor
 from rdm.acceleration import InferenceOptions, prepare
 from rdm.clip import ClipEncoder
 from rdm.conditioning import build_context, null_context
+from rdm.config import RDMConfig
 from rdm.errors import InputError, SamplingStopped, ShapeError
 from rdm.model import RDM
 from rdm.retrieval import Neighbors, Retriever, check_num_neighbors
@@ -53,14 +54,26 @@ class SamplerParams:
             raise InputError(f"eta applies to the ddim sampler only; {self.sampler!r} needs eta=0")
 
 
+def check_seed(seed: object) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise InputError(f"seeds must be integers in 0..{MAX_SEED}, got {seed!r}")
+
+
+def check_image_size(config: RDMConfig, height: object, width: object) -> None:
+    """Image sides must be positive multiples of the model's `pixel_multiple`."""
+    multiple = config.pixel_multiple
+    if not (isinstance(height, int) and isinstance(width, int)) or height < multiple or width < multiple \
+            or height % multiple or width % multiple:
+        raise InputError(f"height and width must be positive multiples of {multiple}, got {height} and {width}")
+
+
 class SeededNoise:
     """Per-sample standard normal draws: sample i uses only torch.Generator(seed_i), on the CPU."""
 
     def __init__(self, seeds: Sequence[int], shape: tuple[int, ...], *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
         for seed in seeds:
-            if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
-                raise InputError(f"seeds must be integers in 0..{MAX_SEED}, got {seed!r}")
+            check_seed(seed)
         self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         self.shape, self.device, self.dtype = shape, device, dtype
 
@@ -146,10 +159,7 @@ class Pipeline:
         return self.retriever.search(query, num_neighbors)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        multiple = self.model.config.pixel_multiple
-        if not (isinstance(height, int) and isinstance(width, int)) or height < multiple or width < multiple \
-                or height % multiple or width % multiple:
-            raise InputError(f"height and width must be positive multiples of {multiple}, got {height} and {width}")
+        check_image_size(self.model.config, height, width)
         f = self.model.config.autoencoder.downsample_factor
         return self.model.config.latent_channels, height // f, width // f
 

@@ -50,6 +50,23 @@ def test_sample_bad_input_exit_2(tmp_path, capsys, argv, message):
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--height", "100"], "multiples of 8, got 100 and 32"),
+    (["--seed", "-5"], "seeds must be integers in 0..9223372036854775807, got -5"),
+    (["--seed", str(2**63 - 2), "--num-images", "3"], f"got {2**63}"),  # the last image's seed
+])
+def test_sample_checks_sizes_and_seeds_before_it_loads_the_model(tmp_path, capsys, monkeypatch, argv, message):
+    import jobs.sample
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(jobs.sample, "load_model", loaded)
+    assert rdm(["sample", "--prompt", "x", *argv, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def test_unknown_sampler_is_an_argument_error(capsys):
     assert rdm(["sample", "--prompt", "x", "--sampler", "euler"]) == 2
     assert "invalid choice" in capsys.readouterr().err
