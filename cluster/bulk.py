@@ -58,6 +58,8 @@ class BulkSettings:
     compile: str | None = None
     kernel_tuning: str = "none"
     attention: str = "auto"
+    height: int | None = None  # pixels; None: the model's image size
+    width: int | None = None
     compile_cache: str | None = None  # with compile: where samplers share compiled code (cluster.compile_cache)
     retriever_options: dict = field(default_factory=lambda: {"num_cpus": 0.05})  # cluster.retriever.RetrieverOptions
     index_versions: dict = field(default_factory=dict)  # {database: version or "current"}: pins over job.json's
@@ -68,8 +70,22 @@ class BulkSettings:
         return InferenceOptions(self.precision, self.channels_last, self.compile, self.kernel_tuning, self.attention)
 
 
-def expand(rows: list[PromptRow], settings: BulkSettings, model_id: str) -> list[dict]:
-    """One item per image, with its seed and deterministic output key."""
+def chosen_size(settings: BulkSettings) -> tuple[int, int] | None:
+    """The (height, width) the settings choose, checked against the model (its config read from the
+    checkpoint, without its weights); None when that is the model's own square size."""
+    from rdm.factory import model_config
+    from rdm.pipeline import check_image_size
+
+    config = model_config(settings.model)
+    size = (settings.height or config.image_size, settings.width or config.image_size)
+    check_image_size(config, *size)
+    return None if size == (config.image_size, config.image_size) else size
+
+
+def expand(rows: list[PromptRow], settings: BulkSettings, model_id: str,
+           size: tuple[int, int] | None = None) -> list[dict]:
+    """One item per image, with its seed and deterministic output key (`size`: the (height, width) when it
+    is not the model's own square size, which keys made before sizes could be chosen did not name)."""
     items, options = [], settings.inference_options()
     for row in rows:
         first = row.seed if row.seed is not None else settings.base_seed + 1000 * row.row
@@ -77,6 +93,8 @@ def expand(rows: list[PromptRow], settings: BulkSettings, model_id: str) -> list
             seed = first + j
             fields = [row.prompt, row.image, row.database, seed, settings.num_neighbors if row.database else 0,
                       settings.sampler, settings.num_steps, settings.guidance_scale, settings.eta, model_id]
+            if size is not None:
+                fields.append({"size": list(size)})
             if not options.is_reference:  # other numerics, other images: other keys
                 fields.append([options.precision, options.channels_last, options.compile]
                               + ([options.attention, options.kernel_tuning]
@@ -249,6 +267,8 @@ class BulkSampler:
                                               device=device)
             self.compile_cache.load()
         self.params = SamplerParams(s.sampler, s.num_steps, s.guidance_scale, s.eta)
+        image_size = self.pipeline.model.config.image_size
+        self.size = (s.height or image_size, s.width or image_size)
         self.store, self.model_id = open_store(out_uri), model_id
         # PNG encoding (Pillow releases the GIL) and object writes run on threads, in parallel; sequential
         # they cost a GPU batch of 768-px images seconds of idle accelerator (bench/delivery.py).
@@ -279,11 +299,11 @@ class BulkSampler:
 
         contexts = torch.from_numpy(np.stack([_array(r["context"]) for r in members]))
         context = build_context(contexts[:, 0], contexts[:, 1:])
-        size = self.pipeline.model.config.image_size
+        height, width = self.size
         # halved on out-of-memory; compiled, a smaller group (rows with errors, a block's last rows, another k)
         # runs at the batch size instead of compiling its own
         images = self.pipeline.sample_images(context, [int(r["seed"]) for r in members], self.params,
-                                             height=size, width=size, pad_to=self.settings.batch_size)
+                                             height=height, width=width, pad_to=self.settings.batch_size)
         if self.compile_cache is not None:
             self.compile_cache.save_if_new()  # the first batch of each size compiles: later samplers load it
         return images
@@ -302,6 +322,7 @@ class BulkSampler:
                 "uri": str(row["key"]), "sha256": row.get("sha256", ""), "index_version": str(row["index_version"]),
                 "neighbor_ids": json.loads(row["neighbor_ids"]), "neighbor_scores": json.loads(row["neighbor_scores"]),
                 "sampler": s.sampler, "num_steps": s.num_steps, "guidance_scale": s.guidance_scale, "eta": s.eta,
+                "height": self.size[0], "width": self.size[1],
                 "num_neighbors": s.num_neighbors, "model": s.model, "model_hash": self.model_id,
                 "precision": s.precision, "channels_last": s.channels_last, "compile": s.compile or "",
                 "attention": s.attention, "kernel_tuning": s.kernel_tuning,
@@ -332,7 +353,7 @@ def generate(prompts_uri: str, out_uri: str, settings: BulkSettings, *, progress
 
     rows, row_errors = read_prompts(prompts_uri)
     model_id = model_hash(settings.model)
-    items = expand(rows, settings, model_id)
+    items = expand(rows, settings, model_id, chosen_size(settings))
     store = open_store(out_uri)
     versions = pin_index_versions(settings, rows, store)
     done, _ = _read_parts(store)

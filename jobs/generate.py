@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eta", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0, help="base seed for rows without one: seed + 1000 * row + j")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--height", type=int, help="pixels (default: the model's image size)")
+    parser.add_argument("--width", type=int, help="pixels (default: the model's image size)")
     parser.add_argument("--num-samplers", type=int, default=1, help="sampler actors (one GPU each when present)")
     parser.add_argument("--sampler-num-cpus", type=float, default=0.5)
     parser.add_argument("--retriever-options", default='{"num_cpus": 0.05}', metavar="JSON",
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     from tqdm import tqdm
 
-    from cluster.bulk import BulkSettings, generate
+    from cluster.bulk import BulkSettings, chosen_size, generate
     from cluster.retriever import RetrieverOptions
     from cluster.runtime import connect
     from rdm.pipeline import SamplerParams
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                             channels_last=args.channels_last, compile=args.compile,
                             kernel_tuning=args.kernel_tuning, attention=args.attention,
                             compile_cache=args.compile_cache, retriever_options=retriever_options.model_dump(),
-                            index_versions=index_versions)
+                            index_versions=index_versions, height=args.height, width=args.width)
+    chosen_size(settings)  # a size the model cannot sample fails here, not in every sampler actor
     connect()
     with tqdm(desc="images", unit="img") as bar:
         result = generate(args.prompts, args.out, settings, progress=bar)

@@ -21,5 +21,5 @@ def build_app(args: dict, deployments: dict[str, dict] | None = None) -> Applica
         {"precision": config.precision, "channels_last": config.channels_last, "compile": config.compile,
          "kernel_tuning": config.kernel_tuning, "attention": config.attention},
         config.url_expires_s, config.warm_up, config.compile_cache,
-        config.max_image_pixels)
+        config.max_image_pixels, config.image_sizes)
     return Ingress.options(**options.get("Ingress", {})).bind(generator, retriever, config.model_dump())

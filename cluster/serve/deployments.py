@@ -42,7 +42,7 @@ from cluster.serve.schemas import AppArgs, GeneratedImage, GenerateRequest, Gene
 from cluster.storage import open_store
 from rdm.errors import ConfigError, InputError, RDMError, SamplingStopped
 from rdm.images import decode_rgb, to_model_range
-from rdm.pipeline import encode_png
+from rdm.pipeline import check_image_size, encode_png
 
 logger = logging.getLogger("ray.serve")
 
@@ -74,7 +74,7 @@ class Generator:
 
     def __init__(self, model: str, clip_weights: str | None, output_uri: str, inference: dict | None = None,
                  url_expires_s: int = 3600, warm_up: bool = True, compile_cache: str | None = None,
-                 max_image_pixels: int = 4096 * 4096) -> None:
+                 max_image_pixels: int = 4096 * 4096, image_sizes: list | None = None) -> None:
         from cluster.compile_cache import CompileCache
         from rdm.acceleration import InferenceOptions
         from rdm.factory import load_clip_for, load_model, model_hash
@@ -89,6 +89,14 @@ class Generator:
         self.inference = dataclasses.asdict(self.pipeline.options)  # precision etc.: other numerics, other images
         self.store, self.url_expires_s = open_store(output_uri), url_expires_s
         self.max_image_pixels = max_image_pixels
+        config = self.pipeline.model.config
+        self.default_size = (config.image_size, config.image_size)
+        self.image_sizes = [self.default_size] + [tuple(s) for s in image_sizes or () if tuple(s) != self.default_size]
+        for height, width in self.image_sizes:
+            try:
+                check_image_size(config, height, width)
+            except InputError as err:
+                raise ConfigError(f"image_sizes: {err}") from None
         self.pending = 0
         self.m_images = metrics.Counter("rdm_images_generated", description="images generated")
         self.m_batch = metrics.Histogram("rdm_batch_size", description="items per sampling batch",
@@ -125,20 +133,26 @@ class Generator:
         count k, 0 included, shares those graphs (the context's token count is a dynamic dimension)."""
         if self.pipeline.options.compile is None or not self._warm_up_enabled:
             return
-        sizes = {self.pipeline.modules.batch_size(n) for n in range(1, max_batch_size + 1)} - self._warmed
-        if not sizes:
+        batches = {self.pipeline.modules.batch_size(n) for n in range(1, max_batch_size + 1)}
+        todo = {size: sorted(b for b in batches if (b, *size) not in self._warmed) for size in self.image_sizes}
+        todo = {size: sizes for size, sizes in todo.items() if sizes}
+        if not todo:
             return
         defaults = GenerateRequest.model_fields
 
-        def compile_sizes() -> dict[int, float]:
-            seconds = self.pipeline.warm_up(sorted(sizes), num_neighbors=defaults["num_neighbors"].default,
-                                            guidance_scale=defaults["guidance_scale"].default)
+        def compile_sizes() -> dict[tuple[int, int, int], float]:
+            seconds = {}
+            for (height, width), sizes in todo.items():
+                done = self.pipeline.warm_up(sizes, num_neighbors=defaults["num_neighbors"].default,
+                                             guidance_scale=defaults["guidance_scale"].default,
+                                             height=height, width=width)
+                seconds |= {(batch, height, width): s for batch, s in done.items()}
             self._save_compiled()
             return seconds
 
         seconds = self._batcher.call(compile_sizes)
         self._warmed |= set(seconds)
-        logger.info("compiled batch sizes %s in %.0f s", sorted(seconds), sum(seconds.values()))
+        logger.info("compiled (batch size, height, width) %s in %.0f s", sorted(seconds), sum(seconds.values()))
 
     def _save_compiled(self) -> None:
         """On the model thread: share what this replica compiled (warm-up, or a shape first seen in traffic)
@@ -149,6 +163,7 @@ class Generator:
     def info(self) -> dict:
         config = self.pipeline.model.config
         return {"name": self.model_name, "hash": self.model_hash, "image_size": config.image_size,
+                "image_sizes": [list(size) for size in self.image_sizes],
                 "context_dim": config.unet.context_dim, "clip": config.clip.model_name if config.clip else None,
                 "inference": self.inference}
 
@@ -169,6 +184,12 @@ class Generator:
         """One image. A caller that goes away (Serve cancels this call) marks its item abandoned: still
         queued, it is dropped (`ModelBatcher`); sampling, its batch stops between steps once every item of
         it is abandoned; sampled, it is not encoded or written."""
+        size = (item.get("height") or self.default_size[0], item.get("width") or self.default_size[1])
+        if size not in self.image_sizes:
+            served = ", ".join(f"{h} x {w}" for h, w in self.image_sizes)
+            raise InputError(f"height x width {size[0]} x {size[1]} is not served here; sizes (height x width): "
+                             f"{served}")
+        item["height"], item["width"] = size
         self.pending += 1
         self.m_queue.set(self.pending)
         item["abandoned"] = threading.Event()  # read on the model and writer threads
@@ -192,18 +213,19 @@ class Generator:
 
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, item in enumerate(items):
-            groups[(item["sampler"], item["num_steps"], item["guidance_scale"], item["eta"],
-                    np.shape(item["context"]))].append(i)
+            item["height"] = item.get("height") or self.default_size[0]
+            item["width"] = item.get("width") or self.default_size[1]
+            groups[(item["sampler"], item["num_steps"], item["guidance_scale"], item["eta"], item["height"],
+                    item["width"], np.shape(item["context"]))].append(i)
         results: list[Future | Exception] = [RuntimeError("not run") for _ in items]
-        for (sampler, steps, scale, eta, _), members in groups.items():
+        for (sampler, steps, scale, eta, height, width, _), members in groups.items():
             started = time.perf_counter()
             contexts = torch.from_numpy(np.stack([items[i]["context"] for i in members])).float()
-            size = self.pipeline.model.config.image_size
             splits = self.pipeline.out_of_memory_splits
             try:
                 pixels = self.pipeline.sample_images(
                     contexts, [items[i]["seed"] for i in members], SamplerParams(sampler, steps, scale, eta),
-                    height=size, width=size, stop=lambda members=members: all(abandoned(items[i]) for i in members))
+                    height=height, width=width, stop=lambda members=members: all(abandoned(items[i]) for i in members))
             except SamplingStopped as error:
                 self.m_stopped.inc(len(members))
                 for i in members:
@@ -240,7 +262,8 @@ class Generator:
         if item["output"] == "inline":
             return out | {"data": base64.b64encode(png).decode()}
         key = image_key(item["request_id"], item["seed"])
-        metadata = item["metadata"] | {"seed": item["seed"], "model": self.model_name, "model_hash": self.model_hash,
+        metadata = item["metadata"] | {"seed": item["seed"], "height": item["height"], "width": item["width"],
+                                       "model": self.model_name, "model_hash": self.model_hash,
                                        "inference": self.inference}
         write_image(self.store, key, png, metadata)
         return out | {"url": image_url(self.store, key, expires_s=self.url_expires_s)}
@@ -519,7 +542,7 @@ class Ingress:
             return self._count(_error(404, "unknown_database", _message(err), "database", request_id), "generate")
         except InputError as err:
             message = _message(err)
-            field = "prompt" if "prompt" in message else "image" if "image" in message else None
+            field = next((f for f in ("prompt", "image", "height") if f in message), None)
             return self._count(_error(422, "invalid_input", message, field, request_id), "generate")
         except ShardUnavailableError as err:
             return self._count(_error(503, "shard_unavailable", _message(err), None, request_id), "generate")
@@ -560,7 +583,8 @@ class Ingress:
                     "eta": body.eta, "request_id": request_id}
         items = [{"request_id": request_id, "context": context, "seed": seed + i, "sampler": body.sampler,
                   "num_steps": body.num_steps, "guidance_scale": body.guidance_scale, "eta": body.eta,
-                  "output": body.output, "metadata": metadata} for i in range(body.num_images)]
+                  "height": body.height, "width": body.width, "output": body.output, "metadata": metadata}
+                 for i in range(body.num_images)]
         results = await gather_or_cancel([self.generator.generate.remote(item) for item in items])
         done = time.perf_counter()
         return GenerateResponse(

@@ -14,6 +14,7 @@ from rdm.pipeline import MAX_SEED
 
 MAX_IMAGE_B64 = 8 * 1024 * 1024  # characters of a base64 query image
 MAX_IMAGES = 8  # per request; the Ingress sends them to the Generator together
+MAX_SIDE = 4096  # pixels of an output's height or width
 
 
 class GenerateRequest(BaseModel):
@@ -32,6 +33,10 @@ class GenerateRequest(BaseModel):
     guidance_scale: float = Field(5.0, ge=0.0, le=50.0, allow_inf_nan=False)
     eta: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="image i uses seed + i; random when omitted")
+    height: int | None = Field(None, ge=8, le=MAX_SIDE,
+                               description="pixels; the model's size when omitted; one of the app's image_sizes")
+    width: int | None = Field(None, ge=8, le=MAX_SIDE,
+                              description="pixels; the model's size when omitted; one of the app's image_sizes")
     output: Literal["url", "inline"] = "url"
 
     @model_validator(mode="after")
@@ -84,6 +89,9 @@ class AppArgs(BaseModel):
     max_body_bytes: int = Field(12 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=224 * 224,
                                   description="an image query with more pixels is refused (422) before it is decoded")
+    image_sizes: list[tuple[int, int]] = Field(
+        default_factory=list, description="[height, width] pairs requests may ask for besides the model's own square "
+                                          "size (with compile, each compiles its own graphs, at warm-up)")
     retriever_options: RetrieverOptions = Field(default_factory=RetrieverOptions,
                                                 description="the sharded retriever's actors (cluster.retriever)")
     refresh_interval_s: float = Field(30.0, ge=0, description="how often replicas look for new index versions (0: never)")
@@ -101,6 +109,15 @@ class AppArgs(BaseModel):
     compile_cache: str | None = Field(
         None, description="with compile: folder or s3:// URI where replicas share torch.compile's artifacts, so "
                           "that a new replica loads what others compiled (see cluster.compile_cache)")
+
+    @field_validator("image_sizes")
+    @classmethod
+    def _sizes(cls, sizes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Sides in 8..MAX_SIDE and multiples of 8 (the model's own multiple is checked when it loads)."""
+        for height, width in sizes:
+            if not (8 <= height <= MAX_SIDE and 8 <= width <= MAX_SIDE and height % 8 == 0 and width % 8 == 0):
+                raise ValueError(f"[{height}, {width}]: sides must be multiples of 8 in 8..{MAX_SIDE}")
+        return sizes
 
     @field_validator("output_uri", "index_uri", "compile_cache")
     @classmethod

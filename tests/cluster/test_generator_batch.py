@@ -42,6 +42,7 @@ def generator(tmp_path):
     gen.m_images, gen.m_batch, gen.m_sampling, gen.m_oom, gen.m_stopped = (Recorder() for _ in range(5))
     gen._writers = ThreadPoolExecutor(4)
     gen._delivering, gen._compile_cache = [], None
+    gen.default_size, gen.image_sizes = (32, 32), [(32, 32), (24, 40)]
     return gen
 
 
@@ -153,7 +154,8 @@ def test_the_next_batch_samples_while_the_last_one_is_delivered(generator, monke
 
 def test_a_compiled_generator_warms_up_each_padded_batch_size_once(generator, monkeypatch):
     """Before serving, and again when max_batch_size grows, a compiled pipeline runs every padded batch size
-    up to max_batch_size once, on the model thread; an eager one compiles nothing."""
+    up to max_batch_size once for each served image size, on the model thread; an eager one compiles
+    nothing."""
     from cluster.serve.batching import ModelBatcher
     from rdm.acceleration import InferenceOptions
 
@@ -175,10 +177,13 @@ def test_a_compiled_generator_warms_up_each_padded_batch_size_once(generator, mo
     generator._warm_up(8)
     generator.reconfigure({"max_batch_size": 12})
     generator.reconfigure({"max_batch_size": 12, "batch_wait_timeout_s": 0.02})
-    assert [sizes for sizes, _, _ in calls] == [[1, 2, 4, 8], [16]]
-    assert calls[0][1] == {"num_neighbors": 4, "guidance_scale": 5.0}  # the request defaults
+    assert [(sizes, kw["height"], kw["width"]) for sizes, kw, _ in calls] == [
+        ([1, 2, 4, 8], 32, 32), ([1, 2, 4, 8], 24, 40), ([16], 32, 32), ([16], 24, 40)]
+    assert {k: calls[0][1][k] for k in ("num_neighbors", "guidance_scale")} == {"num_neighbors": 4,
+                                                                                "guidance_scale": 5.0}  # defaults
     assert all(thread.startswith("model") for _, _, thread in calls)
-    assert generator._warmed == {1, 2, 4, 8, 16} and generator._batcher.max_batch_size == 12
+    assert generator._warmed == {(b, *size) for b in (1, 2, 4, 8, 16) for size in ((32, 32), (24, 40))}
+    assert generator._batcher.max_batch_size == 12
 
 
 @pytest.mark.parametrize("error, status, kind", [
@@ -266,3 +271,28 @@ def test_rebuild_notify_reports_what_the_app_answered(caplog):
         server.shutdown()
         server.server_close()
     assert "answered 503: ukiyo-e: CorruptShardError" in caplog.text
+
+
+def test_items_of_another_size_sample_in_their_own_group_at_that_size(generator):
+    """An item that asks for another of the served sizes (height 24, width 40) is sampled apart from the
+    default-size items, at its size; the default-size items share one call."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    calls = []
+    sample_images = generator.pipeline.sample_images
+
+    def recorded(context, seeds, params, **kwargs):
+        calls.append((list(seeds), kwargs["height"], kwargs["width"]))
+        return sample_images(context, seeds, params, **kwargs)
+
+    generator.pipeline.sample_images = recorded
+    items = [item(1), {**item(2), "height": 24, "width": 40}, item(3)]
+    for it in items:
+        it["output"] = "inline"
+    results = settled(generator._run_batch(items))
+    assert sorted(calls) == [([1, 3], 32, 32), ([2], 24, 40)]
+    sizes = [Image.open(io.BytesIO(base64.b64decode(r["data"]))).size for r in results]
+    assert sizes == [(32, 32), (40, 24), (32, 32)]  # PIL: (width, height)

@@ -51,3 +51,19 @@ def test_keys_are_deterministic_and_distinct(tmp_path):
     assert bf16_flash[0]["key"] not in {bf16[0]["key"], items[0]["key"]}
     with pytest.raises(InputError, match="precision"):
         expand(rows, BulkSettings(precision="fp8"), "hash")
+
+
+def test_an_image_size_other_than_the_models_gives_other_keys_and_its_own_is_checked(tmp_path):
+    """The tiny model samples 32 x 32: asking for that (or nothing) keeps the keys jobs always had; 24 x 40
+    gives other keys; a size the model cannot sample is refused before anything runs."""
+    from cluster.bulk import chosen_size
+
+    (tmp_path / "p.txt").write_text("a boat\n")
+    rows, _ = read_prompts(str(tmp_path / "p.txt"))
+    plain = expand(rows, BulkSettings(), "hash", chosen_size(BulkSettings()))
+    assert chosen_size(BulkSettings(height=32, width=32)) is None
+    wide = BulkSettings(height=24, width=40)
+    assert chosen_size(wide) == (24, 40) and chosen_size(BulkSettings(width=40)) == (32, 40)
+    assert expand(rows, wide, "hash", chosen_size(wide))[0]["key"] != plain[0]["key"]
+    with pytest.raises(InputError, match="multiples of 8, got 30 and 32"):
+        chosen_size(BulkSettings(height=30))

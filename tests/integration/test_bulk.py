@@ -111,9 +111,9 @@ def test_a_resumed_job_keeps_the_index_version_it_started_with(make_bucket, tmp_
 
 def test_killed_driver_then_rerun_generates_only_the_missing(index_uri, make_bucket, ray_cluster, tmp_path):
     out = open_store(make_bucket("rdm-bulk-out") + "/killed")
-    prompts = prompts_file(out, "prompts.jsonl", 30)  # 30 batches of 2: long enough to be killed mid-run
+    prompts = prompts_file(out, "prompts.jsonl", 20)  # 20 batches of 2: killed once the first is recorded
     cmd = [str(Path(sys.executable).parent / "rdm"), "generate", "--prompts", prompts, "--out", out.uri,
-           "--index", index_uri, "--num-steps", "20", "--num-neighbors", "3", "--batch-size", "2",
+           "--index", index_uri, "--num-steps", "10", "--num-neighbors", "3", "--batch-size", "2",
            "--sampler-num-cpus", "0.4"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -124,16 +124,20 @@ def test_killed_driver_then_rerun_generates_only_the_missing(index_uri, make_buc
     proc.wait()
     parts_before = len(out.list("_parts"))
     assert parts_before >= 1 and not out.exists("manifest.parquet")
-    settings = BulkSettings(index_uri=index_uri, **{**SETTINGS, "batch_size": 2, "num_steps": 20})
+    settings = BulkSettings(index_uri=index_uri, **{**SETTINGS, "batch_size": 2, "num_steps": 10})
     result = generate(prompts, out.uri, settings)
-    assert result.images == 60 and result.skipped >= 2 and result.generated == 60 - result.skipped
-    assert len({r["key"] for r in manifest(out)}) == 60
+    assert result.images == 40 and result.skipped >= 2 and result.generated == 40 - result.skipped
+    assert len({r["key"] for r in manifest(out)}) == 40
 
 
 def test_worker_node_removed_mid_run(index_uri, make_bucket, ray_cluster):
+    """A node leaves mid-run and another joins: the job (or its re-run) completes every image. This job
+    also asks for another size than the model's 32 x 32: 24 x 40 (height x width)."""
+    from PIL import Image
+
     out = open_store(make_bucket("rdm-bulk-out") + "/node-loss")
     prompts = prompts_file(out, "prompts.jsonl", 8)
-    settings = BulkSettings(index_uri=index_uri, **{**SETTINGS, "batch_size": 2})
+    settings = BulkSettings(index_uri=index_uri, **{**SETTINGS, "batch_size": 2}, height=24, width=40)
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(result=generate(prompts, out.uri, settings)))
     thread.start()
@@ -149,6 +153,8 @@ def test_worker_node_removed_mid_run(index_uri, make_bucket, ray_cluster):
         result = generate(prompts, out.uri, settings)
     rows = manifest(out)
     assert result.images == 16 and len(rows) == 16 and len({r["key"] for r in rows}) == 16
+    assert {(r["height"], r["width"]) for r in rows} == {(24, 40)}
+    assert {Image.open(io.BytesIO(out.read_bytes(r["uri"]))).size for r in rows} == {(40, 24)}
 
 
 def test_demo_builds_style_databases_and_a_gallery(ray_cluster, tmp_path):

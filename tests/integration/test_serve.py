@@ -35,7 +35,7 @@ def app_url(ray_cluster, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"model": "tiny", "index_uri": str(root / "index"), "output_uri": str(root / "out"),
             "api_token_file": str(root / "token"), "require_token": True, "max_body_bytes": 200_000,
-            "retriever_options": {"num_cpus": 0.05, "timeout_s": 10}}
+            "retriever_options": {"num_cpus": 0.05, "timeout_s": 10}, "image_sizes": [[24, 40]]}
     # at most 8 calls (CLIP embeddings, images) on the Generator and 16 more queued per caller: past
     # that, 503 + Retry-After (test_overload_...)
     deployments = {"Generator": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.3},
@@ -116,6 +116,7 @@ def test_generate_writes_images_and_metadata(app_url):
     meta = json.loads(next((root / "out").rglob("7.json")).read_text())
     assert meta["prompt"] == "a boat" and meta["database"] == "art" and len(meta["neighbors"]) == 3
     assert meta["index_version"] == out["index_version"] and meta["model_hash"]
+    assert (meta["height"], meta["width"]) == (32, 32)
     assert meta["inference"] == {"precision": "fp32", "channels_last": False, "compile": None, "kernel_tuning": "none",
                                  "attention": "auto"}
 
@@ -128,6 +129,22 @@ def test_inline_output_and_image_queries(app_url):
     status, out = call(url, "/v1/generate", {"image": base64.b64encode(png).decode(), "database": "art",
                                              "num_neighbors": 2, "output": "inline", **FAST})
     assert status == 200 and len(out["neighbors"]) == 2
+
+
+def test_a_served_size_is_sampled_at_that_size_and_another_is_a_422(app_url):
+    """The app serves the model's 32 x 32 and, from its config's image_sizes, 24 x 40 (height x width); a
+    size it does not serve is refused naming those it does, before anything is sampled."""
+    url, _ = app_url
+    status, out = call(url, "/v1/models")
+    assert status == 200 and out["models"][0]["image_sizes"] == [[32, 32], [24, 40]]
+    status, out = call(url, "/v1/generate", {"prompt": "a tree", "output": "inline", "height": 24, "width": 40, **FAST})
+    assert status == 200, out
+    assert decoded(out).shape == (24, 40, 3)
+    status, out = call(url, "/v1/generate", {"prompt": "a tree", "height": 40, **FAST})
+    assert status == 422 and out["error"]["field"] == "height", out
+    assert "40 x 32 is not served here; sizes (height x width): 32 x 32, 24 x 40" in out["error"]["message"]
+    status, out = call(url, "/v1/generate", {"prompt": "a tree", "width": 5000, **FAST})
+    assert status == 422 and out["error"]["field"] == "width", out
 
 
 def decoded(out) -> np.ndarray:
@@ -334,9 +351,18 @@ def test_web_page_generates_in_headless_chromium(app_url, tmp_path):
         page.screenshot(path=str(shot), full_page=True)
         status = page.text_content("#status")
         natural = page.evaluate("document.querySelector('#gallery img').naturalWidth")
+        page.wait_for_selector("#size option:nth-child(2)", state="attached", timeout=10_000)  # loaded with the token
+        sizes = page.eval_on_selector_all("#size option", "options => options.map(o => o.textContent)")
+        page.select_option("#size", "24,40")  # the app's other size: the newest images come first
+        page.click("#generate")
+        page.wait_for_function("document.querySelectorAll('#gallery img').length >= 4", timeout=60_000)
+        page.wait_for_function("document.querySelector('#gallery img').complete", timeout=10_000)
+        other = page.evaluate("[document.querySelector('#gallery img').naturalWidth, "
+                              "document.querySelector('#gallery img').naturalHeight]")
         browser.close()
     assert "bearer token" in refused
     assert "image(s)" in status and natural == 32
+    assert sizes == ["32 x 32", "24 x 40"] and other == [40, 24]
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.std() > 5  # the screenshot shows a rendered page, not a blank one
 

@@ -176,6 +176,14 @@ def test_generate_refuses_a_malformed_compile_cache_before_starting_ray(tmp_path
     assert code == 2 and "needs a bucket" in capsys.readouterr().err
 
 
+def test_generate_refuses_a_size_the_model_cannot_sample_before_starting_ray(tmp_path, capsys, monkeypatch):
+    import cluster.runtime
+
+    monkeypatch.setattr(cluster.runtime, "connect", lambda: pytest.fail("Ray was started"))
+    code = rdm(["generate", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"), "--height", "36"])
+    assert code == 2 and "multiples of 8, got 36 and 32" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("options, message", [('{"shards_per_actor": 0}', "shards_per_actor"),
                                               ('{"num_cpu": 1}', "num_cpu: Extra inputs"), ("[1]", "retriever")])
 def test_bad_retriever_options_exit_2_before_starting_ray(tmp_path, capsys, options, message):
