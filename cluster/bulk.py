@@ -6,6 +6,12 @@ duplicates: each sampling batch writes its PNGs, then a manifest part `OUT/_part
 items whose key appears in a part are done. The run ends by merging the parts into
 `OUT/manifest.parquet`, writing `OUT/errors.parquet` (row numbers and reasons) and `OUT/index.html`.
 
+With `output_format="webdataset"` a batch's images go into one tar, `OUT/shards/<hash>.tar`, in the
+WebDataset layout (`<sample>.png`, `<sample>.json` with its record, `<sample>.txt` with its prompt), which
+training pipelines and `rdm embed` read as they are. The batch's part is written first and names the tar;
+a part whose tar is missing (a crash between the two writes) is not done, so `OUT/shards/` only ever holds
+complete tars that the manifest names. A job keeps the format it started with (`OUT/job.json`).
+
 A job retrieves from the index versions that were published when it first ran, recorded in `OUT/job.json`:
 a resumed job keeps them even after a rebuild publishes new ones, so one output never mixes versions
 unless told to (`index_versions`, `rdm generate --index-version DB=VERSION|current`).
@@ -36,7 +42,9 @@ from rdm.factory import model_hash
 
 logger = logging.getLogger(__name__)
 PARTS = "_parts"
+SHARDS = "shards"
 JOB_STATE = "job.json"
+OUTPUT_FORMATS = ("png", "webdataset")
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,7 @@ class BulkSettings:
     attention: str = "auto"
     height: int | None = None  # pixels; None: the model's image size
     width: int | None = None
+    output_format: str = "png"  # png: an object per image; webdataset: a tar per batch (OUTPUT_FORMATS)
     compile_cache: str | None = None  # with compile: where samplers share compiled code (cluster.compile_cache)
     retriever_options: dict = field(default_factory=lambda: {"num_cpus": 0.05})  # cluster.retriever.RetrieverOptions
     index_versions: dict = field(default_factory=dict)  # {database: version or "current"}: pins over job.json's
@@ -170,7 +179,8 @@ def pin_index_versions(settings: BulkSettings, rows: list[PromptRow], store) -> 
                                 f"(rows name: {', '.join(sorted(named)) or 'none'})")
     if settings.index_uri is None:
         return {}
-    recorded = json.loads(store.read_bytes(JOB_STATE)).get("index_versions", {}) if store.exists(JOB_STATE) else {}
+    state = _job_state(store)
+    recorded = state.get("index_versions", {})
     index = open_store(settings.index_uri)
     pins = {}
     for database in sorted(named):
@@ -194,8 +204,26 @@ def pin_index_versions(settings: BulkSettings, rows: list[PromptRow], store) -> 
                                     f"{database}=current (or =VERSION), and the job's images will come from two "
                                     "versions; or write to a new output") from err
         pins[database] = version
-    store.write_bytes(JOB_STATE, json.dumps({"index_versions": {**recorded, **pins}}, indent=1).encode())
+    store.write_bytes(JOB_STATE, json.dumps({**state, "index_versions": {**recorded, **pins}}, indent=1).encode())
     return pins
+
+
+def _job_state(store) -> dict:
+    return json.loads(store.read_bytes(JOB_STATE)) if store.exists(JOB_STATE) else {}
+
+
+def keep_output_format(settings: BulkSettings, store) -> None:
+    """Record the job's output format on its first run; a resumed job asked for another is an InputError
+    (its images would be split between PNG files and tars). Jobs recorded before formats existed wrote PNGs."""
+    if settings.output_format not in OUTPUT_FORMATS:
+        raise InputError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {settings.output_format!r}")
+    state = _job_state(store)
+    started = state.get("output_format", "png" if state or store.list(PARTS) else None)
+    if started is not None and started != settings.output_format:
+        raise InputError(f"{store.uri} holds a job that writes {started} output; it cannot go on as "
+                         f"{settings.output_format} (write to a new output, or keep {started})")
+    if state.get("output_format") != settings.output_format:
+        store.write_bytes(JOB_STATE, json.dumps({**state, "output_format": settings.output_format}, indent=1).encode())
 
 
 class Retrieve:
@@ -277,20 +305,26 @@ class BulkSampler:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = _rows(batch)
+        part = hashlib.sha256("".join(sorted(str(r["key"]) for r in rows)).encode()).hexdigest()[:24]
+        tar = join(SHARDS, f"{part}.tar") if self.settings.output_format == "webdataset" else None
         groups: dict[tuple, list[dict]] = defaultdict(list)
         for row in rows:
             if not row["error"]:
                 groups[_array(row["context"]).shape].append(row)
+        pngs: dict[str, bytes] = {}
         for members in groups.values():
             images = self._model.submit(self._sample, members).result()
-            writes = [self._writers.submit(self._store_image, row, pixels)
+            writes = [self._writers.submit(self._encode if tar else self._store_image, row, pixels)
                       for row, pixels in zip(members, images, strict=True)]
             wait(writes)  # every write has ended before the manifest part names any of them
-            for write in writes:
-                write.result()  # the first failure fails the batch, as a sequential loop would
-        records = [self._record(r) for r in rows]
-        part = hashlib.sha256("".join(sorted(r["key"] for r in records)).encode()).hexdigest()[:24]
+            for row, write in zip(members, writes, strict=True):
+                png = write.result()  # the first failure fails the batch, as a sequential loop would
+                if tar is not None:
+                    pngs[str(row["key"])] = png
+        records = [self._record(r, tar) for r in rows]
         self.store.write_bytes(join(PARTS, f"{part}.parquet"), _parquet(pa.Table.from_pylist(records)))
+        if tar is not None:  # after its part: a part whose tar is missing is not done (_read_parts)
+            self.store.write_bytes(tar, webdataset_tar(records, pngs))
         return {"key": [r["key"] for r in records], "error": [r["error"] for r in records]}
 
     def _sample(self, members: list[dict]) -> np.ndarray:
@@ -308,18 +342,24 @@ class BulkSampler:
             self.compile_cache.save_if_new()  # the first batch of each size compiles: later samplers load it
         return images
 
-    def _store_image(self, row: dict, pixels: np.ndarray) -> None:
+    def _encode(self, row: dict, pixels: np.ndarray) -> bytes:
         from rdm.pipeline import encode_png
 
         png = encode_png(pixels)
-        self.store.write_bytes(str(row["key"]), png)
         row["sha256"] = hashlib.sha256(png).hexdigest()
+        return png
 
-    def _record(self, row: dict) -> dict:
+    def _store_image(self, row: dict, pixels: np.ndarray) -> bytes:
+        png = self._encode(row, pixels)
+        self.store.write_bytes(str(row["key"]), png)
+        return png
+
+    def _record(self, row: dict, tar: str | None) -> dict:
         s = self.settings
+        uri = f"{tar}#{sample_name(str(row['key']))}" if tar and not row["error"] else str(row["key"])
         return {"row": int(row["row"]), "prompt": str(row["prompt"]), "image": str(row["image"]),
                 "database": str(row["database"]), "seed": int(row["seed"]), "key": str(row["key"]),
-                "uri": str(row["key"]), "sha256": row.get("sha256", ""), "index_version": str(row["index_version"]),
+                "uri": uri, "sha256": row.get("sha256", ""), "index_version": str(row["index_version"]),
                 "neighbor_ids": json.loads(row["neighbor_ids"]), "neighbor_scores": json.loads(row["neighbor_scores"]),
                 "sampler": s.sampler, "num_steps": s.num_steps, "guidance_scale": s.guidance_scale, "eta": s.eta,
                 "height": self.size[0], "width": self.size[1],
@@ -337,12 +377,45 @@ class BulkResult:
     errors: int
 
 
+def sample_name(key: str) -> str:
+    """An image's WebDataset sample name: its key's file name without the extension."""
+    return key.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+
+def webdataset_tar(records: list[dict], pngs: dict[str, bytes]) -> bytes:
+    """One tar of the records' images in the WebDataset layout: `<sample>.png`, `<sample>.json` (the
+    record) and `<sample>.txt` (the prompt, a caption to `rdm embed`); the same bytes for the same batch."""
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for record in records:
+            if record["error"]:
+                continue
+            sample = sample_name(record["key"])
+            meta = {k: v for k, v in record.items() if k not in ("error", "uri")}
+            for name, data in ((f"{sample}.png", pngs[record["key"]]),
+                               (f"{sample}.json", json.dumps(meta, sort_keys=True).encode()),
+                               (f"{sample}.txt", record["prompt"].encode())):
+                info = tarfile.TarInfo(name)
+                info.size, info.mode = len(data), 0o644
+                tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
 def _read_parts(store) -> tuple[dict[str, dict], dict[str, dict]]:
-    """(done, failed): the manifest records of every written part, by output key."""
+    """(done, failed): the manifest records of every written part, by output key. A record that names a
+    tar that is not there (its batch crashed between its part and its tar) is neither."""
     done: dict[str, dict] = {}
     failed: dict[str, dict] = {}
+    tars = None
     for key in store.list(PARTS):
         for record in pq.read_table(io.BytesIO(store.read_bytes(key))).to_pylist():
+            tar = record["uri"].partition("#")[0] if "#" in record["uri"] else None
+            if tar is not None:
+                tars = set(store.list(SHARDS)) if tars is None else tars
+                if tar not in tars:
+                    continue
             (failed if record["error"] else done)[record["key"]] = record
     return done, failed
 
@@ -355,6 +428,7 @@ def generate(prompts_uri: str, out_uri: str, settings: BulkSettings, *, progress
     model_id = model_hash(settings.model)
     items = expand(rows, settings, model_id, chosen_size(settings))
     store = open_store(out_uri)
+    keep_output_format(settings, store)
     versions = pin_index_versions(settings, rows, store)
     done, _ = _read_parts(store)
     pending = [i for i in items if i["key"] not in done]
@@ -413,8 +487,14 @@ def _write_outputs(store, records: list[dict], errors: list[dict]) -> None:
 
 
 def contact_sheet(records: list[dict], errors: list[dict]) -> str:
+    """The images (or, for a webdataset job, their tar and sample names) with their prompts."""
+    def picture(uri: str) -> str:
+        if "#" in uri:  # inside a tar: nothing a browser can show
+            return f"<code>{html.escape(uri)}</code><br>"
+        return f'<img src="{html.escape(uri)}" width="128" height="128">'
+
     cells = "\n".join(
-        f'<figure><img src="{html.escape(r["uri"])}" width="128" height="128"><figcaption>'
+        f'<figure>{picture(r["uri"])}<figcaption>'
         f'{html.escape(r["prompt"] or r["image"])}<br>{html.escape(r["database"] or "text only")} · seed {r["seed"]}'
         f"</figcaption></figure>" for r in sorted(records, key=lambda r: (r["row"], r["seed"])))
     failed = "".join(f"<li>row {e['row']}: {html.escape(e['error'])}</li>" for e in errors)

@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eta", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0, help="base seed for rows without one: seed + 1000 * row + j")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--output-format", choices=("png", "webdataset"), default="png",
+                        help="png: one object per image; webdataset: one tar per batch under OUT/shards/ "
+                             "(<sample>.png/.json/.txt), as training pipelines and rdm embed read them")
     parser.add_argument("--height", type=int, help="pixels (default: the model's image size)")
     parser.add_argument("--width", type=int, help="pixels (default: the model's image size)")
     parser.add_argument("--num-samplers", type=int, default=1, help="sampler actors (one GPU each when present)")
@@ -81,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                             channels_last=args.channels_last, compile=args.compile,
                             kernel_tuning=args.kernel_tuning, attention=args.attention,
                             compile_cache=args.compile_cache, retriever_options=retriever_options.model_dump(),
-                            index_versions=index_versions, height=args.height, width=args.width)
+                            index_versions=index_versions, height=args.height, width=args.width,
+                            output_format=args.output_format)
     chosen_size(settings)  # a size the model cannot sample fails here, not in every sampler actor
     connect()
     with tqdm(desc="images", unit="img") as bar:

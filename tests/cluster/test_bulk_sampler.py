@@ -7,6 +7,7 @@ from dataclasses import asdict
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from cluster.bulk import PARTS, BulkSampler, BulkSettings, _array_bytes
@@ -100,3 +101,66 @@ def test_image_queries_are_clip_image_embeddings_and_bad_or_huge_images_are_row_
     assert not np.allclose(_array(out["query"][0]), expected)
     assert out["error"][2].startswith("InputError: image: not a decodable image")
     assert out["error"][3].startswith("ImageTooLargeError: image: 8000 x 8000 pixels")
+
+
+def test_webdataset_output_is_one_tar_per_batch_that_rdm_embed_reads(tmp_path):
+    """output_format=webdataset: a batch's images go into OUT/shards/<part>.tar as <sample>.png/.json/.txt
+    (an errored row has none), the part names each image as tar#sample; a part whose tar is missing (a
+    crash between the two writes) counts as not done; the embedding job reads the tars as a corpus."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from cluster.bulk import SHARDS, _read_parts
+    from cluster.embedding import decode_shard, list_corpus
+    from cluster.storage import open_store
+
+    sampler = BulkSampler(asdict(BulkSettings(num_steps=2, num_neighbors=0, output_format="webdataset")),
+                          str(tmp_path), "model-hash")
+    rows = batch([1, 2, 3])
+    rows["error"][2] = "InputError: bad row"
+    out = sampler(rows)
+    assert out["error"] == ["", "", "InputError: bad row"] and not (tmp_path / "images").exists()
+    (tar,) = (tmp_path / SHARDS).iterdir()
+    store = open_store(str(tmp_path))
+    done, failed = _read_parts(store)
+    assert sorted(done) == ["images/1.png", "images/2.png"] and list(failed) == ["images/3.png"]
+    assert done["images/1.png"]["uri"] == f"{SHARDS}/{tar.name}#1"
+    import tarfile
+
+    with tarfile.open(tar) as archive:
+        assert sorted(archive.getnames()) == ["1.json", "1.png", "1.txt", "2.json", "2.png", "2.txt"]
+        png = archive.extractfile("2.png").read()
+        meta = json.loads(archive.extractfile("2.json").read())
+    assert Image.open(io.BytesIO(png)).size == (32, 32)
+    assert meta["seed"] == 2 and meta["prompt"] == "p2" and meta["sha256"] == done["images/2.png"]["sha256"]
+    again = tar.read_bytes()
+    sampler(batch([1, 2, 3]) | {"error": rows["error"]})  # the same batch again (a retried call): the same bytes
+    assert tar.read_bytes() == again
+    # the embedding job's reader: one corpus shard per tar, samples by name, the prompt as the caption
+    _, shards = list_corpus(str(tmp_path / SHARDS))
+    decoded = decode_shard({"name": shards[0].name, "kind": shards[0].kind, "keys": list(shards[0].keys)},
+                           corpus_uri=str(tmp_path / SHARDS), image_size=(8, 8), antialias=False)
+    embedded = json.loads(decoded["rows"])
+    assert [(r["metadata"]["caption"], r["source_uri"].rsplit("#", 1)[1]) for r in embedded] == [("p1", "1"), ("p2", "2")]
+    tar.unlink()  # a crash after the part, before its tar
+    assert _read_parts(store)[0] == {}
+
+
+def test_a_job_keeps_the_output_format_it_started_with(tmp_path):
+    from cluster.bulk import PARTS, keep_output_format
+    from cluster.storage import open_store
+    from rdm.errors import InputError
+
+    store = open_store(str(tmp_path / "new"))
+    keep_output_format(BulkSettings(output_format="webdataset"), store)
+    keep_output_format(BulkSettings(output_format="webdataset"), store)
+    with pytest.raises(InputError, match="writes webdataset output; it cannot go on as png"):
+        keep_output_format(BulkSettings(), store)
+    older = open_store(str(tmp_path / "older"))  # a job from before formats were recorded: PNG files
+    older.write_bytes(f"{PARTS}/x.parquet", b"")
+    with pytest.raises(InputError, match="writes png output"):
+        keep_output_format(BulkSettings(output_format="webdataset"), older)
+    with pytest.raises(InputError, match="output_format must be one of png, webdataset"):
+        keep_output_format(BulkSettings(output_format="tfrecord"), store)

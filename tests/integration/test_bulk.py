@@ -73,10 +73,10 @@ def test_bulk_job_writes_every_image_once_and_resumes(index_uri, make_bucket):
     assert {r["key"]: r["sha256"] for r in manifest(out)} == {r["key"]: r["sha256"] for r in rows}
 
 
-def test_a_resumed_job_keeps_the_index_version_it_started_with(make_bucket, tmp_path):
+def test_a_resumed_job_keeps_the_index_version_it_started_with(ray_cluster, make_bucket, tmp_path):
     """A rebuild publishes a new version while a job is unfinished: the resumed job still retrieves from the
     version it started with (OUT/job.json), a pinned version that was pruned stops the job with a typed
-    error, and `index_versions` {db: "current"} moves it on explicitly."""
+    error, and `index_versions` {db: "current"} moves it on explicitly. This job writes WebDataset tars."""
     from cluster.errors import IndexVersionError
     from jobs.index import main as index_main
 
@@ -87,7 +87,8 @@ def test_a_resumed_job_keeps_the_index_version_it_started_with(make_bucket, tmp_
     first = build_index(str(tmp_path / "old"), index, "pin", num_shards=1).version
     out = open_store(make_bucket("rdm-bulk-pin") + "/out")
     out.write_bytes("prompts.jsonl", b"".join(b'{"prompt": "a boat %d", "database": "pin"}\n' % i for i in range(3)))
-    prompts, settings = f"{out.uri}/prompts.jsonl", BulkSettings(index_uri=index, **SETTINGS)
+    prompts = f"{out.uri}/prompts.jsonl"
+    settings = BulkSettings(index_uri=index, **SETTINGS, output_format="webdataset")
 
     def lose_every_part():  # a run that crashed before writing anything
         for key in out.list("_parts"):
@@ -98,12 +99,14 @@ def test_a_resumed_job_keeps_the_index_version_it_started_with(make_bucket, tmp_
     lose_every_part()
     assert generate(prompts, out.uri, settings).generated == 3
     assert {(r["index_version"], r["neighbor_ids"][0][:3]) for r in manifest(out)} == {(first, "old")}
-    assert json.loads(out.read_bytes("job.json")) == {"index_versions": {"pin": first}}
+    assert json.loads(out.read_bytes("job.json")) == {"index_versions": {"pin": first}, "output_format": "webdataset"}
+    tars = set(out.list("shards"))
+    assert {r["uri"].partition("#")[0] for r in manifest(out)} <= tars and all("#" in r["uri"] for r in manifest(out))
     assert index_main(["prune", "pin", "--index", index, "--keep", "0", "--min-age-hours", "0"]) == 0
     lose_every_part()
     with pytest.raises(IndexVersionError, match=f"version {first}, which this job started with"):
         generate(prompts, out.uri, settings)
-    moved = BulkSettings(index_uri=index, index_versions={"pin": "current"}, **SETTINGS)
+    moved = BulkSettings(index_uri=index, index_versions={"pin": "current"}, **SETTINGS, output_format="webdataset")
     assert generate(prompts, out.uri, moved).generated == 3
     assert {(r["index_version"], r["neighbor_ids"][0][:3]) for r in manifest(out)} == {(second, "new")}
     assert generate(prompts, out.uri, settings).generated == 0  # job.json now pins the second version
