@@ -180,6 +180,17 @@ class Generator:
         pixels = decode_rgb(data, max_pixels=self.max_image_pixels)
         return self.pipeline.clip.encode_image(to_model_range(pixels))[0].cpu().numpy()
 
+    def embed_images(self, images_b64: list[str]) -> np.ndarray:
+        """CLIP image embeddings [N, D] of base64 PNG/JPEG images; an image that fails is an InputError
+        naming its place in the list."""
+        embeddings = []
+        for i, image_b64 in enumerate(images_b64):
+            try:
+                embeddings.append(self.embed(None, image_b64))
+            except InputError as err:
+                raise InputError(f"neighbor_images[{i}]: {err}") from None
+        return np.stack(embeddings)
+
     async def generate(self, item: dict) -> dict:
         """One image. A caller that goes away (Serve cancels this call) marks its item abandoned: still
         queued, it is dropped (`ModelBatcher`); sampling, its batch stops between steps once every item of
@@ -542,7 +553,7 @@ class Ingress:
             return self._count(_error(404, "unknown_database", _message(err), "database", request_id), "generate")
         except InputError as err:
             message = _message(err)
-            field = next((f for f in ("prompt", "image", "height") if f in message), None)
+            field = next((f for f in ("prompt", "neighbor_images", "image", "height") if f in message), None)
             return self._count(_error(422, "invalid_input", message, field, request_id), "generate")
         except ShardUnavailableError as err:
             return self._count(_error(503, "shard_unavailable", _message(err), None, request_id), "generate")
@@ -568,7 +579,11 @@ class Ingress:
         query = await self.generator.embed.remote(body.prompt, body.image)
         embedded = time.perf_counter()
         found = None
-        if body.database is not None and body.num_neighbors > 0:
+        if body.neighbor_images is not None:  # the caller's own neighbours: no retrieval
+            embeddings = await self.generator.embed_images.remote(body.neighbor_images)
+            found = {"ids": [f"neighbor_images[{i}]" for i in range(len(embeddings))], "scores": embeddings @ query,
+                     "embeddings": embeddings, "version": None, "degraded": False}
+        elif body.database is not None and body.num_neighbors > 0:
             found = await self.retriever.search.remote(body.database, query, body.num_neighbors)
         retrieved = time.perf_counter()
         neighbors = found["embeddings"] if found else np.zeros((0, len(query)), np.float32)
@@ -576,7 +591,8 @@ class Ingress:
 
         context = build_context(torch.from_numpy(query)[None], torch.from_numpy(neighbors)[None])[0].numpy()
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        neighbor_list = [{"id": i, "score": s} for i, s in zip(found["ids"], found["scores"], strict=True)] if found else []
+        neighbor_list = [{"id": i, "score": float(s)} for i, s in zip(found["ids"], found["scores"], strict=True)] \
+            if found else []
         metadata = {"prompt": body.prompt, "database": body.database, "index_version": found and found["version"],
                     "neighbors": neighbor_list,
                     "sampler": body.sampler, "num_steps": body.num_steps, "guidance_scale": body.guidance_scale,

@@ -26,6 +26,10 @@ class GenerateRequest(BaseModel):
     image: str | None = Field(None, min_length=1, max_length=MAX_IMAGE_B64,
                               description="base64 PNG or JPEG; its CLIP image embedding is the query")
     database: str | None = Field(None, min_length=1, max_length=64, description="none: text (or image) only")
+    neighbor_images: list[str] | None = Field(
+        None, min_length=1, max_length=MAX_NEIGHBORS,
+        description="base64 PNG or JPEG images whose CLIP image embeddings are the neighbours, in place of a "
+                    "database's (a style from a few images of your own); not with database")
     num_neighbors: int = Field(4, ge=0, le=MAX_NEIGHBORS)
     num_images: int = Field(1, ge=1, le=MAX_IMAGES)
     num_steps: int = Field(50, ge=1, le=500)
@@ -47,6 +51,12 @@ class GenerateRequest(BaseModel):
             raise ValueError("'prompt' must not be blank")
         if self.eta and self.sampler != "ddim":
             raise ValueError(f"'eta' applies to the ddim sampler only; {self.sampler} needs eta=0")
+        if self.neighbor_images is not None:
+            if self.database is not None:
+                raise ValueError("give 'database' or 'neighbor_images', not both")
+            if "num_neighbors" in self.model_fields_set and self.num_neighbors != len(self.neighbor_images):
+                raise ValueError(f"'num_neighbors' ({self.num_neighbors}) must be left out or equal the number of "
+                                 f"'neighbor_images' ({len(self.neighbor_images)})")
         return self
 
 

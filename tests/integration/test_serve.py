@@ -147,6 +147,39 @@ def test_a_served_size_is_sampled_at_that_size_and_another_is_a_422(app_url):
     assert status == 422 and out["error"]["field"] == "width", out
 
 
+def test_neighbor_images_are_the_neighbours_in_place_of_a_database(app_url):
+    """A request's own images (base64) condition it as retrieved neighbours would: their CLIP image
+    embeddings (the scores are their similarities to the query, as this process computes them with the same
+    tiny CLIP), other images give another image, and one that does not decode is a 422 naming its place."""
+    from rdm.factory import load_clip_for, load_model
+    from rdm.images import decode_rgb, to_model_range
+
+    url, _ = app_url
+    rng = np.random.default_rng(3)
+    pngs = []
+    for _ in range(3):
+        buffer = io.BytesIO()
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    encoded = [base64.b64encode(png).decode() for png in pngs]
+    request = {"prompt": "a boat", "seed": 5, "output": "inline", **FAST}
+    status, first = call(url, "/v1/generate", {**request, "neighbor_images": encoded})
+    assert status == 200, first
+    assert [n["id"] for n in first["neighbors"]] == ["neighbor_images[0]", "neighbor_images[1]", "neighbor_images[2]"]
+    assert first["database"] is None and first["index_version"] is None
+    clip = load_clip_for(load_model("tiny"))
+    query = clip.encode_text(["a boat"])[0]
+    expected = [float(clip.encode_image(to_model_range(decode_rgb(png)))[0] @ query) for png in pngs]
+    np.testing.assert_allclose([n["score"] for n in first["neighbors"]], expected, atol=1e-4)
+    status, again = call(url, "/v1/generate", {**request, "neighbor_images": encoded})
+    status, other = call(url, "/v1/generate", {**request, "neighbor_images": encoded[::-1][:2]})
+    assert status == 200 and np.array_equal(decoded(first), decoded(again))
+    assert not np.array_equal(decoded(first), decoded(other))
+    status, out = call(url, "/v1/generate", {**request, "neighbor_images": [encoded[0], "bm90IGFuIGltYWdl"]})
+    assert status == 422 and out["error"]["field"] == "neighbor_images", out
+    assert out["error"]["message"].startswith("neighbor_images[1]: image: not a decodable image")
+
+
 def decoded(out) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(out["images"][0]["data"]))), dtype=int)
 
@@ -185,6 +218,9 @@ def test_auth_is_required(app_url):
     ({"prompt": "word " * 100}, 422, "prompt"),
     ({"image": "bm90IGFuIGltYWdl"}, 422, "image"),
     ({"prompt": "a", "database": "nope", "num_neighbors": 2}, 404, "database"),
+    ({"prompt": "a", "database": "art", "neighbor_images": ["aGk="]}, 422, "body"),
+    ({"prompt": "a", "neighbor_images": ["aGk=", "aGk="], "num_neighbors": 3}, 422, "body"),
+    ({"prompt": "a", "neighbor_images": []}, 422, "neighbor_images"),
 ])
 def test_invalid_requests_get_4xx_naming_the_field(app_url, body, status, field):
     url, _ = app_url
