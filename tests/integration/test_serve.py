@@ -395,10 +395,17 @@ def test_web_page_generates_in_headless_chromium(app_url, tmp_path):
         page.wait_for_function("document.querySelector('#gallery img').complete", timeout=10_000)
         other = page.evaluate("[document.querySelector('#gallery img').naturalWidth, "
                               "document.querySelector('#gallery img').naturalHeight]")
+        style = tmp_path / "style.png"
+        Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(style)
+        page.set_input_files("#style", [str(style)])  # the user's own image as the one neighbour
+        page.click("#generate")
+        page.wait_for_function("document.querySelectorAll('#gallery img').length >= 6", timeout=60_000)
+        caption = page.text_content("#gallery .neighbors")
         browser.close()
     assert "bearer token" in refused
     assert "image(s)" in status and natural == 32
     assert sizes == ["32 x 32", "24 x 40"] and other == [40, 24]
+    assert "neighbours: neighbor_images[0] (" in caption
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.std() > 5  # the screenshot shows a rendered page, not a blank one
 
