@@ -87,6 +87,17 @@ def written_seeds(root: Path, seeds) -> list[int]:
 FAST = {"num_steps": 3, "sampler": "dpmpp_2m"}
 
 
+def random_pngs(count: int, *, seed: int) -> list[bytes]:
+    """`count` 32 x 32 PNGs of uniform noise."""
+    rng = np.random.default_rng(seed)
+    pngs = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    return pngs
+
+
 def scrape(ray_cluster) -> str:
     """Every node's Prometheus metrics (Ray's export), concatenated."""
     texts = []
@@ -155,12 +166,7 @@ def test_neighbor_images_are_the_neighbours_in_place_of_a_database(app_url):
     from rdm.images import decode_rgb, to_model_range
 
     url, _ = app_url
-    rng = np.random.default_rng(3)
-    pngs = []
-    for _ in range(3):
-        buffer = io.BytesIO()
-        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(buffer, format="PNG")
-        pngs.append(buffer.getvalue())
+    pngs = random_pngs(3, seed=3)
     encoded = [base64.b64encode(png).decode() for png in pngs]
     request = {"prompt": "a boat", "seed": 5, "output": "inline", **FAST}
     status, first = call(url, "/v1/generate", {**request, "neighbor_images": encoded})
@@ -421,12 +427,7 @@ def test_index_rebuild_while_serving_has_zero_failures(app_url, tmp_path, monkey
     from jobs.index import main as index_main
 
     url, root = app_url
-    rng = np.random.default_rng(9)
-    images = []
-    for _ in range(30):
-        buffer = io.BytesIO()
-        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(buffer, format="PNG")
-        images.append(buffer.getvalue())
+    images = random_pngs(30, seed=9)
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     pq.write_table(pa.table({"id": [f"new-{i}" for i in range(30)], "image": images}), corpus / "part-0.parquet")
