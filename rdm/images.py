@@ -1,8 +1,8 @@
 """Decoding image bytes that come from outside (requests, corpora, prompt files), bounded in size.
 
-A few hundred kilobytes of PNG can hold a 9000 x 9000 image: 2.8 GB at its peak once decoded, converted to
-floats and resized for CLIP (measured). The size is in the header, so such an image is refused before any
-of it is decoded.
+A few hundred kilobytes of PNG can hold a 9000 x 9000 image: 1.17 GB at its peak once decoded, converted to
+floats and resized for CLIP (`bench/image_decode.py`). The size is in the header, so such an image is
+refused before any of it is decoded.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """Bounded decoding of image bytes from outside: `rdm.images`."""
 
 import io
-import time
 
 import numpy as np
 import pytest
@@ -40,12 +39,10 @@ def test_an_image_over_the_bound_is_refused_and_one_at_it_is_not():
 def test_a_huge_image_is_refused_from_its_header_before_decoding():
     """8000 x 8000 pixels: 190 MB as uint8, 770 MB as floats; refused from its first bytes (it holds a few
     pixels only, so decoding it would fail differently), as Pillow's own bound refuses 60000 x 60000."""
-    started = time.perf_counter()
     with pytest.raises(ImageTooLargeError, match=r"8000 x 8000 pixels \(64.0 MP\) is more than the 40.0 MP"):
         decode_rgb(png_header_only(8000, 8000))
     with pytest.raises(ImageTooLargeError, match=r"3600000000 pixels.*at most 40.0 MP are allowed"):
         decode_rgb(png_header_only(60_000, 60_000))
-    assert time.perf_counter() - started < 5
     with pytest.raises(InputError, match="not a decodable image"):  # under the bound, the missing pixels show
         decode_rgb(png_header_only(64, 64))
 
