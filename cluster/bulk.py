@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from cluster.artifacts import local_path
 from cluster.errors import IndexVersionError, ObjectNotFoundError, UnknownDatabaseError
 from cluster.index.manifest import check_database_name, current_version, load_manifest
 from cluster.prompts import PromptRow, read_prompts
@@ -85,7 +86,7 @@ def chosen_size(settings: BulkSettings) -> tuple[int, int] | None:
     from rdm.factory import model_config
     from rdm.pipeline import check_image_size
 
-    config = model_config(settings.model)
+    config = model_config(local_path(settings.model))
     size = (settings.height or config.image_size, settings.width or config.image_size)
     check_image_size(config, *size)
     return None if size == (config.image_size, config.image_size) else size
@@ -140,7 +141,7 @@ class QueryEncoder:
     def __init__(self, model: str, clip_weights: str | None) -> None:
         from rdm.factory import load_clip_for, load_model
 
-        self.clip = load_clip_for(load_model(model), weights=clip_weights)
+        self.clip = load_clip_for(load_model(local_path(model)), weights=local_path(clip_weights))
 
     def _embed(self, row: dict) -> np.ndarray:
         if not row["image"]:
@@ -285,7 +286,8 @@ class BulkSampler:
 
         self.settings = BulkSettings(**settings)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.pipeline = Pipeline(load_model(self.settings.model).to(device), options=self.settings.inference_options())
+        self.pipeline = Pipeline(load_model(local_path(self.settings.model)).to(device),
+                                 options=self.settings.inference_options())
         s = self.settings
         self.compile_cache = None
         if s.compile_cache and s.compile is not None:
@@ -425,7 +427,7 @@ def generate(prompts_uri: str, out_uri: str, settings: BulkSettings, *, progress
     import ray
 
     rows, row_errors = read_prompts(prompts_uri)
-    model_id = model_hash(settings.model)
+    model_id = model_hash(local_path(settings.model))  # the content hash: an s3:// model is downloaded here too
     items = expand(rows, settings, model_id, chosen_size(settings))
     store = open_store(out_uri)
     keep_output_format(settings, store)

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from cluster.artifacts import local_path
 from cluster.errors import EmptyCorpusError, StorageError
 from cluster.storage import ObjectStore, join, open_store
 from rdm.errors import ConfigError, InputError
@@ -199,7 +200,7 @@ class ClipEmbedder:
         from rdm.factory import load_clip_spec
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.encoder = load_clip_spec(clip, weights=clip_weights).to(self.device)
+        self.encoder = load_clip_spec(clip, weights=local_path(clip_weights)).to(self.device)
         self.store, self.batch_size, self.dtype = open_store(out_uri), batch_size, dtype
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -244,11 +245,12 @@ def embed_corpus(corpus_uri: str, out_uri: str, *, clip: str = "tiny", clip_weig
 
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
-    config, _ = resolve_clip(clip, weights=clip_weights)
+    weights = local_path(clip_weights)  # an s3:// file: downloaded here too, for its content hash
+    config, _ = resolve_clip(clip, weights=weights)
     image_size = _clip_image_size(config.model_name)
     _, shards = list_corpus(corpus_uri, shard_size=shard_size)
     out = open_store(out_uri)
-    info = {"clip": clip, "clip_hash": clip_hash(clip, weights=clip_weights), "dim": config.embed_dim, "dtype": dtype}
+    info = {"clip": clip, "clip_hash": clip_hash(clip, weights=weights), "dim": config.embed_dim, "dtype": dtype}
     if out.exists("embed.json"):
         previous = json.loads(out.read_bytes("embed.json"))
         if {k: previous.get(k) for k in info} != info:

@@ -241,6 +241,19 @@ class S3Store:
         except (_PreconditionFailed, ObjectNotFoundError):
             return None
 
+    def head(self, key: str) -> tuple[int, str]:
+        """The object's size in bytes and its ETag."""
+        response = self._call(key, "head_object", Key=self._key(key))
+        return int(response["ContentLength"]), response["ETag"]
+
+    def download(self, key: str, path: str | Path) -> None:
+        """Copy the object to the file `path`, in parallel ranged GETs for large objects (boto3's managed
+        transfer, which pins the parts to the ETag it saw first)."""
+        from boto3.s3.transfer import TransferConfig
+
+        config = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20, max_concurrency=8)
+        self._call(key, "download_file", Key=self._key(key), Filename=str(path), Config=config)
+
     def presigned_url(self, key: str, expires_s: int = 3600) -> str:
         return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": self._key(key)},
                                                   ExpiresIn=expires_s)

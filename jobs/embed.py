@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output folder or s3:// prefix")
     parser.add_argument("--clip", default="tiny",
                         help="CLIP: a shipped model name (its CLIP) or an open_clip architecture[:pretrained tag]")
-    parser.add_argument("--clip-weights", help="local CLIP weights file (offline use)")
+    parser.add_argument("--clip-weights", help="CLIP weights file, a path or s3:// (offline use)")
     parser.add_argument("--shard-size", type=int, default=256, help="image files per shard (parquet: one per file)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per CLIP forward pass")
     parser.add_argument("--num-actors", type=int, default=1, help="CLIP actors in the pool")

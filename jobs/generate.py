@@ -18,8 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rdm generate", description=__doc__)
     parser.add_argument("--prompts", required=True, help="prompts file: rows with prompt [database num_images seed image]")
     parser.add_argument("--out", required=True, help="output folder or s3:// prefix")
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--clip-weights")
+    parser.add_argument("--model", default="tiny", help="shipped model name or .safetensors checkpoint: a path, or "
+                                                         "s3:// (each node downloads it once into $RDM_CACHE_DIR)")
+    parser.add_argument("--clip-weights", help="CLIP weights file, a path or s3://")
     parser.add_argument("--index", help="index root holding the databases rows name (folder or s3://)")
     parser.add_argument("--num-neighbors", type=int, default=4)
     parser.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m")

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from cluster.artifacts import local_path
 from jobs.common import (
     EXIT_OK,
     add_inference_args,
@@ -31,7 +32,9 @@ logger = logging.getLogger(__name__)
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="rdm sample", description=__doc__)
-    parser.add_argument("--model", default="tiny", help="shipped model name or .safetensors checkpoint")
+    parser.add_argument("--model", default="tiny",
+                        help="shipped model name or .safetensors checkpoint: a path, or s3:// (downloaded once "
+                             "into $RDM_CACHE_DIR)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
     parser.add_argument("--database", type=Path,
@@ -46,7 +49,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--height", type=int, help="pixels (default: the model's image size)")
     parser.add_argument("--width", type=int, help="pixels (default: the model's image size)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--clip-weights", type=Path, help="local open_clip weights file (offline use)")
+    parser.add_argument("--clip-weights", help="open_clip weights file, a path or s3:// (offline use)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_inference_args(parser)
     parser.add_argument("--out", type=Path, default=Path("outputs"))
@@ -73,17 +76,18 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"--num-images and --batch-size must be >= 1, got {args.num_images}, {args.batch_size}")
     prompts = read_prompts(args)
     params = SamplerParams(args.sampler, args.num_steps, args.guidance_scale, args.eta)
-    config = model_config(args.model)  # sizes and seeds are checked before the model loads (minutes for RDM-768)
+    model_file = local_path(args.model)  # an s3:// checkpoint: its cached local copy
+    config = model_config(model_file)  # sizes and seeds are checked before the model loads (minutes for RDM-768)
     check_image_size(config, args.height or config.image_size, args.width or config.image_size)
     for seed in (args.seed, args.seed + len(prompts) * args.num_images - 1):
         check_seed(seed)
     retriever = ExactRetriever.from_file(args.database) if args.database else None
     num_neighbors = args.num_neighbors if retriever is not None else 0
-    model = load_model(args.model).to(args.device)
-    clip = load_clip_for(model, weights=args.clip_weights)
+    model = load_model(model_file).to(args.device)
+    clip = load_clip_for(model, weights=local_path(args.clip_weights))
     clip = clip.to(args.device) if clip is not None else None
     pipeline = Pipeline(model, clip, retriever, options=inference_options(args))
-    cache = open_compile_cache(args, pipeline.options, args.model, args.device)
+    cache = open_compile_cache(args, pipeline.options, model_file, args.device)
     jobs = [(i, j, prompt, args.seed + i * args.num_images + j)
             for i, prompt in enumerate(prompts) for j in range(args.num_images)]
     records = []

@@ -65,6 +65,16 @@ def batching_config(config: dict, *, max_batch_size: int, batch_wait_timeout_s: 
     return size, wait
 
 
+def served_size(sizes: list[tuple[int, int]], height: int | None, width: int | None) -> tuple[int, int]:
+    """The (height, width) a request asks for, given the sizes an app serves (the model's square first, the
+    default of a missing side); a size not among them is an InputError naming them."""
+    size = (height or sizes[0][0], width or sizes[0][1])
+    if size not in sizes:
+        served = ", ".join(f"{h} x {w}" for h, w in sizes)
+        raise InputError(f"height x width {size[0]} x {size[1]} is not served here; sizes (height x width): {served}")
+    return size
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
 class Generator:
     """Loads the model and its CLIP once per replica; `generate` batches compatible requests.
@@ -75,17 +85,19 @@ class Generator:
     def __init__(self, model: str, clip_weights: str | None, output_uri: str, inference: dict | None = None,
                  url_expires_s: int = 3600, warm_up: bool = True, compile_cache: str | None = None,
                  max_image_pixels: int = 4096 * 4096, image_sizes: list | None = None) -> None:
+        from cluster.artifacts import local_path
         from cluster.compile_cache import CompileCache
         from rdm.acceleration import InferenceOptions
         from rdm.factory import load_clip_for, load_model, model_hash
         from rdm.pipeline import Pipeline
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        rdm_model = load_model(model).to(device)
-        clip = load_clip_for(rdm_model, weights=clip_weights)
+        model_file = local_path(model)  # an s3:// checkpoint: this node's cached copy
+        rdm_model = load_model(model_file).to(device)
+        clip = load_clip_for(rdm_model, weights=local_path(clip_weights))
         self.pipeline = Pipeline(rdm_model, clip.to(device) if clip else None,
                                  options=InferenceOptions(**(inference or {})))
-        self.model_name, self.model_hash = model, model_hash(model)
+        self.model_name, self.model_hash = model, model_hash(model_file)
         self.inference = dataclasses.asdict(self.pipeline.options)  # precision etc.: other numerics, other images
         self.store, self.url_expires_s = open_store(output_uri), url_expires_s
         self.max_image_pixels = max_image_pixels
@@ -195,12 +207,7 @@ class Generator:
         """One image. A caller that goes away (Serve cancels this call) marks its item abandoned: still
         queued, it is dropped (`ModelBatcher`); sampling, its batch stops between steps once every item of
         it is abandoned; sampled, it is not encoded or written."""
-        size = (item.get("height") or self.default_size[0], item.get("width") or self.default_size[1])
-        if size not in self.image_sizes:
-            served = ", ".join(f"{h} x {w}" for h, w in self.image_sizes)
-            raise InputError(f"height x width {size[0]} x {size[1]} is not served here; sizes (height x width): "
-                             f"{served}")
-        item["height"], item["width"] = size
+        item["height"], item["width"] = served_size(self.image_sizes, item.get("height"), item.get("width"))
         self.pending += 1
         self.m_queue.set(self.pending)
         item["abandoned"] = threading.Event()  # read on the model and writer threads
@@ -482,6 +489,7 @@ class Ingress:
         if self.args.require_token and not self.token:
             raise ConfigError(f"require_token is set but neither {TOKEN_ENV} nor api_token_file gives a token")
         self.store = open_store(self.args.output_uri)
+        self._sizes: list[tuple[int, int]] | None = None
         app.state.max_body_bytes = self.args.max_body_bytes
         self.m_requests = metrics.Counter("rdm_requests", description="requests by status",
                                           tag_keys=("route", "status"))
@@ -574,8 +582,18 @@ class Ingress:
         self.m_requests.inc(tags={"route": route, "status": str(response.status_code)})
         return response
 
+    async def _served_sizes(self) -> list[tuple[int, int]]:
+        """The sizes the Generator serves, asked once: they are fixed for the app's life (a new config is a
+        new Ingress)."""
+        if self._sizes is None:
+            info = await self.generator.info.remote()
+            self._sizes = [tuple(size) for size in info["image_sizes"]]
+        return self._sizes
+
     async def _generate(self, body: GenerateRequest, request_id: str) -> GenerateResponse:
         started = time.perf_counter()
+        # An unserved size is refused before the query is embedded and retrieved (the Generator checks again).
+        served_size(await self._served_sizes(), body.height, body.width)
         query = await self.generator.embed.remote(body.prompt, body.image)
         embedded = time.perf_counter()
         found = None

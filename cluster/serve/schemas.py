@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cluster.artifacts import check_uri
 from cluster.errors import StorageError
 from cluster.retriever import RetrieverOptions
 from cluster.storage import open_store
@@ -87,8 +88,10 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = "tiny"
-    clip_weights: str | None = None
+    model: str = Field("tiny", description="a shipped model name or a .safetensors checkpoint: a path, or s3:// "
+                                            "(each node downloads it once into $RDM_CACHE_DIR)")
+    clip_weights: str | None = Field(None, description="the model's CLIP weights file (a path or s3://); default: "
+                                                       "shipped weights or the config's pretrained tag")
     index_uri: str | None = Field(None, description="root of published sharded indexes (folder or s3://)")
     local_databases: dict[str, str] = Field(default_factory=dict,
                                             description="name -> .npy/.npz embeddings, searched exactly in-process")
@@ -128,6 +131,14 @@ class AppArgs(BaseModel):
             if not (8 <= height <= MAX_SIDE and 8 <= width <= MAX_SIDE and height % 8 == 0 and width % 8 == 0):
                 raise ValueError(f"[{height}, {width}]: sides must be multiples of 8 in 8..{MAX_SIDE}")
         return sizes
+
+    @field_validator("model", "clip_weights")
+    @classmethod
+    def _file_uri(cls, uri: str | None) -> str | None:
+        try:
+            return check_uri(uri)
+        except StorageError as err:
+            raise ValueError(str(err)) from err
 
     @field_validator("output_uri", "index_uri", "compile_cache")
     @classmethod

@@ -149,6 +149,20 @@ def test_rayjobs_name_real_entrypoints():
     assert " && rdm index prune " in rebuild["spec"]["entrypoint"]  # old versions do not pile up
 
 
+def test_every_shipped_config_reads_models_from_s3():
+    """A RayJob's driver runs on the head and its query embedder on CPU workers: a node path (a volume only
+    the GPU workers mount) fails there. Models and CLIP weights are s3:// URIs every pod can read."""
+    rayjobs = [yaml.safe_load(p.read_text())["spec"]["entrypoint"]
+               for p in sorted((ROOT / "infra" / "kuberay").glob("rayjob-*.yaml"))]
+    apps = [yaml.safe_load((ROOT / "infra" / "serve" / "gpu.yaml").read_text())["applications"][0]["args"],
+            yaml.safe_load(yaml.safe_load((ROOT / "infra" / "kuberay" / "rayservice.yaml").read_text())
+                           ["spec"]["serveConfigV2"])["applications"][0]["args"]]
+    files = [arg.split()[1] for entrypoint in rayjobs for arg in entrypoint.split(" --")[1:]
+             if arg.startswith(("model ", "clip-weights "))]
+    files += [args[key] for args in apps for key in ("model", "clip_weights")]
+    assert len(files) == 7 and all(f.startswith("s3://") for f in files), files
+
+
 def test_ray_up_config_is_consistent():
     config = yaml.safe_load((ROOT / "infra" / "ray-cluster.yaml").read_text())
     assert config["head_node_type"] in config["available_node_types"]

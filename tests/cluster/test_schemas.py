@@ -67,6 +67,10 @@ def test_app_args_refuse_storage_uris_no_store_can_open():
     for field, uri in (("compile_cache", "gs://bucket/cache"), ("output_uri", "s3:///x"), ("index_uri", "ftp://host/x")):
         with pytest.raises(ValidationError, match=field):
             AppArgs(**{field: uri})
+    assert AppArgs(model="s3://models/rdm768.safetensors").model == "s3://models/rdm768.safetensors"
+    for field, uri in (("model", "s3://models"), ("clip_weights", "s3://models/clip/")):
+        with pytest.raises(ValidationError, match=f"{field}(.|\n)*needs a bucket and a key"):
+            AppArgs(**{field: uri})
 
 
 def test_retriever_options_are_exactly_the_sharded_retrievers_keyword_arguments():

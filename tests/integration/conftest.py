@@ -80,6 +80,18 @@ def make_bucket(s3_server):
 
 
 @pytest.fixture(scope="session")
+def s3_models(make_bucket) -> dict[str, str]:
+    """The shipped tiny model and its CLIP weights as S3 objects: {"model": uri, "clip_weights": uri}."""
+    from cluster.storage import open_store
+    from rdm.factory import shipped_weights
+
+    models = open_store(make_bucket("models"))
+    for name in ("tiny", "rdm-tiny-clip"):
+        models.write_bytes(f"{name}.safetensors", shipped_weights(name).read_bytes())
+    return {"model": f"{models.uri}/tiny.safetensors", "clip_weights": f"{models.uri}/rdm-tiny-clip.safetensors"}
+
+
+@pytest.fixture(scope="session")
 def ray_cluster(s3_server):
     """Head (no retriever slots) + 2 worker nodes with a custom `retriever` resource, on loopback."""
     loopback_env()

@@ -18,6 +18,7 @@ from testkit import removable_worker_node, unit, write_embeddings
 from cluster.bulk import BulkSettings, generate
 from cluster.index.build import build_index
 from cluster.storage import open_store
+from rdm.factory import model_hash
 
 pytestmark = pytest.mark.integration
 STYLES = ("ink", "neon")
@@ -46,10 +47,11 @@ def manifest(store):
 SETTINGS = dict(num_steps=3, num_neighbors=3, batch_size=4, sampler_num_cpus=0.4)
 
 
-def test_bulk_job_writes_every_image_once_and_resumes(index_uri, make_bucket):
+def test_bulk_job_writes_every_image_once_and_resumes(index_uri, make_bucket, s3_models):
+    """With the model and CLIP weights read from S3 (each Ray process's copy from its node's cache)."""
     out = open_store(make_bucket("rdm-bulk-out") + "/run1")
     prompts = prompts_file(out, "prompts.jsonl", 5)
-    settings = BulkSettings(index_uri=index_uri, **SETTINGS)
+    settings = BulkSettings(index_uri=index_uri, **SETTINGS, **s3_models)
     result = generate(prompts, out.uri, settings)
     rows = manifest(out)
     assert (result.images, result.generated, result.errors) == (10, 10, 1)
@@ -57,7 +59,8 @@ def test_bulk_job_writes_every_image_once_and_resumes(index_uri, make_bucket):
     for r in rows:
         assert hashlib.sha256(out.read_bytes(r["uri"])).hexdigest() == r["sha256"]
         assert len(r["neighbor_ids"]) == 3 and r["neighbor_ids"][0].startswith(r["database"])
-        assert r["index_version"].startswith("v") and r["model_hash"] and r["precision"] == "fp32"
+        assert r["index_version"].startswith("v") and r["precision"] == "fp32"
+        assert r["model"] == s3_models["model"] and r["model_hash"] == model_hash("tiny")  # the same bytes
     errors = pq.read_table(io.BytesIO(out.read_bytes("errors.parquet"))).to_pylist()
     assert errors[0]["row"] == 6 and "missing" in errors[0]["error"]
     assert b"<img" in out.read_bytes("index.html")

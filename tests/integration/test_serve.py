@@ -16,13 +16,16 @@ from PIL import Image
 from testkit import free_ports, png_header_only, unit, write_embeddings
 
 from cluster.index.build import build_index
+from rdm.factory import model_hash
 
 pytestmark = pytest.mark.integration
 TOKEN = "test-token-123"
+MODEL_URI = "s3://models/tiny.safetensors"
 
 
 @pytest.fixture(scope="module")
-def app_url(ray_cluster, tmp_path_factory):
+def app_url(ray_cluster, s3_models, tmp_path_factory):
+    """The app on the 3-node cluster, its model and CLIP weights read from S3 (SeaweedFS)."""
     from ray import serve
 
     from cluster.serve.app import build_app
@@ -33,7 +36,8 @@ def app_url(ray_cluster, tmp_path_factory):
     (root / "token").write_text(TOKEN + "\n")
     (port,) = free_ports(1)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {"model": "tiny", "index_uri": str(root / "index"), "output_uri": str(root / "out"),
+    assert s3_models["model"] == MODEL_URI
+    args = {**s3_models, "index_uri": str(root / "index"), "output_uri": str(root / "out"),
             "api_token_file": str(root / "token"), "require_token": True, "max_body_bytes": 200_000,
             "retriever_options": {"num_cpus": 0.05, "timeout_s": 10}, "image_sizes": [[24, 40]]}
     # at most 8 calls (CLIP embeddings, images) on the Generator and 16 more queued per caller: past
@@ -126,7 +130,8 @@ def test_generate_writes_images_and_metadata(app_url):
     assert status == 200 and Image.open(io.BytesIO(png)).size == (32, 32)
     meta = json.loads(next((root / "out").rglob("7.json")).read_text())
     assert meta["prompt"] == "a boat" and meta["database"] == "art" and len(meta["neighbors"]) == 3
-    assert meta["index_version"] == out["index_version"] and meta["model_hash"]
+    # the model came from S3: the replica's downloaded copy is the shipped file, byte for byte
+    assert meta["index_version"] == out["index_version"] and meta["model_hash"] == model_hash("tiny")
     assert (meta["height"], meta["width"]) == (32, 32)
     assert meta["inference"] == {"precision": "fp32", "channels_last": False, "compile": None, "kernel_tuning": "none",
                                  "attention": "auto"}
@@ -144,7 +149,7 @@ def test_inline_output_and_image_queries(app_url):
 
 def test_a_served_size_is_sampled_at_that_size_and_another_is_a_422(app_url):
     """The app serves the model's 32 x 32 and, from its config's image_sizes, 24 x 40 (height x width); a
-    size it does not serve is refused naming those it does, before anything is sampled."""
+    size it does not serve is refused naming those it does, before its query is embedded or retrieved."""
     url, _ = app_url
     status, out = call(url, "/v1/models")
     assert status == 200 and out["models"][0]["image_sizes"] == [[32, 32], [24, 40]]
@@ -154,6 +159,10 @@ def test_a_served_size_is_sampled_at_that_size_and_another_is_a_422(app_url):
     status, out = call(url, "/v1/generate", {"prompt": "a tree", "height": 40, **FAST})
     assert status == 422 and out["error"]["field"] == "height", out
     assert "40 x 32 is not served here; sizes (height x width): 32 x 32, 24 x 40" in out["error"]["message"]
+    # Refused before retrieval: an unknown database would be a 404 once searched.
+    status, out = call(url, "/v1/generate", {"prompt": "a tree", "database": "no-such", "num_neighbors": 2,
+                                             "height": 40, **FAST})
+    assert status == 422 and out["error"]["field"] == "height", out
     status, out = call(url, "/v1/generate", {"prompt": "a tree", "width": 5000, **FAST})
     assert status == 422 and out["error"]["field"] == "width", out
 
@@ -257,7 +266,7 @@ def test_databases_models_and_openapi(app_url):
     status, out = call(url, "/v1/databases")
     assert status == 200 and out["databases"][0]["name"] == "art" and out["databases"][0]["count"] == 60
     status, out = call(url, "/v1/models")
-    assert status == 200 and out["models"][0]["name"] == "tiny" and out["models"][0]["inference"]["precision"] == "fp32"
+    assert status == 200 and out["models"][0]["name"] == MODEL_URI and out["models"][0]["inference"]["precision"] == "fp32"
     status, spec = call(url, "/openapi.json", token=None)
     assert status == 200 and "/v1/generate" in spec["paths"]
 

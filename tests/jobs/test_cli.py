@@ -32,6 +32,27 @@ def test_sample_writes_pngs_and_an_index(tmp_path):
     assert not list(out.glob(".*tmp"))
 
 
+def test_sample_reads_the_model_and_clip_weights_from_s3(fake_s3, tmp_path, monkeypatch, capsys):
+    """The same images as from the shipped files; a missing object is exit 2 naming it."""
+    import boto3
+
+    from rdm.factory import shipped_weights
+
+    monkeypatch.setenv("RDM_CACHE_DIR", str(tmp_path / "cache"))
+    client = boto3.client("s3", region_name="us-east-1")
+    for name in ("tiny", "rdm-tiny-clip"):
+        client.upload_file(str(shipped_weights(name)), "rdm-unit", f"models/{name}.safetensors")
+    common = ["sample", "--prompt", "a boat", "--num-steps", "2", "--seed", "3"]
+    assert rdm([*common, "--out", str(tmp_path / "local")]) == 0
+    assert rdm([*common, "--model", "s3://rdm-unit/models/tiny.safetensors",
+                "--clip-weights", "s3://rdm-unit/models/rdm-tiny-clip.safetensors", "--out", str(tmp_path / "s3")]) == 0
+    name = "0000_00_s3.png"
+    assert (tmp_path / "s3" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2
+    assert rdm([*common, "--model", "s3://rdm-unit/models/none.safetensors", "--out", str(tmp_path / "o")]) == 2
+    assert "s3://rdm-unit/models/none.safetensors: does not exist" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["sample", "--prompt", "x", "--num-steps", "0"], "num_steps"),
     (["sample", "--prompt", "x", "--num-neighbors", "25", "--database", "DB"], "0..20"),

@@ -1,0 +1,111 @@
+"""Local copies of the files a process loads by URI: model checkpoints and CLIP weights on S3.
+
+`local_path("s3://models/rdm768.safetensors")` downloads the object once per node into a cache
+(`RDM_CACHE_DIR`, default `~/.cache/rdm`) and returns the copy's path; a local path or a shipped model name is
+returned as it is. The copy is keyed by the URI and the object's ETag, so a new upload under the same URI is
+downloaded again (and the older copy removed) while an unchanged one is only checked with a HEAD request.
+Processes on one node that ask at once download it once: one holds a lock on the URI's cache folder, the
+others wait for it and find its copy. A download goes to a temporary file that is renamed into place once its
+size matches, so a crash never leaves a partial file under the name others load.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from cluster.errors import StorageError
+from cluster.storage import S3Store
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "RDM_CACHE_DIR"
+ATTEMPTS = 3  # downloads of an object that changes while it is downloaded
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "rdm")
+
+
+def local_path(uri: str | Path | None) -> str | None:
+    """A local file holding `uri`: an `s3://bucket/key` object's cached copy; anything else (a local path, a
+    shipped model name, None) unchanged."""
+    if uri is None or not str(uri).startswith("s3://"):
+        return None if uri is None else str(uri)
+    text = str(uri)
+    store, name = _split(text)
+    folder = cache_root() / "artifacts" / hashlib.sha256(text.encode()).hexdigest()[:24]
+    size, tag = store.head(name)
+    target = _copy_path(folder, tag, name)
+    if _complete(target, size):
+        return str(target)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process downloading it: wait, then use its copy
+        try:
+            for _ in range(ATTEMPTS):
+                target = _copy_path(folder, tag, name)
+                if _complete(target, size) or _download(store, name, target, size, tag):
+                    _remove_other_versions(folder, keep=target.parent)
+                    return str(target)
+                size, tag = store.head(name)  # it changed while downloading: fetch the new version
+            raise StorageError(text, f"changed during each of {ATTEMPTS} downloads; try again when it is settled")
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def check_uri(uri: str | None) -> str | None:
+    """`uri` if it can name a file (an s3:// URI needs a bucket and a key), else a StorageError."""
+    if uri is not None and uri.startswith("s3://"):
+        _split(uri)
+    return uri
+
+
+def _split(uri: str) -> tuple[S3Store, str]:
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket or not key or key.endswith("/"):
+        raise StorageError(uri, "an S3 file URI needs a bucket and a key: s3://bucket/path/file")
+    prefix, _, name = key.rpartition("/")
+    return S3Store(bucket, prefix), name
+
+
+def _copy_path(folder: Path, tag: str, name: str) -> Path:
+    return folder / hashlib.sha256(tag.encode()).hexdigest()[:24] / name
+
+
+def _complete(path: Path, size: int) -> bool:
+    return path.is_file() and path.stat().st_size == size
+
+
+def _download(store: S3Store, name: str, target: Path, size: int, tag: str) -> bool:
+    """Download into `target` through a temporary file; False if the object is no longer `tag`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{name}.{os.getpid()}.partial")
+    uri = f"{store.uri}/{name}"
+    started = time.perf_counter()
+    try:
+        try:
+            store.download(name, partial)
+        except StorageError:
+            raise
+        except Exception as err:  # s3transfer's own (retries exhausted, a short read)
+            raise StorageError(uri, f"download failed: {type(err).__name__}: {err}") from err
+        if store.head(name)[1] != tag or partial.stat().st_size != size:
+            return False
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    logger.info("downloaded %s (%.1f MB) to %s in %.1f s", uri, size / 1e6, target, time.perf_counter() - started)
+    return True
+
+
+def _remove_other_versions(folder: Path, keep: Path) -> None:
+    """Older copies of the URI (another ETag): a process that opened one keeps reading it (POSIX)."""
+    for other in folder.iterdir():
+        if other.is_dir() and other != keep:
+            shutil.rmtree(other, ignore_errors=True)
