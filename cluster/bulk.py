@@ -20,6 +20,7 @@ unless told to (`index_versions`, `rdm generate --index-version DB=VERSION|curre
 from __future__ import annotations
 
 import hashlib
+import heapq
 import html
 import io
 import json
@@ -488,19 +489,29 @@ def _write_outputs(store, records: list[dict], errors: list[dict]) -> None:
     store.write_bytes("index.html", contact_sheet(records, errors).encode())
 
 
-def contact_sheet(records: list[dict], errors: list[dict]) -> str:
-    """The images (or, for a webdataset job, their tar and sample names) with their prompts."""
+CONTACT_SHEET_MAX = 1000  # figures (and failed rows) index.html shows; manifest.parquet and errors.parquet hold all
+
+
+def contact_sheet(records: list[dict], errors: list[dict], limit: int = CONTACT_SHEET_MAX) -> str:
+    """The first `limit` images by row (or, for a webdataset job, their tar and sample names) with their
+    prompts, and the first `limit` failed rows: a page a browser opens for a job of millions of images."""
     def picture(uri: str) -> str:
         if "#" in uri:  # inside a tar: nothing a browser can show
             return f"<code>{html.escape(uri)}</code><br>"
-        return f'<img src="{html.escape(uri)}" width="128" height="128">'
+        return f'<img src="{html.escape(uri)}" width="128" height="128" loading="lazy">'
 
+    def more(shown: int, total: int, where: str) -> str:
+        return f"<p>showing the first {shown} of {total}; {where} lists all</p>" if total > shown else ""
+
+    shown = heapq.nsmallest(limit, records, key=lambda r: (r["row"], r["seed"]))
     cells = "\n".join(
         f'<figure>{picture(r["uri"])}<figcaption>'
         f'{html.escape(r["prompt"] or r["image"])}<br>{html.escape(r["database"] or "text only")} · seed {r["seed"]}'
-        f"</figcaption></figure>" for r in sorted(records, key=lambda r: (r["row"], r["seed"])))
-    failed = "".join(f"<li>row {e['row']}: {html.escape(e['error'])}</li>" for e in errors)
+        f"</figcaption></figure>" for r in shown)
+    first_errors = heapq.nsmallest(limit, errors, key=lambda e: e["row"])
+    failed = "".join(f"<li>row {e['row']}: {html.escape(e['error'])}</li>" for e in first_errors)
     return ("<!doctype html><meta charset='utf-8'><title>rdm generate</title><style>body{font-family:sans-serif}"
             "figure{display:inline-block;margin:6px;width:140px;font-size:11px}img{image-rendering:pixelated}</style>"
-            f"<h1>{len(records)} images</h1>{cells}" + (f"<h2>{len(errors)} rows failed</h2><ul>{failed}</ul>"
-                                                        if errors else ""))
+            f"<h1>{len(records)} images</h1>{more(len(shown), len(records), 'manifest.parquet')}{cells}"
+            + (f"<h2>{len(errors)} rows failed</h2>{more(len(first_errors), len(errors), 'errors.parquet')}"
+               f"<ul>{failed}</ul>" if errors else ""))

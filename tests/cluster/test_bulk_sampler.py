@@ -164,3 +164,20 @@ def test_a_job_keeps_the_output_format_it_started_with(tmp_path):
         keep_output_format(BulkSettings(output_format="webdataset"), older)
     with pytest.raises(InputError, match="output_format must be one of png, webdataset"):
         keep_output_format(BulkSettings(output_format="tfrecord"), store)
+
+
+def test_the_contact_sheet_shows_the_first_images_and_errors_of_a_large_job():
+    """A job of millions of images gets a page a browser opens: the first `limit` by row, and where the rest are."""
+    from cluster.bulk import contact_sheet
+
+    records = [{"row": row, "seed": seed, "uri": f"images/{row}-{seed}.png", "prompt": f"p{row}", "image": None,
+                "database": "ink"} for row in range(30, -1, -1) for seed in (1, 0)]
+    errors = [{"row": row, "error": "too long"} for row in range(100, 90, -1)]
+    page = contact_sheet(records, errors, limit=5)
+    shown = [line.split('"')[1] for line in page.split("<img src=")[1:]]
+    assert shown == ["images/0-0.png", "images/0-1.png", "images/1-0.png", "images/1-1.png", "images/2-0.png"]
+    assert "<h1>62 images</h1><p>showing the first 5 of 62; manifest.parquet lists all</p>" in page
+    assert "showing the first 5 of 10; errors.parquet lists all" in page and page.count("<li>row") == 5
+    assert "<li>row 91:" in page and "<li>row 96:" not in page
+    small = contact_sheet(records[:3], [], limit=5)
+    assert small.count("<img") == 3 and "showing" not in small and "rows failed" not in small
