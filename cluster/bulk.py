@@ -40,7 +40,7 @@ from cluster.index.manifest import check_database_name, current_version, load_ma
 from cluster.prompts import PromptRow, read_prompts
 from cluster.storage import join, open_store
 from rdm.errors import InputError, RDMError
-from rdm.factory import model_hash
+from rdm.factory import model_config, model_hash
 
 logger = logging.getLogger(__name__)
 PARTS = "_parts"
@@ -84,7 +84,6 @@ class BulkSettings:
 def chosen_size(settings: BulkSettings) -> tuple[int, int] | None:
     """The (height, width) the settings choose, checked against the model (its config read from the
     checkpoint, without its weights); None when that is the model's own square size."""
-    from rdm.factory import model_config
     from rdm.pipeline import check_image_size
 
     config = model_config(local_path(settings.model))
@@ -137,12 +136,14 @@ def _array(data: bytes) -> np.ndarray:
 
 
 class QueryEncoder:
-    """CLIP text (or, for rows with an image URI, CLIP image) embedding of each item's query."""
+    """CLIP text (or, for rows with an image URI, CLIP image) embedding of each item's query. It gets the
+    model's config (`RDMConfig` as a dict), not the model: it loads the CLIP alone, not the UNet's weights."""
 
-    def __init__(self, model: str, clip_weights: str | None) -> None:
-        from rdm.factory import load_clip_for, load_model
+    def __init__(self, config: dict, clip_weights: str | None) -> None:
+        from rdm.config import RDMConfig, from_dict
+        from rdm.factory import load_clip_for
 
-        self.clip = load_clip_for(load_model(local_path(model)), weights=local_path(clip_weights))
+        self.clip = load_clip_for(from_dict(RDMConfig, config), weights=local_path(clip_weights))
 
     def _embed(self, row: dict) -> np.ndarray:
         if not row["image"]:
@@ -441,8 +442,8 @@ def generate(prompts_uri: str, out_uri: str, settings: BulkSettings, *, progress
     if pending:
         gpu = ray.cluster_resources().get("GPU", 0) > 0
         ds = ray.data.from_items(pending)
-        ds = ds.map_batches(QueryEncoder, fn_constructor_kwargs={"model": settings.model,
-                                                                 "clip_weights": settings.clip_weights},
+        config = asdict(model_config(local_path(settings.model)))
+        ds = ds.map_batches(QueryEncoder, fn_constructor_kwargs={"config": config, "clip_weights": settings.clip_weights},
                             batch_size=32, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
         ds = ds.map_batches(Retrieve, fn_constructor_kwargs={"index_uri": settings.index_uri,
                                                              "num_neighbors": settings.num_neighbors,

@@ -99,9 +99,10 @@ def load_model(model: str | Path) -> RDM:
     return build_model(get_config(str(model)))
 
 
-def load_clip_for(model: RDM, *, weights: str | Path | None = None) -> ClipEncoder | None:
-    """The CLIP encoder the model was trained with: explicit weights, shipped weights, or its pretrained tag."""
-    config = model.config.clip
+def load_clip_for(model: RDM | RDMConfig, *, weights: str | Path | None = None) -> ClipEncoder | None:
+    """The CLIP encoder the model (or a model of this config) was trained with: explicit weights, shipped
+    weights, or its pretrained tag."""
+    config = model.clip if isinstance(model, RDMConfig) else model.config.clip
     if config is None:
         return None
     if weights is None:

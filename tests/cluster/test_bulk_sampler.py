@@ -82,6 +82,8 @@ def test_image_queries_are_clip_image_embeddings_and_bad_or_huge_images_are_row_
     from testkit import png_header_only
 
     from cluster.bulk import QueryEncoder, _array
+    from rdm.config import get_config
+    from rdm.factory import load_clip_for, load_model
     from rdm.images import to_model_range
 
     pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
@@ -93,9 +95,11 @@ def test_image_queries_are_clip_image_embeddings_and_bad_or_huge_images_are_row_
     images = ["", *(str(tmp_path / name) for name in ("good.png", "bad.png", "huge.png", "missing.png"))]
     rows = {"row": list(range(5)), "prompt": ["a boat", "", "", "", ""], "image": images, "database": [""] * 5,
             "seed": list(range(5)), "key": [f"k{i}" for i in range(5)]}
-    encoder = QueryEncoder("tiny", None)
+    encoder = QueryEncoder(asdict(get_config("tiny")), None)  # the model's config: its CLIP loads, not its UNet
     out = encoder({k: np.array(v, dtype=object) for k, v in rows.items()})
     assert [bool(e) for e in out["error"]] == [False, False, True, True, True]
+    np.testing.assert_array_equal(_array(out["query"][0]),
+                                  load_clip_for(load_model("tiny")).encode_text(["a boat"])[0].numpy())
     expected = encoder.clip.encode_image(to_model_range(pixels))[0].numpy()
     np.testing.assert_array_equal(_array(out["query"][1]), expected)
     assert not np.allclose(_array(out["query"][0]), expected)
