@@ -59,6 +59,17 @@ def local_path(uri: str | Path | None) -> str | None:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def upload_file(path: str | Path, uri: str) -> None:
+    """Put the local file `path` at the s3:// file URI `uri`; the object appears whole or not at all."""
+    store, name = _split(uri)
+    try:
+        store.upload(name, path)
+    except StorageError:
+        raise
+    except Exception as err:  # s3transfer's own
+        raise StorageError(uri, f"upload failed: {type(err).__name__}: {err}") from err
+
+
 def check_uri(uri: str | None) -> str | None:
     """`uri` if it can name a file (an s3:// URI needs a bucket and a key), else a StorageError."""
     if uri is not None and uri.startswith("s3://"):

@@ -249,14 +249,23 @@ class S3Store:
     def download(self, key: str, path: str | Path) -> None:
         """Copy the object to the file `path`, in parallel ranged GETs for large objects (boto3's managed
         transfer, which pins the parts to the ETag it saw first)."""
-        from boto3.s3.transfer import TransferConfig
+        self._call(key, "download_file", Key=self._key(key), Filename=str(path), Config=_transfer_config())
 
-        config = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20, max_concurrency=8)
-        self._call(key, "download_file", Key=self._key(key), Filename=str(path), Config=config)
+    def upload(self, key: str, path: str | Path) -> None:
+        """Copy the file `path` to the object `key`, in parallel parts for large files; the object appears
+        whole when the upload completes, or not at all."""
+        self._call(key, "upload_file", Key=self._key(key), Filename=str(path), Config=_transfer_config())
 
     def presigned_url(self, key: str, expires_s: int = 3600) -> str:
         return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": self._key(key)},
                                                   ExpiresIn=expires_s)
+
+
+def _transfer_config():
+    """boto3's managed transfers for multi-GB files: 64 MiB parts, 8 at a time."""
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20, max_concurrency=8)
 
 
 def _content_tag(data: bytes) -> str:

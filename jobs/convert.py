@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from cluster.artifacts import check_uri, local_path, upload_file
 from jobs.common import EXIT_OK, exit_codes, setup_logging
 from rdm.checkpoint import convert_ldm_state_dict, read_ldm_checkpoint, resolve_weights, save_pretrained
 from rdm.config import ClipConfig
@@ -21,8 +23,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser = parser or argparse.ArgumentParser(prog="rdm convert", description=__doc__)
     parser.add_argument("--ldm-config", required=True, type=Path,
                         help="the reference YAML, e.g. configs/retrieval-augmented-diffusion/768x768.yaml")
-    parser.add_argument("--ckpt", required=True, type=Path, help="CompVis/Lightning checkpoint (model.ckpt)")
-    parser.add_argument("--out", required=True, type=Path, help="output .safetensors file")
+    parser.add_argument("--ckpt", required=True, help="CompVis/Lightning checkpoint (model.ckpt): a path or s3://")
+    parser.add_argument("--out", required=True, help="output .safetensors file: a path or s3:// (uploaded when complete)")
     parser.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
                         help="UNet weights to keep: EMA when present (auto, as sampling in the reference), or raw")
     parser.add_argument("--clip-model", default=None,
@@ -47,14 +49,23 @@ def resolve_global(name: str) -> object:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    check_uri(args.out)  # a malformed URI fails before the minutes a large checkpoint takes
     config = read_ldm_config(args.ldm_config)
     if args.clip_model:
         config = replace(config, clip=ClipConfig(args.clip_model, args.clip_pretrained, config.unet.context_dim))
     if args.name:
         config = replace(config, name=args.name)
-    state = read_ldm_checkpoint(args.ckpt, allow_globals=[resolve_global(name) for name in args.allow_global])
-    weights = resolve_weights(state, args.weights, args.ckpt)
-    converted = convert_ldm_state_dict(state, config, weights=weights, source=args.ckpt)
-    save_pretrained(converted, config, args.out, extra_metadata={"source": args.ckpt.name, "weights": weights})
+    ckpt = Path(local_path(args.ckpt))
+    state = read_ldm_checkpoint(ckpt, allow_globals=[resolve_global(name) for name in args.allow_global])
+    weights = resolve_weights(state, args.weights, ckpt)
+    converted = convert_ldm_state_dict(state, config, weights=weights, source=ckpt)
+    metadata = {"source": args.ckpt.rpartition("/")[2], "weights": weights}
+    if args.out.startswith("s3://"):
+        with tempfile.TemporaryDirectory() as folder:
+            path = save_pretrained(converted, config, Path(folder) / args.out.rpartition("/")[2],
+                                   extra_metadata=metadata)
+            upload_file(path, args.out)
+    else:
+        save_pretrained(converted, config, Path(args.out), extra_metadata=metadata)
     logger.info("wrote %s (%d tensors, model %s)", args.out, len(converted), config.name)
     return EXIT_OK

@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ import torch
 from PIL import Image
 
 from jobs.cli import main as rdm
-from rdm.checkpoint import save_pretrained
+from rdm.checkpoint import read_metadata, read_tensors, save_pretrained
 from rdm.config import get_config
 from rdm.factory import build_model
 
@@ -116,6 +117,30 @@ def test_convert_rejects_a_checkpoint_of_another_model(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "shape mismatch" in err and "missing" in err
     assert not (tmp_path / "o.safetensors").exists()
+
+
+REFERENCE_SETS = sorted(p.with_suffix("") for p in REFERENCE.glob("*.ckpt") if p.with_suffix(".yaml").is_file())
+
+
+@pytest.mark.skipif(not REFERENCE_SETS, reason="no reference set available")
+def test_convert_reads_and_writes_s3(fake_s3, tmp_path, monkeypatch):
+    """A CompVis checkpoint on S3 converted to an S3 object: the same tensors and metadata as converting the
+    local file (not the same bytes: safetensors writes its metadata in no fixed order)."""
+    import boto3
+
+    monkeypatch.setenv("RDM_CACHE_DIR", str(tmp_path / "cache"))
+    ref = REFERENCE_SETS[0]
+    client = boto3.client("s3", region_name="us-east-1")
+    client.upload_file(str(ref.with_suffix(".ckpt")), "rdm-unit", "ckpt/model.ckpt")
+    local = tmp_path / "model.safetensors"
+    yaml = ["convert", "--ldm-config", str(ref.with_suffix(".yaml"))]
+    shutil.copy(ref.with_suffix(".ckpt"), tmp_path / "model.ckpt")
+    assert rdm([*yaml, "--ckpt", str(tmp_path / "model.ckpt"), "--out", str(local)]) == 0
+    assert rdm([*yaml, "--ckpt", "s3://rdm-unit/ckpt/model.ckpt", "--out", "s3://rdm-unit/models/model.safetensors"]) == 0
+    client.download_file("rdm-unit", "models/model.safetensors", str(tmp_path / "uploaded.safetensors"))
+    uploaded, converted = read_tensors(tmp_path / "uploaded.safetensors"), read_tensors(local)
+    assert uploaded.keys() == converted.keys() and all(torch.equal(uploaded[k], converted[k]) for k in converted)
+    assert read_metadata(tmp_path / "uploaded.safetensors") == read_metadata(local)
 
 
 def test_converted_tiny_checkpoint_samples_through_the_console_script(tmp_path):
