@@ -163,6 +163,36 @@ def test_every_shipped_config_reads_models_from_s3():
     assert len(files) == 7 and all(f.startswith("s3://") for f in files), files
 
 
+def test_every_rayservice_worker_group_mounts_the_token_file_an_ingress_replica_reads():
+    """Serve places Ingress replicas (CPU only) on any worker with room, retriever nodes included; one that
+    starts where `api_token_file` is missing fails and is retried forever."""
+    service = yaml.safe_load((ROOT / "infra" / "kuberay" / "rayservice.yaml").read_text())
+    folder = str(Path(yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]["api_token_file"])
+                 .parent)
+    groups = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert len(groups) >= 2
+    for group in groups:
+        spec = group["template"]["spec"]
+        secrets = {v["name"]: v["secret"]["secretName"] for v in spec.get("volumes", []) if "secret" in v}
+        mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0].get("volumeMounts", [])}
+        assert secrets.get(mounts.get(folder)) == "rdm-api-token", group["groupName"]
+
+
+def test_a_rayjob_that_notifies_the_app_has_its_token_where_the_driver_runs():
+    """The app requires a token (require_token); `--serve-url`'s refresh call sends RDM_API_TOKEN from the
+    driver's environment, and a RayJob's driver runs on the head: without it the call is a 401."""
+    service = yaml.safe_load((ROOT / "infra" / "kuberay" / "rayservice.yaml").read_text())
+    secret = next(v["secret"]["secretName"] for v in service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+                  ["template"]["spec"]["volumes"] if "secret" in v)
+    notifying = [yaml.safe_load(p.read_text()) for p in sorted((ROOT / "infra" / "kuberay").glob("rayjob-*.yaml"))]
+    notifying = [job for job in notifying if "--serve-url" in job["spec"]["entrypoint"]]
+    assert notifying
+    for job in notifying:
+        head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+        token = next(e for e in head.get("env", []) if e["name"] == "RDM_API_TOKEN")
+        assert token["valueFrom"]["secretKeyRef"] == {"name": secret, "key": "api-token"}
+
+
 def test_ray_up_config_is_consistent():
     config = yaml.safe_load((ROOT / "infra" / "ray-cluster.yaml").read_text())
     assert config["head_node_type"] in config["available_node_types"]
