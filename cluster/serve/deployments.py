@@ -454,6 +454,20 @@ async def _backpressure(request: Request, exc: BackPressureError) -> JSONRespons
     return _overloaded(exc)
 
 
+def read_token_file(path: str | None) -> str | None:
+    """The token in `path` (None without a path); a file that cannot be read, or is empty, is a ConfigError."""
+    if path is None:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as err:
+        raise ConfigError(f"api_token_file {path}: cannot be read ({err.strerror}); mount it on every node that may "
+                          f"run an Ingress replica, or set {TOKEN_ENV}") from None
+    if not token:
+        raise ConfigError(f"api_token_file {path} is empty")
+    return token
+
+
 class BodyLimit:
     """Refuses a POST body over `app.state.max_body_bytes` (413) or without a Content-Length (411) from the
     headers, before it is read. A plain ASGI middleware: Starlette's `@app.middleware("http")` wrapper raises
@@ -484,8 +498,7 @@ class Ingress:
     def __init__(self, generator: DeploymentHandle, retriever: DeploymentHandle, args: dict) -> None:
         self.args = AppArgs(**args)
         self.generator, self.retriever = generator, retriever
-        self.token = os.environ.get(TOKEN_ENV) or (Path(self.args.api_token_file).read_text().strip()
-                                                     if self.args.api_token_file else None)
+        self.token = os.environ.get(TOKEN_ENV) or read_token_file(self.args.api_token_file)
         if self.args.require_token and not self.token:
             raise ConfigError(f"require_token is set but neither {TOKEN_ENV} nor api_token_file gives a token")
         self.store = open_store(self.args.output_uri)
