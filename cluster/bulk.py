@@ -244,7 +244,7 @@ class Retrieve:
         rows = _rows(batch)
         by_db: dict[str, list[dict]] = defaultdict(list)
         for row in rows:
-            row.update(context=b"", neighbor_ids="[]", neighbor_scores="[]", index_version="")
+            row.update(context=b"", neighbor_ids="[]", neighbor_scores="[]", neighbor_sources="[]", index_version="")
             if row["error"]:
                 continue
             query = _array(row["query"])
@@ -266,6 +266,7 @@ class Retrieve:
             for i, r in enumerate(members):
                 r["context"] = _array_bytes(np.concatenate([_array(r["query"])[None], found.embeddings[i].numpy()]))
                 r.update(neighbor_ids=json.dumps(found.ids[i]), neighbor_scores=json.dumps(found.scores[i].tolist()),
+                         neighbor_sources=json.dumps(found.sources[i] if found.sources else []),
                          index_version=retriever.version)
         return _columns(rows)
 
@@ -365,6 +366,7 @@ class BulkSampler:
                 "database": str(row["database"]), "seed": int(row["seed"]), "key": str(row["key"]),
                 "uri": uri, "sha256": row.get("sha256", ""), "index_version": str(row["index_version"]),
                 "neighbor_ids": json.loads(row["neighbor_ids"]), "neighbor_scores": json.loads(row["neighbor_scores"]),
+                "neighbor_sources": json.loads(row["neighbor_sources"]),
                 "sampler": s.sampler, "num_steps": s.num_steps, "guidance_scale": s.guidance_scale, "eta": s.eta,
                 "height": self.size[0], "width": self.size[1],
                 "num_neighbors": s.num_neighbors, "model": s.model, "model_hash": self.model_id,
@@ -482,7 +484,8 @@ def _parquet(table: pa.Table) -> bytes:
 
 
 def _write_outputs(store, records: list[dict], errors: list[dict]) -> None:
-    rows = [{k: v for k, v in r.items() if k != "error"} for r in records]
+    # records of parts written before neighbour sources were recorded have none
+    rows = [{"neighbor_sources": [], **{k: v for k, v in r.items() if k != "error"}} for r in records]
     manifest = pa.Table.from_pylist(rows) if rows else pa.table({"key": pa.array([], pa.string())})
     store.write_bytes("manifest.parquet", _parquet(manifest))
     store.write_bytes("errors.parquet", _parquet(pa.Table.from_pylist(sorted(errors, key=lambda e: e["row"]),

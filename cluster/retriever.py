@@ -233,7 +233,8 @@ class ShardSearch:
         if np.isnan(found["scores"]).any():
             raise RetrievalError(f"fewer than {num_neighbors} neighbours answered for database {self.database!r}")
         return Neighbors(ids=[list(map(str, row)) for row in found["ids"]], scores=torch.from_numpy(found["scores"]),
-                         embeddings=torch.from_numpy(found["embeddings"]), degraded=degraded)
+                         embeddings=torch.from_numpy(found["embeddings"]), degraded=degraded,
+                         sources=[list(map(str, row)) for row in found["sources"]] if "sources" in found else None)
 
     def _fan_out(self, current: ShardSet, queries: np.ndarray, k: int) -> tuple[list[dict], bool]:
         """One search per actor group on a round-robin replica; a failed call is retried on the next replica

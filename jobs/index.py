@@ -240,9 +240,11 @@ def run_query(args: argparse.Namespace) -> None:
         found = retriever.search(torch.from_numpy(np.asarray(queries, dtype=np.float32)), args.k)
     finally:
         retriever.close()
-    table = pa.table({"query": pa.array(range(len(found.ids)), pa.int64()),
-                      "ids": pa.array(found.ids, pa.list_(pa.string())),
-                      "scores": pa.array(found.scores.numpy().tolist(), pa.list_(pa.float32()))})
+    columns = {"query": pa.array(range(len(found.ids)), pa.int64()), "ids": pa.array(found.ids, pa.list_(pa.string())),
+               "scores": pa.array(found.scores.numpy().tolist(), pa.list_(pa.float32()))}
+    if found.sources is not None:  # where each neighbour's image is in the corpus
+        columns["sources"] = pa.array(found.sources, pa.list_(pa.string()))
+    table = pa.table(columns)
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     write_atomic(args.out, buffer.getvalue())

@@ -29,6 +29,7 @@ class Neighbors:
     scores: Tensor
     embeddings: Tensor
     degraded: bool = False  # True when some index shards did not answer and results may be incomplete
+    sources: list[list[str]] | None = None  # [B][k] where each neighbour's image is, when the database records it
 
 
 @runtime_checkable

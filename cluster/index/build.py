@@ -66,10 +66,21 @@ def read_table(data: bytes, uri: str, columns: list[str], where: dict[str, str] 
 
 def read_embeddings(store: ObjectStore, key: str, where: dict[str, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(ids [n], vectors [n, D] in their stored dtype) of one embeddings parquet file, rows matching `where`."""
-    table = read_table(store.read_bytes(key), f"{store.uri}/{key}", ["id", "embedding"], where)
+    ids, vectors, _ = read_rows(store, key, where)
+    return ids, vectors
+
+
+def read_rows(store: ObjectStore, key: str, where: dict[str, str] | None = None,
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(ids, vectors, sources: each row's image in the corpus, or None in a file without `source_uri`) of one
+    embeddings parquet file, rows matching `where`."""
+    data = store.read_bytes(key)
+    with_sources = "source_uri" in pq.ParquetFile(io.BytesIO(data)).schema_arrow.names
+    table = read_table(data, f"{store.uri}/{key}", ["id", "embedding"] + (["source_uri"] if with_sources else []), where)
     dim = table.schema.field("embedding").type.list_size
     vectors = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
-    return np.asarray(table.column("id").to_pylist(), dtype=object), vectors
+    sources = np.asarray(table.column("source_uri").to_pylist(), dtype=object) if with_sources else None
+    return np.asarray(table.column("id").to_pylist(), dtype=object), vectors, sources
 
 
 def scan_file(store: ObjectStore, key: str, where: dict[str, str] | None = None) -> tuple[int, int, str, int]:
@@ -181,18 +192,20 @@ def build_shard(emb_store: ObjectStore, segments: list[Segment], template: bytes
                 index_store: ObjectStore, manifest_prefix: tuple[str, str, int], queries: np.ndarray,
                 k: int, nprobes: list[int], where: dict[str, str] | None = None) -> dict:
     """Ray task: build, write and self-evaluate one shard (segments count rows matching `where`)."""
-    ids, vectors, filled = [], None, 0
+    ids, sources, vectors, filled = [], [], None, 0
     for seg in segments:  # one file decoded at a time, its rows of this shard copied into place
-        file_ids, file_vectors = read_embeddings(emb_store, seg.key, where)
+        file_ids, file_vectors, file_sources = read_rows(emb_store, seg.key, where)
         rows = file_vectors[seg.start:seg.stop]
         if vectors is None:
             vectors = np.empty((sum(s.stop - s.start for s in segments), rows.shape[1]), rows.dtype)
         vectors[filled:filled + len(rows)] = rows
         filled += len(rows)
         ids.append(file_ids[seg.start:seg.stop])
-        del file_ids, file_vectors, rows
+        sources.append(None if file_sources is None else file_sources[seg.start:seg.stop])
+        del file_ids, file_vectors, file_sources, rows
     ids, vectors = np.concatenate(ids), vectors[:filled]
-    shard = IndexShard.build(template, spec, vectors, ids)
+    sources = None if any(s is None for s in sources) else np.concatenate(sources)
+    shard = IndexShard.build(template, spec, vectors, ids, sources)
     database, version, shard_id = manifest_prefix
     files, sizes = {}, {}
     for name, data in shard.iter_files():  # written and released one file at a time
@@ -203,7 +216,7 @@ def build_shard(emb_store: ObjectStore, segments: list[Segment], template: bytes
     exact_scores = queries @ vectors.astype(np.float32, copy=False).T  # no copy of float32 vectors
     top = np.argsort(-exact_scores, axis=1, kind="stable")[:, :kk]
     approx = {n: shard.search(queries, kk, nprobe=n) for n in nprobes}
-    return {"shard_id": shard_id, "count": len(ids), "files": files, "sizes": sizes,
+    return {"shard_id": shard_id, "count": len(ids), "files": files, "sizes": sizes, "sources": sources is not None,
             "exact": {"scores": np.take_along_axis(exact_scores, top, 1), "ids": ids[top]},
             "approx": {n: {"scores": r["scores"], "ids": r["ids"]} for n, r in approx.items()}}
 
@@ -342,6 +355,7 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
         if recall >= target_recall:
             break
     manifest = Manifest(database=database, version=version, count=total, dim=dim, index_spec=spec, nprobe=nprobe,
+                        sources=all(r["sources"] for r in results),
                         shards=tuple(ShardInfo(r["shard_id"], r["count"], r["files"], r["sizes"]) for r in results),
                         clip_model=embed_info.get("clip", ""), clip_hash=embed_info.get("clip_hash", ""),
                         embedding_dtype=ARROW_DTYPES.get(scanned[0][2], scanned[0][2]),

@@ -60,6 +60,7 @@ class Manifest:
     recall: dict = field(default_factory=dict)  # {"k", "recall", "nprobe", "num_queries"}
     created_at: str = ""
     where: dict = field(default_factory=dict)  # the row filter the version was built with ({}: every row)
+    sources: bool = False  # whether the shards record each row's place in the corpus (rows.parquet `source`)
 
     @property
     def prefix(self) -> str:
@@ -70,15 +71,17 @@ class Manifest:
 
     def memory_bytes(self, shard_ids: list[int]) -> int:
         """Memory that holding `shard_ids` in one process takes (0: unknown, for manifests without file sizes):
-        each FAISS index as large as its file, the stored embeddings decoded, about 100 bytes per id, and,
-        for several shards, their embeddings once more while they are merged."""
+        each FAISS index as large as its file, the stored embeddings decoded, about 100 bytes per id (and 200
+        more per source URI, Python strings), and, for several shards, their embeddings once more while they are
+        merged."""
         shards = [self.shards[i] for i in shard_ids]
         if any(not s.sizes for s in shards):
             return 0
         itemsize = {"float16": 2, "float64": 8}.get(self.embedding_dtype, 4)
         vectors = sum(s.count * self.dim * itemsize for s in shards)
         indexes = sum(s.sizes.get("index.faiss", 0) for s in shards)
-        return indexes + vectors * (2 if len(shards) > 1 else 1) + 100 * sum(s.count for s in shards)
+        per_row = 100 + (200 if self.sources else 0)
+        return indexes + vectors * (2 if len(shards) > 1 else 1) + per_row * sum(s.count for s in shards)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=1).encode()

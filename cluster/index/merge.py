@@ -29,4 +29,7 @@ def merge_parts(parts: list[dict[str, np.ndarray]], k: int) -> dict[str, np.ndar
     b, width, dim = candidates.shape
     rows = (order + width * np.arange(b)[:, None]).reshape(-1)  # whole rows: far faster than take_along_axis
     embeddings = candidates.reshape(b * width, dim)[rows].reshape(b, k, dim)
-    return {"scores": scores, "ids": ids, "embeddings": embeddings}
+    merged = {"scores": scores, "ids": ids, "embeddings": embeddings}
+    if all("sources" in p for p in parts):
+        merged["sources"] = np.take_along_axis(np.concatenate([p["sources"] for p in parts], axis=1), order, 1)
+    return merged

@@ -87,16 +87,19 @@ class IndexShard:
     index: faiss.Index
     ids: np.ndarray  # [n] str
     vectors: np.ndarray  # [n, D] float16 or float32, unit norm
+    sources: np.ndarray | None = None  # [n] str: where each row's image is in the corpus (None: not recorded)
     _nprobe: int = 0  # the nprobe last set on the index (ParameterSpace is not free per query)
 
     @classmethod
-    def build(cls, template: bytes | None, spec: str, vectors: np.ndarray, ids: np.ndarray) -> IndexShard:
+    def build(cls, template: bytes | None, spec: str, vectors: np.ndarray, ids: np.ndarray,
+              sources: np.ndarray | None = None) -> IndexShard:
         """Add `vectors` to a copy of the trained (or untrained, for Flat) `template` index."""
         index = deserialize(template) if template is not None else make_index(spec, vectors.shape[1])
         if not index.is_trained:
             raise ValueError(f"index {spec!r} needs training before vectors are added")
         index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-        return cls(index, np.asarray(ids, dtype=object), vectors)
+        return cls(index, np.asarray(ids, dtype=object), vectors,
+                   None if sources is None else np.asarray(sources, dtype=object))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -108,25 +111,32 @@ class IndexShard:
         index = merge_indexes([s.index for s in shards])
         if index is None:
             return None
-        return cls(index, np.concatenate([s.ids for s in shards]), np.concatenate([s.vectors for s in shards]))
+        sources = None if any(s.sources is None for s in shards) else np.concatenate([s.sources for s in shards])
+        return cls(index, np.concatenate([s.ids for s in shards]), np.concatenate([s.vectors for s in shards]), sources)
 
     def search(self, queries: np.ndarray, k: int, *, nprobe: int = 1) -> dict[str, np.ndarray]:
         """Top-k rows of this shard: scores [B, k] (NaN past the shard's size), ids [B, k] (''), and
-        embeddings [B, k, D] (zeros), as float32."""
+        embeddings [B, k, D] (zeros), as float32; with recorded sources, sources [B, k] ('')."""
         if nprobe != self._nprobe:
             set_nprobe(self.index, nprobe)
             self._nprobe = nprobe
         scores, labels = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         hit = labels >= 0
         if hit.all():  # the usual case: no masking, one gather per array
-            return {"scores": scores.astype(np.float32, copy=False), "ids": self.ids[labels],
-                    "embeddings": self.vectors[labels].astype(np.float32, copy=False)}
+            found = {"scores": scores.astype(np.float32, copy=False), "ids": self.ids[labels],
+                     "embeddings": self.vectors[labels].astype(np.float32, copy=False)}
+            if self.sources is not None:
+                found["sources"] = self.sources[labels]
+            return found
         safe = np.where(hit, labels, 0)
-        return {
+        found = {
             "scores": np.where(hit, scores, np.nan).astype(np.float32),
             "ids": np.where(hit, self.ids[safe] if len(self) else "", "").astype(object),
             "embeddings": np.where(hit[..., None], self.vectors[safe].astype(np.float32), 0.0).astype(np.float32),
         }
+        if self.sources is not None:
+            found["sources"] = np.where(hit, self.sources[safe] if len(self) else "", "").astype(object)
+        return found
 
     def to_files(self) -> dict[str, bytes]:
         return dict(self.iter_files())
@@ -136,9 +146,11 @@ class IndexShard:
         writes each and lets it go (each is about as large as the vectors)."""
         yield INDEX_FILE, serialize(self.index)
         buffer = io.BytesIO()
-        table = pa.table({"id": pa.array(self.ids.tolist(), pa.string()),
-                          "embedding": pa.FixedSizeListArray.from_arrays(
-                              pa.array(self.vectors.reshape(-1)), self.vectors.shape[1])})
+        columns = {"id": pa.array(self.ids.tolist(), pa.string()),
+                   "embedding": pa.FixedSizeListArray.from_arrays(pa.array(self.vectors.reshape(-1)), self.vectors.shape[1])}
+        if self.sources is not None:
+            columns["source"] = pa.array(self.sources.tolist(), pa.string())
+        table = pa.table(columns)
         pq.write_table(table, buffer)
         del table
         yield ROWS_FILE, buffer.getvalue()
@@ -151,8 +163,10 @@ class IndexShard:
             dim = table.schema.field("embedding").type.list_size
             vectors = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
             ids = np.asarray(table.column("id").to_pylist(), dtype=object)
+            sources = (np.asarray(table.column("source").to_pylist(), dtype=object)
+                       if "source" in table.column_names else None)  # indexes built before sources were kept
         except (RuntimeError, KeyError, pa.ArrowException, ValueError) as err:
             raise CorruptShardError(name, f"cannot parse shard files: {err}") from err
         if index.ntotal != len(ids):
             raise CorruptShardError(name, f"index holds {index.ntotal} vectors but {len(ids)} rows are stored")
-        return cls(index, ids, vectors)
+        return cls(index, ids, vectors, sources)

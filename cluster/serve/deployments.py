@@ -297,7 +297,8 @@ def search_batch(resolve, items: list[tuple[str, np.ndarray, int]]) -> list:
     """Answer many (database, query [D], num_neighbors) items with one search per (database, k) group.
 
     `resolve(database)` -> (rdm.Retriever, version) or raises. Returns, per item in order, a dict
-    {ids, scores, embeddings, version, degraded} or the exception its group raised."""
+    {ids, scores, embeddings, sources (None when the database does not record them), version, degraded} or the
+    exception its group raised."""
     groups: dict[tuple[str, int], list[int]] = defaultdict(list)
     for i, (database, _, k) in enumerate(items):
         groups[database, k].append(i)
@@ -313,7 +314,8 @@ def search_batch(resolve, items: list[tuple[str, np.ndarray, int]]) -> list:
             continue
         for row, i in enumerate(members):
             results[i] = {"ids": found.ids[row], "scores": found.scores[row].tolist(),
-                          "embeddings": found.embeddings[row].numpy(), "version": version, "degraded": found.degraded}
+                          "embeddings": found.embeddings[row].numpy(), "version": version, "degraded": found.degraded,
+                          "sources": found.sources[row] if found.sources else None}
     return results
 
 
@@ -622,8 +624,11 @@ class Ingress:
 
         context = build_context(torch.from_numpy(query)[None], torch.from_numpy(neighbors)[None])[0].numpy()
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        neighbor_list = [{"id": i, "score": float(s)} for i, s in zip(found["ids"], found["scores"], strict=True)] \
-            if found else []
+        neighbor_list = []
+        if found:
+            sources = found.get("sources") or [None] * len(found["ids"])  # None: the database records none
+            neighbor_list = [{"id": i, "score": float(s), "source": src}
+                             for i, s, src in zip(found["ids"], found["scores"], sources, strict=True)]
         metadata = {"prompt": body.prompt, "database": body.database, "index_version": found and found["version"],
                     "neighbors": neighbor_list,
                     "sampler": body.sampler, "num_steps": body.num_steps, "guidance_scale": body.guidance_scale,
@@ -637,7 +642,7 @@ class Ingress:
         return GenerateResponse(
             request_id=request_id,
             images=[GeneratedImage(seed=r["seed"], url=r.get("url"), data=r.get("data")) for r in results],
-            neighbors=[NeighborOut(id=n["id"], score=n["score"]) for n in metadata["neighbors"]],
+            neighbors=[NeighborOut(**n) for n in metadata["neighbors"]],
             timings={"embed_s": embedded - started, "retrieval_s": retrieved - embedded, "sampling_s": done - retrieved,
                      "total_s": done - started, "batch_size": float(max(r["batch_size"] for r in results))},
             model=self.args.model, database=body.database, index_version=found["version"] if found else None,

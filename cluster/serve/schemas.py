@@ -70,6 +70,8 @@ class GeneratedImage(BaseModel):
 class NeighborOut(BaseModel):
     id: str
     score: float
+    source: str | None = Field(None, description="where the neighbour's image is in its corpus (a file, a parquet "
+                                                 "row or a tar member); null when the database does not record it")
 
 
 class GenerateResponse(BaseModel):

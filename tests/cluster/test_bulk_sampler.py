@@ -19,7 +19,8 @@ def batch(seeds: list[int]) -> dict[str, np.ndarray]:
         query = torch.nn.functional.normalize(torch.randn(64, generator=torch.Generator().manual_seed(seed)), dim=0)
         rows.append({"row": seed, "prompt": f"p{seed}", "image": "", "database": "", "seed": seed,
                      "key": f"images/{seed}.png", "error": "", "context": _array_bytes(query[None].numpy()),
-                     "neighbor_ids": "[]", "neighbor_scores": "[]", "index_version": ""})
+                     "neighbor_ids": "[]", "neighbor_scores": "[]", "neighbor_sources": "[]",
+                     "index_version": ""})
     return {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
 
 

@@ -116,6 +116,29 @@ def test_files_round_trip_and_corruption(data):
         IndexShard.from_files({**files, "index.faiss": other["index.faiss"]})
 
 
+def test_each_neighbours_source_follows_it_through_search_merge_and_files(data):
+    """A shard built with its rows' corpus locations answers them beside the ids, through padding, the
+    cross-shard merge, an index merge and its files; one built without (older embeddings) answers none."""
+    vectors, queries = data
+    ids = np.array([f"v{i}" for i in range(len(vectors))], dtype=object)
+    sources = np.array([f"s3://corpus/part-{i // 100}.parquet#{i % 100}" for i in range(len(vectors))], dtype=object)
+    bounds = [0, 3, 500, 1000]  # a 3-row shard pads its top-5 with empty ids and sources
+    shards = [IndexShard.build(None, "Flat", vectors[a:b], ids[a:b], sources[a:b])
+              for a, b in zip(bounds, bounds[1:], strict=False)]
+    small = shards[0].search(queries, 5)
+    assert (small["sources"][:, :3] == sources[:3][np.argsort(-queries @ vectors[:3].T, axis=1)]).all()
+    assert (small["sources"][:, 3:] == "").all()
+    merged = merge_parts([s.search(queries, 5) for s in shards], 5)
+    labels = np.array([[int(i[1:]) for i in row] for row in merged["ids"]])
+    assert (merged["sources"] == sources[labels]).all()
+    one = IndexShard.merge([IndexShard.from_files(s.to_files()) for s in shards])
+    assert (one.search(queries, 5)["sources"] == merged["sources"]).all()
+    bare = IndexShard.from_files(IndexShard.build(None, "Flat", vectors[:50], ids[:50]).to_files())
+    assert bare.sources is None and "sources" not in bare.search(queries, 5)
+    assert "sources" not in merge_parts([bare.search(queries, 5), shards[1].search(queries, 5)], 5)
+    assert IndexShard.merge([bare, IndexShard.from_files(shards[1].to_files())]).sources is None
+
+
 def test_index_spec_by_size():
     assert choose_index_spec(10_000, 768) == "Flat"
     assert choose_index_spec(1_000_000, 768) == "IVF4096,Flat"
@@ -166,6 +189,8 @@ def test_manifest_memory_estimate_from_file_sizes():
         del shard["sizes"]
     old = Manifest.from_json(json.dumps(old).encode())
     assert old.shards[0].sizes == {} and old.memory_bytes([0, 1]) == 0
+    with_sources = Manifest("art", "v1", 1500, 768, "IVF8,Flat", 1, shards, embedding_dtype="float16", sources=True)
+    assert with_sources.memory_bytes([0]) == manifest.memory_bytes([0]) + 200 * 1000  # a URI string per row
 
 
 GIB = 2**30

@@ -59,6 +59,7 @@ def test_bulk_job_writes_every_image_once_and_resumes(index_uri, make_bucket, s3
     for r in rows:
         assert hashlib.sha256(out.read_bytes(r["uri"])).hexdigest() == r["sha256"]
         assert len(r["neighbor_ids"]) == 3 and r["neighbor_ids"][0].startswith(r["database"])
+        assert r["neighbor_sources"] == [f"corpus/{i}.png" for i in r["neighbor_ids"]]
         assert r["index_version"].startswith("v") and r["precision"] == "fp32"
         assert r["model"] == s3_models["model"] and r["model_hash"] == model_hash("tiny")  # the same bytes
     errors = pq.read_table(io.BytesIO(out.read_bytes("errors.parquet"))).to_pylist()

@@ -106,13 +106,15 @@ def test_webdataset_corpus_on_s3_embeds_and_indexes_by_style(ray_cluster, make_b
     assert (result.shards_total, result.embedded, result.errors) == (2, 8, 0)
     index_uri = make_bucket("rdm-wds-index") + "/v"
     manifest = build_index(out, index_uri, "neon", where={"style": "neon"})
-    assert manifest.count == 4
+    assert manifest.count == 4 and manifest.sources
     retriever = ShardedRetriever(index_uri, "neon")
     try:
         found = retriever.search(torch.nn.functional.normalize(torch.randn(1, 64), dim=-1), 4)
     finally:
         retriever.close()
     assert sorted(found.ids[0]) == ["t0-000", "t0-002", "t1-000", "t1-002"]
+    # each neighbour names its tar member, with the --where filter applied to sources and ids alike
+    assert found.sources[0] == [f"{root}/shard-0000{i[1]}.tar#{i}" for i in found.ids[0]]
 
 
 def memory_in_use(expected: float | None = None) -> float:
@@ -177,20 +179,21 @@ def clustered(tmp_path_factory):
     centers = unit(rng.standard_normal((40, 32)))
     vectors = unit(centers[rng.integers(0, 40, 20_000)] + 0.15 * rng.standard_normal((20_000, 32)))
     uri = str(tmp_path_factory.mktemp("clustered"))
-    write_embeddings(uri, vectors, files=4)
+    write_embeddings(uri, vectors, files=4, sources=False)  # as embeddings written before sources were recorded
     return uri, vectors
 
 
 def test_ivf_index_reaches_recall_target(ray_cluster, clustered, tmp_path):
     uri, vectors = clustered
     manifest = build_index(uri, str(tmp_path), "clustered", num_shards=2, index_spec="IVF64,Flat", recall_k=20)
-    assert manifest.recall["recall"] >= 0.95 and manifest.nprobe < 64
+    assert manifest.recall["recall"] >= 0.95 and manifest.nprobe < 64 and not manifest.sources
     queries = unit(vectors[:50] + 0.05 * np.random.default_rng(1).standard_normal((50, 32)))
     retriever = ShardedRetriever(str(tmp_path), "clustered")
     try:
         found = retriever.search(torch.from_numpy(queries), 20)
     finally:
         retriever.close()
+    assert found.sources is None  # embeddings without source_uri: an index that names none
     flat = faiss.IndexFlatIP(32)
     flat.add(vectors)
     _, labels = flat.search(queries, 20)
@@ -259,14 +262,15 @@ def test_auto_shards_per_actor_follows_node_memory(ray_cluster, clustered, tmp_p
 
 
 def test_rdm_index_query_writes_each_querys_neighbours(ray_cluster, clustered, tmp_path):
-    """`rdm index query` with grouped shards: the output parquet holds, per query, the retriever's ids and
-    scores (here the exact top-k: Flat shards)."""
+    """`rdm index query` with grouped shards: the output parquet holds, per query, the retriever's ids,
+    scores (here the exact top-k: Flat shards) and the neighbours' corpus sources."""
     import pyarrow.parquet as pq
 
     from jobs.cli import main as rdm
 
-    uri, vectors = clustered
-    build_index(uri, str(tmp_path / "idx"), "q", num_shards=3, index_spec="Flat")
+    vectors = clustered[1][:3000]
+    write_embeddings(str(tmp_path / "emb"), vectors)  # with each row's corpus file (`clustered` has none)
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), "q", num_shards=3, index_spec="Flat")
     queries = unit(vectors[:5] + 0.01)
     np.save(tmp_path / "q.npy", queries)
     code = rdm(["index", "query", "--index", str(tmp_path / "idx"), "--database", "q", "--queries",
@@ -278,6 +282,7 @@ def test_rdm_index_query_writes_each_querys_neighbours(ray_cluster, clustered, t
     flat.add(vectors)
     scores, labels = flat.search(queries, 4)
     assert [r["ids"] for r in rows] == [[f"v{j}" for j in row] for row in labels]
+    assert [r["sources"] for r in rows] == [[f"corpus/v{j}.png" for j in row] for row in labels]
     np.testing.assert_allclose([r["scores"] for r in rows], scores, rtol=1e-5)
 
 

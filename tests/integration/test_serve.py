@@ -126,10 +126,11 @@ def test_generate_writes_images_and_metadata(app_url):
     assert status == 200, out
     assert [img["seed"] for img in out["images"]] == [7, 8]
     assert [n["id"][:3] for n in out["neighbors"]] == ["art"] * 3 and out["index_version"].startswith("v")
+    assert [n["source"] for n in out["neighbors"]] == [f"corpus/{n['id']}.png" for n in out["neighbors"]]
     status, png = call(url, out["images"][0]["url"])
     assert status == 200 and Image.open(io.BytesIO(png)).size == (32, 32)
     meta = json.loads(next((root / "out").rglob("7.json")).read_text())
-    assert meta["prompt"] == "a boat" and meta["database"] == "art" and len(meta["neighbors"]) == 3
+    assert meta["prompt"] == "a boat" and meta["database"] == "art" and meta["neighbors"] == out["neighbors"]
     # the model came from S3: the replica's downloaded copy is the shipped file, byte for byte
     assert meta["index_version"] == out["index_version"] and meta["model_hash"] == model_hash("tiny")
     assert (meta["height"], meta["width"]) == (32, 32)
@@ -181,6 +182,7 @@ def test_neighbor_images_are_the_neighbours_in_place_of_a_database(app_url):
     status, first = call(url, "/v1/generate", {**request, "neighbor_images": encoded})
     assert status == 200, first
     assert [n["id"] for n in first["neighbors"]] == ["neighbor_images[0]", "neighbor_images[1]", "neighbor_images[2]"]
+    assert all(n["source"] is None for n in first["neighbors"])  # a request's own images: no corpus
     assert first["database"] is None and first["index_version"] is None
     clip = load_clip_for(load_model("tiny"))
     query = clip.encode_text(["a boat"])[0]
@@ -395,9 +397,12 @@ def test_web_page_generates_in_headless_chromium(app_url, tmp_path):
         page.wait_for_function("document.querySelector('#status').className === 'error'", timeout=30_000)
         refused = page.text_content("#status")
         page.fill("#token", TOKEN)
+        page.dispatch_event("#token", "change")  # the database list reloads with the token; its first is picked
+        page.wait_for_selector("#database option:nth-child(2)", state="attached", timeout=10_000)
         page.click("#generate")
         page.wait_for_selector("#gallery img", timeout=60_000)
         page.wait_for_function("document.querySelectorAll('#gallery img').length >= 2", timeout=60_000)
+        from_database = page.text_content("#gallery .neighbors")
         shot = tmp_path / "page.png"
         page.screenshot(path=str(shot), full_page=True)
         status = page.text_content("#status")
@@ -421,6 +426,7 @@ def test_web_page_generates_in_headless_chromium(app_url, tmp_path):
     assert "image(s)" in status and natural == 32
     assert sizes == ["32 x 32", "24 x 40"] and other == [40, 24]
     assert "neighbours: neighbor_images[0] (" in caption
+    assert re.search(r"neighbours: art\d+\.png \(", from_database), from_database  # named by their corpus files
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.std() > 5  # the screenshot shows a rendered page, not a blank one
 

@@ -41,13 +41,16 @@ def parquet_bytes(table: pa.Table) -> bytes:
 
 
 
-def write_embeddings(uri: str, vectors: np.ndarray, *, files: int = 3, prefix: str = "v") -> None:
-    """An `rdm embed`-shaped output folder holding the given vectors."""
+def write_embeddings(uri: str, vectors: np.ndarray, *, files: int = 3, prefix: str = "v", sources: bool = True) -> None:
+    """An `rdm embed`-shaped output folder holding the given vectors; row `v7`'s image is `corpus/v7.png`
+    (`source_uri`, left out with sources=False, as in embeddings made before it was recorded)."""
     store = open_store(uri)
     for i, chunk in enumerate(np.array_split(np.arange(len(vectors)), files)):
-        table = pa.table({"id": [f"{prefix}{j}" for j in chunk],
-                          "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors[chunk].reshape(-1)),
-                                                                         vectors.shape[1])})
+        columns = {"id": [f"{prefix}{j}" for j in chunk],
+                   "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors[chunk].reshape(-1)), vectors.shape[1])}
+        if sources:
+            columns["source_uri"] = [f"corpus/{prefix}{j}.png" for j in chunk]
+        table = pa.table(columns)
         store.write_bytes(f"embeddings/part-{i}.parquet", parquet_bytes(table))
     store.write_bytes("embed.json", json.dumps({"clip": "synthetic", "dim": vectors.shape[1]}).encode())
 
