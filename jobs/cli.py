@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "embed": ("jobs.embed", "embed a corpus with CLIP on Ray Data"),
     "index": ("jobs.index", "build, rebuild or query a sharded FAISS index; list, roll back or prune its versions"),
     "serve": ("jobs.serve", "run the online serving app (Ray Serve)"),
+    "keys": ("jobs.keys", "add, revoke or list the serving app's named client keys"),
     "make-corpus": ("jobs.make_corpus", "write the procedural toy-art corpus as parquet shards"),
     "train-tiny": ("jobs.train_tiny", "train the tiny CLIP, autoencoder and RDM from a seed"),
     "eval-style": ("jobs.eval_style", "style control: retrieval database vs prompt (the RDM paper's test)"),

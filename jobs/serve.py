@@ -33,9 +33,9 @@ def check_auth(host: str, specs, insecure: bool) -> None:
     if insecure or host in ("localhost",) or ipaddress.ip_address(host).is_loopback:
         return
     for spec in specs:
-        if not (os.environ.get("RDM_API_TOKEN") or spec.args.api_token_file):
-            raise ConfigError(f"refusing to serve {spec.name!r} on {host} without an API token: set RDM_API_TOKEN "
-                              "or args.api_token_file, or pass --insecure-no-auth")
+        if not (os.environ.get("RDM_API_TOKEN") or spec.args.api_token_file or spec.args.api_keys_file):
+            raise ConfigError(f"refusing to serve {spec.name!r} on {host} without an API token: set RDM_API_TOKEN, "
+                              "args.api_token_file or args.api_keys_file, or pass --insecure-no-auth")
 
 
 @exit_codes

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
-import hmac
 import logging
 import math
 import os
@@ -36,6 +35,7 @@ from cluster.errors import (
     ShardUnavailableError,
     UnknownDatabaseError,
 )
+from cluster.serve.auth import Authenticator
 from cluster.serve.batching import ModelBatcher
 from cluster.serve.outputs import image_key, image_url, write_image
 from cluster.serve.schemas import AppArgs, GeneratedImage, GenerateRequest, GenerateResponse, NeighborOut
@@ -500,22 +500,26 @@ class Ingress:
     def __init__(self, generator: DeploymentHandle, retriever: DeploymentHandle, args: dict) -> None:
         self.args = AppArgs(**args)
         self.generator, self.retriever = generator, retriever
-        self.token = os.environ.get(TOKEN_ENV) or read_token_file(self.args.api_token_file)
-        if self.args.require_token and not self.token:
-            raise ConfigError(f"require_token is set but neither {TOKEN_ENV} nor api_token_file gives a token")
+        self.auth = Authenticator(os.environ.get(TOKEN_ENV) or read_token_file(self.args.api_token_file),
+                                  self.args.api_keys_file)
+        if self.args.require_token and not self.auth.enabled:
+            raise ConfigError(f"require_token is set but neither {TOKEN_ENV}, api_token_file nor api_keys_file "
+                              "gives a token")
         self.store = open_store(self.args.output_uri)
         self._sizes: list[tuple[int, int]] | None = None
         app.state.max_body_bytes = self.args.max_body_bytes
-        self.m_requests = metrics.Counter("rdm_requests", description="requests by status",
-                                          tag_keys=("route", "status"))
+        self.m_requests = metrics.Counter("rdm_requests", description="requests by route, status and client",
+                                          tag_keys=("route", "status", "client"))
 
-    def _authorize(self, request: Request) -> None:
-        if not self.token:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, supplied = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(supplied.strip(), self.token):
+    def _authorize(self, request: Request) -> str:
+        """The caller's client name ("" where the app takes no token); a 401 without a valid bearer token."""
+        if not self.auth.enabled:
+            return ""
+        scheme, _, supplied = request.headers.get("authorization", "").partition(" ")
+        client = self.auth.client(supplied.strip()) if scheme.lower() == "bearer" else None
+        if client is None:
             raise HTTPException(401, "missing or invalid bearer token (Authorization: Bearer <token>)")
+        return client
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page(self) -> str:
@@ -548,53 +552,53 @@ class Ingress:
     async def refresh(self, request: Request) -> dict:
         """Load newly published index versions now, once for every Retriever replica (they share the shard
         actors; the others swap at their next lease renewal, within about a second)."""
-        self._authorize(request)
+        client = self._authorize(request)
         try:
             refreshed = await self.retriever.refresh.remote()
         except IndexRefreshError as err:
-            return self._count(_error(503, "refresh_failed", _message(err)), "refresh")
+            return self._count(_error(503, "refresh_failed", _message(err)), "refresh", client)
         except BackPressureError as err:
-            return self._count(_overloaded(err), "refresh")
+            return self._count(_overloaded(err), "refresh", client)
         except Exception:  # noqa: BLE001 - never a stack trace to the caller
             logger.exception("refresh failed")
-            return self._count(_error(500, "internal_error", "internal error"), "refresh")
-        self.m_requests.inc(tags={"route": "refresh", "status": "200"})
+            return self._count(_error(500, "internal_error", "internal error"), "refresh", client)
+        self.m_requests.inc(tags={"route": "refresh", "status": "200", "client": client})
         return {"refreshed": refreshed}
 
     @app.post("/v1/generate", response_model=GenerateResponse)
     async def generate(self, body: GenerateRequest, request: Request):
-        self._authorize(request)
+        client = self._authorize(request)
         request_id = secrets.token_hex(12)
         try:
-            response = await self._generate(body, request_id)
+            response = await self._generate(body, request_id, client=client)
         except asyncio.CancelledError:  # the client went away (or the proxy's request_timeout_s passed)
-            self.m_requests.inc(tags={"route": "generate", "status": "499"})
+            self.m_requests.inc(tags={"route": "generate", "status": "499", "client": client})
             raise
         except BackPressureError as err:
-            return self._count(_overloaded(err, request_id), "generate")
+            return self._count(_overloaded(err, request_id), "generate", client)
         except UnknownDatabaseError as err:
-            return self._count(_error(404, "unknown_database", _message(err), "database", request_id), "generate")
+            return self._count(_error(404, "unknown_database", _message(err), "database", request_id), "generate", client)
         except InputError as err:
             message = _message(err)
             field = next((f for f in ("prompt", "neighbor_images", "image", "height") if f in message), None)
-            return self._count(_error(422, "invalid_input", message, field, request_id), "generate")
+            return self._count(_error(422, "invalid_input", message, field, request_id), "generate", client)
         except ShardUnavailableError as err:
-            return self._count(_error(503, "shard_unavailable", _message(err), None, request_id), "generate")
+            return self._count(_error(503, "shard_unavailable", _message(err), None, request_id), "generate", client)
         except AcceleratorMemoryError as err:
             logger.warning("request %s: %s", request_id, _message(err))
             return self._count(_error(503, "overloaded", "the model is short of accelerator memory; retry later",
-                                      None, request_id), "generate")
+                                      None, request_id), "generate", client)
         except (RDMError, RetrievalError) as err:
             logger.exception("request %s failed", request_id)
-            return self._count(_error(500, "internal_error", f"{type(err).__name__}", None, request_id), "generate")
+            return self._count(_error(500, "internal_error", f"{type(err).__name__}", None, request_id), "generate", client)
         except Exception:  # noqa: BLE001 - never a stack trace to the user; logged with the request id
             logger.exception("request %s failed", request_id)
-            return self._count(_error(500, "internal_error", "internal error", None, request_id), "generate")
-        self.m_requests.inc(tags={"route": "generate", "status": "200"})
+            return self._count(_error(500, "internal_error", "internal error", None, request_id), "generate", client)
+        self.m_requests.inc(tags={"route": "generate", "status": "200", "client": client})
         return response
 
-    def _count(self, response: JSONResponse, route: str) -> JSONResponse:
-        self.m_requests.inc(tags={"route": route, "status": str(response.status_code)})
+    def _count(self, response: JSONResponse, route: str, client: str) -> JSONResponse:
+        self.m_requests.inc(tags={"route": route, "status": str(response.status_code), "client": client})
         return response
 
     async def _served_sizes(self) -> list[tuple[int, int]]:
@@ -605,7 +609,7 @@ class Ingress:
             self._sizes = [tuple(size) for size in info["image_sizes"]]
         return self._sizes
 
-    async def _generate(self, body: GenerateRequest, request_id: str) -> GenerateResponse:
+    async def _generate(self, body: GenerateRequest, request_id: str, client: str = "") -> GenerateResponse:
         started = time.perf_counter()
         # An unserved size is refused before the query is embedded and retrieved (the Generator checks again).
         served_size(await self._served_sizes(), body.height, body.width)
@@ -632,7 +636,7 @@ class Ingress:
         metadata = {"prompt": body.prompt, "database": body.database, "index_version": found and found["version"],
                     "neighbors": neighbor_list,
                     "sampler": body.sampler, "num_steps": body.num_steps, "guidance_scale": body.guidance_scale,
-                    "eta": body.eta, "request_id": request_id}
+                    "eta": body.eta, "request_id": request_id, "client": client}
         items = [{"request_id": request_id, "context": context, "seed": seed + i, "sampler": body.sampler,
                   "num_steps": body.num_steps, "guidance_scale": body.guidance_scale, "eta": body.eta,
                   "height": body.height, "width": body.width, "output": body.output, "metadata": metadata}

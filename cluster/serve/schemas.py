@@ -99,8 +99,11 @@ class AppArgs(BaseModel):
                                             description="name -> .npy/.npz embeddings, searched exactly in-process")
     output_uri: str = "outputs/serve"
     url_expires_s: int = Field(3600, ge=60)
-    require_token: bool = Field(False, description="refuse to start without RDM_API_TOKEN or api_token_file")
-    api_token_file: str | None = None
+    require_token: bool = Field(False, description="refuse to start without RDM_API_TOKEN, api_token_file or "
+                                                   "api_keys_file")
+    api_token_file: str | None = Field(None, description="a file holding the shared bearer token")
+    api_keys_file: str | None = Field(None, description="named client keys (digests; `rdm keys add|revoke`), read "
+                                                        "again when the file changes")
     max_body_bytes: int = Field(12 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=224 * 224,
                                   description="an image query with more pixels is refused (422) before it is decoded")

@@ -37,7 +37,7 @@ def test_rdm_serve_refuses_public_binds_without_a_token(monkeypatch):
     from rdm.errors import ConfigError
 
     class Spec:
-        name, args = "rdm", type("Args", (), {"api_token_file": None})()
+        name, args = "rdm", type("Args", (), {"api_token_file": None, "api_keys_file": None})()
 
     monkeypatch.delenv("RDM_API_TOKEN", raising=False)
     check_auth("127.0.0.1", [Spec], insecure=False)

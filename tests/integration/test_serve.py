@@ -16,11 +16,13 @@ from PIL import Image
 from testkit import free_ports, png_header_only, unit, write_embeddings
 
 from cluster.index.build import build_index
+from cluster.serve.auth import add_key, revoke_key
 from rdm.factory import model_hash
 
 pytestmark = pytest.mark.integration
 TOKEN = "test-token-123"
 MODEL_URI = "s3://models/tiny.safetensors"
+CLIENT_KEYS: dict[str, str] = {}  # client -> key, made by the fixture
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +36,13 @@ def app_url(ray_cluster, s3_models, tmp_path_factory):
     write_embeddings(str(root / "emb"), unit(np.random.default_rng(0).standard_normal((60, 64))), prefix="art")
     build_index(str(root / "emb"), str(root / "index"), "art", num_shards=2)
     (root / "token").write_text(TOKEN + "\n")
+    CLIENT_KEYS["team-a"] = add_key(root / "keys.json", "team-a")
     (port,) = free_ports(1)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     assert s3_models["model"] == MODEL_URI
     args = {**s3_models, "index_uri": str(root / "index"), "output_uri": str(root / "out"),
-            "api_token_file": str(root / "token"), "require_token": True, "max_body_bytes": 200_000,
+            "api_token_file": str(root / "token"), "api_keys_file": str(root / "keys.json"),
+            "require_token": True, "max_body_bytes": 200_000,
             "retriever_options": {"num_cpus": 0.05, "timeout_s": 10}, "image_sizes": [[24, 40]]}
     # at most 8 calls (CLIP embeddings, images) on the Generator and 16 more queued per caller: past
     # that, 503 + Retry-After (test_overload_...)
@@ -221,6 +225,22 @@ def test_auth_is_required(app_url):
     assert status == 401 and "bearer token" in out["error"]["message"]
     assert call(url, "/healthz", token=None)[0] == 200
     assert call(url, "/", token=None)[0] == 200
+
+
+def test_client_keys_are_attributed_and_take_effect_without_a_redeploy(app_url):
+    """A client's key is accepted and recorded with its images; a key added or revoked with `rdm keys` while
+    the app runs is taken or refused at the next request (the Ingress re-reads the changed file)."""
+    url, root = app_url
+    status, out = call(url, "/v1/generate", {"prompt": "a kite", "seed": 4242, **FAST}, token=CLIENT_KEYS["team-a"])
+    assert status == 200, out
+    assert json.loads(next((root / "out").rglob("4242.json")).read_text())["client"] == "team-a"
+    status, out = call(url, "/v1/generate", {"prompt": "a kite", "seed": 4243, **FAST})  # the shared token
+    assert status == 200 and json.loads(next((root / "out").rglob("4243.json")).read_text())["client"] == "shared"
+    new = add_key(root / "keys.json", "team-b")
+    assert call(url, "/v1/databases", token=new)[0] == 200
+    revoke_key(root / "keys.json", "team-b")
+    assert call(url, "/v1/databases", token=new)[0] == 401
+    assert call(url, "/v1/databases", token=CLIENT_KEYS["team-a"])[0] == 200
 
 
 @pytest.mark.parametrize("body, status, field", [

@@ -1,0 +1,132 @@
+"""Who may call the app: one shared token and/or named client keys.
+
+The shared token comes from `RDM_API_TOKEN` or `api_token_file`. Client keys live in `api_keys_file`, a JSON
+file `{"keys": {"<client>": "sha256:<hex digest of its key>"}}` that holds only digests (the keys are random
+and long, so a plain SHA-256 is enough), written by `rdm keys add|revoke`. The app reads the file again when it
+changes, so a key added or revoked takes effect without a redeploy; a file that cannot be parsed leaves the
+keys it had in force (logged), never none. Each request is attributed to its client: the request metric's
+`client` tag and every image's metadata name it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import tempfile
+from pathlib import Path
+
+from rdm.errors import ConfigError, InputError
+
+logger = logging.getLogger(__name__)
+
+SHARED_CLIENT = "shared"  # the client name of the shared token
+CLIENT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+PREFIX = "sha256:"
+
+
+def digest(key: str) -> str:
+    return PREFIX + hashlib.sha256(key.encode()).hexdigest()
+
+
+def read_keys(path: str | Path) -> dict[str, str]:
+    """{client: digest} of a keys file; a missing, malformed or empty-keyed file is a ConfigError."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise ConfigError(f"api_keys_file {path}: cannot be read ({err.strerror})") from None
+    except ValueError as err:
+        raise ConfigError(f"api_keys_file {path}: not JSON ({err})") from None
+    keys = raw.get("keys") if isinstance(raw, dict) else None
+    if not isinstance(keys, dict):
+        raise ConfigError(f'api_keys_file {path}: expected {{"keys": {{"<client>": "sha256:<hex>"}}}}')
+    for client, value in keys.items():
+        if not CLIENT_NAME.match(client) or not (isinstance(value, str) and re.fullmatch(PREFIX + "[0-9a-f]{64}", value)):
+            raise ConfigError(f"api_keys_file {path}: entry {client!r} needs a name of [a-z0-9._-] and a "
+                              f"'sha256:<64 hex digits>' digest")
+    return dict(keys)
+
+
+def write_keys(path: str | Path, keys: dict[str, str]) -> None:
+    """Replace the keys file through a temporary file and a rename (a reader sees the old or the new file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"keys": dict(sorted(keys.items()))}, f, indent=1)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def add_key(path: str | Path, client: str) -> str:
+    """Create a key for `client` (a new file if there is none) and return it: it is shown only this once."""
+    if not CLIENT_NAME.match(client):
+        raise InputError(f"client name {client!r}: use 1-63 of a-z, 0-9, '.', '_', '-', starting with a letter or digit")
+    keys = read_keys(path) if Path(path).exists() else {}
+    if client in keys:
+        raise InputError(f"client {client!r} already has a key in {path}; revoke it first to replace it")
+    key = secrets.token_urlsafe(32)
+    write_keys(path, {**keys, client: digest(key)})
+    return key
+
+
+def revoke_key(path: str | Path, client: str) -> None:
+    keys = read_keys(path)
+    if client not in keys:
+        raise InputError(f"no key for client {client!r} in {path} (clients: {', '.join(sorted(keys)) or 'none'})")
+    write_keys(path, {k: v for k, v in keys.items() if k != client})
+
+
+class Authenticator:
+    """Maps a bearer token to its client name: the shared token, or a key of `keys_file` (re-read when the
+    file changes)."""
+
+    def __init__(self, shared_token: str | None, keys_file: str | None) -> None:
+        self.shared, self.keys_file = shared_token, keys_file
+        self._keys: dict[str, str] = {}
+        self._stamp: tuple[int, int] | None = None
+        if keys_file is not None:
+            self._keys = read_keys(keys_file)  # a bad file at start is a deploy error
+            self._stamp = self._file_stamp()
+
+    @property
+    def enabled(self) -> bool:
+        return self.shared is not None or self.keys_file is not None
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = os.stat(self.keys_file)
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_ino  # a k8s secret update swaps the file (new inode)
+
+    def _refresh(self) -> None:
+        stamp = self._file_stamp()
+        if stamp == self._stamp:
+            return
+        try:
+            self._keys = read_keys(self.keys_file)
+        except ConfigError as err:
+            logger.error("keeping the %d client keys in force: %s", len(self._keys), err)
+        self._stamp = stamp
+
+    def client(self, token: str) -> str | None:
+        """The client the token belongs to, or None. Compares in constant time against every key."""
+        found = None
+        if self.shared is not None and hmac.compare_digest(token.encode(), self.shared.encode()):
+            found = SHARED_CLIENT
+        if self.keys_file is not None:
+            self._refresh()
+            supplied = digest(token)
+            for client, value in self._keys.items():
+                if hmac.compare_digest(supplied, value):
+                    found = client
+        return found

@@ -1,0 +1,96 @@
+"""Named client keys (`cluster.serve.auth`, `rdm keys`)."""
+
+import json
+import logging
+import os
+
+import pytest
+
+from cluster.serve.auth import SHARED_CLIENT, Authenticator, add_key, digest, read_keys, revoke_key
+from jobs.cli import main as rdm
+from rdm.errors import ConfigError, InputError
+
+
+def test_rdm_keys_adds_lists_and_revokes_keeping_only_digests(tmp_path, capsys):
+    path = tmp_path / "keys.json"
+    assert rdm(["keys", "add", "team-a", "--file", str(path)]) == 0
+    key = capsys.readouterr().out.strip()
+    assert len(key) >= 40 and key not in path.read_text()  # shown once, stored as its digest
+    assert json.loads(path.read_text()) == {"keys": {"team-a": digest(key)}}
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert rdm(["keys", "add", "team-b", "--file", str(path)]) == 0
+    capsys.readouterr()
+    assert rdm(["keys", "list", "--file", str(path)]) == 0 and capsys.readouterr().out.split() == ["team-a", "team-b"]
+    assert rdm(["keys", "revoke", "team-a", "--file", str(path)]) == 0 and list(read_keys(path)) == ["team-b"]
+    assert rdm(["keys", "add", "team-b", "--file", str(path)]) == 2
+    assert "already has a key" in capsys.readouterr().err
+    assert rdm(["keys", "revoke", "nobody", "--file", str(path)]) == 2
+    assert rdm(["keys", "add", "Bad Name!", "--file", str(path)]) == 2
+
+
+def test_a_token_maps_to_its_client_and_file_changes_apply_at_the_next_request(tmp_path, caplog):
+    path = tmp_path / "keys.json"
+    key_a = add_key(path, "team-a")
+    auth = Authenticator("shared-secret", str(path))
+    assert auth.client("shared-secret") == SHARED_CLIENT and auth.client(key_a) == "team-a"
+    assert auth.client("wrong") is None and auth.client("") is None and auth.client(digest(key_a)) is None
+    key_b = add_key(path, "team-b")  # added while running: taken at once
+    assert auth.client(key_b) == "team-b"
+    revoke_key(path, "team-a")  # revoked while running: refused at once
+    assert auth.client(key_a) is None and auth.client(key_b) == "team-b"
+    path.write_text("{not json")  # a broken edit keeps the keys in force, never none (or all)
+    with caplog.at_level(logging.ERROR):
+        assert auth.client(key_b) == "team-b" and auth.client(key_a) is None
+    assert "keeping the 1 client keys in force" in caplog.text
+    path.unlink()  # a file that vanished likewise
+    assert auth.client(key_b) == "team-b"
+
+
+def test_a_bad_keys_file_at_start_is_a_config_error(tmp_path):
+    for text, match in (("{not json", "not JSON"), ('{"keys": ["a"]}', "expected"),
+                        ('{"keys": {"a": "plaintext-key"}}', "sha256"), ('{"keys": {"A B": "sha256:' + "0" * 64 + '"}}',
+                                                                          "needs a name")):
+        (tmp_path / "keys.json").write_text(text)
+        with pytest.raises(ConfigError, match=match):
+            Authenticator(None, str(tmp_path / "keys.json"))
+    with pytest.raises(ConfigError, match="cannot be read"):
+        Authenticator(None, str(tmp_path / "missing.json"))
+    assert not Authenticator(None, None).enabled and Authenticator("t", None).enabled
+
+
+def test_the_ingress_records_the_client_of_each_request(tmp_path):
+    """The route answers 401 without a known key, and hands the caller's client name to the request."""
+    import asyncio
+
+    from fastapi import HTTPException
+    from starlette.requests import Request
+
+    from cluster.serve import deployments
+    from cluster.serve.schemas import GenerateRequest
+
+    key = add_key(tmp_path / "keys.json", "team-a")
+    cls = deployments.Ingress.func_or_class
+    ingress = cls.__new__(cls)
+    counted, seen = [], []
+    ingress.auth = Authenticator(None, str(tmp_path / "keys.json"))
+    ingress.m_requests = type("Counter", (), {"inc": lambda self, tags: counted.append(tags)})()
+
+    async def generate(body, request_id, client):
+        seen.append(client)
+        return {"ok": True}
+
+    ingress._generate = generate
+
+    def request(token: str) -> Request:
+        return Request({"type": "http", "method": "POST", "headers": [(b"authorization", f"Bearer {token}".encode())]})
+
+    assert asyncio.run(ingress.generate(GenerateRequest(prompt="a boat"), request(key))) == {"ok": True}
+    assert seen == ["team-a"] and counted == [{"route": "generate", "status": "200", "client": "team-a"}]
+    with pytest.raises(HTTPException) as refused:
+        asyncio.run(ingress.generate(GenerateRequest(prompt="a boat"), request("not-a-key")))
+    assert refused.value.status_code == 401 and seen == ["team-a"]
+
+
+def test_client_names_are_checked_when_adding(tmp_path):
+    with pytest.raises(InputError, match="client name"):
+        add_key(tmp_path / "k.json", "-leading-dash")
