@@ -24,9 +24,24 @@ from rdm.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
 
+TOKEN_ENV = "RDM_API_TOKEN"
 SHARED_CLIENT = "shared"  # the client name of the shared token
 CLIENT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 PREFIX = "sha256:"
+
+
+def read_token_file(path: str | None) -> str | None:
+    """The token in `path` (None without a path); a file that cannot be read, or is empty, is a ConfigError."""
+    if path is None:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as err:
+        raise ConfigError(f"api_token_file {path}: cannot be read ({err.strerror}); mount it on every node that may "
+                          f"run an Ingress replica, or set {TOKEN_ENV}") from None
+    if not token:
+        raise ConfigError(f"api_token_file {path} is empty")
+    return token
 
 
 def digest(key: str) -> str:

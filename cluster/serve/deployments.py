@@ -15,7 +15,6 @@ import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,7 +34,7 @@ from cluster.errors import (
     ShardUnavailableError,
     UnknownDatabaseError,
 )
-from cluster.serve.auth import Authenticator
+from cluster.serve.auth import TOKEN_ENV, Authenticator, read_token_file
 from cluster.serve.batching import ModelBatcher
 from cluster.serve.outputs import image_key, image_url, write_image
 from cluster.serve.schemas import AppArgs, GeneratedImage, GenerateRequest, GenerateResponse, NeighborOut
@@ -46,7 +45,6 @@ from rdm.pipeline import check_image_size, encode_png
 
 logger = logging.getLogger("ray.serve")
 
-TOKEN_ENV = "RDM_API_TOKEN"
 
 
 def batching_config(config: dict, *, max_batch_size: int, batch_wait_timeout_s: float) -> tuple[int, float]:
@@ -454,20 +452,6 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
 @app.exception_handler(BackPressureError)
 async def _backpressure(request: Request, exc: BackPressureError) -> JSONResponse:
     return _overloaded(exc)
-
-
-def read_token_file(path: str | None) -> str | None:
-    """The token in `path` (None without a path); a file that cannot be read, or is empty, is a ConfigError."""
-    if path is None:
-        return None
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as err:
-        raise ConfigError(f"api_token_file {path}: cannot be read ({err.strerror}); mount it on every node that may "
-                          f"run an Ingress replica, or set {TOKEN_ENV}") from None
-    if not token:
-        raise ConfigError(f"api_token_file {path} is empty")
-    return token
 
 
 class BodyLimit:

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from cluster.serve.auth import SHARED_CLIENT, Authenticator, add_key, digest, read_keys, revoke_key
+from cluster.serve.auth import SHARED_CLIENT, Authenticator, add_key, digest, read_keys, read_token_file, revoke_key
 from jobs.cli import main as rdm
 from rdm.errors import ConfigError, InputError
 
@@ -94,3 +94,14 @@ def test_the_ingress_records_the_client_of_each_request(tmp_path):
 def test_client_names_are_checked_when_adding(tmp_path):
     with pytest.raises(InputError, match="client name"):
         add_key(tmp_path / "k.json", "-leading-dash")
+
+
+def test_the_token_file_is_read_stripped_and_a_missing_or_empty_one_is_a_config_error(tmp_path):
+    """An empty file used to give no token: an app without require_token then served without auth."""
+    (tmp_path / "token").write_text("s3cret\n")
+    assert read_token_file(str(tmp_path / "token")) == "s3cret" and read_token_file(None) is None
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        read_token_file(str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="cannot be read .No such file or directory.; mount it"):
+        read_token_file(str(tmp_path / "missing"))

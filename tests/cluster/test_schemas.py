@@ -103,16 +103,3 @@ def test_retriever_options_refuse_misspelled_keys_and_bad_values():
     with pytest.raises(ConfigError, match="Invalid JSON"):
         RetrieverOptions.from_json("{num_cpus: 1}")
 
-
-def test_the_token_file_is_read_stripped_and_a_missing_or_empty_one_is_a_config_error(tmp_path):
-    """An empty file used to give no token: an app without require_token then served without auth."""
-    from cluster.serve.deployments import read_token_file
-    from rdm.errors import ConfigError
-
-    (tmp_path / "token").write_text("s3cret\n")
-    assert read_token_file(str(tmp_path / "token")) == "s3cret" and read_token_file(None) is None
-    (tmp_path / "empty").write_text("\n")
-    with pytest.raises(ConfigError, match="is empty"):
-        read_token_file(str(tmp_path / "empty"))
-    with pytest.raises(ConfigError, match="cannot be read .No such file or directory.; mount it"):
-        read_token_file(str(tmp_path / "missing"))
