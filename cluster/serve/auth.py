@@ -18,6 +18,8 @@ import os
 import re
 import secrets
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from rdm.errors import ConfigError, InputError
@@ -145,3 +147,36 @@ class Authenticator:
                 if hmac.compare_digest(supplied, value):
                     found = client
         return found
+
+
+class RateLimiter:
+    """Images per minute for each client, as token buckets: a client may use a minute's allowance at once,
+    then `per_minute / 60` images a second. `limits` overrides `default` (None: unlimited) by client name.
+    One limiter per Ingress replica, so an app with R Ingress replicas lets a client through R times the
+    limit at most (the proxies spread its requests over them)."""
+
+    def __init__(self, default: int | None, limits: dict[str, int] | None = None, clock=time.monotonic) -> None:
+        self.default, self.limits, self.clock = default, dict(limits or {}), clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, when)
+        self._lock = threading.Lock()
+
+    def limit(self, client: str) -> int | None:
+        return self.limits.get(client, self.default)
+
+    def wait_s(self, client: str, images: int) -> float:
+        """0 and the images taken from the client's allowance, or the seconds until they would fit (nothing
+        taken). A request larger than a whole minute's allowance never fits: its wait is infinite."""
+        limit = self.limit(client)
+        if limit is None:
+            return 0.0
+        if images > limit:
+            return float("inf")
+        rate, now = limit / 60.0, self.clock()
+        with self._lock:
+            tokens, when = self._buckets.get(client, (float(limit), now))
+            tokens = min(float(limit), tokens + (now - when) * rate)
+            if tokens >= images:
+                self._buckets[client] = (tokens - images, now)
+                return 0.0
+            self._buckets[client] = (tokens, now)
+            return (images - tokens) / rate

@@ -34,7 +34,7 @@ from cluster.errors import (
     ShardUnavailableError,
     UnknownDatabaseError,
 )
-from cluster.serve.auth import TOKEN_ENV, Authenticator, read_token_file
+from cluster.serve.auth import TOKEN_ENV, Authenticator, RateLimiter, read_token_file
 from cluster.serve.batching import ModelBatcher
 from cluster.serve.outputs import image_key, image_url, write_image
 from cluster.serve.schemas import AppArgs, GeneratedImage, GenerateRequest, GenerateResponse, NeighborOut
@@ -415,6 +415,15 @@ def _overloaded(err: BackPressureError, request_id: str | None = None) -> JSONRe
     return _error(err.status_code, "overloaded", "the service is at capacity; retry later", None, request_id, headers)
 
 
+def _rate_limited(client: str, per_minute: int, wait_s: float, request_id: str) -> JSONResponse:
+    """429: the client's images per minute are used up (Retry-After: when this request would fit)."""
+    message = f"client {client or 'anonymous'!r} is past its {per_minute} images per minute"
+    if math.isinf(wait_s):  # more images than a minute's allowance: never
+        return _error(429, "rate_limited", f"{message}, which this request alone exceeds", "num_images", request_id)
+    retry = math.ceil(wait_s)
+    return _error(429, "rate_limited", f"{message}; retry in {retry} s", None, request_id, {"Retry-After": str(retry)})
+
+
 async def gather_or_cancel(responses: list[DeploymentResponse]) -> list:
     """The results of several calls, in order. The first failure cancels the calls still queued or running
     (a request that fails gets no images, so its other images would be work for nobody) and is raised; so
@@ -489,6 +498,7 @@ class Ingress:
         if self.args.require_token and not self.auth.enabled:
             raise ConfigError(f"require_token is set but neither {TOKEN_ENV}, api_token_file nor api_keys_file "
                               "gives a token")
+        self.limiter = RateLimiter(self.args.images_per_minute, self.args.client_images_per_minute)
         self.store = open_store(self.args.output_uri)
         self._sizes: list[tuple[int, int]] | None = None
         app.state.max_body_bytes = self.args.max_body_bytes
@@ -553,6 +563,9 @@ class Ingress:
     async def generate(self, body: GenerateRequest, request: Request):
         client = self._authorize(request)
         request_id = secrets.token_hex(12)
+        wait_s = self.limiter.wait_s(client, body.num_images)
+        if wait_s > 0:
+            return self._count(_rate_limited(client, self.limiter.limit(client), wait_s, request_id), "generate", client)
         try:
             response = await self._generate(body, request_id, client=client)
         except asyncio.CancelledError:  # the client went away (or the proxy's request_timeout_s passed)

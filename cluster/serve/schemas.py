@@ -104,6 +104,19 @@ class AppArgs(BaseModel):
     api_token_file: str | None = Field(None, description="a file holding the shared bearer token")
     api_keys_file: str | None = Field(None, description="named client keys (digests; `rdm keys add|revoke`), read "
                                                         "again when the file changes")
+    images_per_minute: int | None = Field(None, ge=MAX_IMAGES, description="each client's allowance per Ingress "
+                                          "replica (a minute's worth at once, then steadily); past it, 429 + "
+                                          "Retry-After; None: unlimited")
+    client_images_per_minute: dict[str, int] = Field(default_factory=dict,
+                                                     description="per-client allowances in place of images_per_minute")
+
+    @field_validator("client_images_per_minute")
+    @classmethod
+    def _client_limits(cls, limits: dict[str, int]) -> dict[str, int]:
+        for client, limit in limits.items():
+            if limit < MAX_IMAGES:
+                raise ValueError(f"{client}: {limit} images per minute is less than one request's {MAX_IMAGES}")
+        return limits
     max_body_bytes: int = Field(12 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=224 * 224,
                                   description="an image query with more pixels is refused (422) before it is decoded")

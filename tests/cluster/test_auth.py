@@ -6,7 +6,16 @@ import os
 
 import pytest
 
-from cluster.serve.auth import SHARED_CLIENT, Authenticator, add_key, digest, read_keys, read_token_file, revoke_key
+from cluster.serve.auth import (
+    SHARED_CLIENT,
+    Authenticator,
+    RateLimiter,
+    add_key,
+    digest,
+    read_keys,
+    read_token_file,
+    revoke_key,
+)
 from jobs.cli import main as rdm
 from rdm.errors import ConfigError, InputError
 
@@ -72,7 +81,7 @@ def test_the_ingress_records_the_client_of_each_request(tmp_path):
     cls = deployments.Ingress.func_or_class
     ingress = cls.__new__(cls)
     counted, seen = [], []
-    ingress.auth = Authenticator(None, str(tmp_path / "keys.json"))
+    ingress.auth, ingress.limiter = Authenticator(None, str(tmp_path / "keys.json")), RateLimiter(None)
     ingress.m_requests = type("Counter", (), {"inc": lambda self, tags: counted.append(tags)})()
 
     async def generate(body, request_id, client):
@@ -105,3 +114,46 @@ def test_the_token_file_is_read_stripped_and_a_missing_or_empty_one_is_a_config_
         read_token_file(str(tmp_path / "empty"))
     with pytest.raises(ConfigError, match="cannot be read .No such file or directory.; mount it"):
         read_token_file(str(tmp_path / "missing"))
+
+
+def test_each_client_has_its_own_allowance_of_images_per_minute():
+    now = [0.0]
+    limiter = RateLimiter(60, {"big": 600}, clock=lambda: now[0])
+    assert [limiter.wait_s("a", 8) for _ in range(7)] == [0.0] * 7  # a minute's worth at once: 56 of 60
+    assert limiter.wait_s("a", 8) == pytest.approx(4.0)  # 4 left, 1 a second: 4 s until 8 fit (nothing taken)
+    assert limiter.wait_s("b", 8) == 0.0 and limiter.wait_s("big", 8) == 0.0  # others have their own
+    now[0] = 4.0
+    assert limiter.wait_s("a", 8) == 0.0 and limiter.wait_s("a", 1) == pytest.approx(1.0)
+    now[0] = 1000.0  # refills up to one minute's worth, not more
+    assert [limiter.wait_s("a", 6) for _ in range(11)][-1] == pytest.approx(6.0)
+    assert limiter.wait_s("a", 61) == float("inf")
+    assert RateLimiter(None).wait_s("anyone", 8) == 0.0 and RateLimiter(None, {"x": 8}).limit("x") == 8
+
+
+def test_the_ingress_answers_a_client_past_its_allowance_with_429_and_retry_after():
+    import asyncio
+    import json
+
+    from cluster.serve import deployments
+    from cluster.serve.schemas import GenerateRequest
+
+    cls = deployments.Ingress.func_or_class
+    ingress = cls.__new__(cls)
+    counted, calls = [], []
+    ingress.auth, ingress.limiter = Authenticator(None, None), RateLimiter(8)
+    ingress.m_requests = type("Counter", (), {"inc": lambda self, tags: counted.append(tags)})()
+
+    async def generate(body, request_id, client):
+        calls.append(body.num_images)
+        return {"ok": True}
+
+    ingress._generate = generate
+    assert asyncio.run(ingress.generate(GenerateRequest(prompt="a boat", num_images=6), None)) == {"ok": True}
+    response = asyncio.run(ingress.generate(GenerateRequest(prompt="a boat", num_images=4), None))
+    body = json.loads(response.body)["error"]
+    assert response.status_code == 429 and body["type"] == "rate_limited" and calls == [6]
+    assert response.headers["retry-after"] == "15" and "'anonymous' is past its 8 images per minute" in body["message"]
+    assert counted[-1] == {"route": "generate", "status": "429", "client": ""}
+    never = deployments._rate_limited("team-a", 8, float("inf"), "r1")
+    assert never.status_code == 429 and "retry-after" not in never.headers
+    assert "which this request alone exceeds" in json.loads(never.body)["error"]["message"]

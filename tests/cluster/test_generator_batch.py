@@ -16,7 +16,7 @@ from cluster.errors import (
     UnknownDatabaseError,
 )
 from cluster.serve import deployments
-from cluster.serve.auth import Authenticator
+from cluster.serve.auth import Authenticator, RateLimiter
 from cluster.storage import open_store
 from rdm.errors import InputError
 from rdm.factory import load_model
@@ -202,7 +202,8 @@ def test_the_ingress_answers_each_failure_with_its_status_and_no_internals(error
 
     cls = deployments.Ingress.func_or_class
     ingress = cls.__new__(cls)  # the route's own error mapping, without Serve
-    ingress.auth, ingress.m_requests = Authenticator(None, None), type("Counter", (), {"inc": lambda self, tags: None})()
+    ingress.auth, ingress.limiter = Authenticator(None, None), RateLimiter(None)
+    ingress.m_requests = type("Counter", (), {"inc": lambda self, tags: None})()
 
     async def failing(body, request_id, client):
         raise error
@@ -226,7 +227,8 @@ def test_the_admin_refresh_answers_a_failed_load_with_503_naming_the_database(er
 
     cls = deployments.Ingress.func_or_class
     ingress = cls.__new__(cls)
-    ingress.auth, ingress.m_requests = Authenticator(None, None), type("Counter", (), {"inc": lambda self, tags: None})()
+    ingress.auth, ingress.limiter = Authenticator(None, None), RateLimiter(None)
+    ingress.m_requests = type("Counter", (), {"inc": lambda self, tags: None})()
 
     async def refresh():
         if error is not None:

@@ -36,13 +36,14 @@ def app_url(ray_cluster, s3_models, tmp_path_factory):
     write_embeddings(str(root / "emb"), unit(np.random.default_rng(0).standard_normal((60, 64))), prefix="art")
     build_index(str(root / "emb"), str(root / "index"), "art", num_shards=2)
     (root / "token").write_text(TOKEN + "\n")
-    CLIENT_KEYS["team-a"] = add_key(root / "keys.json", "team-a")
+    for client in ("team-a", "team-slow"):
+        CLIENT_KEYS[client] = add_key(root / "keys.json", client)
     (port,) = free_ports(1)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     assert s3_models["model"] == MODEL_URI
     args = {**s3_models, "index_uri": str(root / "index"), "output_uri": str(root / "out"),
             "api_token_file": str(root / "token"), "api_keys_file": str(root / "keys.json"),
-            "require_token": True, "max_body_bytes": 200_000,
+            "require_token": True, "max_body_bytes": 200_000, "client_images_per_minute": {"team-slow": 8},
             "retriever_options": {"num_cpus": 0.05, "timeout_s": 10}, "image_sizes": [[24, 40]]}
     # at most 8 calls (CLIP embeddings, images) on the Generator and 16 more queued per caller: past
     # that, 503 + Retry-After (test_overload_...)
@@ -241,6 +242,13 @@ def test_client_keys_are_attributed_and_take_effect_without_a_redeploy(app_url):
     revoke_key(root / "keys.json", "team-b")
     assert call(url, "/v1/databases", token=new)[0] == 401
     assert call(url, "/v1/databases", token=CLIENT_KEYS["team-a"])[0] == 200
+    # team-slow may have 8 images a minute: 5 now, then 5 more is a 429 saying when, and costs nothing
+    slow = {"prompt": "a kite", "num_images": 5, "seed": 4300, **FAST}
+    assert call(url, "/v1/generate", slow, token=CLIENT_KEYS["team-slow"])[0] == 200
+    status, out, headers = call(url, "/v1/generate", {**slow, "seed": 4400}, token=CLIENT_KEYS["team-slow"],
+                                 with_headers=True)
+    assert status == 429 and out["error"]["type"] == "rate_limited" and 1 <= int(headers["retry-after"]) <= 15, out
+    assert call(url, "/v1/generate", {**slow, "seed": 4400}, token=CLIENT_KEYS["team-a"])[0] == 200  # its own allowance
 
 
 @pytest.mark.parametrize("body, status, field", [
