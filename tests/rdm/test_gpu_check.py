@@ -27,7 +27,9 @@ def test_smoke_run_measures_every_mode_and_checks_eps(gpu_check, tmp_path, capsy
         ("fp32 eager", "ddim"), ("fp32 eager", "dpmpp_2m"),
         ("bf16 + channels_last", "ddim"), ("bf16 + channels_last", "dpmpp_2m")]
     baseline, bf16 = rows[0], rows[2]
-    assert baseline["eps_error"] == 0 and baseline["max_pixel_diff"] == 0 and baseline["speedup"] == 1
+    # the baseline is the reference path at another batch size (2 of the reference's 4 rows): fp32 rounding may
+    # differ (MKL sizes its threads to the machine's load), by ULPs, not by bf16's 1e-3..1e-2
+    assert baseline["eps_error"] < 1e-5 and baseline["max_pixel_diff"] == 0 and baseline["speedup"] == 1
     assert 0 < bf16["eps_error"] < 0.05 and bf16["eps_ok"] and bf16["batch"] == 4 and baseline["batch"] == 2
     assert bf16["guided_eps_error"] > bf16["eps_error"]  # guidance scales up the rounding error
     out = capsys.readouterr().out
