@@ -180,3 +180,13 @@ class RateLimiter:
                 return 0.0
             self._buckets[client] = (tokens, now)
             return (images - tokens) / rate
+
+    def refund(self, client: str, images: int) -> None:
+        """Give back what `wait_s` took for a request that got no images (refused, failed or abandoned)."""
+        limit = self.limit(client)
+        if limit is None:
+            return
+        with self._lock:
+            if client in self._buckets:
+                tokens, when = self._buckets[client]
+                self._buckets[client] = (min(float(limit), tokens + images), when)

@@ -567,6 +567,17 @@ class Ingress:
         if wait_s > 0:
             return self._count(_rate_limited(client, self.limiter.limit(client), wait_s, request_id), "generate", client)
         try:
+            response = await self._answer(body, request_id, client)
+        except asyncio.CancelledError:
+            self.limiter.refund(client, body.num_images)  # a request that gets no images gives its allowance back
+            raise
+        if isinstance(response, JSONResponse):
+            self.limiter.refund(client, body.num_images)
+        return response
+
+    async def _answer(self, body: GenerateRequest, request_id: str, client: str):
+        """The response to an admitted request: its images, or a JSONResponse naming what failed."""
+        try:
             response = await self._generate(body, request_id, client=client)
         except asyncio.CancelledError:  # the client went away (or the proxy's request_timeout_s passed)
             self.m_requests.inc(tags={"route": "generate", "status": "499", "client": client})

@@ -128,6 +128,10 @@ def test_each_client_has_its_own_allowance_of_images_per_minute():
     assert [limiter.wait_s("a", 6) for _ in range(11)][-1] == pytest.approx(6.0)
     assert limiter.wait_s("a", 61) == float("inf")
     assert RateLimiter(None).wait_s("anyone", 8) == 0.0 and RateLimiter(None, {"x": 8}).limit("x") == 8
+    limiter.refund("a", 6)  # a request that got nothing: its images back, up to a minute's worth
+    assert limiter.wait_s("a", 6) == 0.0
+    limiter.refund("a", 100)
+    assert [limiter.wait_s("a", 6) for _ in range(11)][-1] > 0
 
 
 def test_the_ingress_answers_a_client_past_its_allowance_with_429_and_retry_after():
@@ -145,13 +149,17 @@ def test_the_ingress_answers_a_client_past_its_allowance_with_429_and_retry_afte
 
     async def generate(body, request_id, client):
         calls.append(body.num_images)
+        if body.prompt == "bad":
+            raise InputError("prompt: bad")
         return {"ok": True}
 
     ingress._generate = generate
+    failed = asyncio.run(ingress.generate(GenerateRequest(prompt="bad", num_images=6), None))
+    assert failed.status_code == 422  # no images: its 6 are given back, or the next request would be a 429
     assert asyncio.run(ingress.generate(GenerateRequest(prompt="a boat", num_images=6), None)) == {"ok": True}
     response = asyncio.run(ingress.generate(GenerateRequest(prompt="a boat", num_images=4), None))
     body = json.loads(response.body)["error"]
-    assert response.status_code == 429 and body["type"] == "rate_limited" and calls == [6]
+    assert response.status_code == 429 and body["type"] == "rate_limited" and calls == [6, 6]
     assert response.headers["retry-after"] == "15" and "'anonymous' is past its 8 images per minute" in body["message"]
     assert counted[-1] == {"route": "generate", "status": "429", "client": ""}
     never = deployments._rate_limited("team-a", 8, float("inf"), "r1")
