@@ -11,6 +11,7 @@ size matches, so a crash never leaves a partial file under the name others load.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import logging
@@ -62,12 +63,8 @@ def local_path(uri: str | Path | None) -> str | None:
 def upload_file(path: str | Path, uri: str) -> None:
     """Put the local file `path` at the s3:// file URI `uri`; the object appears whole or not at all."""
     store, name = _split(uri)
-    try:
+    with _transfer_errors(uri, "upload"):
         store.upload(name, path)
-    except StorageError:
-        raise
-    except Exception as err:  # s3transfer's own
-        raise StorageError(uri, f"upload failed: {type(err).__name__}: {err}") from err
 
 
 def check_uri(uri: str | None) -> str | None:
@@ -75,6 +72,17 @@ def check_uri(uri: str | None) -> str | None:
     if uri is not None and uri.startswith("s3://"):
         _split(uri)
     return uri
+
+
+@contextlib.contextmanager
+def _transfer_errors(uri: str, what: str):
+    """s3transfer's own errors (retries exhausted, a short read) as StorageErrors naming the object."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as err:
+        raise StorageError(uri, f"{what} failed: {type(err).__name__}: {err}") from err
 
 
 def _split(uri: str) -> tuple[S3Store, str]:
@@ -100,12 +108,8 @@ def _download(store: S3Store, name: str, target: Path, size: int, tag: str) -> b
     uri = f"{store.uri}/{name}"
     started = time.perf_counter()
     try:
-        try:
+        with _transfer_errors(uri, "download"):
             store.download(name, partial)
-        except StorageError:
-            raise
-        except Exception as err:  # s3transfer's own (retries exhausted, a short read)
-            raise StorageError(uri, f"download failed: {type(err).__name__}: {err}") from err
         if store.head(name)[1] != tag or partial.stat().st_size != size:
             return False
         os.replace(partial, target)

@@ -39,6 +39,7 @@ from cluster.errors import IndexVersionError, ObjectNotFoundError, UnknownDataba
 from cluster.index.manifest import check_database_name, current_version, load_manifest
 from cluster.prompts import PromptRow, read_prompts
 from cluster.storage import join, open_store
+from rdm.config import RDMConfig
 from rdm.errors import InputError, RDMError
 from rdm.factory import model_config, model_hash
 
@@ -81,12 +82,12 @@ class BulkSettings:
         return InferenceOptions(self.precision, self.channels_last, self.compile, self.kernel_tuning, self.attention)
 
 
-def chosen_size(settings: BulkSettings) -> tuple[int, int] | None:
-    """The (height, width) the settings choose, checked against the model (its config read from the
-    checkpoint, without its weights); None when that is the model's own square size."""
+def chosen_size(settings: BulkSettings, config: RDMConfig | None = None) -> tuple[int, int] | None:
+    """The (height, width) the settings choose, checked against the model's `config` (by default read from
+    the checkpoint, without its weights); None when that is the model's own square size."""
     from rdm.pipeline import check_image_size
 
-    config = model_config(local_path(settings.model))
+    config = config or model_config(local_path(settings.model))
     size = (settings.height or config.image_size, settings.width or config.image_size)
     check_image_size(config, *size)
     return None if size == (config.image_size, config.image_size) else size
@@ -431,8 +432,10 @@ def generate(prompts_uri: str, out_uri: str, settings: BulkSettings, *, progress
     import ray
 
     rows, row_errors = read_prompts(prompts_uri)
-    model_id = model_hash(local_path(settings.model))  # the content hash: an s3:// model is downloaded here too
-    items = expand(rows, settings, model_id, chosen_size(settings))
+    model_file = local_path(settings.model)  # an s3:// model is downloaded here too: its content hash names outputs
+    config = model_config(model_file)
+    model_id = model_hash(model_file)
+    items = expand(rows, settings, model_id, chosen_size(settings, config))
     store = open_store(out_uri)
     keep_output_format(settings, store)
     versions = pin_index_versions(settings, rows, store)
@@ -444,8 +447,8 @@ def generate(prompts_uri: str, out_uri: str, settings: BulkSettings, *, progress
     if pending:
         gpu = ray.cluster_resources().get("GPU", 0) > 0
         ds = ray.data.from_items(pending)
-        config = asdict(model_config(local_path(settings.model)))
-        ds = ds.map_batches(QueryEncoder, fn_constructor_kwargs={"config": config, "clip_weights": settings.clip_weights},
+        ds = ds.map_batches(QueryEncoder, fn_constructor_kwargs={"config": asdict(config),
+                                                                 "clip_weights": settings.clip_weights},
                             batch_size=32, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
         ds = ds.map_batches(Retrieve, fn_constructor_kwargs={"index_uri": settings.index_uri,
                                                              "num_neighbors": settings.num_neighbors,
