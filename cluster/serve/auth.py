@@ -17,11 +17,11 @@ import logging
 import os
 import re
 import secrets
-import tempfile
 import threading
 import time
 from pathlib import Path
 
+from cluster.storage import LocalStore
 from rdm.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
@@ -69,18 +69,10 @@ def read_keys(path: str | Path) -> dict[str, str]:
 
 
 def write_keys(path: str | Path, keys: dict[str, str]) -> None:
-    """Replace the keys file through a temporary file and a rename (a reader sees the old or the new file)."""
+    """Replace the keys file through a temporary file (mode 0600) and a rename: a reader sees the old or the
+    new file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"keys": dict(sorted(keys.items()))}, f, indent=1)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    LocalStore(path.parent).write_bytes(path.name, json.dumps({"keys": dict(sorted(keys.items()))}, indent=1).encode())
 
 
 def add_key(path: str | Path, client: str) -> str:
