@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         config = replace(config, name=args.name)
     ckpt = Path(local_path(args.ckpt))
     state = read_ldm_checkpoint(ckpt, allow_globals=[resolve_global(name) for name in args.allow_global])
-    weights = resolve_weights(state, args.weights, ckpt)
-    converted = convert_ldm_state_dict(state, config, weights=weights, source=ckpt)
+    weights = resolve_weights(state, args.weights, args.ckpt)  # errors name the checkpoint as given
+    converted = convert_ldm_state_dict(state, config, weights=weights, source=args.ckpt)
     metadata = {"source": args.ckpt.rpartition("/")[2], "weights": weights}
     if args.out.startswith("s3://"):
         with tempfile.TemporaryDirectory() as folder:
