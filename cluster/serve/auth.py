@@ -144,8 +144,7 @@ class Authenticator:
 class RateLimiter:
     """Images per minute for each client, as token buckets: a client may use a minute's allowance at once,
     then `per_minute / 60` images a second. `limits` overrides `default` (None: unlimited) by client name.
-    One limiter per Ingress replica, so an app with R Ingress replicas lets a client through R times the
-    limit at most (the proxies spread its requests over them)."""
+    The app's one `Allowances` replica holds the limiter every Ingress replica takes from."""
 
     def __init__(self, default: int | None, limits: dict[str, int] | None = None, clock=time.monotonic) -> None:
         self.default, self.limits, self.clock = default, dict(limits or {}), clock

@@ -12,7 +12,7 @@ from cluster.serve.schemas import MAX_IMAGES, AppArgs
 from rdm.errors import ConfigError
 
 IMPORT_PATH = "cluster.serve.app:build_app"
-DEPLOYMENTS = ("Ingress", "Generator", "Retriever")
+DEPLOYMENTS = ("Ingress", "Generator", "Retriever", "Allowances")
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,10 @@ def check_deployment(block: dict, where: str) -> tuple[str, dict]:
         DeploymentSchema(name=name, **options)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where}.{name}: {err}") from err
+    if name == "Allowances" and (options.get("num_replicas", 1) != 1 or "autoscaling_config" in options):
+        # each replica would count alone: R replicas would let a client through R times its allowance
+        raise ConfigError(f"{where}.{name}: runs exactly one replica (it holds the app's allowances); "
+                          "leave num_replicas and autoscaling_config out")
     queued = options.get("max_queued_requests", -1)
     if name == "Generator" and queued != -1 and queued < MAX_IMAGES:
         # a request's images reach the Generator together, so a smaller queue would refuse a request of

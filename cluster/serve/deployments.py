@@ -1,5 +1,6 @@
 """Serve deployments: `Generator` (model + CLIP, dynamic batching), `Retriever` (sharded or exact
-databases) and `Ingress` (FastAPI: validation, auth, orchestration, the web page)."""
+databases), `Allowances` (the app's image allowances per client, one replica) and `Ingress` (FastAPI:
+validation, auth, orchestration, the web page)."""
 
 
 import asyncio
@@ -44,6 +45,7 @@ from rdm.images import decode_rgb, to_model_range
 from rdm.pipeline import check_image_size, encode_png
 
 logger = logging.getLogger("ray.serve")
+ALLOWANCE_TIMEOUT_S = 2.0  # past it, an Ingress replica counts a request's images on its own
 
 
 
@@ -424,6 +426,10 @@ def _rate_limited(client: str, per_minute: int, wait_s: float, request_id: str) 
     return _error(429, "rate_limited", f"{message}; retry in {retry} s", None, request_id, {"Retry-After": str(retry)})
 
 
+async def _awaited(response: DeploymentResponse):
+    return await response
+
+
 async def gather_or_cancel(responses: list[DeploymentResponse]) -> list:
     """The results of several calls, in order. The first failure cancels the calls still queued or running
     (a request that fails gets no images, so its other images would be work for nobody) and is raised; so
@@ -487,18 +493,38 @@ class BodyLimit:
 app.add_middleware(BodyLimit)
 
 
+@serve.deployment(ray_actor_options={"num_cpus": 0.01}, num_replicas=1, max_ongoing_requests=1000)
+class Allowances:
+    """Each client's images per minute for the whole app: one replica holds the token buckets that every
+    Ingress replica takes from (one Ray call per request, microseconds of work in it). A restarted replica
+    starts every client with a full minute's allowance again. Runs only where allowances are configured."""
+
+    def __init__(self, default: int | None, limits: dict[str, int]) -> None:
+        self.limiter = RateLimiter(default, limits)
+
+    async def take(self, client: str, images: int) -> tuple[float, int | None]:
+        """(0 and the images taken, or the seconds until they fit; the client's images per minute)."""
+        return self.limiter.wait_s(client, images), self.limiter.limit(client)
+
+    async def refund(self, client: str, images: int) -> None:
+        self.limiter.refund(client, images)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=128)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, generator: DeploymentHandle, retriever: DeploymentHandle, args: dict) -> None:
+    def __init__(self, generator: DeploymentHandle, retriever: DeploymentHandle, args: dict,
+                 allowances: DeploymentHandle | None = None) -> None:
         self.args = AppArgs(**args)
-        self.generator, self.retriever = generator, retriever
+        self.generator, self.retriever, self.allowances = generator, retriever, allowances
         self.auth = Authenticator(os.environ.get(TOKEN_ENV) or read_token_file(self.args.api_token_file),
                                   self.args.api_keys_file)
         if self.args.require_token and not self.auth.enabled:
             raise ConfigError(f"require_token is set but neither {TOKEN_ENV}, api_token_file nor api_keys_file "
                               "gives a token")
+        # used only while the Allowances replica cannot be reached (then each Ingress replica counts alone)
         self.limiter = RateLimiter(self.args.images_per_minute, self.args.client_images_per_minute)
+        self._pending: set[asyncio.Task] = set()
         self.store = open_store(self.args.output_uri)
         self._sizes: list[tuple[int, int]] | None = None
         app.state.max_body_bytes = self.args.max_body_bytes
@@ -563,17 +589,50 @@ class Ingress:
     async def generate(self, body: GenerateRequest, request: Request):
         client = self._authorize(request)
         request_id = secrets.token_hex(12)
-        wait_s = self.limiter.wait_s(client, body.num_images)
+        wait_s, limit = await self._take(client, body.num_images)
         if wait_s > 0:
-            return self._count(_rate_limited(client, self.limiter.limit(client), wait_s, request_id), "generate", client)
+            return self._count(_rate_limited(client, limit, wait_s, request_id), "generate", client)
         try:
             response = await self._answer(body, request_id, client)
         except asyncio.CancelledError:
-            self.limiter.refund(client, body.num_images)  # a request that gets no images gives its allowance back
+            self._refund(client, body.num_images)  # a request that gets no images gives its allowance back
             raise
         if isinstance(response, JSONResponse):
-            self.limiter.refund(client, body.num_images)
+            self._refund(client, body.num_images)
         return response
+
+    async def _take(self, client: str, images: int) -> tuple[float, int | None]:
+        """`Allowances.take` for the whole app; this replica's own buckets while that replica cannot be
+        reached within ALLOWANCE_TIMEOUT_S (a request is not refused because its allowance cannot be counted)."""
+        if self.allowances is not None:
+            response = self.allowances.take.remote(client, images)
+            try:
+                return await asyncio.wait_for(_awaited(response), ALLOWANCE_TIMEOUT_S)
+            except asyncio.CancelledError:
+                response.cancel()
+                raise
+            except Exception as err:  # noqa: BLE001 - counted here instead, logged
+                response.cancel()
+                logger.warning("allowances unreachable (%s: %s); counting on this Ingress replica",
+                               type(err).__name__, err)
+        return self.limiter.wait_s(client, images), self.limiter.limit(client)
+
+    def _refund(self, client: str, images: int) -> None:
+        """Gives images back where `_take` took them, without waiting (the request has ended; a refund
+        that fails is logged: the client's allowance refills within a minute anyway)."""
+        if self.allowances is None:
+            self.limiter.refund(client, images)
+            return
+
+        async def send() -> None:
+            try:
+                await asyncio.wait_for(_awaited(self.allowances.refund.remote(client, images)), ALLOWANCE_TIMEOUT_S)
+            except Exception as err:  # noqa: BLE001
+                logger.warning("refund of %d images to %r failed (%s)", images, client, type(err).__name__)
+
+        task = asyncio.ensure_future(send())
+        self._pending.add(task)  # a reference until done: the loop keeps only weak ones
+        task.add_done_callback(self._pending.discard)
 
     async def _answer(self, body: GenerateRequest, request_id: str, client: str):
         """The response to an admitted request: its images, or a JSONResponse naming what failed."""

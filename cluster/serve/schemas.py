@@ -104,8 +104,8 @@ class AppArgs(BaseModel):
     api_token_file: str | None = Field(None, description="a file holding the shared bearer token")
     api_keys_file: str | None = Field(None, description="named client keys (digests; `rdm keys add|revoke`), read "
                                                         "again when the file changes")
-    images_per_minute: int | None = Field(None, ge=MAX_IMAGES, description="each client's allowance per Ingress "
-                                          "replica (a minute's worth at once, then steadily); past it, 429 + "
+    images_per_minute: int | None = Field(None, ge=MAX_IMAGES, description="each client's allowance for the "
+                                          "whole app (a minute's worth at once, then steadily); past it, 429 + "
                                           "Retry-After; None: unlimited")
     client_images_per_minute: dict[str, int] = Field(default_factory=dict,
                                                      description="per-client allowances in place of images_per_minute")

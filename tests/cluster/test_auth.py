@@ -1,5 +1,6 @@
 """Named client keys (`cluster.serve.auth`, `rdm keys`)."""
 
+import asyncio
 import json
 import logging
 import os
@@ -81,7 +82,8 @@ def test_the_ingress_records_the_client_of_each_request(tmp_path):
     cls = deployments.Ingress.func_or_class
     ingress = cls.__new__(cls)
     counted, seen = [], []
-    ingress.auth, ingress.limiter = Authenticator(None, str(tmp_path / "keys.json")), RateLimiter(None)
+    ingress.auth, ingress.allowances = Authenticator(None, str(tmp_path / "keys.json")), None
+    ingress.limiter = RateLimiter(None)
     ingress.m_requests = type("Counter", (), {"inc": lambda self, tags: counted.append(tags)})()
 
     async def generate(body, request_id, client):
@@ -144,7 +146,7 @@ def test_the_ingress_answers_a_client_past_its_allowance_with_429_and_retry_afte
     cls = deployments.Ingress.func_or_class
     ingress = cls.__new__(cls)
     counted, calls = [], []
-    ingress.auth, ingress.limiter = Authenticator(None, None), RateLimiter(8)
+    ingress.auth, ingress.limiter, ingress.allowances = Authenticator(None, None), RateLimiter(8), None
     ingress.m_requests = type("Counter", (), {"inc": lambda self, tags: counted.append(tags)})()
 
     async def generate(body, request_id, client):
@@ -165,3 +167,115 @@ def test_the_ingress_answers_a_client_past_its_allowance_with_429_and_retry_afte
     never = deployments._rate_limited("team-a", 8, float("inf"), "r1")
     assert never.status_code == 429 and "retry-after" not in never.headers
     assert "which this request alone exceeds" in json.loads(never.body)["error"]["message"]
+
+
+class _Handle:
+    """A DeploymentHandle's calling convention (`handle.method.remote(...)` -> awaitable with `cancel()`)
+    in one event loop, over a real `Allowances` instance; `hang` makes every call wait forever."""
+
+    def __init__(self, target, hang: bool = False) -> None:
+        self.target, self.hang, self.cancelled = target, hang, 0
+
+    def __getattr__(self, method):
+        handle = self
+
+        class Call:
+            def remote(self, *args):
+                async def run():
+                    if handle.hang:
+                        await asyncio.sleep(3600)
+                    return await getattr(handle.target, method)(*args)
+
+                return Response(run())
+
+        class Response:
+            def __init__(self, coro) -> None:
+                self.coro = coro
+
+            def __await__(self):
+                return self.coro.__await__()
+
+            def cancel(self):
+                handle.cancelled += 1
+
+        return Call()
+
+
+def _ingress(allowances, local_limit: int | None = 8):
+    from cluster.serve import deployments
+
+    cls = deployments.Ingress.func_or_class
+    ingress = cls.__new__(cls)
+    ingress.auth, ingress.limiter, ingress.allowances = Authenticator(None, None), RateLimiter(local_limit), allowances
+    ingress._pending = set()
+    ingress.m_requests = type("Counter", (), {"inc": lambda self, tags: None})()
+
+    async def generate(body, request_id, client):
+        if body.prompt == "bad":
+            raise InputError("prompt: bad")
+        return {"ok": body.num_images}
+
+    ingress._generate = generate
+    return ingress
+
+
+def test_every_ingress_replica_takes_from_the_apps_one_allowance():
+    """Two Ingress replicas share one Allowances replica: a client's 8 images a minute are 8 for the app,
+    not 8 per replica; a refused request's images go back to the shared allowance."""
+    from cluster.serve import deployments
+    from cluster.serve.schemas import GenerateRequest
+
+    shared = deployments.Allowances.func_or_class(8, {})
+    first, second = _ingress(_Handle(shared)), _ingress(_Handle(shared))
+
+    async def scenario():
+        assert await first.generate(GenerateRequest(prompt="a boat", num_images=6), None) == {"ok": 6}
+        refused = await second.generate(GenerateRequest(prompt="a boat", num_images=4), None)
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) == 15  # 2 left, 8 a minute
+        assert (await second.generate(GenerateRequest(prompt="bad", num_images=2), None)).status_code == 422
+        await asyncio.gather(*second._pending)  # the refund is sent without waiting for it
+        assert await first.generate(GenerateRequest(prompt="a boat", num_images=2), None) == {"ok": 2}
+        return await first.generate(GenerateRequest(prompt="a boat", num_images=1), None)
+
+    assert asyncio.run(scenario()).status_code == 429
+    assert first.limiter.wait_s("", 8) == 0.0  # the replicas' own buckets were never used
+
+
+def test_an_ingress_counts_alone_while_the_allowances_replica_does_not_answer(monkeypatch, caplog):
+    from cluster.serve import deployments
+    from cluster.serve.schemas import GenerateRequest
+
+    monkeypatch.setattr(deployments, "ALLOWANCE_TIMEOUT_S", 0.05)
+    handle = _Handle(deployments.Allowances.func_or_class(8, {}), hang=True)
+    ingress = _ingress(handle)
+
+    async def scenario():
+        ok = await ingress.generate(GenerateRequest(prompt="a boat", num_images=8), None)
+        return ok, await ingress.generate(GenerateRequest(prompt="a boat", num_images=1), None)
+
+    with caplog.at_level(logging.WARNING, logger="ray.serve"):
+        ok, refused = asyncio.run(scenario())
+    assert ok == {"ok": 8} and refused.status_code == 429 and handle.cancelled == 2
+    assert "allowances unreachable (TimeoutError" in caplog.text
+
+
+@pytest.mark.parametrize("options, ok", [({}, True), ({"num_replicas": 1}, True), ({"num_replicas": 2}, False),
+                                         ({"autoscaling_config": {"min_replicas": 1, "max_replicas": 2}}, False)])
+def test_the_allowances_deployment_runs_one_replica(options, ok):
+    from cluster.serve.config import check_deployment
+
+    if ok:
+        assert check_deployment({"name": "Allowances", **options}, "here") == ("Allowances", options)
+    else:
+        with pytest.raises(ConfigError, match="exactly one replica"):
+            check_deployment({"name": "Allowances", **options}, "here")
+
+
+def test_the_app_binds_allowances_only_where_images_per_minute_are_set():
+    from cluster.serve.app import build_app
+
+    plain = build_app({"model": "tiny"})  # private Serve attributes: what Ingress is bound to
+    limited = build_app({"model": "tiny", "client_images_per_minute": {"x": 8}})
+    assert plain._bound_deployment.init_args[3] is None
+    assert limited._bound_deployment.init_args[3]._bound_deployment.name == "Allowances"
+    assert limited._bound_deployment.init_args[3]._bound_deployment.init_args == (None, {"x": 8})

@@ -202,7 +202,7 @@ def test_the_ingress_answers_each_failure_with_its_status_and_no_internals(error
 
     cls = deployments.Ingress.func_or_class
     ingress = cls.__new__(cls)  # the route's own error mapping, without Serve
-    ingress.auth, ingress.limiter = Authenticator(None, None), RateLimiter(None)
+    ingress.auth, ingress.limiter, ingress.allowances = Authenticator(None, None), RateLimiter(None), None
     ingress.m_requests = type("Counter", (), {"inc": lambda self, tags: None})()
 
     async def failing(body, request_id, client):
@@ -227,7 +227,7 @@ def test_the_admin_refresh_answers_a_failed_load_with_503_naming_the_database(er
 
     cls = deployments.Ingress.func_or_class
     ingress = cls.__new__(cls)
-    ingress.auth, ingress.limiter = Authenticator(None, None), RateLimiter(None)
+    ingress.auth, ingress.limiter, ingress.allowances = Authenticator(None, None), RateLimiter(None), None
     ingress.m_requests = type("Counter", (), {"inc": lambda self, tags: None})()
 
     async def refresh():

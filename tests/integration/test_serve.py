@@ -249,6 +249,11 @@ def test_client_keys_are_attributed_and_take_effect_without_a_redeploy(app_url):
                                  with_headers=True)
     assert status == 429 and out["error"]["type"] == "rate_limited" and 1 <= int(headers["retry-after"]) <= 15, out
     assert call(url, "/v1/generate", {**slow, "seed": 4400}, token=CLIENT_KEYS["team-a"])[0] == 200  # its own allowance
+    # the count is the app's, kept by its one Allowances replica (which every Ingress replica asks)
+    from ray import serve
+
+    wait_s, limit = serve.get_deployment_handle("Allowances", app_name="rdm").take.remote("team-slow", 5).result()
+    assert limit == 8 and 0 < wait_s <= 15.01, wait_s  # 3 of 8 left (and refilling): 2 more take up to 15 s
 
 
 @pytest.mark.parametrize("body, status, field", [
