@@ -7,6 +7,12 @@ downloaded again (and the older copy removed) while an unchanged one is only che
 Processes on one node that ask at once download it once: one holds a lock on the URI's cache folder, the
 others wait for it and find its copy. A download goes to a temporary file that is renamed into place once its
 size matches, so a crash never leaves a partial file under the name others load.
+
+`RDM_CACHE_MAX_GB` caps the cache: before a download, the copies used longest ago are removed until the new
+one fits under the cap and in the disk's free space (without a cap, only as far as the disk needs), sparing
+any used in the last `RECENT_S` seconds (a process may be about to open it; one that has opened it keeps
+reading it) and any whose URI another process is downloading. A download that still does not fit on the
+disk is refused before it starts.
 """
 
 from __future__ import annotations
@@ -22,11 +28,29 @@ from pathlib import Path
 
 from cluster.errors import StorageError
 from cluster.storage import S3Store
+from rdm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "RDM_CACHE_DIR"
+MAX_GB_ENV = "RDM_CACHE_MAX_GB"
 ATTEMPTS = 3  # downloads of an object that changes while it is downloaded
+RECENT_S = 600.0  # a copy used this recently is never evicted
+USED = ".used"  # in a URI's folder: its modification time is the copy's last use
+
+
+def max_cache_bytes() -> int | None:
+    """`RDM_CACHE_MAX_GB` in bytes (None: no cap)."""
+    text = os.environ.get(MAX_GB_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = -1.0
+    if not gib > 0:
+        raise ConfigError(f"{MAX_GB_ENV} must be a positive number of GiB, got {text!r}")
+    return int(gib * 2**30)
 
 
 def cache_root() -> Path:
@@ -41,8 +65,11 @@ def local_path(uri: str | Path | None) -> str | None:
     text = str(uri)
     store, name = _split(text)
     folder = cache_root() / "artifacts" / hashlib.sha256(text.encode()).hexdigest()[:24]
+    limit = max_cache_bytes()
     size, tag = store.head(name)
     target = _copy_path(folder, tag, name)
+    if folder.is_dir():
+        _touch(folder)  # before the check: an eviction that looks after this sees it as used
     if _complete(target, size):
         return str(target)
     folder.mkdir(parents=True, exist_ok=True)
@@ -51,6 +78,9 @@ def local_path(uri: str | Path | None) -> str | None:
         try:
             for _ in range(ATTEMPTS):
                 target = _copy_path(folder, tag, name)
+                _touch(folder)
+                if not _complete(target, size):
+                    _make_room(folder, size, limit)
                 if _complete(target, size) or _download(store, name, target, size, tag):
                     _remove_other_versions(folder, keep=target.parent)
                     return str(target)
@@ -106,6 +136,10 @@ def _download(store: S3Store, name: str, target: Path, size: int, tag: str) -> b
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{name}.{os.getpid()}.partial")
     uri = f"{store.uri}/{name}"
+    free = shutil.disk_usage(target.parent).free
+    if size > free:
+        raise StorageError(uri, f"needs {size / 2**30:.2f} GiB but {target.parent} has {free / 2**30:.2f} GiB free "
+                                f"(set {CACHE_ENV} to a larger disk, or {MAX_GB_ENV} to keep the cache smaller)")
     started = time.perf_counter()
     try:
         with _transfer_errors(uri, "download"):
@@ -119,8 +153,62 @@ def _download(store: S3Store, name: str, target: Path, size: int, tag: str) -> b
     return True
 
 
-def _remove_other_versions(folder: Path, keep: Path) -> None:
-    """Older copies of the URI (another ETag): a process that opened one keeps reading it (POSIX)."""
+def _remove_other_versions(folder: Path, keep: Path | None) -> None:
+    """Older copies of the URI (another ETag; None: all): a process that opened one keeps reading it (POSIX)."""
     for other in folder.iterdir():
         if other.is_dir() and other != keep:
             shutil.rmtree(other, ignore_errors=True)
+
+
+def _touch(folder: Path) -> None:
+    used = folder / USED
+    try:
+        os.utime(used)
+    except FileNotFoundError:
+        used.touch()
+
+
+def _last_used(folder: Path) -> float:
+    try:
+        return (folder / USED).stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.parent != folder)
+
+
+def _make_room(keep: Path, size: int, limit: int | None) -> None:
+    """Evict copies of other URIs, used longest ago first, until `size` more bytes fit under `limit` and on
+    the disk (see the module)."""
+    root = keep.parent
+    folders = [f for f in root.iterdir() if f.is_dir() and f != keep]
+    sizes = {f: _bytes(f) for f in folders}
+    total = sum(sizes.values())
+
+    def fits() -> bool:
+        return (limit is None or total + size <= limit) and shutil.disk_usage(root).free >= size
+
+    for folder in sorted(folders, key=_last_used):
+        if fits():
+            return
+        if not sizes[folder] or time.time() - _last_used(folder) < RECENT_S:
+            continue
+        with open(folder / ".lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # being downloaded
+            try:
+                if time.time() - _last_used(folder) < RECENT_S:  # used since it was looked at
+                    continue
+                _remove_other_versions(folder, keep=None)
+                logger.info("made room for %.1f MB: removed %s (%.1f MB, unused for %.0f s)", size / 1e6, folder,
+                            sizes[folder] / 1e6, time.time() - _last_used(folder))
+                total -= sizes[folder]
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    if limit is not None and total + size > limit:
+        logger.warning("cache %s will hold %.2f GiB, over its %.2f GiB cap: the rest was used in the last %.0f s",
+                       root, (total + size) / 2**30, limit / 2**30, RECENT_S)

@@ -1,5 +1,9 @@
 """Local copies of s3:// model and CLIP files (`cluster.artifacts.local_path`), on moto's S3."""
 
+import fcntl
+import logging
+import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -10,6 +14,7 @@ import pytest
 from cluster import artifacts
 from cluster.errors import ObjectNotFoundError, StorageError
 from cluster.storage import S3Store
+from rdm.errors import ConfigError
 
 URI = "s3://rdm-unit/models/rdm.safetensors"
 
@@ -39,7 +44,7 @@ def downloads(monkeypatch):
 
 
 def files_under(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != ".lock")
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name not in (".lock", ".used"))
 
 
 def test_paths_and_names_pass_through_unchanged():
@@ -116,3 +121,73 @@ def test_processes_asking_at_once_download_once(s3, monkeypatch):
     for thread in threads:
         thread.join()
     assert len(calls) == 1 and len(set(paths)) == 1 and Path(paths[0]).read_bytes() == b"weights"
+
+
+def _uri(name: str) -> str:
+    return f"s3://rdm-unit/models/{name}.pt"
+
+
+def _age(path: str, seconds: float) -> None:
+    """Marks the copy at `path` as last used `seconds` ago."""
+    used = Path(path).parents[1] / artifacts.USED
+    os.utime(used, (time.time() - seconds, time.time() - seconds))
+
+
+def test_a_capped_cache_removes_the_copies_used_longest_ago(s3, downloads, monkeypatch):
+    for name in "abc":
+        s3(name.encode() * 1000, key=f"models/{name}.pt")
+    monkeypatch.setenv(artifacts.MAX_GB_ENV, str(2500 / 2**30))  # room for two copies of 1000 bytes
+    a, b = artifacts.local_path(_uri("a")), artifacts.local_path(_uri("b"))
+    _age(a, 3000)
+    _age(b, 2000)
+    c = artifacts.local_path(_uri("c"))  # a goes: used longest ago
+    assert not Path(a).exists() and Path(b).exists() and Path(c).read_bytes() == b"c" * 1000
+    _age(c, 1000)
+    a = artifacts.local_path(_uri("a"))  # downloaded again; b goes
+    assert Path(a).read_bytes() == b"a" * 1000 and not Path(b).exists() and Path(c).exists()
+    assert len(downloads) == 4
+    assert artifacts.local_path(_uri("c")) == c and len(downloads) == 4  # a hit removes nothing
+
+
+def test_copies_in_use_or_being_downloaded_are_spared(s3, monkeypatch, caplog):
+    for name in "abc":
+        s3(name.encode() * 1000, key=f"models/{name}.pt")
+    monkeypatch.setenv(artifacts.MAX_GB_ENV, str(1500 / 2**30))  # room for one copy
+    a, b = artifacts.local_path(_uri("a")), artifacts.local_path(_uri("b"))  # a is spared: used just now
+    assert Path(a).exists() and Path(b).exists()
+    _age(a, 2000)
+    _age(b, 1000)
+    with open(Path(a).parents[1] / ".lock", "a") as lock:  # another process is downloading a's URI
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with caplog.at_level(logging.WARNING, logger="cluster.artifacts"):
+            c = artifacts.local_path(_uri("c"))
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    assert Path(a).exists() and not Path(b).exists() and Path(c).exists()
+    assert "over its 0.00 GiB cap" in caplog.text
+
+
+def test_a_download_the_disk_cannot_hold_is_refused_unless_old_copies_make_room(s3, monkeypatch, tmp_path):
+    s3(b"a" * 1000, key="models/a.pt")
+    s3(b"b" * 3000, key="models/b.pt")
+    a = artifacts.local_path(_uri("a"))
+    cache = tmp_path / "cache"
+
+    def disk(free_besides_cache: int):  # a disk with this much free besides what the cache holds
+        def usage(path):
+            held = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+            return shutil._ntuple_diskusage(10**6, 0, free_besides_cache - held)
+        return usage
+
+    monkeypatch.setattr(artifacts.shutil, "disk_usage", disk(3500))
+    with pytest.raises(StorageError, match="needs 0.00 GiB but .* free .*RDM_CACHE_DIR"):  # a was used just now
+        artifacts.local_path(_uri("b"))
+    assert files_under(cache) == [str(Path(a).relative_to(cache))]
+    _age(a, 1000)  # no cap: only as much as the disk needs is removed
+    assert Path(artifacts.local_path(_uri("b"))).read_bytes() == b"b" * 3000 and not Path(a).exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "lots"])
+def test_a_bad_cache_cap_is_a_config_error(s3, monkeypatch, value):
+    monkeypatch.setenv(artifacts.MAX_GB_ENV, value)
+    with pytest.raises(ConfigError, match="RDM_CACHE_MAX_GB must be a positive number"):
+        artifacts.local_path(URI)

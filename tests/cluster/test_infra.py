@@ -163,6 +163,34 @@ def test_every_shipped_config_reads_models_from_s3():
     assert len(files) == 7 and all(f.startswith("s3://") for f in files), files
 
 
+def _pod_specs(node):
+    if isinstance(node, dict):
+        if "containers" in node:
+            yield node
+        for value in node.values():
+            yield from _pod_specs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _pod_specs(value)
+
+
+def test_a_pods_model_cache_is_capped_below_its_volume():
+    """The kubelet evicts a pod whose emptyDir passes its sizeLimit: RDM_CACHE_MAX_GB keeps the cache under
+    it (cluster.artifacts removes the copies used longest ago)."""
+    capped = 0
+    for path in sorted((ROOT / "infra" / "kuberay").glob("*.yaml")):
+        for spec in _pod_specs(yaml.safe_load(path.read_text())):
+            limits = {v["name"]: v["emptyDir"]["sizeLimit"] for v in spec.get("volumes", []) if "emptyDir" in v}
+            for container in spec["containers"]:
+                cache = [m["name"] for m in container.get("volumeMounts", []) if m["mountPath"] == "/var/cache/rdm"]
+                if cache:
+                    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+                    assert limits[cache[0]].endswith("Gi"), path
+                    assert 0 < float(env["RDM_CACHE_MAX_GB"]) < 0.9 * float(limits[cache[0]][:-2]), path
+                    capped += 1
+    assert capped == 3
+
+
 def test_every_rayservice_worker_group_mounts_the_token_file_an_ingress_replica_reads():
     """Serve places Ingress replicas (CPU only) on any worker with room, retriever nodes included; one that
     starts where `api_token_file` is missing fails and is retried forever."""
