@@ -191,19 +191,21 @@ def test_a_pods_model_cache_is_capped_below_its_volume():
     assert capped == 3
 
 
-def test_every_rayservice_worker_group_mounts_the_token_file_an_ingress_replica_reads():
+def test_every_rayservice_worker_group_mounts_the_token_files_an_ingress_replica_reads():
     """Serve places Ingress replicas (CPU only) on any worker with room, retriever nodes included; one that
-    starts where `api_token_file` is missing fails and is retried forever."""
+    starts where `api_token_file` or `api_keys_file` is missing fails and is retried forever."""
     service = yaml.safe_load((ROOT / "infra" / "kuberay" / "rayservice.yaml").read_text())
-    folder = str(Path(yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]["api_token_file"])
-                 .parent)
+    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    wanted = {str(Path(args["api_token_file"]).parent): "rdm-api-token",
+              str(Path(args["api_keys_file"]).parent): "rdm-api-keys"}
     groups = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-    assert len(groups) >= 2
+    assert len(groups) >= 2 and len(wanted) == 2
     for group in groups:
         spec = group["template"]["spec"]
         secrets = {v["name"]: v["secret"]["secretName"] for v in spec.get("volumes", []) if "secret" in v}
         mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0].get("volumeMounts", [])}
-        assert secrets.get(mounts.get(folder)) == "rdm-api-token", group["groupName"]
+        for folder, secret in wanted.items():
+            assert secrets.get(mounts.get(folder)) == secret, (group["groupName"], folder)
 
 
 def test_a_rayjob_that_notifies_the_app_has_its_token_where_the_driver_runs():
