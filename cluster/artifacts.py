@@ -6,7 +6,11 @@ returned as it is. The copy is keyed by the URI and the object's ETag, so a new 
 downloaded again (and the older copy removed) while an unchanged one is only checked with a HEAD request.
 Processes on one node that ask at once download it once: one holds a lock on the URI's cache folder, the
 others wait for it and find its copy. A download goes to a temporary file that is renamed into place once its
-size matches, so a crash never leaves a partial file under the name others load.
+size matches, so a crash never leaves a partial file under the name others load. An object that carries its
+content's SHA-256 (user metadata `sha256`, which `upload_file` and `rdm convert --out s3://` write) is checked
+against it before the rename, and names its content without a download: `content_hash` and
+`model_config_at` (the checkpoint's config, from its safetensors header in two ranged reads) let a process that
+only needs those -- a bulk job's driver -- skip the download.
 
 `RDM_CACHE_MAX_GB` caps the cache: before a download, the copies used longest ago are removed until the new
 one fits under the cap and in the disk's free space (without a cap, only as far as the disk needs), sparing
@@ -20,15 +24,17 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
 
 from cluster.errors import StorageError
 from cluster.storage import S3Store
-from rdm.errors import ConfigError
+from rdm.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +43,8 @@ MAX_GB_ENV = "RDM_CACHE_MAX_GB"
 ATTEMPTS = 3  # downloads of an object that changes while it is downloaded
 RECENT_S = 600.0  # a copy used this recently is never evicted
 USED = ".used"  # in a URI's folder: its modification time is the copy's last use
+SHA256 = "sha256"  # user metadata: the object's content hash, hex
+HEADER_LIMIT = 100 * 2**20  # safetensors' own bound on a header
 
 
 def max_cache_bytes() -> int | None:
@@ -66,7 +74,7 @@ def local_path(uri: str | Path | None) -> str | None:
     store, name = _split(text)
     folder = cache_root() / "artifacts" / hashlib.sha256(text.encode()).hexdigest()[:24]
     limit = max_cache_bytes()
-    size, tag = store.head(name)
+    size, tag, metadata = store.head(name)
     target = _copy_path(folder, tag, name)
     if folder.is_dir():
         _touch(folder)  # before the check: an eviction that looks after this sees it as used
@@ -81,20 +89,55 @@ def local_path(uri: str | Path | None) -> str | None:
                 _touch(folder)
                 if not _complete(target, size):
                     _make_room(folder, size, limit)
-                if _complete(target, size) or _download(store, name, target, size, tag):
+                if _complete(target, size) or _download(store, name, target, size, tag, _sha256(metadata)):
                     _remove_other_versions(folder, keep=target.parent)
                     return str(target)
-                size, tag = store.head(name)  # it changed while downloading: fetch the new version
+                size, tag, metadata = store.head(name)  # it changed while downloading: fetch the new version
             raise StorageError(text, f"changed during each of {ATTEMPTS} downloads; try again when it is settled")
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def upload_file(path: str | Path, uri: str) -> None:
-    """Put the local file `path` at the s3:// file URI `uri`; the object appears whole or not at all."""
+    """Put the local file `path` at the s3:// file URI `uri`, with its SHA-256 as metadata; the object appears
+    whole or not at all."""
     store, name = _split(uri)
     with _transfer_errors(uri, "upload"):
-        store.upload(name, path)
+        store.upload(name, path, metadata={SHA256: _file_sha256(Path(path))})
+
+
+def content_hash(model: str | Path) -> str:
+    """`rdm.factory.model_hash` of `model`; for an `s3://` object that carries its SHA-256, from a HEAD
+    request alone (else from the node's downloaded copy)."""
+    from rdm.factory import model_hash
+
+    if str(model).startswith("s3://"):
+        store, name = _split(str(model))
+        sha = _sha256(store.head(name)[2])
+        if sha is not None:
+            return sha[:16]
+    return model_hash(local_path(model))
+
+
+def model_config_at(model: str | Path):
+    """`rdm.factory.model_config` of `model` (an RDMConfig); for an `s3://` checkpoint, read from its
+    safetensors header with two ranged reads instead of a download."""
+    from rdm.checkpoint import config_from_metadata
+    from rdm.factory import model_config
+
+    if not str(model).startswith("s3://"):
+        return model_config(model)
+    uri = str(model)
+    store, name = _split(uri)
+    length = int.from_bytes(store.read_range(name, 0, 8), "little")
+    if not 2 <= length <= HEADER_LIMIT:
+        raise CheckpointError(f"{uri} is not a safetensors file (a header of {length} bytes)")
+    try:
+        header = json.loads(store.read_range(name, 8, length))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{uri} is not a safetensors file (its header: {err})") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return config_from_metadata(metadata if isinstance(metadata, dict) else {}, uri)
 
 
 def check_uri(uri: str | None) -> str | None:
@@ -131,8 +174,22 @@ def _complete(path: Path, size: int) -> bool:
     return path.is_file() and path.stat().st_size == size
 
 
-def _download(store: S3Store, name: str, target: Path, size: int, tag: str) -> bool:
-    """Download into `target` through a temporary file; False if the object is no longer `tag`."""
+def _sha256(metadata: dict[str, str]) -> str | None:
+    value = metadata.get(SHA256, "").lower()
+    return value if re.fullmatch("[0-9a-f]{64}", value) else None
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _download(store: S3Store, name: str, target: Path, size: int, tag: str, sha256: str | None) -> bool:
+    """Download into `target` through a temporary file; False if the object is no longer `tag`; a
+    StorageError if its content does not match the `sha256` it carries."""
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{name}.{os.getpid()}.partial")
     uri = f"{store.uri}/{name}"
@@ -146,6 +203,9 @@ def _download(store: S3Store, name: str, target: Path, size: int, tag: str) -> b
             store.download(name, partial)
         if store.head(name)[1] != tag or partial.stat().st_size != size:
             return False
+        if sha256 is not None and _file_sha256(partial) != sha256:
+            raise StorageError(uri, f"the downloaded content does not match the object's {SHA256} metadata "
+                                    f"({sha256[:16]}...): corrupt in transfer or in the store")
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)

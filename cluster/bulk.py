@@ -34,14 +34,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from cluster.artifacts import local_path
-from cluster.errors import IndexVersionError, ObjectNotFoundError, UnknownDatabaseError
+from cluster.artifacts import content_hash, local_path, model_config_at
+from cluster.errors import IndexVersionError, ObjectNotFoundError, StorageError, UnknownDatabaseError
 from cluster.index.manifest import check_database_name, current_version, load_manifest
 from cluster.prompts import PromptRow, read_prompts
 from cluster.storage import join, open_store
 from rdm.config import RDMConfig
 from rdm.errors import InputError, RDMError
-from rdm.factory import model_config, model_hash
 
 logger = logging.getLogger(__name__)
 PARTS = "_parts"
@@ -87,7 +86,7 @@ def chosen_size(settings: BulkSettings, config: RDMConfig | None = None) -> tupl
     the checkpoint, without its weights); None when that is the model's own square size."""
     from rdm.pipeline import check_image_size
 
-    config = config or model_config(local_path(settings.model))
+    config = config or model_config_at(settings.model)
     size = (settings.height or config.image_size, settings.width or config.image_size)
     check_image_size(config, *size)
     return None if size == (config.image_size, config.image_size) else size
@@ -432,9 +431,9 @@ def generate(prompts_uri: str, out_uri: str, settings: BulkSettings, *, progress
     import ray
 
     rows, row_errors = read_prompts(prompts_uri)
-    model_file = local_path(settings.model)  # an s3:// model is downloaded here too: its content hash names outputs
-    config = model_config(model_file)
-    model_id = model_hash(model_file)
+    # an s3:// model that carries its SHA-256 is not downloaded here (else this node's copy is hashed)
+    config = model_config_at(settings.model)
+    model_id = content_hash(settings.model)
     items = expand(rows, settings, model_id, chosen_size(settings, config))
     store = open_store(out_uri)
     keep_output_format(settings, store)
@@ -493,24 +492,68 @@ def _write_outputs(store, records: list[dict], errors: list[dict]) -> None:
     store.write_bytes("manifest.parquet", _parquet(manifest))
     store.write_bytes("errors.parquet", _parquet(pa.Table.from_pylist(sorted(errors, key=lambda e: e["row"]),
                                                                       schema=ERROR_SCHEMA)))
-    store.write_bytes("index.html", contact_sheet(records, errors).encode())
+    thumbnails = tar_thumbnails(store, first_images(records))
+    store.write_bytes("index.html", contact_sheet(records, errors, thumbnails=thumbnails).encode())
 
 
 CONTACT_SHEET_MAX = 1000  # figures (and failed rows) index.html shows; manifest.parquet and errors.parquet hold all
+THUMBNAIL_SIZE = 128  # pixels, the longer side of a tar member's thumbnail
 
 
-def contact_sheet(records: list[dict], errors: list[dict], limit: int = CONTACT_SHEET_MAX) -> str:
-    """The first `limit` images by row (or, for a webdataset job, their tar and sample names) with their
-    prompts, and the first `limit` failed rows: a page a browser opens for a job of millions of images."""
+def first_images(records: list[dict], limit: int = CONTACT_SHEET_MAX) -> list[dict]:
+    """The `limit` records a contact sheet shows: the first by row (and seed)."""
+    return heapq.nsmallest(limit, records, key=lambda r: (r["row"], r["seed"]))
+
+
+def tar_thumbnails(store, records: list[dict]) -> dict[str, str]:
+    """uri -> a small JPEG as a data: URI, for the records whose images are inside tars (`shards/x.tar#s`):
+    each tar named is read once. A tar that cannot be read or a member that is missing gets none."""
+    import base64
+    import tarfile
+
+    from PIL import Image
+
+    wanted: dict[str, set[str]] = {}
+    for record in records:
+        tar, _, sample = record["uri"].partition("#")
+        if sample:
+            wanted.setdefault(tar, set()).add(sample)
+    thumbnails = {}
+    for tar, samples in wanted.items():
+        try:
+            with tarfile.open(fileobj=io.BytesIO(store.read_bytes(tar))) as archive:
+                for member in archive:
+                    sample, _, extension = member.name.rpartition(".")
+                    if extension != "png" or sample not in samples:
+                        continue
+                    image = Image.open(archive.extractfile(member)).convert("RGB")
+                    image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+                    buffer = io.BytesIO()
+                    image.save(buffer, format="JPEG", quality=80)
+                    thumbnails[f"{tar}#{sample}"] = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+        except (OSError, tarfile.TarError, StorageError) as err:
+            logger.warning("contact sheet: no thumbnails from %s (%s)", tar, err)
+    return thumbnails
+
+
+def contact_sheet(records: list[dict], errors: list[dict], limit: int = CONTACT_SHEET_MAX,
+                  thumbnails: dict[str, str] | None = None) -> str:
+    """The first `limit` images by row with their prompts -- an image inside a tar by its `thumbnails` entry
+    (a data: URI, see `tar_thumbnails`), else by its tar and sample name -- and the first `limit` failed
+    rows: a page a browser opens for a job of millions of images."""
+    thumbnails = thumbnails or {}
+
     def picture(uri: str) -> str:
-        if "#" in uri:  # inside a tar: nothing a browser can show
+        if uri in thumbnails:
+            return f'<img src="{thumbnails[uri]}" title="{html.escape(uri)}">'
+        if "#" in uri:  # inside a tar that gave no thumbnail
             return f"<code>{html.escape(uri)}</code><br>"
         return f'<img src="{html.escape(uri)}" width="128" height="128" loading="lazy">'
 
     def more(shown: int, total: int, where: str) -> str:
         return f"<p>showing the first {shown} of {total}; {where} lists all</p>" if total > shown else ""
 
-    shown = heapq.nsmallest(limit, records, key=lambda r: (r["row"], r["seed"]))
+    shown = first_images(records, limit)
     cells = "\n".join(
         f'<figure>{picture(r["uri"])}<figcaption>'
         f'{html.escape(r["prompt"] or r["image"])}<br>{html.escape(r["database"] or "text only")} · seed {r["seed"]}'

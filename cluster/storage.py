@@ -241,20 +241,25 @@ class S3Store:
         except (_PreconditionFailed, ObjectNotFoundError):
             return None
 
-    def head(self, key: str) -> tuple[int, str]:
-        """The object's size in bytes and its ETag."""
+    def head(self, key: str) -> tuple[int, str, dict[str, str]]:
+        """The object's size in bytes, its ETag and its user metadata (`x-amz-meta-*`, names lower-cased)."""
         response = self._call(key, "head_object", Key=self._key(key))
-        return int(response["ContentLength"]), response["ETag"]
+        return int(response["ContentLength"]), response["ETag"], dict(response.get("Metadata") or {})
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        """`length` bytes of the object from byte `start` (fewer where it ends sooner)."""
+        return self._call(key, "get_object", Key=self._key(key), Range=f"bytes={start}-{start + length - 1}")["Body"].read()
 
     def download(self, key: str, path: str | Path) -> None:
         """Copy the object to the file `path`, in parallel ranged GETs for large objects (boto3's managed
         transfer, which pins the parts to the ETag it saw first)."""
         self._call(key, "download_file", Key=self._key(key), Filename=str(path), Config=_transfer_config())
 
-    def upload(self, key: str, path: str | Path) -> None:
-        """Copy the file `path` to the object `key`, in parallel parts for large files; the object appears
-        whole when the upload completes, or not at all."""
-        self._call(key, "upload_file", Key=self._key(key), Filename=str(path), Config=_transfer_config())
+    def upload(self, key: str, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+        """Copy the file `path` to the object `key` (with user `metadata`), in parallel parts for large files;
+        the object appears whole when the upload completes, or not at all."""
+        self._call(key, "upload_file", Key=self._key(key), Filename=str(path), Config=_transfer_config(),
+                   ExtraArgs={"Metadata": dict(metadata or {})})
 
     def presigned_url(self, key: str, expires_s: int = 3600) -> str:
         return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": self._key(key)},

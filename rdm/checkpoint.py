@@ -150,11 +150,19 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 def read_config(path: str | Path) -> RDMConfig:
     """The RDMConfig stored in a checkpoint's metadata."""
-    metadata = read_metadata(path)
+    return config_from_metadata(read_metadata(path), path)
+
+
+def config_from_metadata(metadata: Mapping[str, str], source: object) -> RDMConfig:
+    """The RDMConfig in a checkpoint's safetensors metadata (`source` names the checkpoint in errors)."""
     if metadata.get("format") != FORMAT or "rdm_config" not in metadata:
-        raise CheckpointError(f"{path} is not an rdm-cluster checkpoint (no rdm_config metadata); convert "
+        raise CheckpointError(f"{source} is not an rdm-cluster checkpoint (no rdm_config metadata); convert "
                               "CompVis checkpoints with `rdm convert`")
-    return from_dict(RDMConfig, json.loads(metadata["rdm_config"]), where=f"{path}:rdm_config")
+    try:
+        config = json.loads(metadata["rdm_config"])
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{source}: rdm_config metadata is not JSON ({err})") from None
+    return from_dict(RDMConfig, config, where=f"{source}:rdm_config")
 
 
 def read_tensors(path: str | Path) -> dict[str, Tensor]:

@@ -191,3 +191,45 @@ def test_a_bad_cache_cap_is_a_config_error(s3, monkeypatch, value):
     monkeypatch.setenv(artifacts.MAX_GB_ENV, value)
     with pytest.raises(ConfigError, match="RDM_CACHE_MAX_GB must be a positive number"):
         artifacts.local_path(URI)
+
+
+def test_an_uploaded_model_names_its_content_and_config_without_a_download(s3, downloads, tmp_path):
+    from rdm.factory import model_config, model_hash, shipped_weights
+
+    tiny = shipped_weights("tiny")
+    artifacts.upload_file(tiny, URI)
+    assert artifacts.content_hash(URI) == model_hash(tiny)  # from the sha256 metadata upload_file wrote
+    assert artifacts.model_config_at(URI) == model_config(tiny)  # from the header, two ranged reads
+    assert downloads == [] and not (tmp_path / "cache").exists()
+    assert Path(artifacts.local_path(URI)).read_bytes() == tiny.read_bytes()  # checked against the sha256
+    assert artifacts.content_hash("tiny") == model_hash("tiny")  # anything else as model_hash
+
+
+def test_an_object_without_a_sha256_is_hashed_from_its_copy(s3, downloads):
+    from rdm.factory import model_hash, shipped_weights
+
+    tiny = shipped_weights("tiny")
+    s3(tiny.read_bytes())  # uploaded by another tool: no metadata
+    assert artifacts.content_hash(URI) == model_hash(tiny) and downloads == ["rdm.safetensors"]
+
+
+def test_a_download_that_does_not_match_its_sha256_is_refused(s3, tmp_path):
+    client = boto3.client("s3", region_name="us-east-1")
+    client.put_object(Bucket="rdm-unit", Key="models/rdm.safetensors", Body=b"tampered",
+                      Metadata={"sha256": "0" * 64})
+    with pytest.raises(StorageError, match="does not match the object's sha256"):
+        artifacts.local_path(URI)
+    assert files_under(tmp_path / "cache") == []
+
+
+@pytest.mark.parametrize("data, match", [
+    (b"not a checkpoint at all", "not a safetensors file"),
+    ((10).to_bytes(8, "little") + b"{not json}", "not a safetensors file .its header"),
+    ((2).to_bytes(8, "little") + b"{}", "not an rdm-cluster checkpoint"),
+])
+def test_a_model_config_from_s3_that_is_not_a_checkpoint_is_a_typed_error(s3, data, match):
+    from rdm.errors import CheckpointError
+
+    s3(data)
+    with pytest.raises(CheckpointError, match=match):
+        artifacts.model_config_at(URI)

@@ -186,3 +186,36 @@ def test_the_contact_sheet_shows_the_first_images_and_errors_of_a_large_job():
     assert "<li>row 91:" in page and "<li>row 96:" not in page
     small = contact_sheet(records[:3], [], limit=5)
     assert small.count("<img") == 3 and "showing" not in small and "rows failed" not in small
+
+
+def test_the_contact_sheet_shows_images_inside_tars_as_thumbnails(tmp_path, caplog):
+    """A webdataset job's images live in tars a browser cannot open: the page embeds a small JPEG of each
+    shown image (each tar read once); a tar that is gone leaves its images named, logged."""
+    import base64
+    import io
+    import logging
+
+    import numpy as np
+    from PIL import Image
+
+    from cluster.bulk import contact_sheet, tar_thumbnails, webdataset_tar
+    from cluster.storage import LocalStore
+    from rdm.pipeline import encode_png
+
+    store = LocalStore(tmp_path)
+    colours = {"images/a.png": (255, 0, 0), "images/b.png": (0, 0, 255)}
+    records = [{"key": key, "row": i, "seed": 0, "error": None, "prompt": f"p{i}", "image": None,
+                "database": "ink", "uri": f"shards/x.tar#{key[7]}"} for i, key in enumerate(colours)]
+    pngs = {key: encode_png(np.full((24, 40, 3), colour, np.uint8)) for key, colour in colours.items()}
+    store.write_bytes("shards/x.tar", webdataset_tar(records, pngs))
+    gone = {**records[0], "row": 2, "uri": "shards/gone.tar#c"}
+    with caplog.at_level(logging.WARNING, logger="cluster.bulk"):
+        thumbnails = tar_thumbnails(store, [*records, gone])
+    assert sorted(thumbnails) == ["shards/x.tar#a", "shards/x.tar#b"] and "no thumbnails from shards/gone.tar" in caplog.text
+    for record, colour in zip(records, colours.values(), strict=True):
+        data = thumbnails[record["uri"]].removeprefix("data:image/jpeg;base64,")
+        thumb = Image.open(io.BytesIO(base64.b64decode(data)))
+        assert thumb.format == "JPEG" and thumb.size == (40, 24)  # no larger than the image
+        assert np.abs(np.asarray(thumb).astype(int) - colour).max() < 8
+    page = contact_sheet([*records, gone], [], thumbnails=thumbnails)
+    assert page.count('<img src="data:image/jpeg;base64,') == 2 and "<code>shards/gone.tar#c</code>" in page

@@ -81,13 +81,15 @@ def make_bucket(s3_server):
 
 @pytest.fixture(scope="session")
 def s3_models(make_bucket) -> dict[str, str]:
-    """The shipped tiny model and its CLIP weights as S3 objects: {"model": uri, "clip_weights": uri}."""
+    """The shipped tiny model and its CLIP weights as S3 objects: {"model": uri, "clip_weights": uri}. The
+    model carries its SHA-256 (uploaded as `rdm convert --out s3://` does), the CLIP weights do not."""
+    from cluster.artifacts import upload_file
     from cluster.storage import open_store
     from rdm.factory import shipped_weights
 
     models = open_store(make_bucket("models"))
-    for name in ("tiny", "rdm-tiny-clip"):
-        models.write_bytes(f"{name}.safetensors", shipped_weights(name).read_bytes())
+    upload_file(shipped_weights("tiny"), f"{models.uri}/tiny.safetensors")
+    models.write_bytes("rdm-tiny-clip.safetensors", shipped_weights("rdm-tiny-clip").read_bytes())
     return {"model": f"{models.uri}/tiny.safetensors", "clip_weights": f"{models.uri}/rdm-tiny-clip.safetensors"}
 
 

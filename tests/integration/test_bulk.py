@@ -106,6 +106,7 @@ def test_a_resumed_job_keeps_the_index_version_it_started_with(ray_cluster, make
     assert json.loads(out.read_bytes("job.json")) == {"index_versions": {"pin": first}, "output_format": "webdataset"}
     tars = set(out.list("shards"))
     assert {r["uri"].partition("#")[0] for r in manifest(out)} <= tars and all("#" in r["uri"] for r in manifest(out))
+    assert out.read_bytes("index.html").count(b'<img src="data:image/jpeg;base64,') == 3  # thumbnails from the tars
     assert index_main(["prune", "pin", "--index", index, "--keep", "0", "--min-age-hours", "0"]) == 0
     lose_every_part()
     with pytest.raises(IndexVersionError, match=f"version {first}, which this job started with"):

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import shutil
 import subprocess
@@ -141,6 +142,8 @@ def test_convert_reads_and_writes_s3(fake_s3, tmp_path, monkeypatch):
     uploaded, converted = read_tensors(tmp_path / "uploaded.safetensors"), read_tensors(local)
     assert uploaded.keys() == converted.keys() and all(torch.equal(uploaded[k], converted[k]) for k in converted)
     assert read_metadata(tmp_path / "uploaded.safetensors") == read_metadata(local)
+    sha = hashlib.sha256((tmp_path / "uploaded.safetensors").read_bytes()).hexdigest()
+    assert client.head_object(Bucket="rdm-unit", Key="models/model.safetensors")["Metadata"] == {"sha256": sha}
 
 
 def test_converted_tiny_checkpoint_samples_through_the_console_script(tmp_path):
