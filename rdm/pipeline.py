@@ -84,6 +84,12 @@ class SeededNoise:
     def __call__(self, step: int) -> Tensor:
         return self.draw()
 
+    def select(self, rows: Tensor) -> SeededNoise:
+        """The draws of the given rows only: each row's generator goes on where it was."""
+        narrowed = SeededNoise([], self.shape, device=self.device, dtype=self.dtype)
+        narrowed.generators = [self.generators[row] for row in rows.tolist()]
+        return narrowed
+
 
 @dataclass(frozen=True)
 class Generation:
@@ -100,9 +106,12 @@ def to_uint8(images: Tensor) -> np.ndarray:
     return (255.0 * x).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def stop_if_asked(stop: Callable[[], bool] | None) -> None:
-    if stop is not None and stop():
-        raise SamplingStopped("sampling stopped: its caller no longer wants the result")
+Wanted = Callable[[], Sequence[bool]]
+"""wanted() -> for each row of a batch, whether its image is still wanted. A row once unwanted stays so."""
+
+
+def _stopped() -> SamplingStopped:
+    return SamplingStopped("sampling stopped: its callers no longer want the results")
 
 
 def pad_rows(x: Tensor, padding: int) -> Tensor:
@@ -134,6 +143,9 @@ class Pipeline:
         self.model, self.clip, self.retriever = model, clip, retriever
         self.modules = prepare(model, options or InferenceOptions())
         self.out_of_memory_splits = 0  # batches `sample_images` ran again in halves
+        self.rows_dropped = 0  # rows `sample_latents` stopped sampling before the end, their callers gone
+        # (height, width, guided) -> batch sizes warmed up (guidance doubles the UNet's batch: another shape)
+        self.warmed_sizes: dict[tuple[int, int, bool], set[int]] = {}
 
     @property
     def options(self) -> InferenceOptions:
@@ -165,10 +177,15 @@ class Pipeline:
 
     @torch.no_grad()
     def sample_latents(self, context: Tensor, seeds: Sequence[int], params: SamplerParams, *,
-                       height: int, width: int, pad_to: int = 0, stop: Callable[[], bool] | None = None) -> Tensor:
+                       height: int, width: int, pad_to: int = 0, wanted: Wanted | None = None) -> Tensor:
         """Latents [B, C, h, w] for contexts [B, M, D] and one seed per sample. `pad_to`: with compiled
-        modules, run at least that batch size (see `sample_images`). `stop`: asked before each step (on the
-        host: it waits for no device work); once it returns true, `SamplingStopped` is raised."""
+        modules, run at least that batch size (see `sample_images`).
+
+        `wanted`: asked before the first step and after each (on the host: it waits for no device work).
+        Once no row is wanted, `SamplingStopped` is raised; once fewer rows are wanted and a smaller batch
+        can run them (eager modules, or a compiled size this pipeline warmed up), sampling goes on with those
+        rows only -- each image depends only on its own context and seed, so they stay the same images --
+        and the rows dropped come back as zeros."""
         n = context.shape[0]
         if len(seeds) != n:
             raise ShapeError(f"{len(seeds)} seeds for {n} contexts")
@@ -178,12 +195,47 @@ class Pipeline:
         noise = SeededNoise(seeds, self.latent_shape(height, width), device=self.device)
         context = pad_rows(context.to(self.device), padding)
         eps_model = GuidedEps(self.modules.unet, context, null_context(context), params.guidance_scale)
-        stop_if_asked(stop)
+        rows = list(range(n))  # the batch's row of each real (not padding) row running now
+        size = n + padding
+
+        def narrow(step: object = None) -> Tensor | None:
+            """The rows to go on with (padded again), or None to go on as it is."""
+            nonlocal rows, size
+            flags = wanted()
+            live = [j for j, row in enumerate(rows) if flags[row]]
+            if not live:
+                raise _stopped()
+            smaller = self._narrowed_size(len(live), size, (height, width, params.guidance_scale != 1.0))
+            if len(live) == len(rows) or smaller is None:
+                return None
+            self.rows_dropped += len(rows) - len(live)
+            rows, size = [rows[j] for j in live], smaller
+            return torch.tensor(live + [live[-1]] * (smaller - len(live)), device=self.device)
+
+        x = noise.draw()
+        first = None if wanted is None else narrow()
+        if first is not None:  # rows no longer wanted before the first step
+            x, eps_model, noise = x[first], eps_model.select(first), noise.select(first)
         with self.modules.autocast(self.device):
-            latents = sample(params.sampler, eps_model, noise.draw(), self.model.alphas_cumprod,
+            latents = sample(params.sampler, eps_model, x, self.model.alphas_cumprod,
                              num_steps=params.num_steps, eta=params.eta, noise=noise,
-                             callback=None if stop is None else lambda step: stop_if_asked(stop))
-        return latents[:n].float()
+                             callback=None if wanted is None else narrow)
+        if len(rows) == n:
+            return latents[:n].float()
+        out = torch.zeros((n, *latents.shape[1:]), dtype=torch.float32, device=latents.device)
+        out[rows] = latents[:len(rows)].float()
+        return out
+
+    def _narrowed_size(self, live: int, size: int, shape: tuple[int, int, bool]) -> int | None:
+        """The smaller batch size `live` rows can go on at, from a batch of `size`; None if there is none:
+        compiled modules narrow only to a size warmed up for these (height, width, guided) (never compile
+        mid-batch)."""
+        smaller = self.modules.batch_size(live)
+        if smaller >= size:
+            return None
+        if self.options.compile is not None and smaller not in self.warmed_sizes.get(shape, set()):
+            return None
+        return smaller
 
     @torch.no_grad()
     def decode(self, latents: Tensor, pad_to: int = 0) -> np.ndarray:
@@ -193,7 +245,7 @@ class Pipeline:
         return to_uint8(images[:n])
 
     def sample_images(self, context: Tensor, seeds: Sequence[int], params: SamplerParams, *, height: int,
-                      width: int, pad_to: int = 0, stop: Callable[[], bool] | None = None) -> np.ndarray:
+                      width: int, pad_to: int = 0, wanted: Wanted | None = None) -> np.ndarray:
         """uint8 images [B, H, W, 3]: `sample_latents`, then `decode`, each run again as two halves, and so on
         down to single images, when it runs the accelerator out of memory (each image depends only on its own
         context and seed, so they are the same images; a decode that does not fit does not sample again). A
@@ -203,17 +255,35 @@ class Pipeline:
         of compiling its own padded size (minutes for RDM-768, against one batch's seconds); the halves of
         a batch out of memory are not padded back up.
 
-        `stop`: asked between sampling steps and before the decode; once it returns true, `SamplingStopped`
-        is raised (a server stops a batch whose every caller has gone)."""
+        `wanted`: asked between sampling steps and before the decode (see `sample_latents`): a server stops
+        sampling the images whose callers have gone, and the whole batch (`SamplingStopped`) once all have.
+        The images of rows no longer wanted are not decoded where a smaller batch can decode the others;
+        they come back black, or as whatever their latents decode to."""
         n = len(seeds)
 
         def pad(rows: slice) -> int:
             return pad_to if rows.stop - rows.start == n else 0
 
-        latents = self._in_halves(lambda rows: self.sample_latents(context[rows], seeds[rows], params, height=height,
-                                                                   width=width, pad_to=pad(rows), stop=stop),
-                                  n, torch.cat)
-        stop_if_asked(stop)
+        def sample_part(rows: slice) -> Tensor:
+            try:
+                return self.sample_latents(context[rows], seeds[rows], params, height=height, width=width,
+                                           pad_to=pad(rows), wanted=None if wanted is None else lambda: wanted()[rows])
+            except SamplingStopped:
+                if rows.stop - rows.start == n or not any(wanted()):
+                    raise
+                # a half (of a batch out of memory) whose rows are all gone: the other rows go on
+                return torch.zeros((rows.stop - rows.start, *self.latent_shape(height, width)), device=self.device)
+
+        latents = self._in_halves(sample_part, n, torch.cat)
+        keep = list(range(n)) if wanted is None else [j for j, flag in enumerate(wanted()) if flag]
+        if not keep:
+            raise _stopped()
+        size = self.modules.batch_size(n, pad_to)
+        shape = (height, width, params.guidance_scale != 1.0)
+        if len(keep) < n and self._narrowed_size(len(keep), size, shape) is not None:
+            pixels = np.zeros((n, height, width, 3), np.uint8)
+            pixels[keep] = self._in_halves(lambda rows: self.decode(latents[keep[rows]]), len(keep), np.concatenate)
+            return pixels
         return self._in_halves(lambda rows: self.decode(latents[rows], pad_to=pad(rows)), n, np.concatenate)
 
     def _in_halves(self, run: Callable[[slice], Any], n: int, join: Callable[[list], Any], start: int = 0) -> Any:
@@ -258,6 +328,7 @@ class Pipeline:
                                "run in halves", size, str(error).splitlines()[0][:200])
                 continue
             seconds[size] = time.perf_counter() - started
+            self.warmed_sizes.setdefault((height, width, guidance_scale != 1.0), set()).add(size)
         return seconds
 
     def generate(self, prompts: Sequence[str] | None = None, *, query: Tensor | None = None,

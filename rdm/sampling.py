@@ -36,7 +36,10 @@ class Step:
     pred_x0: Tensor
 
 
-StepCallback = Callable[[Step], None]
+StepCallback = Callable[[Step], "Tensor | None"]
+"""callback(step) -> None, or the rows (indices into the batch, int64) to go on with: the sampler keeps only
+those rows of x and of its own state, and narrows `eps_model` and `noise` with their `select(rows)`. The
+result has the rows of the last narrowing. A callback that returns None changes nothing."""
 
 
 class GuidedEps:
@@ -50,9 +53,13 @@ class GuidedEps:
         if not math.isfinite(guidance_scale):
             raise InputError(f"guidance_scale must be finite, got {guidance_scale}")
         self.unet = unet
-        self.context = context
+        self.context, self.null_context = context, null_context
         self.guidance_scale = guidance_scale
         self.both = torch.cat([null_context, context]) if guidance_scale != 1.0 else None
+
+    def select(self, rows: Tensor) -> GuidedEps:
+        """The same guidance for the given rows of the batch only."""
+        return GuidedEps(self.unet, self.context[rows], self.null_context[rows], self.guidance_scale)
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         if self.both is None:
@@ -133,8 +140,11 @@ def sample_ddim(eps_model: EpsModel, x: Tensor, sched: DDIMSchedule, *, noise: N
         t = int(sched.timesteps[index])
         eps = eps_model(x, _timestep(t, x))
         x, pred_x0 = _ddim_update(x, eps, consts, index, noise(i) if stochastic else None)
-        if callback is not None:
-            callback(Step(index=i, t=t, x=x, pred_x0=pred_x0))
+        rows = None if callback is None else callback(Step(index=i, t=t, x=x, pred_x0=pred_x0))
+        if rows is not None:
+            x, eps_model = x[rows], eps_model.select(rows)
+            if stochastic:
+                noise = noise.select(rows)
     return x
 
 
@@ -162,8 +172,9 @@ def sample_plms(eps_model: EpsModel, x: Tensor, sched: DDIMSchedule, *,
             eps_prime = _plms_combine(eps, history)
         x, pred_x0 = _ddim_update(x, eps_prime, consts, index, None)
         history = (history + [eps])[-3:]
-        if callback is not None:
-            callback(Step(index=i, t=t, x=x, pred_x0=pred_x0))
+        rows = None if callback is None else callback(Step(index=i, t=t, x=x, pred_x0=pred_x0))
+        if rows is not None:
+            x, eps_model, history = x[rows], eps_model.select(rows), [h[rows] for h in history]
     return x
 
 
@@ -202,8 +213,10 @@ def sample_dpmpp_2m(eps_model: EpsModel, x: Tensor, timesteps: Tensor, alphas_cu
             d = x0 if first_order else (1 + h / (2 * h_prev)) * x0 - (h / (2 * h_prev)) * old_x0
             x = float(sigma[i + 1] / sigma[i]) * x - float(alpha[i + 1] * math.expm1(-h)) * d
             old_x0, h_prev = x0, h
-        if callback is not None:
-            callback(Step(index=i, t=t, x=x, pred_x0=x0))
+        rows = None if callback is None else callback(Step(index=i, t=t, x=x, pred_x0=x0))
+        if rows is not None:
+            x, eps_model = x[rows], eps_model.select(rows)
+            old_x0 = None if old_x0 is None else old_x0[rows]
     return x
 
 

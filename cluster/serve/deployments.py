@@ -119,8 +119,8 @@ class Generator:
         self.m_oom = metrics.Counter("rdm_out_of_memory_splits",
                                      description="batches run again in halves after running out of accelerator memory")
         self.m_stopped = metrics.Counter("rdm_sampling_stopped",
-                                         description="images whose sampling stopped between steps: every caller "
-                                                     "of their batch had gone")
+                                         description="images whose sampling stopped between steps: their "
+                                                     "callers had gone")
         self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="rdm-deliver")
         self._delivering: list[Future] = []  # the last sampling group's image deliveries
         self._batcher = ModelBatcher(self._run_batch, max_batch_size=8, batch_wait_timeout_s=0.05)
@@ -205,8 +205,9 @@ class Generator:
 
     async def generate(self, item: dict) -> dict:
         """One image. A caller that goes away (Serve cancels this call) marks its item abandoned: still
-        queued, it is dropped (`ModelBatcher`); sampling, its batch stops between steps once every item of
-        it is abandoned; sampled, it is not encoded or written."""
+        queued, it is dropped (`ModelBatcher`); sampling, its batch goes on without it from the next step
+        where a smaller batch can (eager, or a compiled size warmed up) and stops once every item of it is
+        abandoned; sampled, it is not encoded or written."""
         item["height"], item["width"] = served_size(self.image_sizes, item.get("height"), item.get("width"))
         self.pending += 1
         self.m_queue.set(self.pending)
@@ -239,11 +240,11 @@ class Generator:
         for (sampler, steps, scale, eta, height, width, _), members in groups.items():
             started = time.perf_counter()
             contexts = torch.from_numpy(np.stack([items[i]["context"] for i in members])).float()
-            splits = self.pipeline.out_of_memory_splits
+            splits, dropped = self.pipeline.out_of_memory_splits, self.pipeline.rows_dropped
             try:
                 pixels = self.pipeline.sample_images(
                     contexts, [items[i]["seed"] for i in members], SamplerParams(sampler, steps, scale, eta),
-                    height=height, width=width, stop=lambda members=members: all(abandoned(items[i]) for i in members))
+                    height=height, width=width, wanted=lambda members=members: [not abandoned(items[i]) for i in members])
             except SamplingStopped as error:
                 self.m_stopped.inc(len(members))
                 for i in members:
@@ -260,10 +261,13 @@ class Generator:
             finally:
                 if self.pipeline.out_of_memory_splits > splits:
                     self.m_oom.inc(self.pipeline.out_of_memory_splits - splits)
+            dropped = self.pipeline.rows_dropped - dropped  # images whose callers left while the others sampled on
+            if dropped:
+                self.m_stopped.inc(dropped)
             elapsed = time.perf_counter() - started
             self.m_batch.observe(len(members))
             self.m_sampling.observe(elapsed)
-            self.m_images.inc(len(members))
+            self.m_images.inc(len(members) - dropped)
             wait(self._delivering)  # the previous deliveries end before more images are handed over
             self._delivering = [self._writers.submit(self._deliver, items[i], pixels[row], len(members), elapsed)
                                 for row, i in enumerate(members)]

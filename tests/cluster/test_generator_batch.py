@@ -105,7 +105,7 @@ def test_a_group_whose_callers_all_left_stops_and_one_with_a_caller_left_is_deli
                                                                                      tmp_path):
     """Callers leave (Serve cancels `generate`, which marks the item) while the batch samples: a group whose
     every item is abandoned stops at the next step (counted in `rdm_sampling_stopped`); a group with one
-    caller left samples to the end, and only that caller's image is written."""
+    caller left samples that caller's image alone, and only it is written."""
     gone, left = item(1, steps=50), item(2, steps=50)
     mixed = [item(3), item(4)]
     for abandoned in (gone, left, mixed[0]):
@@ -122,8 +122,9 @@ def test_a_group_whose_callers_all_left_stops_and_one_with_a_caller_left_is_deli
     results = settled(generator._run_batch([gone, left, *mixed]))
     assert all(type(r).__name__ == "SamplingStopped" for r in results[:3])
     assert results[3]["seed"] == 4
-    assert steps == [4, 4] + [4] * 3  # 2 steps of the 50-step group (2 images, guided), then all 3 of the other
-    assert generator.m_stopped.values == [2] and generator.m_images.values == [2]
+    # 2 steps of the 50-step group (2 images, guided), then the other's 3 steps for its one image still wanted
+    assert steps == [4, 4] + [2] * 3
+    assert generator.m_stopped.values == [2, 1] and generator.m_images.values == [1]
     assert sorted(p.name for p in (tmp_path / "out").rglob("*.png")) == ["4.png"]
 
 

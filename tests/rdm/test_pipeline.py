@@ -166,8 +166,8 @@ def test_a_decode_out_of_accelerator_memory_decodes_in_halves_without_sampling_a
 
 
 def test_sampling_stops_between_steps_once_asked(lively_tiny_model):
-    """`stop` is asked before every step: the UNet runs no step after it says so, the decode does not run,
-    and the caller gets SamplingStopped; a stop that never fires changes nothing."""
+    """`wanted` is asked before every step: once no row is wanted the UNet runs no further step, the decode
+    does not run, and the caller gets SamplingStopped; rows that stay wanted change nothing."""
     from rdm.errors import SamplingStopped
 
     pipeline = Pipeline(lively_tiny_model)
@@ -187,9 +187,80 @@ def test_sampling_stops_between_steps_once_asked(lively_tiny_model):
     pipeline.modules.unet = counted_unet
     pipeline.modules.decode = lambda latents: pytest.fail("decoded a stopped batch")
     with pytest.raises(SamplingStopped):
-        pipeline.sample_images(context, [1, 2], params, height=32, width=32, stop=stop_after_three)
+        pipeline.sample_images(context, [1, 2], params, height=32, width=32,
+                               wanted=lambda: [not stop_after_three()] * 2)
     assert len(steps) == 3 and asked == [0, 1, 2, 3]
     pipeline.modules.decode = decode
     steps.clear()
-    images = pipeline.sample_images(context, [1, 2], params, height=32, width=32, stop=lambda: False)
+    images = pipeline.sample_images(context, [1, 2], params, height=32, width=32, wanted=lambda: [True, True])
     assert len(steps) == 10 and np.array_equal(images, expected)
+
+
+@pytest.mark.parametrize("params", [SamplerParams("ddim", 8, 3.0), SamplerParams("ddim", 8, 3.0, eta=1.0),
+                                    SamplerParams("plms", 8, 3.0), SamplerParams("dpmpp_2m", 8, 3.0)],
+                         ids=lambda p: f"{p.sampler}-eta{p.eta}")
+def test_rows_no_longer_wanted_stop_and_the_others_sample_on_unchanged(lively_tiny_model, params):
+    """Two of four callers leave after step 3: from step 4 the UNet runs the other two only (and, with
+    them, each sampler's state and noise), which come out as the images the whole batch gives; the two
+    left are not decoded (black)."""
+    pipeline = Pipeline(lively_tiny_model)
+    context = torch.nn.functional.normalize(torch.randn(4, 3, 64, generator=torch.Generator().manual_seed(5)), dim=-1)
+    seeds = [21, 22, 23, 24]
+    expected = pipeline.sample_images(context, seeds, params, height=32, width=32)
+    unet, batches, decoded = pipeline.modules.unet, [], []
+    decode = pipeline.modules.decode
+
+    def counted_unet(x, t, c):
+        batches.append(x.shape[0])
+        return unet(x, t, c)
+
+    def counted_decode(latents):
+        decoded.append(latents.shape[0])
+        return decode(latents)
+
+    pipeline.modules.unet, pipeline.modules.decode = counted_unet, counted_decode
+    wanted = lambda: [True, len(batches) < 3, True, len(batches) < 3]  # noqa: E731
+    images = pipeline.sample_images(context, seeds, params, height=32, width=32, wanted=wanted)
+    assert batches[:3] == [8] * 3 and set(batches[3:]) == {4} and len(batches) > 5  # guidance doubles a batch
+    assert decoded == [2] and pipeline.rows_dropped == 2
+    assert np.abs(images[[0, 2]].astype(int) - expected[[0, 2]]).max() <= 1
+    assert not images[[1, 3]].any()
+
+
+def test_a_half_whose_rows_are_all_gone_does_not_stop_the_other_half(lively_tiny_model, monkeypatch):
+    """A batch out of memory runs in halves; a half whose callers have all gone stops, the other goes on."""
+    pipeline = Pipeline(lively_tiny_model)
+    context = torch.nn.functional.normalize(torch.randn(4, 3, 64, generator=torch.Generator().manual_seed(6)), dim=-1)
+    expected = pipeline.sample_images(context, [1, 2, 3, 4], FAST, height=32, width=32)
+    fits = pipeline.sample_latents
+
+    def at_most_two(context, seeds, params, **kwargs):
+        if len(seeds) > 2:
+            raise torch.OutOfMemoryError("injected")
+        return fits(context, seeds, params, **kwargs)
+
+    monkeypatch.setattr(pipeline, "sample_latents", at_most_two)
+    images = pipeline.sample_images(context, [1, 2, 3, 4], FAST, height=32, width=32,
+                                    wanted=lambda: [False, False, True, True])
+    assert not images[:2].any() and np.abs(images[2:].astype(int) - expected[2:]).max() <= 1
+
+
+def test_a_compiled_pipeline_narrows_only_to_a_batch_size_it_warmed_up():
+    from types import SimpleNamespace
+
+    from rdm.acceleration import padded_batch_size
+
+    def narrowed(compiled: bool, warmed: set[int], live: int, size: int):
+        stub = SimpleNamespace(modules=SimpleNamespace(batch_size=padded_batch_size if compiled else lambda n: n),
+                               options=SimpleNamespace(compile="default" if compiled else None),
+                               warmed_sizes={(32, 32, True): warmed})
+        return Pipeline._narrowed_size(stub, live, size, (32, 32, True))
+
+    assert narrowed(False, set(), 3, 4) == 3 and narrowed(False, set(), 4, 4) is None
+    assert narrowed(True, {1, 2, 4, 8}, 3, 8) == 4 and narrowed(True, {1, 2, 8}, 3, 8) is None  # never compiles
+    assert narrowed(True, {1, 2, 4, 8}, 5, 8) is None  # 5 rows run at 8 anyway: no gain
+    assert narrowed(True, {1, 2, 4, 8, 16}, 9, 24) == 16
+    stub = SimpleNamespace(modules=SimpleNamespace(batch_size=padded_batch_size), options=SimpleNamespace(compile="x"),
+                           warmed_sizes={(32, 32, True): {1, 2, 4, 8}})
+    assert Pipeline._narrowed_size(stub, 3, 8, (32, 32, False)) is None  # unguided: other UNet shapes
+    assert Pipeline._narrowed_size(stub, 3, 8, (24, 40, True)) is None  # another image size
