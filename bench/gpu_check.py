@@ -269,6 +269,17 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as error:  # noqa: BLE001 -- a side check must not cost the main table
                 line, oom_failed = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}", True
             print(f"\nout-of-memory split (bf16 + channels_last, eager, batch 8 under a memory cap): {line}", flush=True)
+    narrowing_failed = False
+    if over_budget():
+        print("\ncallers leaving mid-batch: skipped (past --budget-s)")
+    else:
+        try:
+            line, narrowing_failed = narrowing_check(base, context, size)
+        except Exception as error:  # noqa: BLE001 -- a side check must not cost the main table
+            line, narrowing_failed = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}", True
+        print(f"\ncallers leaving mid-batch (bf16 + channels_last, eager, rows 0, 2, 4 go on after step 1): {line}",
+              flush=True)
+        release(device)
     del base
     release(device)
     print_split(rows, steps)
@@ -283,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = [row["mode"] for row in rows
               if ("eps_ok" in row and not row["eps_ok"]) or row.get("skipped", "").startswith("failed")]
     failed += ["out-of-memory split"] if oom_failed else []
+    failed += ["callers leaving mid-batch"] if narrowing_failed else []
     print(f"total {time.perf_counter() - started:.0f} s; correctness: "
           f"{'FAIL in ' + ', '.join(sorted(set(failed))) if failed else 'every measured mode within --max-eps-error'}")
     return 1 if failed else 0
@@ -431,6 +443,31 @@ def oom_check(base, context: torch.Tensor, size: int, device: str) -> tuple[str,
     return (f"{splits} split(s) under a cap of {(held + 1.25 * need4) / 2**30:.1f} GiB (batch 4 needs "
             f"{need4 / 2**30:.1f} GiB over {held / 2**30:.1f} held); max pixel diff vs uncapped {diff}"
             f"{' FAIL' if failed else ''}"), failed
+
+
+def narrowing_check(base, context: torch.Tensor, size: int) -> tuple[str, bool]:
+    """Callers leaving mid-batch: a batch of 8 (bf16 + channels_last, eager, 3 DDIM steps, guided) whose
+    rows 1, 3, 5, 6, 7 stop being wanted after the first step goes on as 3 rows; those come out as the whole
+    batch gives them (within 8 levels: bf16 kernels are chosen per batch size). (line, failed)."""
+    rows = min(8, context.shape[0])
+    pipeline = Pipeline(copy.deepcopy(base), options=InferenceOptions("bf16", channels_last=True))
+    params, seeds = SamplerParams("ddim", 3, GUIDANCE), list(range(rows))
+    expected = pipeline.sample_images(context[:rows], seeds, params, height=size, width=size)
+    unet, batches = pipeline.modules.unet, []
+
+    def counted(x, t, c):
+        batches.append(x.shape[0])
+        return unet(x, t, c)
+
+    pipeline.modules.unet = counted
+    keep = [row in (0, 2, 4) for row in range(rows)]
+    images = pipeline.sample_images(context[:rows], seeds, params, height=size, width=size,
+                                    wanted=lambda: [flag or len(batches) < 1 for flag in keep])
+    kept = [row for row, flag in enumerate(keep) if flag]
+    diff = int(np.abs(images[kept].astype(int) - expected[kept].astype(int)).max())
+    failed = batches[1:] != [2 * len(kept)] * (len(batches) - 1) or diff > 8
+    return (f"UNet batches {batches} (guided); max pixel diff of the {len(kept)} kept rows vs the whole batch "
+            f"{diff}{' FAIL' if failed else ''}"), failed
 
 
 def release(device: str) -> None:

@@ -34,6 +34,8 @@ def test_smoke_run_measures_every_mode_and_checks_eps(gpu_check, tmp_path, capsy
     assert bf16["guided_eps_error"] > bf16["eps_error"]  # guidance scales up the rounding error
     out = capsys.readouterr().out
     assert "CLIP image embedding" in out and "out-of-memory split" in out and "needs CUDA" in out
+    narrowing = next(line for line in out.splitlines() if line.startswith("callers leaving mid-batch"))
+    assert "UNet batches [8, 4, 4] (guided)" in narrowing and "FAIL" not in narrowing  # 2 of 4 rows go on
     attention = [line for line in out.splitlines() if line.startswith("| all |")]
     assert len(attention) == 1 and len(attention[0].split("|")) == 12  # every kernel has a cell (CPU: some n/a)
 
