@@ -34,7 +34,9 @@ from pathlib import Path
 
 from cluster.errors import StorageError
 from cluster.storage import S3Store
+from rdm.checkpoint import config_from_metadata
 from rdm.errors import CheckpointError, ConfigError
+from rdm.factory import file_sha256, model_config, model_hash
 
 logger = logging.getLogger(__name__)
 
@@ -103,14 +105,12 @@ def upload_file(path: str | Path, uri: str) -> None:
     whole or not at all."""
     store, name = _split(uri)
     with _transfer_errors(uri, "upload"):
-        store.upload(name, path, metadata={SHA256: _file_sha256(Path(path))})
+        store.upload(name, path, metadata={SHA256: file_sha256(Path(path))})
 
 
 def content_hash(model: str | Path) -> str:
     """`rdm.factory.model_hash` of `model`; for an `s3://` object that carries its SHA-256, from a HEAD
     request alone (else from the node's downloaded copy)."""
-    from rdm.factory import model_hash
-
     if str(model).startswith("s3://"):
         store, name = _split(str(model))
         sha = _sha256(store.head(name)[2])
@@ -122,9 +122,6 @@ def content_hash(model: str | Path) -> str:
 def model_config_at(model: str | Path):
     """`rdm.factory.model_config` of `model` (an RDMConfig); for an `s3://` checkpoint, read from its
     safetensors header with two ranged reads instead of a download."""
-    from rdm.checkpoint import config_from_metadata
-    from rdm.factory import model_config
-
     if not str(model).startswith("s3://"):
         return model_config(model)
     uri = str(model)
@@ -179,14 +176,6 @@ def _sha256(metadata: dict[str, str]) -> str | None:
     return value if re.fullmatch("[0-9a-f]{64}", value) else None
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _download(store: S3Store, name: str, target: Path, size: int, tag: str, sha256: str | None) -> bool:
     """Download into `target` through a temporary file; False if the object is no longer `tag`; a
     StorageError if its content does not match the `sha256` it carries."""
@@ -203,7 +192,7 @@ def _download(store: S3Store, name: str, target: Path, size: int, tag: str, sha2
             store.download(name, partial)
         if store.head(name)[1] != tag or partial.stat().st_size != size:
             return False
-        if sha256 is not None and _file_sha256(partial) != sha256:
+        if sha256 is not None and file_sha256(partial) != sha256:
             raise StorageError(uri, f"the downloaded content does not match the object's {SHA256} metadata "
                                     f"({sha256[:16]}...): corrupt in transfer or in the store")
         os.replace(partial, target)

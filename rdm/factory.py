@@ -38,13 +38,18 @@ def model_hash(model: str | Path) -> str:
 
 def file_hash(path: Path) -> str:
     """The first 16 hex digits of a file's sha256."""
+    return file_sha256(path)[:16]
+
+
+def file_sha256(path: str | Path) -> str:
+    """A file's sha256, hex, read in 1 MiB chunks."""
     import hashlib
 
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()
 
 
 def clip_hash(spec: str, *, weights: str | Path | None = None) -> str:
