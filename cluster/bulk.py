@@ -25,9 +25,11 @@ import html
 import io
 import json
 import logging
+import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
@@ -381,6 +383,7 @@ class BulkResult:
     generated: int
     skipped: int
     errors: int
+    seconds: float = 0.0  # this run, start to end
 
 
 def sample_name(key: str) -> str:
@@ -427,9 +430,11 @@ def _read_parts(store) -> tuple[dict[str, dict], dict[str, dict]]:
 
 
 def generate(prompts_uri: str, out_uri: str, settings: BulkSettings, *, progress=None) -> BulkResult:
-    """Run (or resume) a bulk generation job on the connected Ray cluster."""
+    """Run (or resume) a bulk generation job on the connected Ray cluster. Each run that ends is recorded
+    in `job.json`'s `runs` (when, how long, what it generated, on what): a job's throughput and cost."""
     import ray
 
+    started, clock = datetime.now(timezone.utc), time.perf_counter()
     rows, row_errors = read_prompts(prompts_uri)
     # an s3:// model that carries its SHA-256 is not downloaded here (else this node's copy is hashed)
     config = model_config_at(settings.model)
@@ -472,8 +477,27 @@ def generate(prompts_uri: str, out_uri: str, settings: BulkSettings, *, progress
         if key in failed:
             item_errors.append({"row": part["row"], "error": part["error"]})
     _write_outputs(store, records, row_errors + item_errors)
-    return BulkResult(images=len(records), generated=len([i for i in pending if i["key"] in done]),
-                      skipped=len(items) - len(pending), errors=len(row_errors) + len(item_errors))
+    result = BulkResult(images=len(records), generated=len([i for i in pending if i["key"] in done]),
+                        skipped=len(items) - len(pending), errors=len(row_errors) + len(item_errors),
+                        seconds=time.perf_counter() - clock)
+    resources = ray.cluster_resources()
+    record_run(store, {"started": started.isoformat(timespec="seconds"), "seconds": round(result.seconds, 1),
+                       "generated": result.generated, "skipped": result.skipped, "errors": result.errors,
+                       "images_per_s": round(result.generated / result.seconds, 3),
+                       "samplers": settings.num_samplers, "batch_size": settings.batch_size,
+                       "gpus": int(resources.get("GPU", 0)), "cpus": int(resources.get("CPU", 0)),
+                       "model_hash": model_id, "inference": asdict(settings.inference_options())})
+    return result
+
+
+RUNS_KEPT = 100  # job.json keeps the last runs' records
+
+
+def record_run(store, run: dict) -> None:
+    """Append a run's record to the job's `job.json` (the last RUNS_KEPT runs)."""
+    state = _job_state(store)
+    runs = [*state.get("runs", []), run][-RUNS_KEPT:]
+    store.write_bytes(JOB_STATE, json.dumps({**state, "runs": runs}, indent=1).encode())
 
 
 ERROR_SCHEMA = pa.schema([("row", pa.int64()), ("error", pa.string())])

@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     connect()
     with tqdm(desc="images", unit="img") as bar:
         result = generate(args.prompts, args.out, settings, progress=bar)
-    print(f"{result.images} images in {args.out}/manifest.parquet ({result.generated} generated now, "
-          f"{result.skipped} already there); {result.errors} rows or images failed (see errors.parquet)")
+    print(f"{result.images} images in {args.out}/manifest.parquet ({result.generated} generated now in "
+          f"{result.seconds:.0f} s, {result.generated / result.seconds:.2f} images/s; {result.skipped} already there); "
+          f"{result.errors} rows or images failed (see errors.parquet); runs recorded in job.json")
     return EXIT_OK

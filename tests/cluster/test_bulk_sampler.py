@@ -1,5 +1,6 @@
 """The bulk job's sampler actor, called directly (no Ray) as Ray Data calls it: from two threads at once."""
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -219,3 +220,16 @@ def test_the_contact_sheet_shows_images_inside_tars_as_thumbnails(tmp_path, capl
         assert np.abs(np.asarray(thumb).astype(int) - colour).max() < 8
     page = contact_sheet([*records, gone], [], thumbnails=thumbnails)
     assert page.count('<img src="data:image/jpeg;base64,') == 2 and "<code>shards/gone.tar#c</code>" in page
+
+
+def test_job_json_keeps_the_last_runs_and_the_rest_of_the_state(tmp_path, monkeypatch):
+    from cluster import bulk
+    from cluster.storage import LocalStore
+
+    store = LocalStore(tmp_path)
+    store.write_bytes("job.json", b'{"output_format": "png", "index_versions": {"ink": "v1"}}')
+    monkeypatch.setattr(bulk, "RUNS_KEPT", 3)
+    for i in range(5):
+        bulk.record_run(store, {"generated": i})
+    state = json.loads(store.read_bytes("job.json"))
+    assert state == {"output_format": "png", "index_versions": {"ink": "v1"}, "runs": [{"generated": i} for i in (2, 3, 4)]}

@@ -75,6 +75,10 @@ def test_bulk_job_writes_every_image_once_and_resumes(index_uri, make_bucket, s3
     again = generate(prompts, out.uri, settings)
     assert (again.generated, again.skipped, again.images) == (len(lost_rows), 10 - len(lost_rows), 10)
     assert {r["key"]: r["sha256"] for r in manifest(out)} == {r["key"]: r["sha256"] for r in rows}
+    runs = json.loads(out.read_bytes("job.json"))["runs"]  # each run's record: what it did, how fast, on what
+    assert [(r["generated"], r["skipped"], r["errors"]) for r in runs] == [(10, 0, 1), (len(lost_rows), 10 - len(lost_rows), 1)]
+    assert runs[0]["images_per_s"] == pytest.approx(10 / runs[0]["seconds"], rel=0.02) and runs[0]["cpus"] >= 2
+    assert runs[0]["model_hash"] == model_hash("tiny") and runs[0]["inference"]["precision"] == "fp32"
 
 
 def test_a_resumed_job_keeps_the_index_version_it_started_with(ray_cluster, make_bucket, tmp_path):
@@ -103,7 +107,8 @@ def test_a_resumed_job_keeps_the_index_version_it_started_with(ray_cluster, make
     lose_every_part()
     assert generate(prompts, out.uri, settings).generated == 3
     assert {(r["index_version"], r["neighbor_ids"][0][:3]) for r in manifest(out)} == {(first, "old")}
-    assert json.loads(out.read_bytes("job.json")) == {"index_versions": {"pin": first}, "output_format": "webdataset"}
+    state = json.loads(out.read_bytes("job.json"))
+    assert (state["index_versions"], state["output_format"], len(state["runs"])) == ({"pin": first}, "webdataset", 2)
     tars = set(out.list("shards"))
     assert {r["uri"].partition("#")[0] for r in manifest(out)} <= tars and all("#" in r["uri"] for r in manifest(out))
     assert out.read_bytes("index.html").count(b'<img src="data:image/jpeg;base64,') == 3  # thumbnails from the tars
