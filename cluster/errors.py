@@ -51,6 +51,11 @@ class AcceleratorMemoryError(ClusterError):
     """A single image did not fit in the accelerator's memory (larger batches are split first)."""
 
 
+class AcceleratorFailedError(ClusterError):
+    """The replica's accelerator failed (a CUDA error: its context is unusable); the replica reports itself
+    unhealthy and is replaced."""
+
+
 class RetrievalError(ClusterError):
     """A retrieval request failed."""
 

@@ -28,6 +28,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from cluster.errors import (
+    AcceleratorFailedError,
     AcceleratorMemoryError,
     IndexRefreshError,
     ObjectNotFoundError,
@@ -121,6 +122,9 @@ class Generator:
         self.m_stopped = metrics.Counter("rdm_sampling_stopped",
                                          description="images whose sampling stopped between steps: their "
                                                      "callers had gone")
+        self.m_device_failures = metrics.Counter("rdm_accelerator_failures",
+                                                 description="replicas whose accelerator failed (then replaced)")
+        self.device_failure: str | None = None  # set once the accelerator fails: the replica is then unhealthy
         self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="rdm-deliver")
         self._delivering: list[Future] = []  # the last sampling group's image deliveries
         self._batcher = ModelBatcher(self._run_batch, max_batch_size=8, batch_wait_timeout_s=0.05)
@@ -181,6 +185,10 @@ class Generator:
 
     def embed(self, prompt: str | None, image_b64: str | None) -> np.ndarray:
         """The query embedding [D]: CLIP text of the prompt, or CLIP image of a base64 PNG/JPEG."""
+        with self._on_device():
+            return self._embed(prompt, image_b64)
+
+    def _embed(self, prompt: str | None, image_b64: str | None) -> np.ndarray:
         if prompt is not None:
             return self.pipeline.encode_prompts([prompt])[0].cpu().numpy()
         if self.pipeline.clip is None:
@@ -209,6 +217,8 @@ class Generator:
         where a smaller batch can (eager, or a compiled size warmed up) and stops once every item of it is
         abandoned; sampled, it is not encoded or written."""
         item["height"], item["width"] = served_size(self.image_sizes, item.get("height"), item.get("width"))
+        if self.device_failure is not None:
+            raise AcceleratorFailedError(self.device_failure)
         self.pending += 1
         self.m_queue.set(self.pending)
         item["abandoned"] = threading.Event()  # read on the model and writer threads
@@ -237,7 +247,8 @@ class Generator:
             groups[(item["sampler"], item["num_steps"], item["guidance_scale"], item["eta"], item["height"],
                     item["width"], np.shape(item["context"]))].append(i)
         results: list[Future | Exception] = [RuntimeError("not run") for _ in items]
-        for (sampler, steps, scale, eta, height, width, _), members in groups.items():
+        ordered = list(groups.items())
+        for g, ((sampler, steps, scale, eta, height, width, _), members) in enumerate(ordered):
             started = time.perf_counter()
             contexts = torch.from_numpy(np.stack([items[i]["context"] for i in members])).float()
             splits, dropped = self.pipeline.out_of_memory_splits, self.pipeline.rows_dropped
@@ -255,6 +266,11 @@ class Generator:
                     results[i] = AcceleratorMemoryError(f"out of accelerator memory for one image ({error})"[:300])
                 continue
             except Exception as error:  # noqa: BLE001 -- this group's items get it; other groups go on
+                if self._failed(error):  # the accelerator is unusable: this group and those not run yet fail
+                    for _, rest in ordered[g:]:
+                        for i in rest:
+                            results[i] = AcceleratorFailedError(self.device_failure)
+                    break
                 for i in members:
                     results[i] = error
                 continue
@@ -273,8 +289,39 @@ class Generator:
                                 for row, i in enumerate(members)]
             for i, delivery in zip(members, self._delivering, strict=True):
                 results[i] = delivery
-        self._save_compiled()
+        if self.device_failure is None:
+            self._save_compiled()
         return results
+
+    def _failed(self, error: BaseException) -> bool:
+        """Whether `error` is the accelerator failing (a CUDA error, after which its context is unusable);
+        if so the replica records it, answers every later call with AcceleratorFailedError and fails its
+        health check, so that Serve replaces it."""
+        if not (isinstance(error, torch.AcceleratorError) or str(error).startswith("CUDA error")):
+            return False
+        if self.device_failure is None:
+            self.device_failure = f"the accelerator failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            self.m_device_failures.inc()
+            logger.error("%s; this replica reports itself unhealthy to be replaced", self.device_failure)
+        return True
+
+    @contextlib.contextmanager
+    def _on_device(self):
+        """Work on the accelerator outside the batches (CLIP embeddings): refused once it has failed, and a
+        failure there recorded as in a batch."""
+        if self.device_failure is not None:
+            raise AcceleratorFailedError(self.device_failure)
+        try:
+            yield
+        except Exception as error:
+            if self._failed(error):
+                raise AcceleratorFailedError(self.device_failure) from None
+            raise
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: a replica whose accelerator failed is unhealthy (Serve replaces it)."""
+        if self.device_failure is not None:
+            raise AcceleratorFailedError(self.device_failure)
 
     def _deliver(self, item: dict, pixels: np.ndarray, batch_size: int, elapsed: float) -> dict:
         if abandoned(item):  # its caller went away while the batch sampled: nobody reads it
@@ -655,6 +702,10 @@ class Ingress:
             return self._count(_error(422, "invalid_input", message, field, request_id), "generate", client)
         except ShardUnavailableError as err:
             return self._count(_error(503, "shard_unavailable", _message(err), None, request_id), "generate", client)
+        except AcceleratorFailedError as err:
+            logger.warning("request %s: %s", request_id, _message(err))
+            return self._count(_error(503, "replica_failed", "a model replica failed and is being replaced; retry",
+                                      None, request_id, {"Retry-After": "10"}), "generate", client)
         except AcceleratorMemoryError as err:
             logger.warning("request %s: %s", request_id, _message(err))
             return self._count(_error(503, "overloaded", "the model is short of accelerator memory; retry later",

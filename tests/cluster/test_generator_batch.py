@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cluster.errors import (
+    AcceleratorFailedError,
     AcceleratorMemoryError,
     IndexRefreshError,
     ShardUnavailableError,
@@ -27,8 +28,8 @@ class Recorder:
     def __init__(self):
         self.values = []
 
-    def observe(self, value):
-        self.values.append(value)
+    def observe(self, value=1, tags=None):
+        self.values.append(value if tags is None else tags)
 
     inc = set = observe
 
@@ -40,7 +41,9 @@ def generator(tmp_path):
     gen.pipeline = Pipeline(load_model("tiny"))
     gen.model_name, gen.model_hash, gen.inference = "tiny", "hash", {}
     gen.store, gen.url_expires_s = open_store(str(tmp_path / "out")), 60
-    gen.m_images, gen.m_batch, gen.m_sampling, gen.m_oom, gen.m_stopped = (Recorder() for _ in range(5))
+    gen.m_images, gen.m_batch, gen.m_sampling, gen.m_oom, gen.m_stopped, gen.m_device_failures = (
+        Recorder() for _ in range(6))
+    gen.device_failure = None
     gen._writers = ThreadPoolExecutor(4)
     gen._delivering, gen._compile_cache = [], None
     gen.default_size, gen.image_sizes = (32, 32), [(32, 32), (24, 40)]
@@ -300,3 +303,62 @@ def test_items_of_another_size_sample_in_their_own_group_at_that_size(generator)
     assert sorted(calls) == [([1, 3], 32, 32), ([2], 24, 40)]
     sizes = [Image.open(io.BytesIO(base64.b64decode(r["data"]))).size for r in results]
     assert sizes == [(32, 32), (40, 24), (32, 32)]  # PIL: (width, height)
+
+
+@pytest.mark.parametrize("failure", [torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
+                                     RuntimeError("CUDA error: device-side assert triggered")])
+def test_a_replica_whose_accelerator_fails_refuses_work_and_fails_its_health_check(generator, monkeypatch, failure):
+    """A CUDA error leaves the device unusable: its group and the groups not run yet fail typed (the app
+    answers 503 replica_failed), later calls are refused without touching the device, and the health check
+    fails so that Serve replaces the replica. Other errors (and running out of memory) do none of that."""
+    import asyncio
+
+    calls = []
+
+    def broken(context, seeds, params, **kwargs):
+        calls.append(params.num_steps)
+        raise failure
+
+    generator.check_health()  # healthy
+    monkeypatch.setattr(generator.pipeline, "sample_images", broken)
+    results = generator._run_batch([item(1), item(2, steps=2), item(3)])
+    assert calls == [3] and all(isinstance(r, AcceleratorFailedError) for r in results)  # the 2-step group never ran
+    assert "the accelerator failed" in str(results[0]) and generator.m_device_failures.values == [1]
+    with pytest.raises(AcceleratorFailedError):
+        generator.check_health()
+    with pytest.raises(AcceleratorFailedError):
+        asyncio.run(generator.generate(item(4)))
+    with pytest.raises(AcceleratorFailedError):
+        generator.embed("a boat", None)
+    assert calls == [3]
+
+
+def test_other_errors_leave_the_replica_healthy(generator, monkeypatch):
+    def broken(context, seeds, params, **kwargs):
+        raise RuntimeError("shape mismatch in a layer")
+
+    monkeypatch.setattr(generator.pipeline, "sample_images", broken)
+    results = generator._run_batch([item(1), item(2, steps=2)])
+    assert all(type(r) is RuntimeError for r in results) and generator.device_failure is None
+    generator.check_health()
+
+
+def test_the_ingress_answers_a_failed_replica_with_503_and_retry_after():
+    import asyncio
+    import json
+
+    from cluster.serve.schemas import GenerateRequest
+
+    cls = deployments.Ingress.func_or_class
+    ingress = cls.__new__(cls)
+    ingress.auth, ingress.limiter, ingress.allowances = Authenticator(None, None), RateLimiter(None), None
+    ingress.m_requests = Recorder()
+
+    async def generate(body, request_id, client):
+        raise AcceleratorFailedError("the accelerator failed: AcceleratorError: CUDA error")
+
+    ingress._generate = generate
+    response = asyncio.run(ingress.generate(GenerateRequest(prompt="a boat"), None))
+    body = json.loads(response.body)["error"]
+    assert response.status_code == 503 and body["type"] == "replica_failed" and response.headers["retry-after"] == "10"
+    assert "CUDA" not in body["message"]  # the cause is logged, not sent

@@ -99,7 +99,7 @@ def test_grafana_dashboard_uses_our_metrics():
     ours = set(re.findall(r'metrics\.\w+\("(rdm_\w+)"', source))
     assert ours == {"rdm_images_generated", "rdm_batch_size", "rdm_sampling_seconds", "rdm_generator_queue_depth",
                     "rdm_retrieval_seconds", "rdm_retrieval_batch_size", "rdm_requests", "rdm_out_of_memory_splits",
-                    "rdm_sampling_stopped"}
+                    "rdm_sampling_stopped", "rdm_accelerator_failures"}
     for name in ours:
         assert f"ray_{name}" in exprs, name
 
