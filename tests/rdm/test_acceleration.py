@@ -6,6 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from testkit import out_of_memory_over
 
 from rdm.acceleration import InferenceOptions
 from rdm.conditioning import build_context
@@ -257,12 +258,5 @@ def test_warm_up_leaves_out_a_batch_size_that_does_not_fit(lively_tiny_model, mo
     in halves (a replica whose max_batch_size is too large for its GPU still starts)."""
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)  # which sizes, not the compiler
     pipeline = Pipeline(copy.deepcopy(lively_tiny_model), options=InferenceOptions(compile="default"))
-    fits = pipeline.sample_latents
-
-    def at_most_four(context, seeds, params, **kwargs):
-        if len(seeds) > 4:
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return fits(context, seeds, params, **kwargs)
-
-    monkeypatch.setattr(pipeline, "sample_latents", at_most_four)
+    out_of_memory_over(monkeypatch, pipeline, "sample_latents", 4)
     assert sorted(pipeline.warm_up([1, 3, 8], num_neighbors=2, guidance_scale=3.0, height=32, width=32)) == [1, 4]

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from testkit import out_of_memory_over
 
 from rdm.errors import InputError, PromptTooLongError, ShapeError
 from rdm.pipeline import Pipeline, SamplerParams, SeededNoise, to_uint8
@@ -122,15 +123,7 @@ def test_a_batch_out_of_accelerator_memory_runs_in_halves_with_the_same_images(l
     context = torch.nn.functional.normalize(torch.randn(5, 3, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
     seeds = [1, 2, 3, 4, 5]
     expected = pipeline.sample_images(context, seeds, FAST, height=32, width=32)
-    fits, sizes = pipeline.sample_latents, []
-
-    def at_most_two(context, seeds, params, **kwargs):
-        sizes.append(len(seeds))
-        if len(seeds) > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-        return fits(context, seeds, params, **kwargs)
-
-    monkeypatch.setattr(pipeline, "sample_latents", at_most_two)
+    sizes = out_of_memory_over(monkeypatch, pipeline, "sample_latents", 2)
     images = pipeline.sample_images(context, seeds, FAST, height=32, width=32)
     assert sizes == [5, 2, 3, 1, 2]
     assert images.shape == expected.shape and np.abs(images.astype(int) - expected).max() <= 1
@@ -146,20 +139,8 @@ def test_a_decode_out_of_accelerator_memory_decodes_in_halves_without_sampling_a
     pipeline = Pipeline(lively_tiny_model)
     context = torch.nn.functional.normalize(torch.randn(5, 3, 64, generator=torch.Generator().manual_seed(1)), dim=-1)
     expected = pipeline.sample_images(context, [1, 2, 3, 4, 5], FAST, height=32, width=32)
-    sample_latents, decode, sampled, decoded = pipeline.sample_latents, pipeline.decode, [], []
-
-    def counted(context, seeds, *args, **kwargs):
-        sampled.append(len(seeds))
-        return sample_latents(context, seeds, *args, **kwargs)
-
-    def decode_at_most_two(latents, **kwargs):
-        decoded.append(len(latents))
-        if len(latents) > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return decode(latents, **kwargs)
-
-    monkeypatch.setattr(pipeline, "sample_latents", counted)
-    monkeypatch.setattr(pipeline, "decode", decode_at_most_two)
+    sampled = out_of_memory_over(monkeypatch, pipeline, "sample_latents", None)
+    decoded = out_of_memory_over(monkeypatch, pipeline, "decode", 2)
     images = pipeline.sample_images(context, [1, 2, 3, 4, 5], FAST, height=32, width=32)
     assert sampled == [5] and decoded == [5, 2, 3, 1, 2] and pipeline.out_of_memory_splits == 2
     assert np.abs(images.astype(int) - expected).max() <= 1
@@ -232,14 +213,7 @@ def test_a_half_whose_rows_are_all_gone_does_not_stop_the_other_half(lively_tiny
     pipeline = Pipeline(lively_tiny_model)
     context = torch.nn.functional.normalize(torch.randn(4, 3, 64, generator=torch.Generator().manual_seed(6)), dim=-1)
     expected = pipeline.sample_images(context, [1, 2, 3, 4], FAST, height=32, width=32)
-    fits = pipeline.sample_latents
-
-    def at_most_two(context, seeds, params, **kwargs):
-        if len(seeds) > 2:
-            raise torch.OutOfMemoryError("injected")
-        return fits(context, seeds, params, **kwargs)
-
-    monkeypatch.setattr(pipeline, "sample_latents", at_most_two)
+    out_of_memory_over(monkeypatch, pipeline, "sample_latents", 2)
     images = pipeline.sample_images(context, [1, 2, 3, 4], FAST, height=32, width=32,
                                     wanted=lambda: [False, False, True, True])
     assert not images[:2].any() and np.abs(images[2:].astype(int) - expected[2:]).max() <= 1

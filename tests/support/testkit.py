@@ -79,3 +79,20 @@ def png_header_only(width: int, height: int) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(64)))
+
+
+def out_of_memory_over(monkeypatch, pipeline, method: str, rows: int | None) -> list[int]:
+    """Makes `pipeline.<method>` (sample_latents or decode) raise torch.OutOfMemoryError for batches of more
+    than `rows` (None: never); returns the batch sizes it is called with, as they come."""
+    import torch
+
+    real, sizes = getattr(pipeline, method), []
+
+    def limited(first, *args, **kwargs):
+        sizes.append(len(first))
+        if rows is not None and len(first) > rows:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(first, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, method, limited)
+    return sizes
