@@ -7,7 +7,11 @@ members grouped by key, `<key>.jpg|jpeg|png|webp` the image, `<key>.json` metada
 caption, `<key>.cls` the class; the id is the key), or of image files. Each parquet or tar file, or each
 group of `shard_size` image files, is a shard: the unit of work and of resumption. A shard's output is
 `OUT/embeddings/<shard>.parquet` (id, embedding, source_uri, metadata) and, when some images cannot be
-decoded, `OUT/errors/<shard>.parquet`; a re-run skips shards whose output exists.
+decoded, `OUT/errors/<shard>.parquet`. Each shard has a stamp, a hash of its files' sizes and ETags (or
+modification times) from the corpus listing, recorded once its output is written as the empty object
+`OUT/stamps/<shard>/<stamp>` (one listing reads them all). A re-run embeds the shards without output and
+those whose files were rewritten since (another stamp), replacing their output; it skips the rest. Output
+from before stamps were recorded is taken as current, and its stamp recorded.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 WDS_TEXT_FIELDS = {"txt": "caption", "cls": "class"}
 RESERVED_COLUMNS = ("id", "embedding", "source_uri")
-EMBEDDINGS_DIR, ERRORS_DIR = "embeddings", "errors"
+EMBEDDINGS_DIR, ERRORS_DIR, STAMPS_DIR = "embeddings", "errors", "stamps"
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,11 @@ class CorpusShard:
     name: str
     kind: str  # "parquet" | "webdataset" | "images"
     keys: tuple[str, ...]
+    stamp: str = ""  # of its files as listed: another when one of them is rewritten
+
+
+def _stamp(keys: tuple[str, ...], stamps: dict[str, str]) -> str:
+    return hashlib.sha1("".join(f"{k}\t{stamps.get(k, '')}\n" for k in keys).encode()).hexdigest()[:16]
 
 
 def _shard_name(prefix: str, text: str) -> str:
@@ -56,18 +65,20 @@ def list_corpus(uri: str, *, shard_size: int = 256) -> tuple[ObjectStore, list[C
     """The corpus store and its shards, in a deterministic order."""
     if uri.rstrip("/").endswith(".parquet"):
         parent, _, name = uri.rstrip("/").rpartition("/")
-        store, keys = open_store(parent or "."), [name]
+        store = open_store(parent or ".")
+        stamps = store.stamps(name)
     else:
         store = open_store(uri)
-        keys = store.list()
+        stamps = store.stamps()
+    keys = sorted(stamps)
     parquet = [k for k in keys if k.endswith(".parquet")]
     tars = [k for k in keys if k.lower().endswith(TAR_SUFFIXES)]
     images = [k for k in keys if k.lower().endswith(IMAGE_SUFFIXES)]
-    shards = [CorpusShard(_shard_name(k.rsplit(".", 1)[0], k), "parquet", (k,)) for k in parquet]
-    shards += [CorpusShard(_shard_name(k.split(".", 1)[0], k), "webdataset", (k,)) for k in tars]
+    shards = [CorpusShard(_shard_name(k.rsplit(".", 1)[0], k), "parquet", (k,), _stamp((k,), stamps)) for k in parquet]
+    shards += [CorpusShard(_shard_name(k.split(".", 1)[0], k), "webdataset", (k,), _stamp((k,), stamps)) for k in tars]
     for start in range(0, len(images), shard_size):
         group = tuple(images[start:start + shard_size])
-        shards.append(CorpusShard(_shard_name("images", "\n".join(group)), "images", group))
+        shards.append(CorpusShard(_shard_name("images", "\n".join(group)), "images", group, _stamp(group, stamps)))
     if not shards:
         raise EmptyCorpusError(f"no parquet, tar or image files under {store.uri}")
     return store, shards
@@ -171,7 +182,8 @@ def decode_shard(row: dict, *, corpus_uri: str, image_size: tuple[int, int], ant
     buffer = io.BytesIO()
     np.save(buffer, images, allow_pickle=False)
     rows = [{k: r[k] for k in ("id", "source_uri", "metadata")} for r, _ in good]
-    return {"shard": shard.name, "images": buffer.getvalue(), "rows": json.dumps(rows), "errors": json.dumps(errors)}
+    return {"shard": shard.name, "stamp": shard.stamp, "images": buffer.getvalue(), "rows": json.dumps(rows),
+            "errors": json.dumps(errors)}
 
 
 def embeddings_table(rows: list[dict], embeddings: np.ndarray, dtype: str) -> pa.Table:
@@ -205,8 +217,8 @@ class ClipEmbedder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         counts, errors = [], []
-        for shard, images, rows, errs in zip(batch["shard"], batch["images"], batch["rows"], batch["errors"],
-                                             strict=True):
+        for shard, stamp, images, rows, errs in zip(batch["shard"], batch["stamp"], batch["images"], batch["rows"],
+                                                    batch["errors"], strict=True):
             pixels = np.load(io.BytesIO(images), allow_pickle=False)
             chunks = [self.encoder.encode_image(torch.from_numpy(pixels[i:i + self.batch_size]).float()).cpu().numpy()
                       for i in range(0, len(pixels), self.batch_size)]
@@ -215,11 +227,31 @@ class ClipEmbedder:
             error_rows = json.loads(errs)
             if error_rows:
                 self.store.write_bytes(join(ERRORS_DIR, f"{shard}.parquet"), table_bytes(pa.Table.from_pylist(error_rows)))
+            else:  # a shard embedded again after its files changed: its old errors are gone
+                self.store.delete(join(ERRORS_DIR, f"{shard}.parquet"))
             table = embeddings_table(json.loads(rows), embeddings, self.dtype)
             self.store.write_bytes(join(EMBEDDINGS_DIR, f"{shard}.parquet"), table_bytes(table))
+            record_stamp(self.store, str(shard), str(stamp))
             counts.append(len(embeddings))
             errors.append(len(error_rows))
         return {"shard": batch["shard"], "count": np.array(counts), "errors": np.array(errors)}
+
+
+def record_stamp(store: ObjectStore, shard: str, stamp: str) -> None:
+    """Record the stamp of the files a shard's output was made from (after the output), and drop its others."""
+    store.write_bytes(join(STAMPS_DIR, shard, stamp), b"")
+    for key in store.list(join(STAMPS_DIR, shard) + "/"):
+        if key.rsplit("/", 1)[-1] != stamp:
+            store.delete(key)
+
+
+def recorded_stamps(store: ObjectStore) -> dict[str, str]:
+    """{shard: stamp} of the outputs in `store`, from one listing."""
+    stamps = {}
+    for key in store.list(STAMPS_DIR + "/"):
+        _, shard, stamp = key.split("/", 2)
+        stamps[shard] = stamp
+    return stamps
 
 
 @dataclass(frozen=True)
@@ -230,6 +262,7 @@ class EmbedResult:
     errors: int
     dim: int
     clip: str
+    shards_changed: int = 0  # embedded again: their files were rewritten since their output was made
 
 
 def embed_corpus(corpus_uri: str, out_uri: str, *, clip: str = "tiny", clip_weights: str | None = None,
@@ -257,8 +290,18 @@ def embed_corpus(corpus_uri: str, out_uri: str, *, clip: str = "tiny", clip_weig
             raise ConfigError(f"{out.uri} holds embeddings made with {previous}; this run would use {info}. "
                               "Use another --out or the same settings.")
     done = set(out.list(EMBEDDINGS_DIR))
-    pending = [s for s in shards if join(EMBEDDINGS_DIR, f"{s.name}.parquet") not in done]
-    logger.info("%d shards, %d already embedded, %d to do", len(shards), len(shards) - len(pending), len(pending))
+    recorded = recorded_stamps(out)
+    pending, changed = [], 0
+    for shard in shards:
+        if join(EMBEDDINGS_DIR, f"{shard.name}.parquet") not in done:
+            pending.append(shard)
+        elif shard.name not in recorded:  # output from before stamps were recorded: taken as current
+            record_stamp(out, shard.name, shard.stamp)
+        elif recorded[shard.name] != shard.stamp:
+            pending.append(shard)
+            changed += 1
+    logger.info("%d shards, %d already embedded, %d to do (%d whose files changed)", len(shards),
+                len(shards) - len(pending), len(pending), changed)
     embedded = errors = 0
     if pending:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
@@ -275,7 +318,7 @@ def embed_corpus(corpus_uri: str, out_uri: str, *, clip: str = "tiny", clip_weig
         embedded = sum(int(r["count"]) for r in results)
         errors = sum(int(r["errors"]) for r in results)
     out.write_bytes("embed.json", json.dumps(info, indent=1).encode())
-    return EmbedResult(len(shards), len(shards) - len(pending), embedded, errors, config.embed_dim, clip)
+    return EmbedResult(len(shards), len(shards) - len(pending), embedded, errors, config.embed_dim, clip, changed)
 
 
 def prune_embeddings(corpus_uri: str, out_uri: str, *, shard_size: int = 256) -> int:
@@ -288,6 +331,9 @@ def prune_embeddings(corpus_uri: str, out_uri: str, *, shard_size: int = 256) ->
             if key.rsplit("/", 1)[-1].removesuffix(".parquet") not in live:
                 out.delete(key)
                 removed += 1
+    for key in out.list(STAMPS_DIR + "/"):
+        if key.split("/")[1] not in live:
+            out.delete(key)
     return removed
 
 

@@ -37,6 +37,7 @@ class ObjectStore(Protocol):
     def write_bytes(self, key: str, data: bytes) -> None: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str = "") -> list[str]: ...
+    def stamps(self, prefix: str = "") -> dict[str, str]: ...
     def delete(self, key: str) -> None: ...
     def create(self, key: str, data: bytes) -> str | None: ...
     def read_tagged(self, key: str) -> tuple[bytes, str]: ...
@@ -140,13 +141,24 @@ class LocalStore:
         return self._path(key).is_file()
 
     def list(self, prefix: str = "") -> list[str]:
+        return sorted(self.stamps(prefix))
+
+    def stamps(self, prefix: str = "") -> dict[str, str]:
+        """{key: stamp} under `prefix`: a stamp changes when the object is rewritten (size and modification
+        time here, size and ETag on S3); what `list` lists, from the same listing."""
         base = self._path(prefix)
         if base.is_file():
-            return [prefix]
-        if not base.is_dir():
-            return []
-        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*")
-                      if p.is_file() and not p.name.startswith("."))
+            files = [base]
+        elif base.is_dir():
+            files = [p for p in base.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        else:
+            return {}
+        stamps = {}
+        for path in files:
+            with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
+                stat = path.stat()
+                stamps[str(path.relative_to(self.root))] = f"{stat.st_size}-{stat.st_mtime_ns}"
+        return stamps
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -209,14 +221,21 @@ class S3Store:
             return False
 
     def list(self, prefix: str = "") -> list[str]:
-        keys, token, root = [], None, self._key(prefix)
+        return sorted(self.stamps(prefix))
+
+    def stamps(self, prefix: str = "") -> dict[str, str]:
+        """{key: "size-ETag"} under `prefix`, from the listing (see LocalStore.stamps)."""
+        stamps, token, root = {}, None, self._key(prefix)
+        strip = len(self.prefix) + 1 if self.prefix else 0
         while True:
             extra = {"ContinuationToken": token} if token else {}
             page = self._call(prefix, "list_objects_v2", Prefix=root, **extra)
-            strip = len(self.prefix) + 1 if self.prefix else 0
-            keys += [obj["Key"][strip:] for obj in page.get("Contents", [])]
+            for obj in page.get("Contents", []):
+                key = obj["Key"][strip:]
+                if not key.rsplit("/", 1)[-1].startswith("."):
+                    stamps[key] = f"{obj['Size']}-{obj['ETag'].strip(chr(34))}"
             if not page.get("IsTruncated"):
-                return sorted(k for k in keys if not k.rsplit("/", 1)[-1].startswith("."))
+                return stamps
             token = page["NextContinuationToken"]
 
     def delete(self, key: str) -> None:

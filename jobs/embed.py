@@ -47,5 +47,6 @@ def main(argv: list[str] | None = None) -> int:
                           actor_num_cpus=args.actor_num_cpus, dtype=args.dtype,
                           max_image_pixels=args.max_image_pixels)
     print(f"embedded {result.embedded} images ({result.errors} undecodable or too large) in "
-          f"{result.shards_total - result.shards_skipped} shards; {result.shards_skipped} shards were already done")
+          f"{result.shards_total - result.shards_skipped} shards ({result.shards_changed} of them again: their files "
+          f"changed); {result.shards_skipped} shards were already done")
     return EXIT_OK

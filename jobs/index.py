@@ -129,7 +129,9 @@ def run_rebuild(args: argparse.Namespace) -> None:
     embeddings = args.embeddings or f"{args.index.rstrip('/')}/{args.database}/embeddings"
     result = embed_corpus(args.corpus, embeddings, clip=args.clip, clip_weights=args.clip_weights)
     pruned = prune_embeddings(args.corpus, embeddings)
-    print(f"embedded {result.embedded} new images ({result.shards_skipped} shards unchanged, {pruned} removed)")
+    print(f"embedded {result.embedded} images ({result.shards_total - result.shards_skipped - result.shards_changed} "
+          f"new shards, {result.shards_changed} changed, {result.shards_skipped} unchanged; {pruned} files of "
+          "removed shards deleted)")
     manifest = build_index(embeddings, args.index, args.database, num_shards=args.shards, index_spec=args.index_spec,
                            min_recall=args.min_recall, reserve_memory=args.reserve_memory,
                            node_memory_gib=args.node_memory_gib)

@@ -44,6 +44,9 @@ def test_image_folders_are_grouped_into_stable_shards(tmp_path):
     _, shards = list_corpus(str(tmp_path), shard_size=2)
     assert [len(s.keys) for s in shards] == [2, 2, 1]
     assert [s.name for s in shards] == [s.name for s in list_corpus(str(tmp_path), shard_size=2)[1]]
+    (tmp_path / "img3.png").write_bytes(png((9, 9, 9)) + b"\0")  # rewritten (another size): its shard's stamp changes
+    again = list_corpus(str(tmp_path), shard_size=2)[1]
+    assert [a.stamp == b.stamp for a, b in zip(shards, again, strict=True)] == [True, False, True]
 
 
 def test_empty_corpus(tmp_path):

@@ -13,6 +13,10 @@ def exercise(store):
     assert store.list() == ["a/b.bin", "c.txt"] and store.list("a") == ["a/b.bin"]
     with pytest.raises(ObjectNotFoundError, match="does not exist"):
         store.read_bytes("missing")
+    stamps = store.stamps()
+    assert sorted(stamps) == store.list() and list(store.stamps("a")) == ["a/b.bin"]
+    store.write_bytes("a/b.bin", b"three")  # rewritten: another stamp; the untouched one keeps its own
+    assert store.stamps()["a/b.bin"] != stamps["a/b.bin"] and store.stamps()["c.txt"] == stamps["c.txt"]
     store.delete("c.txt")
     assert store.list() == ["a/b.bin"]
 

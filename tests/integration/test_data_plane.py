@@ -86,6 +86,37 @@ def test_embed_rerun_skips_written_shards(embedded, s3_corpus):
     assert (again.shards_skipped, again.embedded) == (first.shards_total, 0)
 
 
+def test_a_corpus_file_rewritten_in_place_is_embedded_again(ray_cluster, make_bucket):
+    """A parquet file replaced under the same key (a fixed image, a row more) is a changed shard: its
+    embeddings and errors are replaced, the unchanged file is skipped. Output from before stamps were
+    recorded is taken as current (nothing embedded again) and its stamps recorded."""
+    from cluster.embedding import recorded_stamps
+
+    corpus, rng = open_store(make_bucket("rdm-corpus") + "/changing"), np.random.default_rng(1)
+
+    def part(f: int, n: int, broken: int | None = None) -> None:
+        images = [b"\x89PNG broken" if i == broken else png(rng) for i in range(n)]
+        corpus.write_bytes(f"part-{f}.parquet", parquet_bytes(pa.table({"id": [f"p{f}-{i}" for i in range(n)],
+                                                                        "image": images})))
+
+    part(0, 4)
+    part(1, 4, broken=2)
+    out = open_store(make_bucket("rdm-embeddings") + "/changing")
+    first = embed_corpus(corpus.uri, out.uri, clip="tiny", actor_num_cpus=0.5)
+    assert (first.embedded, first.errors, first.shards_changed) == (7, 1, 0) and len(out.list("errors")) == 1
+    part(1, 5)  # rewritten: the broken image fixed, a row added
+    again = embed_corpus(corpus.uri, out.uri, clip="tiny", actor_num_cpus=0.5)
+    assert (again.shards_skipped, again.shards_changed, again.embedded, again.errors) == (1, 1, 5, 0)
+    key = next(k for k in out.list("embeddings") if "part-1" in k)
+    assert pq.read_table(io.BytesIO(out.read_bytes(key))).column("id").to_pylist() == [f"p1-{i}" for i in range(5)]
+    assert out.list("errors") == []  # the shard's old errors went with its old embeddings
+    stamps = recorded_stamps(out)
+    for key in out.list("stamps"):  # as if written before stamps were recorded
+        out.delete(key)
+    third = embed_corpus(corpus.uri, out.uri, clip="tiny", actor_num_cpus=0.5)
+    assert (third.shards_skipped, third.embedded) == (2, 0) and recorded_stamps(out) == stamps
+
+
 def test_webdataset_corpus_on_s3_embeds_and_indexes_by_style(ray_cluster, make_bucket):
     """WebDataset tars on S3: each tar a shard, each key a sample, its JSON metadata columns to filter on."""
     import json
