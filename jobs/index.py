@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild.add_argument("--index-spec")
     rebuild.add_argument("--min-recall", type=float, default=0.9, help="do not publish below this recall@20")
     rebuild.add_argument("--serve-url", help="a running app to tell to swap now (token from RDM_API_TOKEN)")
+    rebuild.add_argument("--force", action="store_true",
+                         help="build and publish even when the current version was built from the same embeddings "
+                              "and settings")
     for p in (build, rebuild):
         p.add_argument("--no-reserve-memory", dest="reserve_memory", action="store_false",
                        help="shard tasks reserve no Ray memory and shards are not cut to fit any node")
@@ -120,10 +123,23 @@ def run_build(args: argparse.Namespace) -> None:
           f"(nprobe {manifest.nprobe}), {manifest.build_time_s:.1f}s")
 
 
+def current_inputs(index_uri: str, database: str):
+    """The database's current Manifest, or None where it has none yet."""
+    from cluster.errors import ObjectNotFoundError, UnknownDatabaseError
+    from cluster.index.manifest import load_manifest
+    from cluster.storage import open_store
+
+    try:
+        return load_manifest(open_store(index_uri), database)
+    except (ObjectNotFoundError, UnknownDatabaseError):
+        return None
+
+
 def run_rebuild(args: argparse.Namespace) -> None:
     from cluster.embedding import embed_corpus, prune_embeddings
-    from cluster.index.build import build_index
+    from cluster.index.build import build_index, inputs_digest
     from cluster.index.manifest import check_database_name
+    from cluster.storage import open_store
 
     check_database_name(args.database)
     embeddings = args.embeddings or f"{args.index.rstrip('/')}/{args.database}/embeddings"
@@ -132,6 +148,12 @@ def run_rebuild(args: argparse.Namespace) -> None:
     print(f"embedded {result.embedded} images ({result.shards_total - result.shards_skipped - result.shards_changed} "
           f"new shards, {result.shards_changed} changed, {result.shards_skipped} unchanged; {pruned} files of "
           "removed shards deleted)")
+    unchanged = None if args.force else current_inputs(args.index, args.database)
+    if unchanged is not None and unchanged.inputs == inputs_digest(open_store(embeddings), where=None,
+                                                                   index_spec=args.index_spec, num_shards=args.shards):
+        print(f"{args.database} {unchanged.version} was built from these embeddings and settings: nothing to "
+              "publish (--force builds anyway)")
+        return
     manifest = build_index(embeddings, args.index, args.database, num_shards=args.shards, index_spec=args.index_spec,
                            min_recall=args.min_recall, reserve_memory=args.reserve_memory,
                            node_memory_gib=args.node_memory_gib)

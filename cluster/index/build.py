@@ -260,6 +260,20 @@ def held_out_queries(sample: np.ndarray, num_queries: int, seed: int) -> tuple[n
     return sample[order[num_queries:]], queries.astype(np.float32)
 
 
+def inputs_digest(emb_store, *, where: dict[str, str] | None, index_spec: str | None,
+                  num_shards: int | None) -> str:
+    """A digest of what a build reads and is asked for: the embedding files' stamps (sizes and ETags or
+    modification times) and the settings that shape the index. Two builds with the same digest build the
+    same database (up to the sampled training set's seed, which is fixed)."""
+    import hashlib
+    import json
+
+    files = sorted((k, v) for k, v in emb_store.stamps(EMBEDDINGS_DIR).items() if k.endswith(".parquet"))
+    text = json.dumps({"embeddings": files, "where": dict(sorted((where or {}).items())), "index_spec": index_spec,
+                       "num_shards": num_shards})
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
 def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shards: int | None = None,
                 index_spec: str | None = None, recall_k: int = 20, target_recall: float = 0.95,
                 num_queries: int = 100, shard_num_cpus: float = 0.5, train_num_cpus: float = 0.5, seed: int = 0,
@@ -287,6 +301,7 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
                               f"reserve_memory, got {node_memory_gib} with reserve_memory={reserve_memory}")
     started = time.perf_counter()
     emb_store, index_store = open_store(embeddings_uri), open_store(index_uri)
+    inputs = inputs_digest(emb_store, where=where, index_spec=index_spec, num_shards=num_shards)
     keys = [k for k in emb_store.list(EMBEDDINGS_DIR) if k.endswith(".parquet")]
     if not keys:
         raise EmptyCorpusError(f"no embeddings under {emb_store.uri}/{EMBEDDINGS_DIR}; run `rdm embed` first")
@@ -361,7 +376,8 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
                         embedding_dtype=ARROW_DTYPES.get(scanned[0][2], scanned[0][2]),
                         build_time_s=round(time.perf_counter() - started, 3),
                         recall={"k": k, "recall": recall, "nprobe": nprobe, "num_queries": len(queries)},
-                        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), where=dict(where or {}))
+                        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), where=dict(where or {}),
+                        inputs=inputs)
     if min_recall is not None and recall < min_recall:
         raise IndexBuildError(f"{database} {version}: recall@{k}={recall:.3f} < required {min_recall} even at nprobe "
                               f"{nprobe}; not published (try another --index-spec)")

@@ -61,6 +61,7 @@ class Manifest:
     created_at: str = ""
     where: dict = field(default_factory=dict)  # the row filter the version was built with ({}: every row)
     sources: bool = False  # whether the shards record each row's place in the corpus (rows.parquet `source`)
+    inputs: str = ""  # build.inputs_digest of what it was built from ("": not recorded)
 
     @property
     def prefix(self) -> str:
