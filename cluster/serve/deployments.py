@@ -640,25 +640,26 @@ class Ingress:
     async def generate(self, body: GenerateRequest, request: Request):
         client = self._authorize(request)
         request_id = secrets.token_hex(12)
-        wait_s, limit = await self._take(client, body.num_images)
+        wait_s, limit, shared = await self._take(client, body.num_images)
         if wait_s > 0:
             return self._count(_rate_limited(client, limit, wait_s, request_id), "generate", client)
         try:
             response = await self._answer(body, request_id, client)
         except asyncio.CancelledError:
-            self._refund(client, body.num_images)  # a request that gets no images gives its allowance back
+            self._refund(client, body.num_images, shared)  # a request that gets no images gives its allowance back
             raise
         if isinstance(response, JSONResponse):
-            self._refund(client, body.num_images)
+            self._refund(client, body.num_images, shared)
         return response
 
-    async def _take(self, client: str, images: int) -> tuple[float, int | None]:
+    async def _take(self, client: str, images: int) -> tuple[float, int | None, bool]:
         """`Allowances.take` for the whole app; this replica's own buckets while that replica cannot be
-        reached within ALLOWANCE_TIMEOUT_S (a request is not refused because its allowance cannot be counted)."""
+        reached within ALLOWANCE_TIMEOUT_S (a request is not refused because its allowance cannot be counted).
+        (wait_s, limit, whether the app's Allowances counted it)."""
         if self.allowances is not None:
             response = self.allowances.take.remote(client, images)
             try:
-                return await asyncio.wait_for(_awaited(response), ALLOWANCE_TIMEOUT_S)
+                return *await asyncio.wait_for(_awaited(response), ALLOWANCE_TIMEOUT_S), True
             except asyncio.CancelledError:
                 response.cancel()
                 raise
@@ -666,12 +667,12 @@ class Ingress:
                 response.cancel()
                 logger.warning("allowances unreachable (%s: %s); counting on this Ingress replica",
                                type(err).__name__, err)
-        return self.limiter.wait_s(client, images), self.limiter.limit(client)
+        return self.limiter.wait_s(client, images), self.limiter.limit(client), False
 
-    def _refund(self, client: str, images: int) -> None:
-        """Gives images back where `_take` took them, without waiting (the request has ended; a refund
-        that fails is logged: the client's allowance refills within a minute anyway)."""
-        if self.allowances is None:
+    def _refund(self, client: str, images: int, shared: bool) -> None:
+        """Gives images back where `_take` took them (`shared`: the app's Allowances), without waiting (the
+        request has ended; a refund that fails is logged: the client's allowance refills within a minute)."""
+        if not shared:
             self.limiter.refund(client, images)
             return
 

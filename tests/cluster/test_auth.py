@@ -250,12 +250,14 @@ def test_an_ingress_counts_alone_while_the_allowances_replica_does_not_answer(mo
     ingress = _ingress(handle)
 
     async def scenario():
+        failed = await ingress.generate(GenerateRequest(prompt="bad", num_images=8), None)
+        assert failed.status_code == 422 and not ingress._pending  # given back here, where it was counted
         ok = await ingress.generate(GenerateRequest(prompt="a boat", num_images=8), None)
         return ok, await ingress.generate(GenerateRequest(prompt="a boat", num_images=1), None)
 
     with caplog.at_level(logging.WARNING, logger="ray.serve"):
         ok, refused = asyncio.run(scenario())
-    assert ok == {"ok": 8} and refused.status_code == 429 and handle.cancelled == 2
+    assert ok == {"ok": 8} and refused.status_code == 429 and handle.cancelled == 3
     assert "allowances unreachable (TimeoutError" in caplog.text
 
 
