@@ -749,7 +749,8 @@ class Ingress:
         neighbors = found["embeddings"] if found else np.zeros((0, len(query)), np.float32)
         from rdm.conditioning import build_context
 
-        context = build_context(torch.from_numpy(query)[None], torch.from_numpy(neighbors)[None])[0].numpy()
+        # copies: arrays from other Ray processes are read-only, which torch.from_numpy warns about
+        context = build_context(torch.tensor(query)[None], torch.tensor(neighbors)[None])[0].numpy()
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         neighbor_list = []
         if found:
