@@ -66,7 +66,7 @@ def list_corpus(uri: str, *, shard_size: int = 256) -> tuple[ObjectStore, list[C
     if uri.rstrip("/").endswith(".parquet"):
         parent, _, name = uri.rstrip("/").rpartition("/")
         store = open_store(parent or ".")
-        stamps = store.stamps(name)
+        stamps = {k: v for k, v in store.stamps(name).items() if k == name}  # a prefix: not part.parquet.bak
     else:
         store = open_store(uri)
         stamps = store.stamps()
