@@ -28,8 +28,6 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--target-recall", type=float, default=0.95)
     build.add_argument("--train-cpus", type=float, default=0.5,
                        help="CPUs (and FAISS threads) of the task that trains the coarse quantizer")
-    build.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
-                       help="index only the rows whose COLUMN equals VALUE, e.g. style=ukiyo-e (repeatable)")
     rebuild = sub.add_parser("rebuild", help="re-embed what changed in a corpus, build, validate, publish, notify")
     rebuild.add_argument("database", help="database name")
     rebuild.add_argument("--corpus", required=True, help="the database's corpus (folder or s3://)")
@@ -45,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="build and publish even when the current version was built from the same embeddings "
                               "and settings")
     for p in (build, rebuild):
+        p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
+                       help="index only the rows whose COLUMN equals VALUE, e.g. style=ukiyo-e (repeatable): one "
+                            "style's database out of a corpus embedded once")
         p.add_argument("--no-reserve-memory", dest="reserve_memory", action="store_false",
                        help="shard tasks reserve no Ray memory and shards are not cut to fit any node")
         p.add_argument("--node-memory-gib", type=float,
@@ -97,10 +98,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--keep and --min-age-hours must be >= 0, got {args.keep} and {args.min_age_hours}")
     if args.command in ("rollback", "prune") and not 0 <= args.wait_lock_s <= 86_400:
         raise InputError(f"--wait-lock-s must be in 0..86400, got {args.wait_lock_s}")
-    if args.command == "build":
-        if not args.train_cpus > 0:
-            raise InputError(f"--train-cpus must be > 0, got {args.train_cpus}")
+    if args.command in ("build", "rebuild"):
         parse_where(args.where)
+    if args.command == "build" and not args.train_cpus > 0:
+        raise InputError(f"--train-cpus must be > 0, got {args.train_cpus}")
     if args.command == "query":
         from cluster.retriever import RetrieverOptions
 
@@ -148,14 +149,15 @@ def run_rebuild(args: argparse.Namespace) -> None:
     print(f"embedded {result.embedded} images ({result.shards_total - result.shards_skipped - result.shards_changed} "
           f"new shards, {result.shards_changed} changed, {result.shards_skipped} unchanged; {pruned} files of "
           "removed shards deleted)")
+    where = parse_where(args.where)
     unchanged = None if args.force else current_inputs(args.index, args.database)
-    if unchanged is not None and unchanged.inputs == inputs_digest(open_store(embeddings), where=None,
+    if unchanged is not None and unchanged.inputs == inputs_digest(open_store(embeddings), where=where,
                                                                    index_spec=args.index_spec, num_shards=args.shards):
         print(f"{args.database} {unchanged.version} was built from these embeddings and settings: nothing to "
               "publish (--force builds anyway)")
         return
     manifest = build_index(embeddings, args.index, args.database, num_shards=args.shards, index_spec=args.index_spec,
-                           min_recall=args.min_recall, reserve_memory=args.reserve_memory,
+                           min_recall=args.min_recall, where=where, reserve_memory=args.reserve_memory,
                            node_memory_gib=args.node_memory_gib)
     print(f"published {manifest.database} {manifest.version}: {manifest.count} vectors, "
           f"recall@{manifest.recall['k']}={manifest.recall['recall']:.3f}")

@@ -275,3 +275,21 @@ def test_auto_groups_are_as_few_as_fit_the_budget_and_even():
     assert sum(groups, []) == list(range(10))
     assert all(manifest.memory_bytes(g) <= manifest.memory_bytes([0, 1, 2, 3]) for g in groups)
     assert group_shards_by_memory(manifest, one / 2) == [[i] for i in range(10)]  # too big: one actor each
+
+
+def test_the_inputs_digest_names_the_embedding_files_and_the_settings(tmp_path):
+    """`rdm index rebuild` publishes nothing when the current version's digest equals this one."""
+    from cluster.index.build import inputs_digest
+
+    store = LocalStore(tmp_path)
+    store.write_bytes("embeddings/a.parquet", b"one")
+    store.write_bytes("embeddings/b.parquet", b"two")
+    first = inputs_digest(store, where=None, index_spec=None, num_shards=None)
+    assert first == inputs_digest(store, where={}, index_spec=None, num_shards=None)
+    assert first != inputs_digest(store, where={"style": "ink"}, index_spec=None, num_shards=None)
+    assert first != inputs_digest(store, where=None, index_spec="Flat", num_shards=None)
+    assert first != inputs_digest(store, where=None, index_spec=None, num_shards=2)
+    store.write_bytes("embeddings/b.parquet", b"two, embedded again")
+    assert first != inputs_digest(store, where=None, index_spec=None, num_shards=None)
+    store.delete("embeddings/b.parquet")  # a corpus file removed: its embeddings pruned
+    assert first != inputs_digest(store, where=None, index_spec=None, num_shards=None)

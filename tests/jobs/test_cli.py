@@ -219,6 +219,14 @@ def test_index_build_bad_arguments_exit_2_before_starting_ray(tmp_path, capsys, 
     assert code == 2 and message in capsys.readouterr().err
 
 
+def test_index_rebuild_takes_where_and_refuses_a_bad_one_before_starting_ray(tmp_path, capsys):
+    from jobs.index import build_parser
+
+    rebuild = ["rebuild", "ink", "--corpus", str(tmp_path), "--index", str(tmp_path)]
+    assert build_parser().parse_args([*rebuild, "--where", "style=ink"]).where == ["style=ink"]
+    assert rdm(["index", *rebuild, "--where", "style"]) == 2 and "--where" in capsys.readouterr().err
+
+
 def test_generate_refuses_a_malformed_compile_cache_before_starting_ray(tmp_path, capsys):
     code = rdm(["generate", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"), "--compile", "default",
                 "--compile-cache", "s3:///no-bucket"])
