@@ -172,6 +172,15 @@ class RateLimiter:
             self._buckets[client] = (tokens, now)
             return (images - tokens) / rate
 
+    def remaining(self, client: str) -> int | None:
+        """Whole images the client may ask for now (None: unlimited); takes nothing."""
+        limit = self.limit(client)
+        if limit is None:
+            return None
+        with self._lock:
+            tokens, when = self._buckets.get(client, (float(limit), self.clock()))
+        return int(min(float(limit), tokens + (self.clock() - when) * limit / 60.0))
+
     def refund(self, client: str, images: int) -> None:
         """Give back what `wait_s` took for a request that got no images (refused, failed or abandoned)."""
         limit = self.limit(client)

@@ -553,9 +553,10 @@ class Allowances:
     def __init__(self, default: int | None, limits: dict[str, int]) -> None:
         self.limiter = RateLimiter(default, limits)
 
-    async def take(self, client: str, images: int) -> tuple[float, int | None]:
-        """(0 and the images taken, or the seconds until they fit; the client's images per minute)."""
-        return self.limiter.wait_s(client, images), self.limiter.limit(client)
+    async def take(self, client: str, images: int) -> tuple[float, int | None, int | None]:
+        """(0 and the images taken, or the seconds until they fit; the client's images per minute; the
+        images it may ask for after this request)."""
+        return self.limiter.wait_s(client, images), self.limiter.limit(client), self.limiter.remaining(client)
 
     async def refund(self, client: str, images: int) -> None:
         self.limiter.refund(client, images)
@@ -637,12 +638,17 @@ class Ingress:
         return {"refreshed": refreshed}
 
     @app.post("/v1/generate", response_model=GenerateResponse)
-    async def generate(self, body: GenerateRequest, request: Request):
+    async def generate(self, body: GenerateRequest, request: Request, reply: Response):
+        """Images for one request. Where the client has an allowance, every answer says how much:
+        `RateLimit-Limit` (images per minute) and `RateLimit-Remaining` (images it may ask for now)."""
         client = self._authorize(request)
         request_id = secrets.token_hex(12)
-        wait_s, limit, shared = await self._take(client, body.num_images)
+        wait_s, limit, remaining, shared = await self._take(client, body.num_images)
+        headers = {} if limit is None else {"RateLimit-Limit": str(limit), "RateLimit-Remaining": str(remaining)}
         if wait_s > 0:
-            return self._count(_rate_limited(client, limit, wait_s, request_id), "generate", client)
+            refused = _rate_limited(client, limit, wait_s, request_id)
+            refused.headers.update(headers)
+            return self._count(refused, "generate", client)
         try:
             response = await self._answer(body, request_id, client)
         except asyncio.CancelledError:
@@ -650,12 +656,15 @@ class Ingress:
             raise
         if isinstance(response, JSONResponse):
             self._refund(client, body.num_images, shared)
+            response.headers.update(headers)
+        else:
+            reply.headers.update(headers)
         return response
 
-    async def _take(self, client: str, images: int) -> tuple[float, int | None, bool]:
+    async def _take(self, client: str, images: int) -> tuple[float, int | None, int | None, bool]:
         """`Allowances.take` for the whole app; this replica's own buckets while that replica cannot be
         reached within ALLOWANCE_TIMEOUT_S (a request is not refused because its allowance cannot be counted).
-        (wait_s, limit, whether the app's Allowances counted it)."""
+        (wait_s, limit, images remaining, whether the app's Allowances counted it)."""
         if self.allowances is not None:
             response = self.allowances.take.remote(client, images)
             try:
@@ -667,7 +676,7 @@ class Ingress:
                 response.cancel()
                 logger.warning("allowances unreachable (%s: %s); counting on this Ingress replica",
                                type(err).__name__, err)
-        return self.limiter.wait_s(client, images), self.limiter.limit(client), False
+        return self.limiter.wait_s(client, images), self.limiter.limit(client), self.limiter.remaining(client), False
 
     def _refund(self, client: str, images: int, shared: bool) -> None:
         """Gives images back where `_take` took them (`shared`: the app's Allowances), without waiting (the

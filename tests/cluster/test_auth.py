@@ -6,6 +6,7 @@ import logging
 import os
 
 import pytest
+from fastapi import Response
 
 from cluster.serve.auth import (
     SHARED_CLIENT,
@@ -95,10 +96,10 @@ def test_the_ingress_records_the_client_of_each_request(tmp_path):
     def request(token: str) -> Request:
         return Request({"type": "http", "method": "POST", "headers": [(b"authorization", f"Bearer {token}".encode())]})
 
-    assert asyncio.run(ingress.generate(GenerateRequest(prompt="a boat"), request(key))) == {"ok": True}
+    assert asyncio.run(ingress.generate(GenerateRequest(prompt="a boat"), request(key), Response())) == {"ok": True}
     assert seen == ["team-a"] and counted == [{"route": "generate", "status": "200", "client": "team-a"}]
     with pytest.raises(HTTPException) as refused:
-        asyncio.run(ingress.generate(GenerateRequest(prompt="a boat"), request("not-a-key")))
+        asyncio.run(ingress.generate(GenerateRequest(prompt="a boat"), request("not-a-key"), Response()))
     assert refused.value.status_code == 401 and seen == ["team-a"]
 
 
@@ -130,6 +131,7 @@ def test_each_client_has_its_own_allowance_of_images_per_minute():
     assert [limiter.wait_s("a", 6) for _ in range(11)][-1] == pytest.approx(6.0)
     assert limiter.wait_s("a", 61) == float("inf")
     assert RateLimiter(None).wait_s("anyone", 8) == 0.0 and RateLimiter(None, {"x": 8}).limit("x") == 8
+    assert limiter.remaining("a") == 0 and limiter.remaining("b") == 60 and RateLimiter(None).remaining("x") is None
     limiter.refund("a", 6)  # a request that got nothing: its images back, up to a minute's worth
     assert limiter.wait_s("a", 6) == 0.0
     limiter.refund("a", 100)
@@ -156,10 +158,10 @@ def test_the_ingress_answers_a_client_past_its_allowance_with_429_and_retry_afte
         return {"ok": True}
 
     ingress._generate = generate
-    failed = asyncio.run(ingress.generate(GenerateRequest(prompt="bad", num_images=6), None))
+    failed = asyncio.run(ingress.generate(GenerateRequest(prompt="bad", num_images=6), None, Response()))
     assert failed.status_code == 422  # no images: its 6 are given back, or the next request would be a 429
-    assert asyncio.run(ingress.generate(GenerateRequest(prompt="a boat", num_images=6), None)) == {"ok": True}
-    response = asyncio.run(ingress.generate(GenerateRequest(prompt="a boat", num_images=4), None))
+    assert asyncio.run(ingress.generate(GenerateRequest(prompt="a boat", num_images=6), None, Response())) == {"ok": True}
+    response = asyncio.run(ingress.generate(GenerateRequest(prompt="a boat", num_images=4), None, Response()))
     body = json.loads(response.body)["error"]
     assert response.status_code == 429 and body["type"] == "rate_limited" and calls == [6, 6]
     assert response.headers["retry-after"] == "15" and "'anonymous' is past its 8 images per minute" in body["message"]
@@ -229,13 +231,16 @@ def test_every_ingress_replica_takes_from_the_apps_one_allowance():
     first, second = _ingress(_Handle(shared)), _ingress(_Handle(shared))
 
     async def scenario():
-        assert await first.generate(GenerateRequest(prompt="a boat", num_images=6), None) == {"ok": 6}
-        refused = await second.generate(GenerateRequest(prompt="a boat", num_images=4), None)
+        reply = Response()
+        assert await first.generate(GenerateRequest(prompt="a boat", num_images=6), None, reply) == {"ok": 6}
+        assert (reply.headers["ratelimit-limit"], reply.headers["ratelimit-remaining"]) == ("8", "2")
+        refused = await second.generate(GenerateRequest(prompt="a boat", num_images=4), None, Response())
         assert refused.status_code == 429 and int(refused.headers["retry-after"]) == 15  # 2 left, 8 a minute
-        assert (await second.generate(GenerateRequest(prompt="bad", num_images=2), None)).status_code == 422
+        assert refused.headers["ratelimit-remaining"] == "2"
+        assert (await second.generate(GenerateRequest(prompt="bad", num_images=2), None, Response())).status_code == 422
         await asyncio.gather(*second._pending)  # the refund is sent without waiting for it
-        assert await first.generate(GenerateRequest(prompt="a boat", num_images=2), None) == {"ok": 2}
-        return await first.generate(GenerateRequest(prompt="a boat", num_images=1), None)
+        assert await first.generate(GenerateRequest(prompt="a boat", num_images=2), None, Response()) == {"ok": 2}
+        return await first.generate(GenerateRequest(prompt="a boat", num_images=1), None, Response())
 
     assert asyncio.run(scenario()).status_code == 429
     assert first.limiter.wait_s("", 8) == 0.0  # the replicas' own buckets were never used
@@ -250,10 +255,10 @@ def test_an_ingress_counts_alone_while_the_allowances_replica_does_not_answer(mo
     ingress = _ingress(handle)
 
     async def scenario():
-        failed = await ingress.generate(GenerateRequest(prompt="bad", num_images=8), None)
+        failed = await ingress.generate(GenerateRequest(prompt="bad", num_images=8), None, Response())
         assert failed.status_code == 422 and not ingress._pending  # given back here, where it was counted
-        ok = await ingress.generate(GenerateRequest(prompt="a boat", num_images=8), None)
-        return ok, await ingress.generate(GenerateRequest(prompt="a boat", num_images=1), None)
+        ok = await ingress.generate(GenerateRequest(prompt="a boat", num_images=8), None, Response())
+        return ok, await ingress.generate(GenerateRequest(prompt="a boat", num_images=1), None, Response())
 
     with caplog.at_level(logging.WARNING, logger="ray.serve"):
         ok, refused = asyncio.run(scenario())

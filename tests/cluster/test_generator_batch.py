@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from fastapi import Response
 
 from cluster.errors import (
     AcceleratorFailedError,
@@ -213,7 +214,7 @@ def test_the_ingress_answers_each_failure_with_its_status_and_no_internals(error
         raise error
 
     ingress._generate = failing
-    response = asyncio.run(ingress.generate(GenerateRequest(prompt="a boat"), None))
+    response = asyncio.run(ingress.generate(GenerateRequest(prompt="a boat"), None, Response()))
     body = json.loads(response.body)["error"]
     assert response.status_code == status and body["type"] == kind and body["request_id"]
     assert "secret" not in body["message"] and "Traceback" not in body["message"]
@@ -358,7 +359,7 @@ def test_the_ingress_answers_a_failed_replica_with_503_and_retry_after():
         raise AcceleratorFailedError("the accelerator failed: AcceleratorError: CUDA error")
 
     ingress._generate = generate
-    response = asyncio.run(ingress.generate(GenerateRequest(prompt="a boat"), None))
+    response = asyncio.run(ingress.generate(GenerateRequest(prompt="a boat"), None, Response()))
     body = json.loads(response.body)["error"]
     assert response.status_code == 503 and body["type"] == "replica_failed" and response.headers["retry-after"] == "10"
     assert "CUDA" not in body["message"]  # the cause is logged, not sent
