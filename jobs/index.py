@@ -124,7 +124,7 @@ def run_build(args: argparse.Namespace) -> None:
           f"(nprobe {manifest.nprobe}), {manifest.build_time_s:.1f}s")
 
 
-def current_inputs(index_uri: str, database: str):
+def current_manifest(index_uri: str, database: str):
     """The database's current Manifest, or None where it has none yet."""
     from cluster.errors import ObjectNotFoundError, UnknownDatabaseError
     from cluster.index.manifest import load_manifest
@@ -150,7 +150,7 @@ def run_rebuild(args: argparse.Namespace) -> None:
           f"new shards, {result.shards_changed} changed, {result.shards_skipped} unchanged; {pruned} files of "
           "removed shards deleted)")
     where = parse_where(args.where)
-    unchanged = None if args.force else current_inputs(args.index, args.database)
+    unchanged = None if args.force else current_manifest(args.index, args.database)
     if unchanged is not None and unchanged.inputs == inputs_digest(open_store(embeddings), where=where,
                                                                    index_spec=args.index_spec, num_shards=args.shards):
         print(f"{args.database} {unchanged.version} was built from these embeddings and settings: nothing to "

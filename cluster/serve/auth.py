@@ -164,8 +164,7 @@ class RateLimiter:
             return float("inf")
         rate, now = limit / 60.0, self.clock()
         with self._lock:
-            tokens, when = self._buckets.get(client, (float(limit), now))
-            tokens = min(float(limit), tokens + (now - when) * rate)
+            tokens = self._tokens(client, limit, now)
             if tokens >= images:
                 self._buckets[client] = (tokens - images, now)
                 return 0.0
@@ -178,8 +177,12 @@ class RateLimiter:
         if limit is None:
             return None
         with self._lock:
-            tokens, when = self._buckets.get(client, (float(limit), self.clock()))
-        return int(min(float(limit), tokens + (self.clock() - when) * limit / 60.0))
+            return int(self._tokens(client, limit, self.clock()))
+
+    def _tokens(self, client: str, limit: int, now: float) -> float:
+        """The client's images in hand at `now` (refilled since its last use, up to a minute's worth)."""
+        tokens, when = self._buckets.get(client, (float(limit), now))
+        return min(float(limit), tokens + (now - when) * limit / 60.0)
 
     def refund(self, client: str, images: int) -> None:
         """Give back what `wait_s` took for a request that got no images (refused, failed or abandoned)."""
