@@ -9,9 +9,11 @@ group of `shard_size` image files, is a shard: the unit of work and of resumptio
 `OUT/embeddings/<shard>.parquet` (id, embedding, source_uri, metadata) and, when some images cannot be
 decoded, `OUT/errors/<shard>.parquet`. Each shard has a stamp, a hash of its files' sizes and ETags (or
 modification times) from the corpus listing, recorded once its output is written as the empty object
-`OUT/stamps/<shard>/<stamp>` (one listing reads them all). A re-run embeds the shards without output and
-those whose files were rewritten since (another stamp), replacing their output; it skips the rest. Output
-from before stamps were recorded is taken as current, and its stamp recorded.
+`OUT/stamps/<shard>/<stamp>` (one listing reads them all), and written into the output file itself (its
+schema metadata, so a run stopped between the two leaves the output naming what it was made from). A re-run
+embeds the shards without output and those whose files were rewritten since (another stamp), replacing
+their output; it skips the rest. Output from before stamps were recorded is taken as current, and its stamp
+recorded.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 WDS_TEXT_FIELDS = {"txt": "caption", "cls": "class"}
 RESERVED_COLUMNS = ("id", "embedding", "source_uri")
 EMBEDDINGS_DIR, ERRORS_DIR, STAMPS_DIR = "embeddings", "errors", "stamps"
+STAMP_KEY = "rdm_stamp"  # schema metadata of an embeddings file: the stamp of the files it was made from
 
 
 @dataclass(frozen=True)
@@ -230,6 +233,7 @@ class ClipEmbedder:
             else:  # a shard embedded again after its files changed: its old errors are gone
                 self.store.delete(join(ERRORS_DIR, f"{shard}.parquet"))
             table = embeddings_table(json.loads(rows), embeddings, self.dtype)
+            table = table.replace_schema_metadata({STAMP_KEY: str(stamp)})  # with the output, not after it
             self.store.write_bytes(join(EMBEDDINGS_DIR, f"{shard}.parquet"), table_bytes(table))
             record_stamp(self.store, str(shard), str(stamp))
             counts.append(len(embeddings))
@@ -243,6 +247,14 @@ def record_stamp(store: ObjectStore, shard: str, stamp: str) -> None:
     for key in store.list(join(STAMPS_DIR, shard) + "/"):
         if key.rsplit("/", 1)[-1] != stamp:
             store.delete(key)
+
+
+def output_stamp(store: ObjectStore, shard: str) -> str | None:
+    """The stamp written into a shard's embeddings file (its schema metadata); None for a file from before
+    stamps were recorded."""
+    schema = pq.read_schema(io.BytesIO(store.read_bytes(join(EMBEDDINGS_DIR, f"{shard}.parquet"))))
+    stamp = (schema.metadata or {}).get(STAMP_KEY.encode())
+    return stamp.decode() if stamp is not None else None
 
 
 def recorded_stamps(store: ObjectStore) -> dict[str, str]:
@@ -295,8 +307,13 @@ def embed_corpus(corpus_uri: str, out_uri: str, *, clip: str = "tiny", clip_weig
     for shard in shards:
         if join(EMBEDDINGS_DIR, f"{shard.name}.parquet") not in done:
             pending.append(shard)
-        elif shard.name not in recorded:  # output from before stamps were recorded: taken as current
-            record_stamp(out, shard.name, shard.stamp)
+        elif shard.name not in recorded:  # a run stopped before recording it, or output from before stamps
+            made_from = output_stamp(out, shard.name)
+            if made_from in (None, shard.stamp):  # None: from before stamps, taken as current
+                record_stamp(out, shard.name, shard.stamp)
+            else:
+                pending.append(shard)
+                changed += 1
         elif recorded[shard.name] != shard.stamp:
             pending.append(shard)
             changed += 1

@@ -22,7 +22,7 @@ def build_app(args: dict, deployments: dict[str, dict] | None = None) -> Applica
         {"precision": config.precision, "channels_last": config.channels_last, "compile": config.compile,
          "kernel_tuning": config.kernel_tuning, "attention": config.attention},
         config.url_expires_s, config.warm_up, config.compile_cache,
-        config.max_image_pixels, config.image_sizes)
+        config.max_image_pixels, config.image_sizes, config.stall_timeout_s)
     allowances = None
     if config.images_per_minute is not None or config.client_images_per_minute:
         allowances = Allowances.options(**options.get("Allowances", {})).bind(

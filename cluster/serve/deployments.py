@@ -7,6 +7,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -23,6 +24,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve import metrics
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
@@ -85,7 +87,8 @@ class Generator:
 
     def __init__(self, model: str, clip_weights: str | None, output_uri: str, inference: dict | None = None,
                  url_expires_s: int = 3600, warm_up: bool = True, compile_cache: str | None = None,
-                 max_image_pixels: int = 4096 * 4096, image_sizes: list | None = None) -> None:
+                 max_image_pixels: int = 4096 * 4096, image_sizes: list | None = None,
+                 stall_timeout_s: float | None = 600.0) -> None:
         from cluster.artifacts import local_path
         from cluster.compile_cache import CompileCache
         from rdm.acceleration import InferenceOptions
@@ -123,8 +126,12 @@ class Generator:
                                          description="images whose sampling stopped between steps: their "
                                                      "callers had gone")
         self.m_device_failures = metrics.Counter("rdm_accelerator_failures",
-                                                 description="replicas whose accelerator failed (then replaced)")
+                                                 description="replicas whose accelerator failed or stalled "
+                                                             "(then replaced)")
         self.device_failure: str | None = None  # set once the accelerator fails: the replica is then unhealthy
+        self.stall_timeout_s = stall_timeout_s
+        self._busy: dict[int, float] = {}  # work on the accelerator in hand -> when it last moved on
+        self._busy_ids = itertools.count()
         self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="rdm-deliver")
         self._delivering: list[Future] = []  # the last sampling group's image deliveries
         self._batcher = ModelBatcher(self._run_batch, max_batch_size=8, batch_wait_timeout_s=0.05)
@@ -253,9 +260,14 @@ class Generator:
             contexts = torch.from_numpy(np.stack([items[i]["context"] for i in members])).float()
             splits, dropped = self.pipeline.out_of_memory_splits, self.pipeline.rows_dropped
             try:
-                pixels = self.pipeline.sample_images(
-                    contexts, [items[i]["seed"] for i in members], SamplerParams(sampler, steps, scale, eta),
-                    height=height, width=width, wanted=lambda members=members: [not abandoned(items[i]) for i in members])
+                with self._watched() as progress:
+                    def wanted(members=members, progress=progress) -> list[bool]:  # before each step and the decode
+                        progress()
+                        return [not abandoned(items[i]) for i in members]
+
+                    pixels = self.pipeline.sample_images(
+                        contexts, [items[i]["seed"] for i in members], SamplerParams(sampler, steps, scale, eta),
+                        height=height, width=width, wanted=wanted)
             except SamplingStopped as error:
                 self.m_stopped.inc(len(members))
                 for i in members:
@@ -295,31 +307,60 @@ class Generator:
 
     def _failed(self, error: BaseException) -> bool:
         """Whether `error` is the accelerator failing (a CUDA error, after which its context is unusable);
-        if so the replica records it, answers every later call with AcceleratorFailedError and fails its
-        health check, so that Serve replaces it."""
+        if so the replica records it (`_fail`)."""
         if not (isinstance(error, torch.AcceleratorError) or str(error).startswith("CUDA error")):
             return False
-        if self.device_failure is None:
-            self.device_failure = f"the accelerator failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
-            self.m_device_failures.inc()
-            logger.error("%s; this replica reports itself unhealthy to be replaced", self.device_failure)
+        self._fail(f"the accelerator failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
         return True
+
+    def _fail(self, reason: str) -> None:
+        """From now on the replica answers every call with AcceleratorFailedError and fails its health
+        check, so that Serve replaces it (and its process, with whatever is stuck in it, ends)."""
+        if self.device_failure is None:
+            self.device_failure = reason
+            self.m_device_failures.inc()
+            logger.error("%s; this replica reports itself unhealthy to be replaced", reason)
+
+    @contextlib.contextmanager
+    def _watched(self):
+        """Marks work on the accelerator for the stall check (`check_health`); yields `progress()`, to be
+        called whenever the work moves on (a sampling step)."""
+        key = next(self._busy_ids)
+        self._busy[key] = time.monotonic()
+
+        def progress() -> None:
+            self._busy[key] = time.monotonic()
+
+        try:
+            yield progress
+        finally:
+            del self._busy[key]
 
     @contextlib.contextmanager
     def _on_device(self):
-        """Work on the accelerator outside the batches (CLIP embeddings): refused once it has failed, and a
-        failure there recorded as in a batch."""
+        """Work on the accelerator outside the batches (CLIP embeddings): refused once it has failed, watched
+        for stalls, and a failure there recorded as in a batch."""
         if self.device_failure is not None:
             raise AcceleratorFailedError(self.device_failure)
         try:
-            yield
+            with self._watched():
+                yield
         except Exception as error:
             if self._failed(error):
                 raise AcceleratorFailedError(self.device_failure) from None
             raise
 
     def check_health(self) -> None:
-        """Serve's periodic health check: a replica whose accelerator failed is unhealthy (Serve replaces it)."""
+        """Serve's periodic health check. A replica is unhealthy (Serve replaces it) once its accelerator
+        failed, or when work on it has not moved on for `stall_timeout_s` (a kernel that never returns: a
+        hung GPU raises nothing, and its callers would wait forever). A sampling batch moves on at each
+        step; a compilation in its first step must finish within the timeout; the warm-up's compilations
+        before the replica serves are not watched."""
+        if self.device_failure is None and self.stall_timeout_s is not None:
+            since = min(self._busy.copy().values(), default=None)  # a copy: the model thread changes it
+            if since is not None and time.monotonic() - since > self.stall_timeout_s:
+                self._fail(f"the accelerator stalled: no progress for {time.monotonic() - since:.0f} s "
+                           f"(stall_timeout_s {self.stall_timeout_s:g})")
         if self.device_failure is not None:
             raise AcceleratorFailedError(self.device_failure)
 
@@ -712,7 +753,9 @@ class Ingress:
             return self._count(_error(422, "invalid_input", message, field, request_id), "generate", client)
         except ShardUnavailableError as err:
             return self._count(_error(503, "shard_unavailable", _message(err), None, request_id), "generate", client)
-        except AcceleratorFailedError as err:
+        except (AcceleratorFailedError, RayActorError) as err:
+            # a failed or stalled accelerator, or a replica that died under the request (one whose health check
+            # failed is replaced, ending what was stuck in it)
             logger.warning("request %s: %s", request_id, _message(err))
             return self._count(_error(503, "replica_failed", "a model replica failed and is being replaced; retry",
                                       None, request_id, {"Retry-After": "10"}), "generate", client)

@@ -1,6 +1,7 @@
 """The Generator's batch function, called directly (no Serve): one sampling call per group, images
 written in parallel, and a failed write or a failed group fails only its own items."""
 
+import itertools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -8,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from fastapi import Response
+from ray.exceptions import ActorDiedError
 
 from cluster.errors import (
     AcceleratorFailedError,
@@ -44,7 +46,7 @@ def generator(tmp_path):
     gen.store, gen.url_expires_s = open_store(str(tmp_path / "out")), 60
     gen.m_images, gen.m_batch, gen.m_sampling, gen.m_oom, gen.m_stopped, gen.m_device_failures = (
         Recorder() for _ in range(6))
-    gen.device_failure = None
+    gen.device_failure, gen.stall_timeout_s, gen._busy, gen._busy_ids = None, 600.0, {}, itertools.count()
     gen._writers = ThreadPoolExecutor(4)
     gen._delivering, gen._compile_cache = [], None
     gen.default_size, gen.image_sizes = (32, 32), [(32, 32), (24, 40)]
@@ -344,6 +346,84 @@ def test_other_errors_leave_the_replica_healthy(generator, monkeypatch):
     generator.check_health()
 
 
+def hang_until(release: threading.Event, entered: threading.Event):
+    """A sampling call that takes its first step, then never moves on (a kernel that does not return)."""
+    def sample_images(context, seeds, params, *, wanted, **kwargs):
+        wanted()
+        entered.set()
+        release.wait(60)
+        raise RuntimeError("released")
+    return sample_images
+
+
+def health(generator) -> str:
+    try:
+        generator.check_health()
+    except AcceleratorFailedError as err:
+        return str(err)
+    return "healthy"
+
+
+@pytest.mark.parametrize("where", ["batch", "embedding"])
+def test_a_replica_whose_accelerator_stalls_fails_its_health_check(generator, monkeypatch, where):
+    """A hung GPU raises nothing: work on it that shows no progress for stall_timeout_s makes the health
+    check fail (Serve then replaces the replica, ending the stuck call), and later calls are refused."""
+    import asyncio
+
+    release, entered = threading.Event(), threading.Event()
+    generator.stall_timeout_s = 1.0
+    if where == "batch":
+        monkeypatch.setattr(generator.pipeline, "sample_images", hang_until(release, entered))
+        work = threading.Thread(target=generator._run_batch, args=([item(1)],))
+    else:
+        def embed(prompt, image):
+            entered.set()
+            release.wait(60)
+        monkeypatch.setattr(generator, "_embed", embed)
+        work = threading.Thread(target=lambda: generator.embed("a boat", None))
+    try:
+        work.start()
+        assert entered.wait(30)
+        assert health(generator) == "healthy"  # stuck, but not for long yet
+        deadline = time.monotonic() + 10
+        while health(generator) == "healthy" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "the accelerator stalled: no progress for 1 s" in health(generator)
+        assert generator.m_device_failures.values == [1]
+        with pytest.raises(AcceleratorFailedError):
+            asyncio.run(generator.generate(item(2)))
+    finally:
+        release.set()
+        work.join(30)
+    assert generator._busy == {}  # the stuck call's mark is gone once it returns
+
+
+def test_a_slow_batch_that_moves_on_is_not_a_stall(generator):
+    """The stall check times the gap between sampling steps, not the batch: a batch far longer than
+    stall_timeout_s whose steps each finish in time keeps the replica healthy."""
+    generator.stall_timeout_s = 0.6
+    slow = generator.pipeline.model.unet.register_forward_pre_hook(lambda module, args: time.sleep(0.15))
+    checks, done = [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            checks.append(health(generator))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    started = time.monotonic()
+    try:
+        results = settled(generator._run_batch([item(1, steps=12)]))
+    finally:
+        done.set()
+        watcher.join()
+        slow.remove()
+    assert time.monotonic() - started > 3 * generator.stall_timeout_s  # 12 steps of >= 0.15 s
+    assert results[0]["seed"] == 1 and len(checks) > 20
+    assert set(checks) == {"healthy"} and generator.device_failure is None
+
+
 def test_the_ingress_answers_a_failed_replica_with_503_and_retry_after():
     import asyncio
     import json
@@ -363,3 +443,10 @@ def test_the_ingress_answers_a_failed_replica_with_503_and_retry_after():
     body = json.loads(response.body)["error"]
     assert response.status_code == 503 and body["type"] == "replica_failed" and response.headers["retry-after"] == "10"
     assert "CUDA" not in body["message"]  # the cause is logged, not sent
+
+    async def died(body, request_id, client):  # a replica that died under the request (replaced after a stall)
+        raise ActorDiedError()
+
+    ingress._generate = died
+    response = asyncio.run(ingress.generate(GenerateRequest(prompt="a boat"), None, Response()))
+    assert response.status_code == 503 and json.loads(response.body)["error"]["type"] == "replica_failed"

@@ -111,10 +111,15 @@ def test_a_corpus_file_rewritten_in_place_is_embedded_again(ray_cluster, make_bu
     assert pq.read_table(io.BytesIO(out.read_bytes(key))).column("id").to_pylist() == [f"p1-{i}" for i in range(5)]
     assert out.list("errors") == []  # the shard's old errors went with its old embeddings
     stamps = recorded_stamps(out)
-    for key in out.list("stamps"):  # as if written before stamps were recorded
-        out.delete(key)
+    for key in out.list("stamps"):  # part-0: as if written before stamps were recorded; part-1: as if a run
+        out.delete(key)             # stopped after writing its output, before recording its stamp
+    old = next(k for k in out.list("embeddings") if "part-0" in k)
+    out.write_bytes(old, parquet_bytes(pq.read_table(io.BytesIO(out.read_bytes(old))).replace_schema_metadata(None)))
+    part(1, 6)  # and part-1 rewritten since
     third = embed_corpus(corpus.uri, out.uri, clip="tiny", actor_num_cpus=0.5)
-    assert (third.shards_skipped, third.embedded) == (2, 0) and recorded_stamps(out) == stamps
+    assert (third.shards_skipped, third.shards_changed, third.embedded) == (1, 1, 6)
+    part0 = next(s for s in stamps if "part-0" in s)
+    assert recorded_stamps(out)[part0] == stamps[part0] and len(recorded_stamps(out)) == 2
 
 
 def test_webdataset_corpus_on_s3_embeds_and_indexes_by_style(ray_cluster, make_bucket):
