@@ -41,6 +41,7 @@ from cluster.errors import IndexVersionError, ObjectNotFoundError, StorageError,
 from cluster.index.manifest import check_database_name, current_version, load_manifest
 from cluster.prompts import PromptRow, read_prompts
 from cluster.storage import join, open_store
+from cluster.watchdog import STALLED_EXIT, StallWatch, end_process
 from rdm.config import RDMConfig
 from rdm.errors import InputError, RDMError
 
@@ -76,6 +77,7 @@ class BulkSettings:
     compile_cache: str | None = None  # with compile: where samplers share compiled code (cluster.compile_cache)
     retriever_options: dict = field(default_factory=lambda: {"num_cpus": 0.05})  # cluster.retriever.RetrieverOptions
     index_versions: dict = field(default_factory=dict)  # {database: version or "current"}: pins over job.json's
+    stall_timeout_s: float | None = 600.0  # a sampler without a sampling step for this long ends (cluster.watchdog)
 
     def inference_options(self):
         from rdm.acceleration import InferenceOptions
@@ -309,6 +311,15 @@ class BulkSampler:
         # they cost a GPU batch of 768-px images seconds of idle accelerator (bench/delivery.py).
         self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="rdm-write")
         self._model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rdm-model")
+        # a hung accelerator would hang the job: the process ends instead, and Ray Data starts the actor
+        # again and runs its unrecorded batches again
+        self.stalls = StallWatch(s.stall_timeout_s)
+        self.stalls.monitor(self._stalled)
+
+    def _stalled(self, seconds: float) -> None:
+        logger.error("the accelerator stalled: no sampling step for %.0f s (stall_timeout_s %g); ending this "
+                     "sampler's process so that Ray Data starts it again", seconds, self.stalls.timeout_s)
+        end_process(STALLED_EXIT)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = _rows(batch)
@@ -343,8 +354,14 @@ class BulkSampler:
         height, width = self.size
         # halved on out-of-memory; compiled, a smaller group (rows with errors, a block's last rows, another k)
         # runs at the batch size instead of compiling its own
-        images = self.pipeline.sample_images(context, [int(r["seed"]) for r in members], self.params,
-                                             height=height, width=width, pad_to=self.settings.batch_size)
+        with self.stalls.busy() as progress:
+            def wanted() -> list[bool]:  # asked before each step and before the decode: every row, always
+                progress()
+                return [True] * len(members)
+
+            images = self.pipeline.sample_images(context, [int(r["seed"]) for r in members], self.params,
+                                                 height=height, width=width, pad_to=self.settings.batch_size,
+                                                 wanted=wanted)
         if self.compile_cache is not None:
             self.compile_cache.save_if_new()  # the first batch of each size compiles: later samplers load it
         return images

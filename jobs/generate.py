@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--index-version", action="append", default=[], metavar="DATABASE=VERSION",
                         help="retrieve from this version of a database (or =current: the published one) instead "
                              "of the one the job started with (recorded in OUT/job.json; repeatable)")
+    parser.add_argument("--stall-timeout-s", type=float, default=600.0,
+                        help="a sampler whose accelerator has not finished a sampling step for this long (a hung "
+                             "GPU) ends its process; Ray Data starts it again and its unrecorded batches run again "
+                             "(0: never; a compilation in the first batch must finish within it; default %(default)s)")
     add_inference_args(parser)
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -59,7 +63,10 @@ def parse_index_versions(items: list[str]) -> dict[str, str]:
 
 @exit_codes
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.stall_timeout_s < 0:
+        parser.error(f"--stall-timeout-s must be 0 (never) or more, got {args.stall_timeout_s:g}")
     setup_logging(args.verbose)
     from tqdm import tqdm
 
@@ -86,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                             kernel_tuning=args.kernel_tuning, attention=args.attention,
                             compile_cache=args.compile_cache, retriever_options=retriever_options.model_dump(),
                             index_versions=index_versions, height=args.height, width=args.width,
-                            output_format=args.output_format)
+                            output_format=args.output_format, stall_timeout_s=args.stall_timeout_s or None)
     chosen_size(settings)  # a size the model cannot sample fails here, not in every sampler actor
     connect()
     with tqdm(desc="images", unit="img") as bar:

@@ -7,7 +7,6 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
-import itertools
 import logging
 import math
 import os
@@ -43,6 +42,7 @@ from cluster.serve.batching import ModelBatcher
 from cluster.serve.outputs import image_key, image_url, write_image
 from cluster.serve.schemas import AppArgs, GeneratedImage, GenerateRequest, GenerateResponse, NeighborOut
 from cluster.storage import open_store
+from cluster.watchdog import StallWatch
 from rdm.errors import ConfigError, InputError, RDMError, SamplingStopped
 from rdm.images import decode_rgb, to_model_range
 from rdm.pipeline import check_image_size, encode_png
@@ -129,9 +129,7 @@ class Generator:
                                                  description="replicas whose accelerator failed or stalled "
                                                              "(then replaced)")
         self.device_failure: str | None = None  # set once the accelerator fails: the replica is then unhealthy
-        self.stall_timeout_s = stall_timeout_s
-        self._busy: dict[int, float] = {}  # work on the accelerator in hand -> when it last moved on
-        self._busy_ids = itertools.count()
+        self.stalls = StallWatch(stall_timeout_s)
         self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="rdm-deliver")
         self._delivering: list[Future] = []  # the last sampling group's image deliveries
         self._batcher = ModelBatcher(self._run_batch, max_batch_size=8, batch_wait_timeout_s=0.05)
@@ -260,7 +258,7 @@ class Generator:
             contexts = torch.from_numpy(np.stack([items[i]["context"] for i in members])).float()
             splits, dropped = self.pipeline.out_of_memory_splits, self.pipeline.rows_dropped
             try:
-                with self._watched() as progress:
+                with self.stalls.busy() as progress:
                     def wanted(members=members, progress=progress) -> list[bool]:  # before each step and the decode
                         progress()
                         return [not abandoned(items[i]) for i in members]
@@ -322,28 +320,13 @@ class Generator:
             logger.error("%s; this replica reports itself unhealthy to be replaced", reason)
 
     @contextlib.contextmanager
-    def _watched(self):
-        """Marks work on the accelerator for the stall check (`check_health`); yields `progress()`, to be
-        called whenever the work moves on (a sampling step)."""
-        key = next(self._busy_ids)
-        self._busy[key] = time.monotonic()
-
-        def progress() -> None:
-            self._busy[key] = time.monotonic()
-
-        try:
-            yield progress
-        finally:
-            del self._busy[key]
-
-    @contextlib.contextmanager
     def _on_device(self):
         """Work on the accelerator outside the batches (CLIP embeddings): refused once it has failed, watched
         for stalls, and a failure there recorded as in a batch."""
         if self.device_failure is not None:
             raise AcceleratorFailedError(self.device_failure)
         try:
-            with self._watched():
+            with self.stalls.busy():
                 yield
         except Exception as error:
             if self._failed(error):
@@ -356,11 +339,10 @@ class Generator:
         hung GPU raises nothing, and its callers would wait forever). A sampling batch moves on at each
         step; a compilation in its first step must finish within the timeout; the warm-up's compilations
         before the replica serves are not watched."""
-        if self.device_failure is None and self.stall_timeout_s is not None:
-            since = min(self._busy.copy().values(), default=None)  # a copy: the model thread changes it
-            if since is not None and time.monotonic() - since > self.stall_timeout_s:
-                self._fail(f"the accelerator stalled: no progress for {time.monotonic() - since:.0f} s "
-                           f"(stall_timeout_s {self.stall_timeout_s:g})")
+        stalled = self.stalls.stalled_for() if self.device_failure is None else None
+        if stalled is not None:
+            self._fail(f"the accelerator stalled: no progress for {stalled:.0f} s "
+                       f"(stall_timeout_s {self.stalls.timeout_s:g})")
         if self.device_failure is not None:
             raise AcceleratorFailedError(self.device_failure)
 

@@ -11,7 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from cluster import bulk
 from cluster.bulk import PARTS, BulkSampler, BulkSettings, _array_bytes
+from cluster.watchdog import STALLED_EXIT
 
 
 def batch(seeds: list[int]) -> dict[str, np.ndarray]:
@@ -233,3 +235,53 @@ def test_job_json_keeps_the_last_runs_and_the_rest_of_the_state(tmp_path, monkey
         bulk.record_run(store, {"generated": i})
     state = json.loads(store.read_bytes("job.json"))
     assert state == {"output_format": "png", "index_versions": {"ink": "v1"}, "runs": [{"generated": i} for i in (2, 3, 4)]}
+
+
+@pytest.fixture
+def ended(monkeypatch):
+    codes, event = [], threading.Event()
+
+    def end(code):
+        codes.append(code)
+        event.set()
+
+    monkeypatch.setattr(bulk, "end_process", end)
+    return codes, event
+
+
+def test_a_bulk_sampler_whose_accelerator_stalls_ends_its_process(tmp_path, ended):
+    """Ray Data starts a sampler actor again when its process ends and runs its unrecorded batches again,
+    so a hung GPU costs a restart, not the job. Nothing of the stuck batch is recorded."""
+    codes, event = ended
+    sampler = BulkSampler(asdict(BulkSettings(num_steps=2, num_neighbors=0, stall_timeout_s=0.5)), str(tmp_path),
+                          "model-hash")
+    release = threading.Event()
+
+    def hangs(context, seeds, params, *, wanted, **kwargs):  # the first step, then a kernel that never returns
+        wanted()
+        release.wait(60)
+        raise RuntimeError("released")
+
+    sampler.pipeline.sample_images = hangs
+    call = threading.Thread(target=lambda: pytest.raises(RuntimeError, sampler, batch([1, 2])))
+    call.start()
+    try:
+        assert event.wait(20), "the stalled sampler did not end its process"
+        assert codes == [STALLED_EXIT]
+    finally:
+        release.set()
+        call.join(30)
+    assert not (tmp_path / bulk.PARTS).exists() and not (tmp_path / "images").exists()
+
+
+def test_a_slow_bulk_batch_that_moves_on_is_not_a_stall(tmp_path, ended):
+    codes, _ = ended
+    sampler = BulkSampler(asdict(BulkSettings(num_steps=14, num_neighbors=0, stall_timeout_s=0.6)), str(tmp_path),
+                          "model-hash")
+    slow = sampler.pipeline.model.unet.register_forward_pre_hook(lambda module, args: time.sleep(0.15))
+    started = time.monotonic()
+    try:
+        assert sampler(batch([1]))["error"] == [""]
+    finally:
+        slow.remove()
+    assert time.monotonic() - started > 3 * 0.6 and codes == []

@@ -1,7 +1,6 @@
 """The Generator's batch function, called directly (no Serve): one sampling call per group, images
 written in parallel, and a failed write or a failed group fails only its own items."""
 
-import itertools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ from cluster.errors import (
 from cluster.serve import deployments
 from cluster.serve.auth import Authenticator, RateLimiter
 from cluster.storage import open_store
+from cluster.watchdog import StallWatch
 from rdm.errors import InputError
 from rdm.factory import load_model
 from rdm.pipeline import Pipeline
@@ -46,7 +46,7 @@ def generator(tmp_path):
     gen.store, gen.url_expires_s = open_store(str(tmp_path / "out")), 60
     gen.m_images, gen.m_batch, gen.m_sampling, gen.m_oom, gen.m_stopped, gen.m_device_failures = (
         Recorder() for _ in range(6))
-    gen.device_failure, gen.stall_timeout_s, gen._busy, gen._busy_ids = None, 600.0, {}, itertools.count()
+    gen.device_failure, gen.stalls = None, StallWatch(600.0)
     gen._writers = ThreadPoolExecutor(4)
     gen._delivering, gen._compile_cache = [], None
     gen.default_size, gen.image_sizes = (32, 32), [(32, 32), (24, 40)]
@@ -371,7 +371,7 @@ def test_a_replica_whose_accelerator_stalls_fails_its_health_check(generator, mo
     import asyncio
 
     release, entered = threading.Event(), threading.Event()
-    generator.stall_timeout_s = 1.0
+    generator.stalls.timeout_s = 1.0
     if where == "batch":
         monkeypatch.setattr(generator.pipeline, "sample_images", hang_until(release, entered))
         work = threading.Thread(target=generator._run_batch, args=([item(1)],))
@@ -395,13 +395,13 @@ def test_a_replica_whose_accelerator_stalls_fails_its_health_check(generator, mo
     finally:
         release.set()
         work.join(30)
-    assert generator._busy == {}  # the stuck call's mark is gone once it returns
+    assert generator.stalls.in_hand() == 0  # the stuck call's mark is gone once it returns
 
 
 def test_a_slow_batch_that_moves_on_is_not_a_stall(generator):
     """The stall check times the gap between sampling steps, not the batch: a batch far longer than
     stall_timeout_s whose steps each finish in time keeps the replica healthy."""
-    generator.stall_timeout_s = 0.6
+    generator.stalls.timeout_s = 0.6
     slow = generator.pipeline.model.unet.register_forward_pre_hook(lambda module, args: time.sleep(0.15))
     checks, done = [], threading.Event()
 
@@ -419,7 +419,7 @@ def test_a_slow_batch_that_moves_on_is_not_a_stall(generator):
         done.set()
         watcher.join()
         slow.remove()
-    assert time.monotonic() - started > 3 * generator.stall_timeout_s  # 12 steps of >= 0.15 s
+    assert time.monotonic() - started > 3 * generator.stalls.timeout_s  # 12 steps of >= 0.15 s
     assert results[0]["seed"] == 1 and len(checks) > 20
     assert set(checks) == {"healthy"} and generator.device_failure is None
 

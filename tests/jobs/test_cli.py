@@ -233,6 +233,12 @@ def test_generate_refuses_a_malformed_compile_cache_before_starting_ray(tmp_path
     assert code == 2 and "needs a bucket" in capsys.readouterr().err
 
 
+def test_generate_refuses_a_negative_stall_timeout(tmp_path, capsys):
+    code = rdm(["generate", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"),
+                "--stall-timeout-s", "-1"])
+    assert code == 2 and "--stall-timeout-s must be 0 (never) or more" in capsys.readouterr().err
+
+
 def test_generate_refuses_a_size_the_model_cannot_sample_before_starting_ray(tmp_path, capsys, monkeypatch):
     import cluster.runtime
 

@@ -1,0 +1,85 @@
+"""Telling a hung accelerator from a slow one.
+
+A GPU that hangs (a kernel that never returns) raises nothing: the call waits forever, and so does whoever
+waits on it. Work on the accelerator is therefore marked while it runs and reports progress as it moves on
+(each sampling step); work that has not moved on for `timeout_s` is a stall. A long batch is not one, as
+long as each of its steps ends in time. The Serve Generator fails its health check on a stall (Serve
+replaces the replica); a bulk job's sampler ends its process (Ray Data starts the actor again and runs the
+batch again: its outputs are written only once it has sampled)."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+logger = logging.getLogger(__name__)
+
+
+class StallWatch:
+    """Marks work on the accelerator (`busy`) and tells when some of it has stalled (`stalled_for`).
+    Thread-safe: the model thread marks, a health check or monitor thread asks."""
+
+    def __init__(self, timeout_s: float | None) -> None:
+        self.timeout_s = timeout_s  # None: never a stall
+        self._moved: dict[int, float] = {}  # work in hand -> when it last moved on
+        self._ids = itertools.count()
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[Callable[[], None]]:
+        """Marks work on the accelerator until the block ends; yields `progress()`, to be called whenever
+        the work moves on."""
+        key = next(self._ids)
+        self._moved[key] = time.monotonic()
+
+        def progress() -> None:
+            self._moved[key] = time.monotonic()
+
+        try:
+            yield progress
+        finally:
+            del self._moved[key]
+
+    def in_hand(self) -> int:
+        return len(self._moved)
+
+    def stalled_for(self) -> float | None:
+        """Seconds the longest-stalled work in hand has not moved on, if past `timeout_s`; else None."""
+        if self.timeout_s is None:
+            return None
+        since = min(self._moved.copy().values(), default=None)  # a copy: the model thread changes it
+        if since is None:
+            return None
+        idle = time.monotonic() - since
+        return idle if idle > self.timeout_s else None
+
+    def monitor(self, on_stall: Callable[[float], None], interval_s: float | None = None) -> threading.Event:
+        """Checks every `interval_s` (default: 5 s, or half the timeout when shorter) on a daemon thread and
+        calls `on_stall(seconds)` once, at the first stall; returns an event that stops the thread."""
+        stop = threading.Event()
+        if self.timeout_s is None:
+            return stop
+        interval_s = interval_s or min(5.0, self.timeout_s / 2)
+
+        def run() -> None:
+            while not stop.wait(interval_s):
+                idle = self.stalled_for()
+                if idle is not None:
+                    on_stall(idle)
+                    return
+
+        threading.Thread(target=run, name="rdm-stall-watch", daemon=True).start()
+        return stop
+
+
+STALLED_EXIT = 75  # EX_TEMPFAIL: the process ended itself on a stall; started again, it can go on
+
+
+def end_process(code: int) -> None:
+    """Ends this process at once (a thread stuck in an accelerator call cannot be stopped otherwise)."""
+    logging.shutdown()  # flush what was logged, the reason included
+    os._exit(code)
