@@ -143,6 +143,40 @@ def test_killed_driver_then_rerun_generates_only_the_missing(index_uri, make_buc
     assert len({r["key"] for r in manifest(out)}) == 40
 
 
+class EndsItsProcessOnce:
+    """A map_batches stage whose first call ends its process as a stalled bulk sampler does."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __call__(self, batch):
+        from cluster.watchdog import STALLED_EXIT, end_process
+
+        if not os.path.exists(self.marker):
+            Path(self.marker).touch()
+            end_process(STALLED_EXIT)
+        return batch
+
+
+def test_a_sampler_that_ends_its_process_is_started_again_and_its_batch_run_again(ray_cluster, tmp_path):
+    """What a stalled bulk sampler relies on (cluster.watchdog): Ray Data's actor pool, configured as the
+    job's sampler stage, starts an actor whose process ended again and runs its batch again, and the
+    dataset completes with every row once."""
+    import ray
+    from ray import cloudpickle
+
+    from cluster.bulk import SAMPLER_CALLS_IN_FLIGHT
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    marker = tmp_path / "ended"
+    ds = ray.data.range(12, override_num_blocks=6).map_batches(
+        EndsItsProcessOnce, fn_constructor_kwargs={"marker": str(marker)}, batch_size=2, num_cpus=0.25,
+        compute=ray.data.ActorPoolStrategy(size=1, max_concurrent_calls_per_actor=SAMPLER_CALLS_IN_FLIGHT,
+                                           enable_true_multi_threading=True))
+    assert sorted(int(r["id"]) for r in ds.take_all()) == list(range(12))
+    assert marker.exists()  # the process did end once
+
+
 def test_worker_node_removed_mid_run(index_uri, make_bucket, ray_cluster):
     """A node leaves mid-run and another joins: the job (or its re-run) completes every image. This job
     also asks for another size than the model's 32 x 32: 24 x 40 (height x width)."""
