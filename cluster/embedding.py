@@ -14,6 +14,12 @@ schema metadata, so a run stopped between the two leaves the output naming what 
 embeds the shards without output and those whose files were rewritten since (another stamp), replacing
 their output; it skips the rest. Output from before stamps were recorded is taken as current, and its stamp
 recorded.
+
+Images are embedded once: every output row records the SHA-256 of its image's encoded bytes (`image_sha256`,
+also in a small `OUT/contents/<shard>.parquet` the driver reads), and a shard being embedded takes the
+embedding of any image already embedded -- in its own old output or any other shard's -- instead of decoding
+and embedding it again. So a file rewritten with a row more, a corpus compacted into fewer files or renamed,
+or the same image in two files costs only the images not seen before.
 """
 
 from __future__ import annotations
@@ -42,8 +48,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 WDS_TEXT_FIELDS = {"txt": "caption", "cls": "class"}
-RESERVED_COLUMNS = ("id", "embedding", "source_uri")
-EMBEDDINGS_DIR, ERRORS_DIR, STAMPS_DIR = "embeddings", "errors", "stamps"
+CONTENT_COLUMN = "image_sha256"  # of the image's encoded bytes (24 hex digits): an image seen before is not embedded
+RESERVED_COLUMNS = ("id", "embedding", "source_uri", CONTENT_COLUMN)
+EMBEDDINGS_DIR, ERRORS_DIR, STAMPS_DIR, CONTENTS_DIR = "embeddings", "errors", "stamps", "contents"
 STAMP_KEY = "rdm_stamp"  # schema metadata of an embeddings file: the stamp of the files it was made from
 
 
@@ -110,7 +117,7 @@ def _read_rows(store: ObjectStore, shard: CorpusShard) -> list[dict]:
         raise EmptyCorpusError(f"{store.uri}/{key} has no 'image' column (columns: {', '.join(table.column_names)})")
     images = table.column("image").to_pylist()
     ids = table.column("id").to_pylist() if "id" in table.column_names else [None] * len(images)
-    meta_cols = [c for c in table.column_names if c not in ("image", "id")]
+    meta_cols = [c for c in table.column_names if c not in ("image", *RESERVED_COLUMNS)]
     metas = table.select(meta_cols).to_pylist()
     rows = []
     for i, (data, row_id, meta) in enumerate(zip(images, ids, metas, strict=True)):
@@ -169,24 +176,92 @@ def decode_image(data: bytes | None, size: tuple[int, int], *, antialias: bool =
     return resize_for_clip(x, size, antialias=antialias)[0].numpy().astype(np.float16)
 
 
+def known_contents(out: ObjectStore, threads: int = 16) -> pa.Table:
+    """(image_sha256, shard) of every image embedded in `out`, from the shards' contents files (read in
+    parallel; outputs from before they were written contribute nothing)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    done = {k.rsplit("/", 1)[-1] for k in out.list(EMBEDDINGS_DIR)}
+    keys = [k for k in out.list(CONTENTS_DIR) if k.rsplit("/", 1)[-1] in done]  # written before its embeddings
+
+    def read(key: str) -> pa.Table:
+        table = pq.read_table(io.BytesIO(out.read_bytes(key)))
+        shard = key.rsplit("/", 1)[-1].removesuffix(".parquet")
+        return table.append_column("shard", pa.array([shard] * len(table), pa.string()))
+
+    with ThreadPoolExecutor(threads) as pool:
+        tables = list(pool.map(read, keys))
+    empty = pa.table({CONTENT_COLUMN: pa.array([], pa.string()), "shard": pa.array([], pa.string())})
+    return pa.concat_tables([empty, *tables]).combine_chunks()
+
+
+def embedded_before(out: ObjectStore, known: pa.Table, contents: list[str]) -> dict[str, np.ndarray]:
+    """{image_sha256: embedding} of those of `contents` that `known` places in an output of `out`, read from
+    those outputs (only the shards that hold some). An output rewritten or removed since `known` was read
+    just yields fewer: those images are embedded again."""
+    import pyarrow.compute as pc
+
+    wanted = pa.array(sorted(set(contents)), pa.string())
+    at = pc.index_in(wanted, value_set=known.column(CONTENT_COLUMN))
+    hit = pc.is_valid(at)
+    shards: dict[str, set[str]] = {}
+    for content, shard in zip(wanted.filter(hit).to_pylist(), pc.take(known.column("shard"), at.filter(hit)).to_pylist(),
+                              strict=True):
+        shards.setdefault(shard, set()).add(content)
+    found: dict[str, np.ndarray] = {}
+    for shard, group in shards.items():
+        try:
+            table = pq.read_table(io.BytesIO(out.read_bytes(join(EMBEDDINGS_DIR, f"{shard}.parquet"))),
+                                  columns=[CONTENT_COLUMN, "embedding"])
+        except (StorageError, pa.ArrowException, KeyError):
+            continue
+        table = table.filter(pc.is_in(table.column(CONTENT_COLUMN), pa.array(sorted(group), pa.string())))
+        if len(table):
+            vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+            found.update(zip(table.column(CONTENT_COLUMN).to_pylist(), vectors, strict=True))
+    return found
+
+
 def decode_shard(row: dict, *, corpus_uri: str, image_size: tuple[int, int], antialias: bool,
-                 max_pixels: int = MAX_IMAGE_PIXELS) -> dict:
-    """CPU task: read and decode one shard; undecodable or oversized images become error records, never
-    exceptions."""
+                 max_pixels: int = MAX_IMAGE_PIXELS, out_uri: str | None = None, known=None) -> dict:
+    """CPU task: read one shard, take the embeddings of images embedded before (`known`: a table from
+    `known_contents`, or a Ray reference to one, of outputs in `out_uri`) and decode the others;
+    undecodable or oversized images become error records, never exceptions."""
     shard = CorpusShard(**{**row, "keys": tuple(row["keys"])})
     store = open_store(corpus_uri)
-    good, errors = [], []
-    for record in _read_rows(store, shard):
+    records = _read_rows(store, shard)
+    for record in records:
+        record[CONTENT_COLUMN] = _content_id(record["data"]) if record["data"] else None
+    found: dict[str, np.ndarray] = {}
+    if known is not None and out_uri is not None:
+        import ray
+
+        known = ray.get(known) if isinstance(known, ray.ObjectRef) else known
+        contents = [r[CONTENT_COLUMN] for r in records if r[CONTENT_COLUMN]]
+        if len(known) and contents:
+            found = embedded_before(open_store(out_uri), known, contents)
+    good, reused, errors = [], [], []
+    for record in records:
+        if record[CONTENT_COLUMN] in found:
+            reused.append(found[record[CONTENT_COLUMN]])
+            good.append((record, None))
+            continue
         try:
             good.append((record, decode_image(record["data"], image_size, antialias=antialias, max_pixels=max_pixels)))
         except InputError as err:
             errors.append({"id": record["id"], "source_uri": record["source_uri"], "error": f"{type(err).__name__}: {err}"})
-    images = np.stack([img for _, img in good]) if good else np.zeros((0, 3, *image_size), np.float16)
+    decoded = [img for _, img in good if img is not None]
+    images = np.stack(decoded) if decoded else np.zeros((0, 3, *image_size), np.float16)
+    rows = [{k: r[k] for k in ("id", "source_uri", "metadata", CONTENT_COLUMN)} | {"reused": img is None}
+            for r, img in good]
+    return {"shard": shard.name, "stamp": shard.stamp, "images": _npy(images), "rows": json.dumps(rows),
+            "errors": json.dumps(errors), "reused": _npy(np.stack(reused) if reused else np.zeros((0, 0), np.float32))}
+
+
+def _npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    np.save(buffer, images, allow_pickle=False)
-    rows = [{k: r[k] for k in ("id", "source_uri", "metadata")} for r, _ in good]
-    return {"shard": shard.name, "stamp": shard.stamp, "images": buffer.getvalue(), "rows": json.dumps(rows),
-            "errors": json.dumps(errors)}
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def embeddings_table(rows: list[dict], embeddings: np.ndarray, dtype: str) -> pa.Table:
@@ -195,6 +270,7 @@ def embeddings_table(rows: list[dict], embeddings: np.ndarray, dtype: str) -> pa
         "id": pa.array([r["id"] for r in rows], pa.string()),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.astype(dtype).reshape(-1)), dim),
         "source_uri": pa.array([r["source_uri"] for r in rows], pa.string()),
+        CONTENT_COLUMN: pa.array([r.get(CONTENT_COLUMN) for r in rows], pa.string()),
     }
     for key in sorted({k for r in rows for k in r["metadata"]}):
         columns[key] = pa.array([r["metadata"].get(key) for r in rows], pa.string())
@@ -219,26 +295,34 @@ class ClipEmbedder:
         self.store, self.batch_size, self.dtype = open_store(out_uri), batch_size, dtype
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        counts, errors = [], []
-        for shard, stamp, images, rows, errs in zip(batch["shard"], batch["stamp"], batch["images"], batch["rows"],
-                                                    batch["errors"], strict=True):
+        counts, fresh, errors = [], [], []
+        for shard, stamp, images, rows, errs, reused in zip(batch["shard"], batch["stamp"], batch["images"],
+                                                            batch["rows"], batch["errors"], batch["reused"], strict=True):
             pixels = np.load(io.BytesIO(images), allow_pickle=False)
             chunks = [self.encoder.encode_image(torch.from_numpy(pixels[i:i + self.batch_size]).float()).cpu().numpy()
                       for i in range(0, len(pixels), self.batch_size)]
+            rows = json.loads(rows)
+            new, old = iter(chunk for c in chunks for chunk in c), iter(np.load(io.BytesIO(reused), allow_pickle=False))
             dim = self.encoder.config.embed_dim
-            embeddings = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
+            embeddings = np.zeros((len(rows), dim), np.float32)
+            for i, row in enumerate(rows):  # in the shard's order: embeddings taken from before, and new ones
+                embeddings[i] = next(old) if row["reused"] else next(new)
             error_rows = json.loads(errs)
             if error_rows:
                 self.store.write_bytes(join(ERRORS_DIR, f"{shard}.parquet"), table_bytes(pa.Table.from_pylist(error_rows)))
             else:  # a shard embedded again after its files changed: its old errors are gone
                 self.store.delete(join(ERRORS_DIR, f"{shard}.parquet"))
-            table = embeddings_table(json.loads(rows), embeddings, self.dtype)
+            table = embeddings_table(rows, embeddings, self.dtype)
             table = table.replace_schema_metadata({STAMP_KEY: str(stamp)})  # with the output, not after it
+            # its images' hashes, before the embeddings (which mark the shard done): what later shards may reuse
+            self.store.write_bytes(join(CONTENTS_DIR, f"{shard}.parquet"), table_bytes(table.select([CONTENT_COLUMN])))
             self.store.write_bytes(join(EMBEDDINGS_DIR, f"{shard}.parquet"), table_bytes(table))
             record_stamp(self.store, str(shard), str(stamp))
             counts.append(len(embeddings))
+            fresh.append(len(pixels))
             errors.append(len(error_rows))
-        return {"shard": batch["shard"], "count": np.array(counts), "errors": np.array(errors)}
+        return {"shard": batch["shard"], "count": np.array(counts), "fresh": np.array(fresh),
+                "errors": np.array(errors)}
 
 
 def record_stamp(store: ObjectStore, shard: str, stamp: str) -> None:
@@ -275,6 +359,7 @@ class EmbedResult:
     dim: int
     clip: str
     shards_changed: int = 0  # embedded again: their files were rewritten since their output was made
+    reused: int = 0  # of `embedded`, images embedded before (same bytes), whose embeddings were taken, not computed
 
 
 def embed_corpus(corpus_uri: str, out_uri: str, *, clip: str = "tiny", clip_weights: str | None = None,
@@ -319,12 +404,15 @@ def embed_corpus(corpus_uri: str, out_uri: str, *, clip: str = "tiny", clip_weig
             changed += 1
     logger.info("%d shards, %d already embedded, %d to do (%d whose files changed)", len(shards),
                 len(shards) - len(pending), len(pending), changed)
-    embedded = errors = 0
+    embedded = errors = reused = 0
     if pending:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        known = known_contents(out)  # what is embedded already: those images are taken, not embedded again
+        logger.info("%d images embedded before, whose embeddings shards may take", len(known))
         ds = ray.data.from_items([asdict(s) for s in pending], override_num_blocks=len(pending))
         ds = ds.map(decode_shard, fn_kwargs={"corpus_uri": corpus_uri, "image_size": image_size,
-                                             "antialias": config.antialias, "max_pixels": max_image_pixels},
+                                             "antialias": config.antialias, "max_pixels": max_image_pixels,
+                                             "out_uri": out_uri, "known": ray.put(known) if len(known) else None},
                     num_cpus=decode_num_cpus)
         ds = ds.map_batches(ClipEmbedder, fn_constructor_kwargs={"clip": clip, "clip_weights": clip_weights,
                                                                  "out_uri": out_uri, "batch_size": batch_size,
@@ -333,9 +421,11 @@ def embed_corpus(corpus_uri: str, out_uri: str, *, clip: str = "tiny", clip_weig
                             num_cpus=actor_num_cpus, num_gpus=1 if use_gpu else 0)
         results = ds.take_all()
         embedded = sum(int(r["count"]) for r in results)
+        reused = embedded - sum(int(r["fresh"]) for r in results)
         errors = sum(int(r["errors"]) for r in results)
     out.write_bytes("embed.json", json.dumps(info, indent=1).encode())
-    return EmbedResult(len(shards), len(shards) - len(pending), embedded, errors, config.embed_dim, clip, changed)
+    return EmbedResult(len(shards), len(shards) - len(pending), embedded, errors, config.embed_dim, clip, changed,
+                       reused)
 
 
 def prune_embeddings(corpus_uri: str, out_uri: str, *, shard_size: int = 256) -> int:
@@ -350,6 +440,9 @@ def prune_embeddings(corpus_uri: str, out_uri: str, *, shard_size: int = 256) ->
                 removed += 1
     for key in out.list(STAMPS_DIR + "/"):
         if key.split("/")[1] not in live:
+            out.delete(key)
+    for key in out.list(CONTENTS_DIR):
+        if key.rsplit("/", 1)[-1].removesuffix(".parquet") not in live:
             out.delete(key)
     return removed
 

@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
                           shard_size=args.shard_size, batch_size=args.batch_size, num_actors=args.num_actors,
                           actor_num_cpus=args.actor_num_cpus, dtype=args.dtype,
                           max_image_pixels=args.max_image_pixels)
-    print(f"embedded {result.embedded} images ({result.errors} undecodable or too large) in "
+    print(f"embedded {result.embedded} images ({result.reused} of them taken from earlier outputs: the same image bytes; "
+          f"{result.errors} undecodable or too large) in "
           f"{result.shards_total - result.shards_skipped} shards ({result.shards_changed} of them again: their files "
           f"changed); {result.shards_skipped} shards were already done")
     return EXIT_OK

@@ -146,7 +146,8 @@ def run_rebuild(args: argparse.Namespace) -> None:
     embeddings = args.embeddings or f"{args.index.rstrip('/')}/{args.database}/embeddings"
     result = embed_corpus(args.corpus, embeddings, clip=args.clip, clip_weights=args.clip_weights)
     pruned = prune_embeddings(args.corpus, embeddings)
-    print(f"embedded {result.embedded} images ({result.shards_total - result.shards_skipped - result.shards_changed} "
+    print(f"embedded {result.embedded} images ({result.reused} taken from earlier outputs; "
+          f"{result.shards_total - result.shards_skipped - result.shards_changed} "
           f"new shards, {result.shards_changed} changed, {result.shards_skipped} unchanged; {pruned} files of "
           "removed shards deleted)")
     where = parse_where(args.where)

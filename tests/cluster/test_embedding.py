@@ -96,3 +96,27 @@ def test_webdataset_tars_are_shards_of_samples_grouped_by_key(tmp_path):
 
     with pytest.raises(StorageError, match="not a readable tar file"):
         decode("broken.tar")
+
+
+def test_a_shard_takes_embeddings_of_images_embedded_before_and_decodes_the_rest(tmp_path):
+    """`known` places image a in shard old and image b in shard gone, whose output was removed since: a is
+    taken from old's output (not decoded), b and c are decoded."""
+    import json
+
+    from cluster.embedding import CONTENT_COLUMN, _content_id, embeddings_table, table_bytes
+    from cluster.storage import open_store
+
+    a, b, c = png((10, 0, 0)), png((0, 10, 0)), png((0, 0, 10))
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "image": [a, b, c]}), tmp_path / "part.parquet")
+    out = open_store(str(tmp_path / "out"))
+    vector = np.arange(4, dtype=np.float32)
+    rows = [{"id": "old-a", "source_uri": "x", "metadata": {}, CONTENT_COLUMN: _content_id(a)}]
+    out.write_bytes("embeddings/old.parquet", table_bytes(embeddings_table(rows, vector[None], "float32")))
+    known = pa.table({CONTENT_COLUMN: [_content_id(a), _content_id(b)], "shard": ["old", "gone"]})
+    _, shards = list_corpus(str(tmp_path / "part.parquet"))
+    result = decode_shard({"name": shards[0].name, "kind": "parquet", "keys": list(shards[0].keys)},
+                          corpus_uri=str(tmp_path), image_size=(8, 8), antialias=False, out_uri=out.uri, known=known)
+    decoded = json.loads(result["rows"])
+    assert [(r["id"], r["reused"]) for r in decoded] == [("a", True), ("b", False), ("c", False)]
+    assert np.load(io.BytesIO(result["images"])).shape == (2, 3, 8, 8)
+    np.testing.assert_array_equal(np.load(io.BytesIO(result["reused"])), vector[None])

@@ -1,5 +1,6 @@
 """The data plane on real components: SeaweedFS S3, a 3-node local Ray cluster, real FAISS and CLIP."""
 
+import hashlib
 import io
 import threading
 import time
@@ -70,11 +71,12 @@ def test_embed_counts_errors_and_matches_in_process_clip(embedded, s3_corpus):
     errors = pa.concat_tables([pq.read_table(io.BytesIO(store.read_bytes(k))) for k in store.list("errors")])
     assert sorted(errors.column("id").to_pylist()) == ["p0-3", "p1-3"]
     table = pq.read_table(io.BytesIO(store.read_bytes(next(k for k in store.list("embeddings") if "part-0" in k))))
-    assert table.column_names == ["id", "embedding", "source_uri", "style"]
+    assert table.column_names == ["id", "embedding", "source_uri", "image_sha256", "style"]
     first = table.slice(0, 1).to_pylist()[0]
     assert first["id"] == "p0-0" and first["style"] == "ukiyo-e" and first["source_uri"].endswith("part-0.parquet#0")
     from rdm.factory import load_clip_spec
     corpus = pq.read_table(io.BytesIO(open_store(s3_corpus).read_bytes("part-0.parquet")))
+    assert first["image_sha256"] == hashlib.sha256(corpus.column("image")[0].as_py()).hexdigest()[:24]
     pixels = np.asarray(Image.open(io.BytesIO(corpus.column("image")[0].as_py())).convert("RGB"), np.float32)
     expected = load_clip_spec("tiny").encode_image(torch.from_numpy(pixels).permute(2, 0, 1)[None] / 127.5 - 1)
     np.testing.assert_allclose(np.asarray(first["embedding"]), expected[0].numpy(), atol=2e-3)
@@ -120,6 +122,43 @@ def test_a_corpus_file_rewritten_in_place_is_embedded_again(ray_cluster, make_bu
     assert (third.shards_skipped, third.shards_changed, third.embedded) == (1, 1, 6)
     part0 = next(s for s in stamps if "part-0" in s)
     assert recorded_stamps(out)[part0] == stamps[part0] and len(recorded_stamps(out)) == 2
+
+
+def test_an_image_embedded_before_is_taken_not_embedded_again(ray_cluster, make_bucket):
+    """Two parquet files compacted into one with an image more (the old files deleted): the new shard takes
+    the 8 images' embeddings from the old outputs and embeds only the new image; the result equals
+    embedding the compacted file from scratch, and the old shards' files are pruned."""
+    from cluster.embedding import prune_embeddings
+
+    corpus, rng = open_store(make_bucket("rdm-corpus") + "/compacted"), np.random.default_rng(7)
+    images = {f"r{i}": png(rng) for i in range(9)}
+
+    def part(name: str, ids: list[str]) -> None:
+        corpus.write_bytes(name, parquet_bytes(pa.table({"id": ids, "image": [images[i] for i in ids]})))
+
+    part("part-0.parquet", ["r0", "r1", "r2", "r3"])
+    part("part-1.parquet", ["r4", "r5", "r6", "r7"])
+    out = open_store(make_bucket("rdm-embeddings") + "/compacted")
+    first = embed_corpus(corpus.uri, out.uri, clip="tiny", actor_num_cpus=0.5)
+    assert (first.embedded, first.reused) == (8, 0)
+    part("all.parquet", [f"r{i}" for i in range(9)])
+    corpus.delete("part-0.parquet")
+    corpus.delete("part-1.parquet")
+    again = embed_corpus(corpus.uri, out.uri, clip="tiny", actor_num_cpus=0.5)
+    assert (again.shards_total, again.embedded, again.reused) == (1, 9, 8)
+    assert prune_embeddings(corpus.uri, out.uri) == 2 and len(out.list("contents")) == 1
+
+    def vectors(store) -> dict[str, np.ndarray]:
+        tables = [pq.read_table(io.BytesIO(store.read_bytes(k))) for k in store.list("embeddings")]
+        return {i: np.asarray(e) for t in tables for i, e in zip(t.column("id").to_pylist(),
+                                                                   t.column("embedding").to_pylist(), strict=True)}
+
+    fresh = open_store(make_bucket("rdm-embeddings") + "/compacted-fresh")
+    assert embed_corpus(corpus.uri, fresh.uri, clip="tiny", actor_num_cpus=0.5).reused == 0
+    taken, computed = vectors(out), vectors(fresh)
+    assert sorted(taken) == sorted(computed) == sorted(images)
+    for i in images:
+        np.testing.assert_allclose(taken[i], computed[i], atol=1e-5, err_msg=i)
 
 
 def test_webdataset_corpus_on_s3_embeds_and_indexes_by_style(ray_cluster, make_bucket):
