@@ -11,11 +11,18 @@ paths compute the same embeddings):
   actors, one parquet file written per shard); wall time of the whole call, actor start and model load included.
 
 Prints images/s, the ratio to the in-process loop and the largest embedding difference between the two.
+
+`--compacted`: a second table. The corpus is compacted (every two files rewritten as one, the old ones
+deleted) with 1/16 new images added, and embedded again (one actor of 0.5 CPUs) into the output it was
+embedded into before -- the new shards take the embeddings of images seen before, by content hash -- against
+embedding the compacted corpus into a fresh output, in the same run; also the largest difference between
+the two outputs' embeddings.
 Ray gives a worker OMP_NUM_THREADS=floor(num_cpus) (at least 1): the torch threads column shows what an
 actor of each `--actor-num-cpus` gets (probed with an actor of the same size).
 
     python bench/embedding.py [--clip tiny|ViT-B-32] [--num-images N] [--images-per-file N/8]
                               [--batch-size 64] [--num-actors 1] [--actor-num-cpus 0.5,2] [--repeats 2]
+                              [--compacted]
 """
 
 from __future__ import annotations
@@ -43,7 +50,8 @@ from rdm.factory import load_clip_spec
 DEFAULT_IMAGES = {"tiny": 2048}  # other CLIPs (ViT-B-32: ~7 images/s on 2 busy CPU cores): 128
 
 
-def write_corpus(root: Path, num_images: int, *, images_per_file: int, pixels: int, seed: int) -> None:
+def write_corpus(root: Path, num_images: int, *, images_per_file: int, pixels: int, seed: int,
+                 prefix: str = "img") -> None:
     """`num_images` random RGB PNGs of pixels x pixels, as parquet files with columns id, image."""
     rng, store = np.random.default_rng(seed), open_store(str(root))
     for part, start in enumerate(range(0, num_images, images_per_file)):
@@ -52,7 +60,7 @@ def write_corpus(root: Path, num_images: int, *, images_per_file: int, pixels: i
             buffer = io.BytesIO()
             Image.fromarray(rng.integers(0, 256, (pixels, pixels, 3), dtype=np.uint8)).save(buffer, format="PNG")
             images.append(buffer.getvalue())
-        ids = [f"img{start + i}" for i in range(len(images))]
+        ids = [f"{prefix}{start + i}" for i in range(len(images))]
         store.write_bytes(f"part-{part:05d}.parquet", table_bytes(pa.table({"id": ids, "image": images})))
 
 
@@ -96,6 +104,39 @@ def time_pipeline(args, corpus: Path, work: Path, actor_num_cpus: float, referen
     return times, diff
 
 
+def compact(corpus: Path, *, new_images: int, pixels: int, seed: int) -> None:
+    """Every two parquet files of `corpus` rewritten as one (the old deleted), `new_images` random ones added."""
+    files = sorted(corpus.glob("*.parquet"))
+    for i in range(0, len(files), 2):
+        pair = files[i:i + 2]
+        table = pa.concat_tables([pq.read_table(f) for f in pair])
+        pq.write_table(table, corpus / f"compacted-{i // 2:05d}.parquet")
+        for f in pair:
+            f.unlink()
+    write_corpus(corpus / "new", new_images, images_per_file=new_images, pixels=pixels, seed=seed + 1, prefix="new")
+    (corpus / "new" / "part-00000.parquet").rename(corpus / "new-00000.parquet")
+    (corpus / "new").rmdir()
+
+
+def time_compacted(args, corpus: Path, work: Path) -> list[tuple]:
+    """Re-embedding a compacted corpus into its earlier output (images taken by content hash) against
+    embedding it from scratch."""
+    earlier = work / "out-before-compaction"
+    embed_corpus(str(corpus), str(earlier), clip=args.clip, batch_size=args.batch_size)
+    compact(corpus, new_images=max(1, args.num_images // 16), pixels=args.pixels, seed=args.seed)
+    rows, outputs, times = [], {}, {}
+    for name, out in (("from scratch (fresh output)", work / "out-fresh"), ("into the earlier output", earlier)):
+        with Stopwatch() as sw:
+            result = embed_corpus(str(corpus), str(out), clip=args.clip, batch_size=args.batch_size)
+        times[name], outputs[name] = sw.s, read_pipeline_output(out)
+        rows.append([name, result.embedded, result.reused, f"{sw.s:.2f}"])
+    base = times["from scratch (fresh output)"]
+    diff = max_difference(*outputs.values())
+    for row in rows:
+        row += [f"{base / float(row[3]):.2f}x", f"{diff:.1e}"]
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clip", default="tiny", help="shipped model name or open_clip architecture")
@@ -111,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                              "one decode task)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compacted", action="store_true", help="also time re-embedding a compacted corpus")
     args = parser.parse_args(argv)
     args.num_images = args.num_images or DEFAULT_IMAGES.get(args.clip, 128)
     args.images_per_file = args.images_per_file or max(1, min(256, args.num_images // 8))
@@ -143,12 +185,18 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((f"ray-data embed_corpus ({args.num_actors} actor)", cpus, threads, f"{median:.2f}",
                          f"{args.num_images / median:.1f}", f"{base / median:.2f}x", f"{diff:.1e}",
                          f"first run {times[0]:.1f}s"))
+        compacted = time_compacted(args, work / "corpus", work) if args.compacted else None
     print(f"\nclip={args.clip} images={args.num_images} ({args.pixels}px PNG -> {encoder.image_size[0]}px) "
           f"files={math.ceil(args.num_images / args.images_per_file)} batch={args.batch_size} "
           f"actors={args.num_actors} ray_cpus={ray_cpus} repeats={args.repeats} (median, after one in-process "
           f"warm-up) torch={torch.__version__} ({start_line})\n")
     print(markdown_table(("path", "actor num_cpus", "torch threads", "wall s", "images/s", "vs in-process",
                           "max abs emb diff", "note"), rows))
+    if compacted:
+        print(f"\ncompacted: {math.ceil(args.num_images / args.images_per_file)} files rewritten as half as many, "
+              f"{max(1, args.num_images // 16)} new images; one actor of 0.5 CPUs\n")
+        print(markdown_table(("embedding the compacted corpus", "rows written", "taken from before", "wall s",
+                              "vs from scratch", "max abs emb diff"), compacted))
     return 0
 
 

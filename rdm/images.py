@@ -43,5 +43,6 @@ def decode_rgb(data: bytes | None, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.
 
 
 def to_model_range(pixels: np.ndarray) -> Tensor:
-    """uint8 [H, W, 3] -> float32 [1, 3, H, W] in [-1, 1] (x / 127.5 - 1, in place: one float copy)."""
-    return torch.from_numpy(pixels).permute(2, 0, 1)[None].float().div_(127.5).sub_(1.0)
+    """uint8 [H, W, 3] -> float32 [1, 3, H, W] in [-1, 1] (x / 127.5 - 1, in place: one float copy, made by
+    numpy, since Pillow's arrays are read-only and torch warns on wrapping one)."""
+    return torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1)[None].div_(127.5).sub_(1.0)

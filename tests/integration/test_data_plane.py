@@ -161,6 +161,30 @@ def test_an_image_embedded_before_is_taken_not_embedded_again(ray_cluster, make_
         np.testing.assert_allclose(taken[i], computed[i], atol=1e-5, err_msg=i)
 
 
+def test_a_moved_corpus_moves_its_embeddings_sources(ray_cluster, tmp_path):
+    """A corpus copied to another root (same files) and embedded from there into the same output: nothing is
+    embedded again, and every row's source_uri names the new root -- what an index rebuilt from it hands out."""
+    import shutil
+
+    rng = np.random.default_rng(11)
+    old_root, new_root = tmp_path / "old", tmp_path / "new"
+    old_root.mkdir()
+    for f in range(2):
+        pq.write_table(pa.table({"id": [f"m{f}-{i}" for i in range(3)], "image": [png(rng) for _ in range(3)]}),
+                       old_root / f"part-{f}.parquet")
+    out = open_store(str(tmp_path / "out"))
+    first = embed_corpus(str(old_root), out.uri, clip="tiny", actor_num_cpus=0.5)
+    shutil.copytree(old_root, new_root)  # copy2: the same sizes and modification times, so the same stamps
+    moved = embed_corpus(str(new_root), out.uri, clip="tiny", actor_num_cpus=0.5)
+    assert (moved.shards_skipped, moved.embedded, moved.relocated) == (2, 0, 2)
+    sources = [s for k in out.list("embeddings") for s in pq.read_table(io.BytesIO(out.read_bytes(k))).column(
+        "source_uri").to_pylist()]
+    assert len(sources) == first.embedded == 6
+    assert all(s.startswith(f"{open_store(str(new_root)).uri}/part-") for s in sources), sources
+    again = embed_corpus(str(new_root), out.uri, clip="tiny", actor_num_cpus=0.5)
+    assert (again.embedded, again.relocated) == (0, 0)
+
+
 def test_webdataset_corpus_on_s3_embeds_and_indexes_by_style(ray_cluster, make_bucket):
     """WebDataset tars on S3: each tar a shard, each key a sample, its JSON metadata columns to filter on."""
     import json
