@@ -360,6 +360,7 @@ class EmbedResult:
     clip: str
     shards_changed: int = 0  # embedded again: their files were rewritten since their output was made
     reused: int = 0  # of `embedded`, images embedded before (same bytes), whose embeddings were taken, not computed
+    relocated: int = 0  # shards whose sources were moved to the corpus's new root (it was embedded from another)
 
 
 def embed_corpus(corpus_uri: str, out_uri: str, *, clip: str = "tiny", clip_weights: str | None = None,
@@ -378,14 +379,13 @@ def embed_corpus(corpus_uri: str, out_uri: str, *, clip: str = "tiny", clip_weig
     weights = local_path(clip_weights)  # an s3:// file: downloaded here too, for its content hash
     config, _ = resolve_clip(clip, weights=weights)
     image_size = _clip_image_size(config.model_name)
-    _, shards = list_corpus(corpus_uri, shard_size=shard_size)
+    corpus, shards = list_corpus(corpus_uri, shard_size=shard_size)
     out = open_store(out_uri)
     info = {"clip": clip, "clip_hash": clip_hash(clip, weights=weights), "dim": config.embed_dim, "dtype": dtype}
-    if out.exists("embed.json"):
-        previous = json.loads(out.read_bytes("embed.json"))
-        if {k: previous.get(k) for k in info} != info:
-            raise ConfigError(f"{out.uri} holds embeddings made with {previous}; this run would use {info}. "
-                              "Use another --out or the same settings.")
+    previous = json.loads(out.read_bytes("embed.json")) if out.exists("embed.json") else None
+    if previous is not None and {k: previous.get(k) for k in info} != info:
+        raise ConfigError(f"{out.uri} holds embeddings made with {previous}; this run would use {info}. "
+                          "Use another --out or the same settings.")
     done = set(out.list(EMBEDDINGS_DIR))
     recorded = recorded_stamps(out)
     pending, changed = [], 0
@@ -404,6 +404,13 @@ def embed_corpus(corpus_uri: str, out_uri: str, *, clip: str = "tiny", clip_weig
             changed += 1
     logger.info("%d shards, %d already embedded, %d to do (%d whose files changed)", len(shards),
                 len(shards) - len(pending), len(pending), changed)
+    relocated = 0
+    if previous is not None and previous.get("corpus", corpus.uri) != corpus.uri:  # the corpus moved
+        todo = {s.name for s in pending}
+        kept = [s.name for s in shards if s.name not in todo]
+        relocated = relocate_sources(out, kept, previous["corpus"], corpus.uri)
+        logger.info("the corpus moved from %s: the sources of %d shards now name %s", previous["corpus"], relocated,
+                    corpus.uri)
     embedded = errors = reused = 0
     if pending:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
@@ -423,9 +430,31 @@ def embed_corpus(corpus_uri: str, out_uri: str, *, clip: str = "tiny", clip_weig
         embedded = sum(int(r["count"]) for r in results)
         reused = embedded - sum(int(r["fresh"]) for r in results)
         errors = sum(int(r["errors"]) for r in results)
-    out.write_bytes("embed.json", json.dumps(info, indent=1).encode())
+    out.write_bytes("embed.json", json.dumps(info | {"corpus": corpus.uri}, indent=1).encode())
     return EmbedResult(len(shards), len(shards) - len(pending), embedded, errors, config.embed_dim, clip, changed,
-                       reused)
+                       reused, relocated)
+
+
+def relocate_sources(out: ObjectStore, shards: list[str], old_root: str, new_root: str) -> int:
+    """Rewrite the `source_uri`s under `old_root` of these shards' outputs to name `new_root` instead (the
+    same files, moved); returns how many outputs changed. Run again after a stop, it finds the rewritten
+    ones done. The embeddings are untouched."""
+    import pyarrow.compute as pc
+
+    changed = 0
+    for shard in shards:
+        key = join(EMBEDDINGS_DIR, f"{shard}.parquet")
+        table = pq.read_table(io.BytesIO(out.read_bytes(key)))
+        sources = table.column("source_uri")
+        moved = pc.starts_with(sources, old_root + "/")
+        if not pc.any(moved).as_py():
+            continue
+        renamed = pc.if_else(moved, pc.binary_join_element_wise(new_root, pc.utf8_slice_codeunits(
+            sources, len(old_root)), ""), sources)
+        table = table.set_column(table.column_names.index("source_uri"), "source_uri", renamed)
+        out.write_bytes(key, table_bytes(table))  # its stamp metadata kept
+        changed += 1
+    return changed
 
 
 def prune_embeddings(corpus_uri: str, out_uri: str, *, shard_size: int = 256) -> int:

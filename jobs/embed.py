@@ -49,5 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"embedded {result.embedded} images ({result.reused} of them taken from earlier outputs: the same image bytes; "
           f"{result.errors} undecodable or too large) in "
           f"{result.shards_total - result.shards_skipped} shards ({result.shards_changed} of them again: their files "
-          f"changed); {result.shards_skipped} shards were already done")
+          f"changed); {result.shards_skipped} shards were already done"
+          + (f" ({result.relocated} of them moved with the corpus: their sources now name it)" if result.relocated else ""))
     return EXIT_OK
