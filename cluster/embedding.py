@@ -176,37 +176,57 @@ def decode_image(data: bytes | None, size: tuple[int, int], *, antialias: bool =
     return resize_for_clip(x, size, antialias=antialias)[0].numpy().astype(np.float16)
 
 
-def known_contents(out: ObjectStore, threads: int = 16) -> pa.Table:
-    """(image_sha256, shard) of every image embedded in `out`, from the shards' contents files (read in
-    parallel; outputs from before they were written contribute nothing)."""
+@dataclass(frozen=True)
+class KnownImages:
+    """The images embedded in an output: their hashes (sorted, fixed-width bytes: searched without building
+    a hash table, shared zero-copy by the decode tasks through Ray's object store) and the shard holding each."""
+
+    hashes: np.ndarray  # dtype S24, sorted
+    shard_of: np.ndarray  # int32 index into shards
+    shards: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def find(self, contents: list[str]) -> dict[str, str]:
+        """{content: shard} for those of `contents` embedded before."""
+        if not len(self.hashes) or not contents:
+            return {}
+        wanted = np.array(contents, dtype="S24")
+        at = np.minimum(np.searchsorted(self.hashes, wanted), len(self.hashes) - 1)
+        hit = self.hashes[at] == wanted
+        return {c: self.shards[self.shard_of[i]] for c, i, h in zip(contents, at, hit, strict=True) if h}
+
+
+def known_images(out: ObjectStore, threads: int = 16) -> KnownImages:
+    """The images embedded in `out`, from the shards' contents files (read in parallel; outputs from before
+    they were written contribute nothing)."""
     from concurrent.futures import ThreadPoolExecutor
 
     done = {k.rsplit("/", 1)[-1] for k in out.list(EMBEDDINGS_DIR)}
     keys = [k for k in out.list(CONTENTS_DIR) if k.rsplit("/", 1)[-1] in done]  # written before its embeddings
 
-    def read(key: str) -> pa.Table:
-        table = pq.read_table(io.BytesIO(out.read_bytes(key)))
-        shard = key.rsplit("/", 1)[-1].removesuffix(".parquet")
-        return table.append_column("shard", pa.array([shard] * len(table), pa.string()))
+    def read(key: str) -> np.ndarray:
+        column = pq.read_table(io.BytesIO(out.read_bytes(key))).column(CONTENT_COLUMN)
+        return np.array(column.drop_null().to_pylist(), dtype="S24")
 
     with ThreadPoolExecutor(threads) as pool:
-        tables = list(pool.map(read, keys))
-    empty = pa.table({CONTENT_COLUMN: pa.array([], pa.string()), "shard": pa.array([], pa.string())})
-    return pa.concat_tables([empty, *tables]).combine_chunks()
+        parts = list(pool.map(read, keys))
+    hashes = np.concatenate(parts) if parts else np.zeros(0, "S24")
+    shard_of = np.concatenate([np.full(len(h), i, np.int32) for i, h in enumerate(parts)]) if parts else np.zeros(0, np.int32)
+    order = np.argsort(hashes, kind="stable")
+    shards = tuple(k.rsplit("/", 1)[-1].removesuffix(".parquet") for k in keys)
+    return KnownImages(hashes[order], shard_of[order], shards)
 
 
-def embedded_before(out: ObjectStore, known: pa.Table, contents: list[str]) -> dict[str, np.ndarray]:
+def embedded_before(out: ObjectStore, known: KnownImages, contents: list[str]) -> dict[str, np.ndarray]:
     """{image_sha256: embedding} of those of `contents` that `known` places in an output of `out`, read from
     those outputs (only the shards that hold some). An output rewritten or removed since `known` was read
     just yields fewer: those images are embedded again."""
     import pyarrow.compute as pc
 
-    wanted = pa.array(sorted(set(contents)), pa.string())
-    at = pc.index_in(wanted, value_set=known.column(CONTENT_COLUMN))
-    hit = pc.is_valid(at)
     shards: dict[str, set[str]] = {}
-    for content, shard in zip(wanted.filter(hit).to_pylist(), pc.take(known.column("shard"), at.filter(hit)).to_pylist(),
-                              strict=True):
+    for content, shard in known.find(sorted(set(contents))).items():
         shards.setdefault(shard, set()).add(content)
     found: dict[str, np.ndarray] = {}
     for shard, group in shards.items():
@@ -224,8 +244,8 @@ def embedded_before(out: ObjectStore, known: pa.Table, contents: list[str]) -> d
 
 def decode_shard(row: dict, *, corpus_uri: str, image_size: tuple[int, int], antialias: bool,
                  max_pixels: int = MAX_IMAGE_PIXELS, out_uri: str | None = None, known=None) -> dict:
-    """CPU task: read one shard, take the embeddings of images embedded before (`known`: a table from
-    `known_contents`, or a Ray reference to one, of outputs in `out_uri`) and decode the others;
+    """CPU task: read one shard, take the embeddings of images embedded before (`known`: `known_images` of
+    `out_uri`, or a Ray reference to it) and decode the others;
     undecodable or oversized images become error records, never exceptions."""
     shard = CorpusShard(**{**row, "keys": tuple(row["keys"])})
     store = open_store(corpus_uri)
@@ -414,7 +434,7 @@ def embed_corpus(corpus_uri: str, out_uri: str, *, clip: str = "tiny", clip_weig
     embedded = errors = reused = 0
     if pending:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        known = known_contents(out)  # what is embedded already: those images are taken, not embedded again
+        known = known_images(out)  # what is embedded already: those images are taken, not embedded again
         logger.info("%d images embedded before, whose embeddings shards may take", len(known))
         ds = ray.data.from_items([asdict(s) for s in pending], override_num_blocks=len(pending))
         ds = ds.map(decode_shard, fn_kwargs={"corpus_uri": corpus_uri, "image_size": image_size,

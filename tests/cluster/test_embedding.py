@@ -103,7 +103,7 @@ def test_a_shard_takes_embeddings_of_images_embedded_before_and_decodes_the_rest
     taken from old's output (not decoded), b and c are decoded."""
     import json
 
-    from cluster.embedding import CONTENT_COLUMN, _content_id, embeddings_table, table_bytes
+    from cluster.embedding import CONTENT_COLUMN, KnownImages, _content_id, embeddings_table, table_bytes
     from cluster.storage import open_store
 
     a, b, c = png((10, 0, 0)), png((0, 10, 0)), png((0, 0, 10))
@@ -112,7 +112,10 @@ def test_a_shard_takes_embeddings_of_images_embedded_before_and_decodes_the_rest
     vector = np.arange(4, dtype=np.float32)
     rows = [{"id": "old-a", "source_uri": "x", "metadata": {}, CONTENT_COLUMN: _content_id(a)}]
     out.write_bytes("embeddings/old.parquet", table_bytes(embeddings_table(rows, vector[None], "float32")))
-    known = pa.table({CONTENT_COLUMN: [_content_id(a), _content_id(b)], "shard": ["old", "gone"]})
+    ha, hb = _content_id(a), _content_id(b)
+    order = np.argsort(np.array([ha, hb], "S24"))
+    known = KnownImages(np.array([ha, hb], "S24")[order], np.array([0, 1], np.int32)[order], ("old", "gone"))
+    assert known.find([hb, _content_id(c), ha]) == {ha: "old", hb: "gone"}
     _, shards = list_corpus(str(tmp_path / "part.parquet"))
     result = decode_shard({"name": shards[0].name, "kind": "parquet", "keys": list(shards[0].keys)},
                           corpus_uri=str(tmp_path), image_size=(8, 8), antialias=False, out_uri=out.uri, known=known)
@@ -120,3 +123,21 @@ def test_a_shard_takes_embeddings_of_images_embedded_before_and_decodes_the_rest
     assert [(r["id"], r["reused"]) for r in decoded] == [("a", True), ("b", False), ("c", False)]
     assert np.load(io.BytesIO(result["images"])).shape == (2, 3, 8, 8)
     np.testing.assert_array_equal(np.load(io.BytesIO(result["reused"])), vector[None])
+
+
+def test_known_images_come_from_the_contents_of_finished_outputs(tmp_path):
+    """Each finished shard's contents file says which images it holds; one whose embeddings file is missing
+    (a run stopped between the two) offers nothing."""
+    from cluster.embedding import CONTENT_COLUMN, known_images, table_bytes
+    from cluster.storage import open_store
+
+    out = open_store(str(tmp_path))
+    hashes = {"s1": ["f" * 24, "0" * 24], "s2": ["a" * 24], "stopped": ["b" * 24]}
+    for shard, contents in hashes.items():
+        out.write_bytes(f"contents/{shard}.parquet", table_bytes(pa.table({CONTENT_COLUMN: contents})))
+        if shard != "stopped":
+            out.write_bytes(f"embeddings/{shard}.parquet", b"")
+    known = known_images(out)
+    assert len(known) == 3 and list(known.hashes) == sorted(known.hashes)
+    assert known.find(["a" * 24, "b" * 24, "f" * 24, "0" * 24, "9" * 24]) == {"a" * 24: "s2", "f" * 24: "s1",
+                                                                             "0" * 24: "s1"}
