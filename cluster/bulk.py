@@ -41,7 +41,7 @@ from cluster.errors import IndexVersionError, ObjectNotFoundError, StorageError,
 from cluster.index.manifest import check_database_name, current_version, load_manifest
 from cluster.prompts import PromptRow, read_prompts
 from cluster.storage import join, open_store
-from cluster.watchdog import STALLED_EXIT, StallWatch, end_process
+from cluster.watchdog import COMPILE_GRACE_S, STALLED_EXIT, StallWatch, end_process
 from rdm.config import RDMConfig
 from rdm.errors import InputError, RDMError
 
@@ -315,6 +315,7 @@ class BulkSampler:
         # again and runs its unrecorded batches again
         self.stalls = StallWatch(s.stall_timeout_s)
         self.stalls.monitor(self._stalled)
+        self._ran: set[tuple] = set()  # the (padded batch, context length) shapes sampled, so compiled
 
     def _stalled(self, seconds: float) -> None:
         logger.error("the accelerator stalled: no sampling step for %.0f s (stall_timeout_s %g); ending this "
@@ -354,7 +355,9 @@ class BulkSampler:
         height, width = self.size
         # halved on out-of-memory; compiled, a smaller group (rows with errors, a block's last rows, another k)
         # runs at the batch size instead of compiling its own
-        with self.stalls.busy() as progress:
+        shape = (self.pipeline.modules.batch_size(len(members), self.settings.batch_size), context.shape[1])
+        compiles = self.pipeline.options.compile is not None and shape not in self._ran
+        with self.stalls.busy(COMPILE_GRACE_S if compiles else None) as progress:
             def wanted() -> list[bool]:  # asked before each step and before the decode: every row, always
                 progress()
                 return [True] * len(members)
@@ -362,6 +365,7 @@ class BulkSampler:
             images = self.pipeline.sample_images(context, [int(r["seed"]) for r in members], self.params,
                                                  height=height, width=width, pad_to=self.settings.batch_size,
                                                  wanted=wanted)
+        self._ran.add(shape)
         if self.compile_cache is not None:
             self.compile_cache.save_if_new()  # the first batch of each size compiles: later samplers load it
         return images

@@ -3,9 +3,10 @@
 A GPU that hangs (a kernel that never returns) raises nothing: the call waits forever, and so does whoever
 waits on it. Work on the accelerator is therefore marked while it runs and reports progress as it moves on
 (each sampling step); work that has not moved on for `timeout_s` is a stall. A long batch is not one, as
-long as each of its steps ends in time. The Serve Generator fails its health check on a stall (Serve
-replaces the replica); a bulk job's sampler ends its process (Ray Data starts the actor again and runs the
-batch again: its outputs are written only once it has sampled)."""
+long as each of its steps ends in time; the first step of a shape that a compiled pipeline has not run
+before compiles it (minutes for RDM-768) and gets `COMPILE_GRACE_S` instead. The Serve Generator fails its
+health check on a stall (Serve replaces the replica); a bulk job's sampler ends its process (Ray Data starts
+the actor again and runs the batch again: its outputs are written only once it has sampled)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 
 logger = logging.getLogger(__name__)
+COMPILE_GRACE_S = 1800.0  # the longest a first step that compiles may take before it counts as a stall
 
 
 class StallWatch:
@@ -26,18 +28,27 @@ class StallWatch:
 
     def __init__(self, timeout_s: float | None) -> None:
         self.timeout_s = timeout_s  # None: never a stall
-        self._moved: dict[int, float] = {}  # work in hand -> when it last moved on
+        self._moved: dict[int, tuple[float, float]] = {}  # work in hand -> (when it last moved on, its timeout)
         self._ids = itertools.count()
 
     @contextlib.contextmanager
-    def busy(self) -> Iterator[Callable[[], None]]:
-        """Marks work on the accelerator until the block ends; yields `progress()`, to be called whenever
-        the work moves on."""
-        key = next(self._ids)
-        self._moved[key] = time.monotonic()
+    def busy(self, first_step_s: float | None = None) -> Iterator[Callable[[], None]]:
+        """Marks work on the accelerator until the block ends; yields `progress()`, to be called before the
+        first step and whenever the work moves on. `first_step_s`: the longest the first step may take,
+        when longer than the timeout (a compilation)."""
+        if self.timeout_s is None:
+            yield lambda: None
+            return
+        key, calls = next(self._ids), 0
+        self._moved[key] = (time.monotonic(), max(self.timeout_s, first_step_s or 0))
 
         def progress() -> None:
-            self._moved[key] = time.monotonic()
+            nonlocal calls
+            calls += 1
+            if calls >= 2:  # the first step has ended
+                self._moved[key] = (time.monotonic(), self.timeout_s)
+            else:
+                self._moved[key] = (time.monotonic(), self._moved[key][1])
 
         try:
             yield progress
@@ -48,14 +59,10 @@ class StallWatch:
         return len(self._moved)
 
     def stalled_for(self) -> float | None:
-        """Seconds the longest-stalled work in hand has not moved on, if past `timeout_s`; else None."""
-        if self.timeout_s is None:
-            return None
-        since = min(self._moved.copy().values(), default=None)  # a copy: the model thread changes it
-        if since is None:
-            return None
-        idle = time.monotonic() - since
-        return idle if idle > self.timeout_s else None
+        """Seconds some work in hand has not moved on, if past its timeout; else None."""
+        now = time.monotonic()
+        work = self._moved.copy().values()  # a copy: the model thread changes it
+        return max((now - moved for moved, limit in work if now - moved > limit), default=None)
 
     def monitor(self, on_stall: Callable[[float], None], interval_s: float | None = None) -> threading.Event:
         """Checks every `interval_s` (default: 5 s, or half the timeout when shorter) on a daemon thread and

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stall-timeout-s", type=float, default=600.0,
                         help="a sampler whose accelerator has not finished a sampling step for this long (a hung "
                              "GPU) ends its process; Ray Data starts it again and its unrecorded batches run again "
-                             "(0: never; a compilation in the first batch must finish within it; default %(default)s)")
+                             "(0: never; compiled, the first step of a batch shape, which compiles it, gets 30 minutes; "
+                             "default %(default)s)")
     add_inference_args(parser)
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser

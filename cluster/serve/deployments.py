@@ -42,7 +42,7 @@ from cluster.serve.batching import ModelBatcher
 from cluster.serve.outputs import image_key, image_url, write_image
 from cluster.serve.schemas import AppArgs, GeneratedImage, GenerateRequest, GenerateResponse, NeighborOut
 from cluster.storage import open_store
-from cluster.watchdog import StallWatch
+from cluster.watchdog import COMPILE_GRACE_S, StallWatch
 from rdm.errors import ConfigError, InputError, RDMError, SamplingStopped
 from rdm.images import decode_rgb, to_model_range
 from rdm.pipeline import check_image_size, encode_png
@@ -130,6 +130,7 @@ class Generator:
                                                              "(then replaced)")
         self.device_failure: str | None = None  # set once the accelerator fails: the replica is then unhealthy
         self.stalls = StallWatch(stall_timeout_s)
+        self._ran: set[tuple] = set()  # the shapes sampled (so compiled, where compiled) in this replica
         self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="rdm-deliver")
         self._delivering: list[Future] = []  # the last sampling group's image deliveries
         self._batcher = ModelBatcher(self._run_batch, max_batch_size=8, batch_wait_timeout_s=0.05)
@@ -173,6 +174,8 @@ class Generator:
 
         seconds = self._batcher.call(compile_sizes)
         self._warmed |= set(seconds)
+        guided, tokens = defaults["guidance_scale"].default != 1.0, 1 + defaults["num_neighbors"].default
+        self._ran |= {(batch, height, width, guided, tokens) for batch, height, width in seconds}
         logger.info("compiled (batch size, height, width) %s in %.0f s", sorted(seconds), sum(seconds.values()))
 
     def _save_compiled(self) -> None:
@@ -258,7 +261,7 @@ class Generator:
             contexts = torch.from_numpy(np.stack([items[i]["context"] for i in members])).float()
             splits, dropped = self.pipeline.out_of_memory_splits, self.pipeline.rows_dropped
             try:
-                with self.stalls.busy() as progress:
+                with self.stalls.busy(self._first_step_s(len(members), height, width, scale, contexts)) as progress:
                     def wanted(members=members, progress=progress) -> list[bool]:  # before each step and the decode
                         progress()
                         return [not abandoned(items[i]) for i in members]
@@ -287,6 +290,7 @@ class Generator:
             finally:
                 if self.pipeline.out_of_memory_splits > splits:
                     self.m_oom.inc(self.pipeline.out_of_memory_splits - splits)
+            self._ran.add(self._shape(len(members), height, width, scale, contexts))
             dropped = self.pipeline.rows_dropped - dropped  # images whose callers left while the others sampled on
             if dropped:
                 self.m_stopped.inc(dropped)
@@ -302,6 +306,16 @@ class Generator:
         if self.device_failure is None:
             self._save_compiled()
         return results
+
+    def _shape(self, n: int, height: int, width: int, scale: float, contexts: torch.Tensor) -> tuple:
+        return self.pipeline.modules.batch_size(n), height, width, scale != 1.0, contexts.shape[1]
+
+    def _first_step_s(self, n: int, height: int, width: int, scale: float, contexts: torch.Tensor) -> float | None:
+        """A compiled pipeline's first run of a shape compiles it in its first step: that step may take up
+        to COMPILE_GRACE_S before it counts as a stall."""
+        if self.pipeline.options.compile is None or self._shape(n, height, width, scale, contexts) in self._ran:
+            return None
+        return COMPILE_GRACE_S
 
     def _failed(self, error: BaseException) -> bool:
         """Whether `error` is the accelerator failing (a CUDA error, after which its context is unusable);
@@ -337,8 +351,8 @@ class Generator:
         """Serve's periodic health check. A replica is unhealthy (Serve replaces it) once its accelerator
         failed, or when work on it has not moved on for `stall_timeout_s` (a kernel that never returns: a
         hung GPU raises nothing, and its callers would wait forever). A sampling batch moves on at each
-        step; a compilation in its first step must finish within the timeout; the warm-up's compilations
-        before the replica serves are not watched."""
+        step; compiled, a shape's first step, which compiles it, gets COMPILE_GRACE_S; the warm-up's
+        compilations before the replica serves are not watched."""
         stalled = self.stalls.stalled_for() if self.device_failure is None else None
         if stalled is not None:
             self._fail(f"the accelerator stalled: no progress for {stalled:.0f} s "

@@ -120,8 +120,8 @@ class AppArgs(BaseModel):
     max_body_bytes: int = Field(12 * 1024 * 1024, ge=1024)
     stall_timeout_s: float | None = Field(
         600.0, ge=1, description="a Generator replica whose accelerator work shows no progress (a sampling step) for "
-                                 "this long fails its health check and is replaced; a compilation in traffic must "
-                                 "finish within it (None: never)")
+                                 "this long fails its health check and is replaced (compiled, a shape's first step, "
+                                 "which compiles it, gets 30 minutes; None: never)")
     max_image_pixels: int = Field(4096 * 4096, ge=224 * 224,
                                   description="an image query with more pixels is refused (422) before it is decoded")
     image_sizes: list[tuple[int, int]] = Field(

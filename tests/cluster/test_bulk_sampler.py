@@ -276,12 +276,13 @@ def test_a_bulk_sampler_whose_accelerator_stalls_ends_its_process(tmp_path, ende
 
 def test_a_slow_bulk_batch_that_moves_on_is_not_a_stall(tmp_path, ended):
     codes, _ = ended
-    sampler = BulkSampler(asdict(BulkSettings(num_steps=14, num_neighbors=0, stall_timeout_s=0.6)), str(tmp_path),
+    sampler = BulkSampler(asdict(BulkSettings(num_steps=30, num_neighbors=0, stall_timeout_s=1.0)), str(tmp_path),
                           "model-hash")
-    slow = sampler.pipeline.model.unet.register_forward_pre_hook(lambda module, args: time.sleep(0.15))
+    sampler(batch([0]))  # a process's first batch pays one-time costs
+    slow = sampler.pipeline.model.unet.register_forward_pre_hook(lambda module, args: time.sleep(0.12))
     started = time.monotonic()
     try:
         assert sampler(batch([1]))["error"] == [""]
     finally:
         slow.remove()
-    assert time.monotonic() - started > 3 * 0.6 and codes == []
+    assert time.monotonic() - started > 3 * 1.0 and codes == []

@@ -46,7 +46,7 @@ def generator(tmp_path):
     gen.store, gen.url_expires_s = open_store(str(tmp_path / "out")), 60
     gen.m_images, gen.m_batch, gen.m_sampling, gen.m_oom, gen.m_stopped, gen.m_device_failures = (
         Recorder() for _ in range(6))
-    gen.device_failure, gen.stalls = None, StallWatch(600.0)
+    gen.device_failure, gen.stalls, gen._ran = None, StallWatch(600.0), set()
     gen._writers = ThreadPoolExecutor(4)
     gen._delivering, gen._compile_cache = [], None
     gen.default_size, gen.image_sizes = (32, 32), [(32, 32), (24, 40)]
@@ -398,11 +398,26 @@ def test_a_replica_whose_accelerator_stalls_fails_its_health_check(generator, mo
     assert generator.stalls.in_hand() == 0  # the stuck call's mark is gone once it returns
 
 
+def test_a_compiled_replica_gives_only_a_shape_s_first_run_the_compile_grace(generator):
+    from cluster.watchdog import COMPILE_GRACE_S
+    from rdm.acceleration import InferenceOptions
+
+    contexts = torch.zeros(3, 5, 64)
+    assert generator._first_step_s(3, 32, 32, 5.0, contexts) is None  # eager: nothing compiles
+    generator.pipeline = Pipeline(load_model("tiny"), options=InferenceOptions(compile="default"))
+    assert generator._first_step_s(3, 32, 32, 5.0, contexts) == COMPILE_GRACE_S
+    generator._ran.add(generator._shape(3, 32, 32, 5.0, contexts))
+    assert generator._first_step_s(4, 32, 32, 5.0, contexts) is None  # 3 and 4 run padded to 4
+    assert generator._first_step_s(3, 32, 32, 1.0, contexts) == COMPILE_GRACE_S  # unguided: another UNet batch
+    assert generator._first_step_s(3, 32, 32, 5.0, contexts[:, :1]) == COMPILE_GRACE_S  # k = 0
+
+
 def test_a_slow_batch_that_moves_on_is_not_a_stall(generator):
     """The stall check times the gap between sampling steps, not the batch: a batch far longer than
     stall_timeout_s whose steps each finish in time keeps the replica healthy."""
-    generator.stalls.timeout_s = 0.6
-    slow = generator.pipeline.model.unet.register_forward_pre_hook(lambda module, args: time.sleep(0.15))
+    settled(generator._run_batch([item(9, steps=1)]))  # a process's first batch pays one-time costs
+    generator.stalls.timeout_s = 1.0
+    slow = generator.pipeline.model.unet.register_forward_pre_hook(lambda module, args: time.sleep(0.12))
     checks, done = [], threading.Event()
 
     def watch():
@@ -414,12 +429,12 @@ def test_a_slow_batch_that_moves_on_is_not_a_stall(generator):
     watcher.start()
     started = time.monotonic()
     try:
-        results = settled(generator._run_batch([item(1, steps=12)]))
+        results = settled(generator._run_batch([item(1, steps=30)]))
     finally:
         done.set()
         watcher.join()
         slow.remove()
-    assert time.monotonic() - started > 3 * generator.stalls.timeout_s  # 12 steps of >= 0.15 s
+    assert time.monotonic() - started > 3 * generator.stalls.timeout_s  # 30 steps of >= 0.12 s
     assert results[0]["seed"] == 1 and len(checks) > 20
     assert set(checks) == {"healthy"} and generator.device_failure is None
 

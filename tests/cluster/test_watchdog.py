@@ -34,3 +34,20 @@ def test_the_monitor_reports_the_first_stall_once():
             time.sleep(0.05)
         time.sleep(0.3)
     assert len(stalls) == 1 and stalls[0] > 0.2
+
+
+def test_a_first_step_may_take_its_own_longer_time_and_later_steps_the_timeout():
+    """A compiled pipeline's first run of a shape compiles in its first step: `first_step_s` covers that
+    step (from the mark before it to the one after it); from then on the timeout applies."""
+    watch = StallWatch(0.2)
+    with watch.busy(first_step_s=1.5) as progress:
+        progress()  # before the first step
+        time.sleep(0.5)  # compiling
+        assert watch.stalled_for() is None
+        progress()  # the first step has ended
+        time.sleep(0.4)
+        assert watch.stalled_for() is not None
+    with watch.busy(first_step_s=None) as progress:
+        progress()
+        time.sleep(0.4)
+        assert watch.stalled_for() is not None
