@@ -144,7 +144,8 @@ class Pipeline:
         self.modules = prepare(model, options or InferenceOptions())
         self.out_of_memory_splits = 0  # batches `sample_images` ran again in halves
         self.rows_dropped = 0  # rows `sample_latents` stopped sampling before the end, their callers gone
-        # (height, width, guided) -> batch sizes warmed up (guidance doubles the UNet's batch: another shape)
+        # (height, width, guided) -> batch sizes compiled, by warm-up or a whole batch (guidance doubles the
+        # UNet's batch: another shape)
         self.warmed_sizes: dict[tuple[int, int, bool], set[int]] = {}
 
     @property
@@ -258,8 +259,11 @@ class Pipeline:
         `wanted`: asked between sampling steps and before the decode (see `sample_latents`): a server stops
         sampling the images whose callers have gone, and the whole batch (`SamplingStopped`) once all have.
         The images of rows no longer wanted are not decoded where a smaller batch can decode the others;
-        they come back black, or as whatever their latents decode to."""
-        n = len(seeds)
+        they come back black, or as whatever their latents decode to.
+
+        A compiled batch that ran whole (every row, no halves) adds its size to `warmed_sizes`: its shapes
+        are compiled now, so later batches of its kind may narrow to it."""
+        n, splits = len(seeds), self.out_of_memory_splits
 
         def pad(rows: slice) -> int:
             return pad_to if rows.stop - rows.start == n else 0
@@ -284,7 +288,10 @@ class Pipeline:
             pixels = np.zeros((n, height, width, 3), np.uint8)
             pixels[keep] = self._in_halves(lambda rows: self.decode(latents[keep[rows]]), len(keep), np.concatenate)
             return pixels
-        return self._in_halves(lambda rows: self.decode(latents[rows], pad_to=pad(rows)), n, np.concatenate)
+        pixels = self._in_halves(lambda rows: self.decode(latents[rows], pad_to=pad(rows)), n, np.concatenate)
+        if self.options.compile is not None and len(keep) == n and self.out_of_memory_splits == splits:
+            self.warmed_sizes.setdefault(shape, set()).add(size)
+        return pixels
 
     def _in_halves(self, run: Callable[[slice], Any], n: int, join: Callable[[list], Any], start: int = 0) -> Any:
         """run(rows) for rows start..start+n, split in halves on out-of-memory (recursively)."""

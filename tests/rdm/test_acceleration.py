@@ -260,3 +260,22 @@ def test_warm_up_leaves_out_a_batch_size_that_does_not_fit(lively_tiny_model, mo
     pipeline = Pipeline(copy.deepcopy(lively_tiny_model), options=InferenceOptions(compile="default"))
     out_of_memory_over(monkeypatch, pipeline, "sample_latents", 4)
     assert sorted(pipeline.warm_up([1, 3, 8], num_neighbors=2, guidance_scale=3.0, height=32, width=32)) == [1, 4]
+
+
+def test_a_compiled_batch_that_ran_whole_can_be_narrowed_to_later(lively_tiny_model, monkeypatch):
+    """Unguided batches are not warmed up; once an unguided batch of 4 has run (so compiled) in full, a
+    later unguided batch of 8 whose callers leave narrows to 4. A batch run in halves adds nothing."""
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)  # which sizes, not the compiler
+    pipeline = Pipeline(copy.deepcopy(lively_tiny_model), options=InferenceOptions(compile="default"))
+    unguided = SamplerParams("ddim", 3, 1.0)
+    context = torch.nn.functional.normalize(torch.randn(8, 3, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
+    pipeline.sample_images(context[:3], [1, 2, 3], unguided, height=32, width=32, wanted=lambda: [True, False, True])
+    assert pipeline.warmed_sizes == {}  # not every row ran
+    out_of_memory_over(monkeypatch, pipeline, "sample_latents", 2)
+    pipeline.sample_images(context[:4], [1, 2, 3, 4], unguided, height=32, width=32)
+    assert pipeline.warmed_sizes == {}  # halves
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
+    pipeline.sample_images(context[:4], [1, 2, 3, 4], unguided, height=32, width=32)
+    assert pipeline.warmed_sizes == {(32, 32, False): {4}}
+    assert pipeline._narrowed_size(3, 8, (32, 32, False)) == 4 and pipeline._narrowed_size(3, 8, (32, 32, True)) is None
