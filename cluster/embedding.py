@@ -39,6 +39,7 @@ import torch
 from cluster.artifacts import local_path
 from cluster.errors import EmptyCorpusError, StorageError
 from cluster.storage import ObjectStore, join, open_store
+from cluster.watchdog import STALLED_EXIT, StallWatch, end_process
 from rdm.errors import ConfigError, InputError
 from rdm.images import MAX_IMAGE_PIXELS, decode_rgb, to_model_range
 
@@ -307,20 +308,39 @@ class ClipEmbedder:
     """Ray Data callable class: loads the CLIP image encoder once per actor, embeds decoded shards and
     writes each shard's parquet files (errors first, embeddings last: the embeddings file marks done)."""
 
-    def __init__(self, clip: str, clip_weights: str | None, out_uri: str, batch_size: int, dtype: str) -> None:
+    def __init__(self, clip: str, clip_weights: str | None, out_uri: str, batch_size: int, dtype: str,
+                 stall_timeout_s: float | None = None) -> None:
         from rdm.factory import load_clip_spec
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.encoder = load_clip_spec(clip, weights=local_path(clip_weights)).to(self.device)
         self.store, self.batch_size, self.dtype = open_store(out_uri), batch_size, dtype
+        # a hung accelerator would hang the job: the process ends instead, and Ray Data starts the actor again
+        # and embeds the shard again (its files are written once all of it is embedded)
+        self.stalls = StallWatch(stall_timeout_s)
+        self.stalls.monitor(self._stalled)
+
+    def _stalled(self, seconds: float) -> None:
+        logger.error("the accelerator stalled: no CLIP batch done for %.0f s (stall_timeout_s %g); ending this "
+                     "embedder's process so that Ray Data starts it again", seconds, self.stalls.timeout_s)
+        end_process(STALLED_EXIT)
+
+    def _encode(self, pixels: np.ndarray) -> list[np.ndarray]:
+        """CLIP image embeddings of decoded pixels, a batch at a time, each batch's end a sign of progress."""
+        chunks = []
+        with self.stalls.busy() as progress:
+            for i in range(0, len(pixels), self.batch_size):
+                chunks.append(self.encoder.encode_image(torch.from_numpy(pixels[i:i + self.batch_size]).float())
+                              .cpu().numpy())
+                progress()
+        return chunks
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         counts, fresh, errors = [], [], []
         for shard, stamp, images, rows, errs, reused in zip(batch["shard"], batch["stamp"], batch["images"],
                                                             batch["rows"], batch["errors"], batch["reused"], strict=True):
             pixels = np.load(io.BytesIO(images), allow_pickle=False)
-            chunks = [self.encoder.encode_image(torch.from_numpy(pixels[i:i + self.batch_size]).float()).cpu().numpy()
-                      for i in range(0, len(pixels), self.batch_size)]
+            chunks = self._encode(pixels)
             rows = json.loads(rows)
             new, old = iter(chunk for c in chunks for chunk in c), iter(np.load(io.BytesIO(reused), allow_pickle=False))
             dim = self.encoder.config.embed_dim
@@ -386,10 +406,11 @@ class EmbedResult:
 def embed_corpus(corpus_uri: str, out_uri: str, *, clip: str = "tiny", clip_weights: str | None = None,
                  shard_size: int = 256, batch_size: int = 64, num_actors: int = 1, actor_num_cpus: float = 0.5,
                  decode_num_cpus: float = 0.25, dtype: str = "float32",
-                 max_image_pixels: int = MAX_IMAGE_PIXELS) -> EmbedResult:
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, stall_timeout_s: float | None = 600.0) -> EmbedResult:
     """Embed every pending shard of the corpus on the connected Ray cluster (see module docstring). Images of
     more than `max_image_pixels` pixels are error records, refused before they are decoded (a decode task
-    holds about 15 bytes a pixel)."""
+    holds about 15 bytes a pixel). An embedder actor that finishes no CLIP batch for `stall_timeout_s` (a
+    hung GPU) ends its process; Ray Data starts it again (`cluster.watchdog`)."""
     import ray
 
     from rdm.factory import clip_hash, resolve_clip
@@ -443,7 +464,7 @@ def embed_corpus(corpus_uri: str, out_uri: str, *, clip: str = "tiny", clip_weig
                     num_cpus=decode_num_cpus)
         ds = ds.map_batches(ClipEmbedder, fn_constructor_kwargs={"clip": clip, "clip_weights": clip_weights,
                                                                  "out_uri": out_uri, "batch_size": batch_size,
-                                                                 "dtype": dtype},
+                                                                 "dtype": dtype, "stall_timeout_s": stall_timeout_s},
                             batch_size=1, compute=ray.data.ActorPoolStrategy(size=num_actors),
                             num_cpus=actor_num_cpus, num_gpus=1 if use_gpu else 0)
         results = ds.take_all()

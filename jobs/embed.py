@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
                         help="larger images become error records, refused before they are decoded "
                              "(default %(default)s; a decode holds about 15 bytes a pixel)")
+    parser.add_argument("--stall-timeout-s", type=float, default=600.0,
+                        help="a CLIP actor that finishes no batch for this long (a hung GPU) ends its process; Ray "
+                             "Data starts it again and embeds its shard again (0: never; default %(default)s)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -41,11 +44,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if min(args.shard_size, args.batch_size, args.num_actors, args.max_image_pixels) < 1:
         raise InputError("--shard-size, --batch-size, --num-actors and --max-image-pixels must be >= 1")
+    if args.stall_timeout_s < 0:
+        raise InputError(f"--stall-timeout-s must be 0 (never) or more, got {args.stall_timeout_s:g}")
     connect()
     result = embed_corpus(args.corpus, args.out, clip=args.clip, clip_weights=args.clip_weights,
                           shard_size=args.shard_size, batch_size=args.batch_size, num_actors=args.num_actors,
                           actor_num_cpus=args.actor_num_cpus, dtype=args.dtype,
-                          max_image_pixels=args.max_image_pixels)
+                          max_image_pixels=args.max_image_pixels, stall_timeout_s=args.stall_timeout_s or None)
     print(f"embedded {result.embedded} images ({result.reused} of them taken from earlier outputs: the same image bytes; "
           f"{result.errors} undecodable or too large) in "
           f"{result.shards_total - result.shards_skipped} shards ({result.shards_changed} of them again: their files "

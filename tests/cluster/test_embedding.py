@@ -1,4 +1,5 @@
 import io
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -141,3 +142,26 @@ def test_known_images_come_from_the_contents_of_finished_outputs(tmp_path):
     assert len(known) == 3 and list(known.hashes) == sorted(known.hashes)
     assert known.find(["a" * 24, "b" * 24, "f" * 24, "0" * 24, "9" * 24]) == {"a" * 24: "s2", "f" * 24: "s1",
                                                                              "0" * 24: "s1"}
+
+
+def test_an_embedder_whose_accelerator_stalls_ends_its_process(tmp_path, monkeypatch):
+    """A CLIP batch that never returns (a hung GPU): the actor ends its process, so that Ray Data starts it
+    again and embeds the shard again; nothing of the shard is written."""
+    import threading
+
+    from cluster import embedding
+    from cluster.embedding import ClipEmbedder
+    from cluster.watchdog import STALLED_EXIT
+
+    ended, release = [], threading.Event()
+    monkeypatch.setattr(embedding, "end_process", ended.append)
+    embedder = ClipEmbedder("tiny", None, str(tmp_path / "out"), batch_size=2, dtype="float32", stall_timeout_s=0.5)
+    monkeypatch.setattr(embedder.encoder, "encode_image", lambda pixels: release.wait(30) and pixels[:, 0, 0])
+    work = threading.Thread(target=embedder._encode, args=(np.zeros((4, 3, 8, 8), np.float32),))
+    work.start()
+    deadline = time.monotonic() + 20
+    while not ended and time.monotonic() < deadline:
+        time.sleep(0.05)
+    release.set()
+    work.join(30)
+    assert ended == [STALLED_EXIT] and not (tmp_path / "out").exists()
