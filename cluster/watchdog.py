@@ -5,8 +5,9 @@ waits on it. Work on the accelerator is therefore marked while it runs and repor
 (each sampling step); work that has not moved on for `timeout_s` is a stall. A long batch is not one, as
 long as each of its steps ends in time; the first step of a shape that a compiled pipeline has not run
 before compiles it (minutes for RDM-768) and gets `COMPILE_GRACE_S` instead. The Serve Generator fails its
-health check on a stall (Serve replaces the replica); a bulk job's sampler ends its process (Ray Data starts
-the actor again and runs the batch again: its outputs are written only once it has sampled)."""
+health check on a stall (Serve replaces the replica); a bulk job's sampler and an embedding job's CLIP actor
+end their process (Ray Data starts the actor again and runs the batch again: its outputs are written only
+once it is done)."""
 
 from __future__ import annotations
 
