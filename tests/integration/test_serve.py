@@ -356,8 +356,8 @@ def test_generator_replica_killed_under_load(app_url):
 
 
 def test_a_replica_that_stalls_is_replaced_and_its_caller_gets_503(app_url, s3_models, tmp_path):
-    """A hung GPU raises nothing; here a sampling step far longer than stall_timeout_s (one of a 512 x 512
-    image: seconds on this CPU) stands in for one. Serve runs the Generator's health check while its model
+    """A hung GPU raises nothing; here a sampling step far longer than stall_timeout_s (one of a 1024 x 1024
+    image: about 9 s on one core of this CPU, against 1 s) stands in for one. Serve runs the Generator's health check while its model
     thread is stuck, replaces the replica, the stuck request is answered 503 replica_failed, and the new
     replica serves (a second app beside the module's, with its own Generator)."""
     from ray import serve
@@ -365,14 +365,14 @@ def test_a_replica_that_stalls_is_replaced_and_its_caller_gets_503(app_url, s3_m
     from cluster.serve.app import build_app
 
     url, _ = app_url
-    args = {**s3_models, "output_uri": str(tmp_path / "out"), "image_sizes": [[512, 512]], "stall_timeout_s": 1}
+    args = {**s3_models, "output_uri": str(tmp_path / "out"), "image_sizes": [[1024, 1024]], "stall_timeout_s": 1}
     deployments = {"Generator": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1},
                                  "health_check_period_s": 1, "graceful_shutdown_timeout_s": 1},
                    "Ingress": {"ray_actor_options": {"num_cpus": 0.05}},
                    "Retriever": {"ray_actor_options": {"num_cpus": 0.05}}}
     serve.run(build_app(args, deployments), name="stalls", route_prefix="/stalls")
     try:
-        status, body = call(url, "/stalls/v1/generate", {"prompt": "a boat", "height": 512, "width": 512,
+        status, body = call(url, "/stalls/v1/generate", {"prompt": "a boat", "height": 1024, "width": 1024,
                                                          "num_steps": 50, "output": "inline"}, token=None)
         assert status == 503 and body["error"]["type"] == "replica_failed", body
         deadline, recovered = time.monotonic() + 120, False
