@@ -148,8 +148,8 @@ def run_rebuild(args: argparse.Namespace) -> None:
     pruned = prune_embeddings(args.corpus, embeddings)
     print(f"embedded {result.embedded} images ({result.reused} taken from earlier outputs; "
           f"{result.shards_total - result.shards_skipped - result.shards_changed} "
-          f"new shards, {result.shards_changed} changed, {result.shards_skipped} unchanged; {pruned} files of "
-          "removed shards deleted)")
+          f"new shards, {result.shards_changed} changed, {result.shards_skipped} unchanged, {result.relocated} moved "
+          f"with the corpus; {pruned} files of removed shards deleted)")
     where = parse_where(args.where)
     unchanged = None if args.force else current_manifest(args.index, args.database)
     if unchanged is not None and unchanged.inputs == inputs_digest(open_store(embeddings), where=where,
