@@ -41,7 +41,15 @@ from cluster.errors import IndexVersionError, ObjectNotFoundError, StorageError,
 from cluster.index.manifest import check_database_name, current_version, load_manifest
 from cluster.prompts import PromptRow, read_prompts
 from cluster.storage import join, open_store
-from cluster.watchdog import COMPILE_GRACE_S, STALLED_EXIT, StallWatch, end_process
+from cluster.watchdog import (
+    COMPILE_GRACE_S,
+    STALLED_EXIT,
+    StallWatch,
+    check_stalls,
+    clear_stalls,
+    end_process,
+    record_stall,
+)
 from rdm.config import RDMConfig
 from rdm.errors import InputError, RDMError
 
@@ -292,6 +300,7 @@ class BulkSampler:
         from rdm.pipeline import Pipeline, SamplerParams
 
         self.settings = BulkSettings(**settings)
+        check_stalls(open_store(out_uri), "sampler")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.pipeline = Pipeline(load_model(local_path(self.settings.model)).to(device),
                                  options=self.settings.inference_options())
@@ -318,8 +327,9 @@ class BulkSampler:
         self._ran: set[tuple] = set()  # the (padded batch, context length) shapes sampled, so compiled
 
     def _stalled(self, seconds: float) -> None:
-        logger.error("the accelerator stalled: no sampling step for %.0f s (stall_timeout_s %g); ending this "
-                     "sampler's process so that Ray Data starts it again", seconds, self.stalls.timeout_s)
+        reason = f"the accelerator stalled: no sampling step for {seconds:.0f} s (stall_timeout_s {self.stalls.timeout_s:g})"
+        logger.error("%s; ending this sampler's process so that Ray Data starts it again", reason)
+        record_stall(self.store, reason)
         end_process(STALLED_EXIT)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -463,6 +473,7 @@ def generate(prompts_uri: str, out_uri: str, settings: BulkSettings, *, progress
     items = expand(rows, settings, model_id, chosen_size(settings, config))
     store = open_store(out_uri)
     keep_output_format(settings, store)
+    clear_stalls(store)
     versions = pin_index_versions(settings, rows, store)
     done, _ = _read_parts(store)
     pending = [i for i in items if i["key"] not in done]

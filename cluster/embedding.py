@@ -39,7 +39,7 @@ import torch
 from cluster.artifacts import local_path
 from cluster.errors import EmptyCorpusError, StorageError
 from cluster.storage import ObjectStore, join, open_store
-from cluster.watchdog import STALLED_EXIT, StallWatch, end_process
+from cluster.watchdog import STALLED_EXIT, StallWatch, check_stalls, clear_stalls, end_process, record_stall
 from rdm.errors import ConfigError, InputError
 from rdm.images import MAX_IMAGE_PIXELS, decode_rgb, to_model_range
 
@@ -312,6 +312,7 @@ class ClipEmbedder:
                  stall_timeout_s: float | None = None) -> None:
         from rdm.factory import load_clip_spec
 
+        check_stalls(open_store(out_uri), "CLIP embedder")
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.encoder = load_clip_spec(clip, weights=local_path(clip_weights)).to(self.device)
         self.store, self.batch_size, self.dtype = open_store(out_uri), batch_size, dtype
@@ -321,8 +322,9 @@ class ClipEmbedder:
         self.stalls.monitor(self._stalled)
 
     def _stalled(self, seconds: float) -> None:
-        logger.error("the accelerator stalled: no CLIP batch done for %.0f s (stall_timeout_s %g); ending this "
-                     "embedder's process so that Ray Data starts it again", seconds, self.stalls.timeout_s)
+        reason = f"the accelerator stalled: no CLIP batch done for {seconds:.0f} s (stall_timeout_s {self.stalls.timeout_s:g})"
+        logger.error("%s; ending this embedder's process so that Ray Data starts it again", reason)
+        record_stall(self.store, reason)
         end_process(STALLED_EXIT)
 
     def _encode(self, pixels: np.ndarray) -> list[np.ndarray]:
@@ -443,6 +445,7 @@ def embed_corpus(corpus_uri: str, out_uri: str, *, clip: str = "tiny", clip_weig
         elif recorded[shard.name] != shard.stamp:
             pending.append(shard)
             changed += 1
+    clear_stalls(out)
     logger.info("%d shards, %d already embedded, %d to do (%d whose files changed)", len(shards),
                 len(shards) - len(pending), len(pending), changed)
     relocated = 0

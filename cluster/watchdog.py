@@ -7,7 +7,9 @@ long as each of its steps ends in time; the first step of a shape that a compile
 before compiles it (minutes for RDM-768) and gets `COMPILE_GRACE_S` instead. The Serve Generator fails its
 health check on a stall (Serve replaces the replica); a bulk job's sampler and an embedding job's CLIP actor
 end their process (Ray Data starts the actor again and runs the batch again: its outputs are written only
-once it is done)."""
+once it is done). Each such stall is recorded in the job's output (`_stalls/`); once `MAX_STALLS` of a run's
+actors have stalled, new ones refuse to start and the job stops (it resumes when run again), rather than
+restart actors on a GPU that stays broken without end."""
 
 from __future__ import annotations
 
@@ -15,9 +17,13 @@ import contextlib
 import itertools
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+
+from cluster.errors import AcceleratorFailedError
+from cluster.storage import ObjectStore, join
 
 logger = logging.getLogger(__name__)
 COMPILE_GRACE_S = 1800.0  # the longest a first step that compiles may take before it counts as a stall
@@ -85,6 +91,39 @@ class StallWatch:
 
 
 STALLED_EXIT = 75  # EX_TEMPFAIL: the process ended itself on a stall; started again, it can go on
+STALLS_DIR = "_stalls"  # in a job's output: one object per actor that stalled during the current run
+MAX_STALLS = 3  # a run's stalls after which its actors refuse to start
+
+
+def record_stall(store: ObjectStore, reason: str, timeout_s: float = 10.0) -> None:
+    """Record in the job's output that this process stalled (best effort, and bounded in time: the store may
+    be slow too)."""
+    def write() -> None:
+        try:
+            store.write_bytes(join(STALLS_DIR, f"{time.time_ns()}-{socket.gethostname()}-{os.getpid()}"),
+                              reason.encode())
+        except Exception:  # noqa: BLE001 - the process ends anyway
+            logger.exception("could not record the stall")
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    writer.join(timeout_s)
+
+
+def check_stalls(store: ObjectStore, actor: str) -> None:
+    """Refuse to start an actor of a run in which MAX_STALLS actors have stalled already."""
+    stalls = store.list(STALLS_DIR + "/")
+    if len(stalls) >= MAX_STALLS:
+        raise AcceleratorFailedError(
+            f"{len(stalls)} {actor}s of this run stalled on their accelerator (hosts and times under "
+            f"{store.uri}/{STALLS_DIR}); not starting another: check or drain those GPU nodes, then run the job "
+            "again (it resumes)")
+
+
+def clear_stalls(store: ObjectStore) -> None:
+    """A new run of the job starts with no stalls counted."""
+    for key in store.list(STALLS_DIR + "/"):
+        store.delete(key)
 
 
 def end_process(code: int) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from cluster import bulk
 from cluster.bulk import PARTS, BulkSampler, BulkSettings, _array_bytes
-from cluster.watchdog import STALLED_EXIT
+from cluster.watchdog import STALLED_EXIT, STALLS_DIR
 
 
 def batch(seeds: list[int]) -> dict[str, np.ndarray]:
@@ -272,6 +272,26 @@ def test_a_bulk_sampler_whose_accelerator_stalls_ends_its_process(tmp_path, ende
         release.set()
         call.join(30)
     assert not (tmp_path / bulk.PARTS).exists() and not (tmp_path / "images").exists()
+    (stall,) = (tmp_path / STALLS_DIR).iterdir()  # recorded in the job's output, with why
+    assert "no sampling step for" in stall.read_text()
+
+
+def test_once_a_run_s_samplers_stalled_max_stalls_times_new_ones_refuse_to_start(tmp_path):
+    """A GPU that stays broken would have Ray Data start samplers on it without end: after MAX_STALLS stalls
+    in a run, a sampler refuses to start (the job stops, resumable); a new run starts counting again."""
+    from cluster.errors import AcceleratorFailedError
+    from cluster.storage import open_store
+    from cluster.watchdog import MAX_STALLS, clear_stalls, record_stall
+
+    store, settings = open_store(str(tmp_path)), asdict(BulkSettings(num_steps=2, num_neighbors=0))
+    for _ in range(MAX_STALLS - 1):
+        record_stall(store, "stalled")
+    BulkSampler(settings, str(tmp_path), "model-hash")  # still starts
+    record_stall(store, "stalled")
+    with pytest.raises(AcceleratorFailedError, match=f"{MAX_STALLS} samplers of this run stalled"):
+        BulkSampler(settings, str(tmp_path), "model-hash")
+    clear_stalls(store)
+    BulkSampler(settings, str(tmp_path), "model-hash")
 
 
 def test_a_slow_bulk_batch_that_moves_on_is_not_a_stall(tmp_path, ended):

@@ -164,4 +164,5 @@ def test_an_embedder_whose_accelerator_stalls_ends_its_process(tmp_path, monkeyp
         time.sleep(0.05)
     release.set()
     work.join(30)
-    assert ended == [STALLED_EXIT] and not (tmp_path / "out").exists()
+    assert ended == [STALLED_EXIT] and not (tmp_path / "out" / "embeddings").exists()
+    assert len(list((tmp_path / "out" / "_stalls").iterdir())) == 1  # recorded: a run's stalls are counted

@@ -357,9 +357,9 @@ def test_generator_replica_killed_under_load(app_url):
 
 def test_a_replica_that_stalls_is_replaced_and_its_caller_gets_503(app_url, s3_models, tmp_path):
     """A hung GPU raises nothing; here a sampling step far longer than stall_timeout_s (one of a 1024 x 1024
-    image: about 9 s on one core of this CPU, against 1 s) stands in for one. Serve runs the Generator's health check while its model
-    thread is stuck, replaces the replica, the stuck request is answered 503 replica_failed, and the new
-    replica serves (a second app beside the module's, with its own Generator)."""
+    image: about 9 s on one core of this CPU, against 1 s) stands in for one. Serve runs the Generator's
+    health check while its model thread is stuck, replaces the replica, the stuck request is answered 503
+    replica_failed, and the new replica serves (a second app beside the module's, with its own Generator)."""
     from ray import serve
 
     from cluster.serve.app import build_app
