@@ -41,15 +41,7 @@ from cluster.errors import IndexVersionError, ObjectNotFoundError, StorageError,
 from cluster.index.manifest import check_database_name, current_version, load_manifest
 from cluster.prompts import PromptRow, read_prompts
 from cluster.storage import join, open_store
-from cluster.watchdog import (
-    COMPILE_GRACE_S,
-    STALLED_EXIT,
-    StallWatch,
-    check_stalls,
-    clear_stalls,
-    end_process,
-    record_stall,
-)
+from cluster.watchdog import COMPILE_GRACE_S, StallWatch, check_stalls, clear_stalls, end_on_stall
 from rdm.config import RDMConfig
 from rdm.errors import InputError, RDMError
 
@@ -323,14 +315,8 @@ class BulkSampler:
         # a hung accelerator would hang the job: the process ends instead, and Ray Data starts the actor
         # again and runs its unrecorded batches again
         self.stalls = StallWatch(s.stall_timeout_s)
-        self.stalls.monitor(self._stalled)
+        self.stalls.monitor(end_on_stall(self.store, "sampler", "sampling step", s.stall_timeout_s))
         self._ran: set[tuple] = set()  # the (padded batch, context length) shapes sampled, so compiled
-
-    def _stalled(self, seconds: float) -> None:
-        reason = f"the accelerator stalled: no sampling step for {seconds:.0f} s (stall_timeout_s {self.stalls.timeout_s:g})"
-        logger.error("%s; ending this sampler's process so that Ray Data starts it again", reason)
-        record_stall(self.store, reason)
-        end_process(STALLED_EXIT)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = _rows(batch)

@@ -39,7 +39,7 @@ import torch
 from cluster.artifacts import local_path
 from cluster.errors import EmptyCorpusError, StorageError
 from cluster.storage import ObjectStore, join, open_store
-from cluster.watchdog import STALLED_EXIT, StallWatch, check_stalls, clear_stalls, end_process, record_stall
+from cluster.watchdog import StallWatch, check_stalls, clear_stalls, end_on_stall
 from rdm.errors import ConfigError, InputError
 from rdm.images import MAX_IMAGE_PIXELS, decode_rgb, to_model_range
 
@@ -319,13 +319,7 @@ class ClipEmbedder:
         # a hung accelerator would hang the job: the process ends instead, and Ray Data starts the actor again
         # and embeds the shard again (its files are written once all of it is embedded)
         self.stalls = StallWatch(stall_timeout_s)
-        self.stalls.monitor(self._stalled)
-
-    def _stalled(self, seconds: float) -> None:
-        reason = f"the accelerator stalled: no CLIP batch done for {seconds:.0f} s (stall_timeout_s {self.stalls.timeout_s:g})"
-        logger.error("%s; ending this embedder's process so that Ray Data starts it again", reason)
-        record_stall(self.store, reason)
-        end_process(STALLED_EXIT)
+        self.stalls.monitor(end_on_stall(self.store, "CLIP embedder", "CLIP batch done", stall_timeout_s))
 
     def _encode(self, pixels: np.ndarray) -> list[np.ndarray]:
         """CLIP image embeddings of decoded pixels, a batch at a time, each batch's end a sign of progress."""

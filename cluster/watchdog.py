@@ -110,6 +110,17 @@ def record_stall(store: ObjectStore, reason: str, timeout_s: float = 10.0) -> No
     writer.join(timeout_s)
 
 
+def end_on_stall(store: ObjectStore, actor: str, step: str, timeout_s: float | None) -> Callable[[float], None]:
+    """For `StallWatch.monitor` in a Ray Data actor: log the stall, record it in the job's output and end the
+    process (Ray Data starts the actor again)."""
+    def on_stall(seconds: float) -> None:
+        reason = f"the accelerator stalled: no {step} for {seconds:.0f} s (stall_timeout_s {timeout_s:g})"
+        logger.error("%s; ending this %s's process so that Ray Data starts it again", reason, actor)
+        record_stall(store, reason)
+        end_process(STALLED_EXIT)
+    return on_stall
+
+
 def check_stalls(store: ObjectStore, actor: str) -> None:
     """Refuse to start an actor of a run in which MAX_STALLS actors have stalled already."""
     stalls = store.list(STALLS_DIR + "/")

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cluster import bulk
+from cluster import bulk, watchdog
 from cluster.bulk import PARTS, BulkSampler, BulkSettings, _array_bytes
 from cluster.watchdog import STALLED_EXIT, STALLS_DIR
 
@@ -245,7 +245,7 @@ def ended(monkeypatch):
         codes.append(code)
         event.set()
 
-    monkeypatch.setattr(bulk, "end_process", end)
+    monkeypatch.setattr(watchdog, "end_process", end)
     return codes, event
 
 

@@ -149,12 +149,12 @@ def test_an_embedder_whose_accelerator_stalls_ends_its_process(tmp_path, monkeyp
     again and embeds the shard again; nothing of the shard is written."""
     import threading
 
-    from cluster import embedding
+    from cluster import watchdog
     from cluster.embedding import ClipEmbedder
     from cluster.watchdog import STALLED_EXIT
 
     ended, release = [], threading.Event()
-    monkeypatch.setattr(embedding, "end_process", ended.append)
+    monkeypatch.setattr(watchdog, "end_process", ended.append)
     embedder = ClipEmbedder("tiny", None, str(tmp_path / "out"), batch_size=2, dtype="float32", stall_timeout_s=0.5)
     monkeypatch.setattr(embedder.encoder, "encode_image", lambda pixels: release.wait(30) and pixels[:, 0, 0])
     work = threading.Thread(target=embedder._encode, args=(np.zeros((4, 3, 8, 8), np.float32),))
