@@ -41,7 +41,7 @@ from cluster.errors import IndexVersionError, ObjectNotFoundError, StorageError,
 from cluster.index.manifest import check_database_name, current_version, load_manifest
 from cluster.prompts import PromptRow, read_prompts
 from cluster.storage import join, open_store
-from cluster.watchdog import COMPILE_GRACE_S, StallWatch, check_stalls, clear_stalls, end_on_stall
+from cluster.watchdog import COMPILE_GRACE_S, STALLS_DIR, StallWatch, check_stalls, clear_stalls, end_on_stall
 from rdm.config import RDMConfig
 from rdm.errors import InputError, RDMError
 
@@ -504,6 +504,7 @@ def generate(prompts_uri: str, out_uri: str, settings: BulkSettings, *, progress
                        "images_per_s": round(result.generated / result.seconds, 3),
                        "samplers": settings.num_samplers, "batch_size": settings.batch_size,
                        "gpus": int(resources.get("GPU", 0)), "cpus": int(resources.get("CPU", 0)),
+                       "stalls": len(store.list(STALLS_DIR + "/")),  # samplers that ended on a stalled accelerator
                        "model_hash": model_id, "inference": asdict(settings.inference_options())})
     return result
 

@@ -79,6 +79,7 @@ def test_bulk_job_writes_every_image_once_and_resumes(index_uri, make_bucket, s3
     assert [(r["generated"], r["skipped"], r["errors"]) for r in runs] == [(10, 0, 1), (len(lost_rows), 10 - len(lost_rows), 1)]
     assert runs[0]["images_per_s"] == pytest.approx(10 / runs[0]["seconds"], rel=0.02) and runs[0]["cpus"] >= 2
     assert runs[0]["model_hash"] == model_hash("tiny") and runs[0]["inference"]["precision"] == "fp32"
+    assert runs[0]["stalls"] == runs[1]["stalls"] == 0
 
 
 def test_a_resumed_job_keeps_the_index_version_it_started_with(ray_cluster, make_bucket, tmp_path):
