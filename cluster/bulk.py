@@ -292,7 +292,8 @@ class BulkSampler:
         from rdm.pipeline import Pipeline, SamplerParams
 
         self.settings = BulkSettings(**settings)
-        check_stalls(open_store(out_uri), "sampler")
+        self.store, self.model_id = open_store(out_uri), model_id
+        check_stalls(self.store, "sampler")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.pipeline = Pipeline(load_model(local_path(self.settings.model)).to(device),
                                  options=self.settings.inference_options())
@@ -307,7 +308,6 @@ class BulkSampler:
         self.params = SamplerParams(s.sampler, s.num_steps, s.guidance_scale, s.eta)
         image_size = self.pipeline.model.config.image_size
         self.size = (s.height or image_size, s.width or image_size)
-        self.store, self.model_id = open_store(out_uri), model_id
         # PNG encoding (Pillow releases the GIL) and object writes run on threads, in parallel; sequential
         # they cost a GPU batch of 768-px images seconds of idle accelerator (bench/delivery.py).
         self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="rdm-write")
@@ -316,7 +316,6 @@ class BulkSampler:
         # again and runs its unrecorded batches again
         self.stalls = StallWatch(s.stall_timeout_s)
         self.stalls.monitor(end_on_stall(self.store, "sampler", "sampling step", s.stall_timeout_s))
-        self._ran: set[tuple] = set()  # the (padded batch, context length) shapes sampled, so compiled
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = _rows(batch)
@@ -351,8 +350,8 @@ class BulkSampler:
         height, width = self.size
         # halved on out-of-memory; compiled, a smaller group (rows with errors, a block's last rows, another k)
         # runs at the batch size instead of compiling its own
-        shape = (self.pipeline.modules.batch_size(len(members), self.settings.batch_size), context.shape[1])
-        compiles = self.pipeline.options.compile is not None and shape not in self._ran
+        compiles = self.pipeline.compiles(context, self.params, height=height, width=width,
+                                          pad_to=self.settings.batch_size)
         with self.stalls.busy(COMPILE_GRACE_S if compiles else None) as progress:
             def wanted() -> list[bool]:  # asked before each step and before the decode: every row, always
                 progress()
@@ -361,7 +360,6 @@ class BulkSampler:
             images = self.pipeline.sample_images(context, [int(r["seed"]) for r in members], self.params,
                                                  height=height, width=width, pad_to=self.settings.batch_size,
                                                  wanted=wanted)
-        self._ran.add(shape)
         if self.compile_cache is not None:
             self.compile_cache.save_if_new()  # the first batch of each size compiles: later samplers load it
         return images

@@ -312,10 +312,10 @@ class ClipEmbedder:
                  stall_timeout_s: float | None = None) -> None:
         from rdm.factory import load_clip_spec
 
-        check_stalls(open_store(out_uri), "CLIP embedder")
+        self.store, self.batch_size, self.dtype = open_store(out_uri), batch_size, dtype
+        check_stalls(self.store, "CLIP embedder")
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.encoder = load_clip_spec(clip, weights=local_path(clip_weights)).to(self.device)
-        self.store, self.batch_size, self.dtype = open_store(out_uri), batch_size, dtype
         # a hung accelerator would hang the job: the process ends instead, and Ray Data starts the actor again
         # and embeds the shard again (its files are written once all of it is embedded)
         self.stalls = StallWatch(stall_timeout_s)

@@ -147,6 +147,8 @@ class Pipeline:
         # (height, width, guided) -> batch sizes compiled, by warm-up or a whole batch (guidance doubles the
         # UNet's batch: another shape)
         self.warmed_sizes: dict[tuple[int, int, bool], set[int]] = {}
+        # (batch size, height, width, guided, context tokens) of every batch sampled: compiled, where compiled
+        self.ran_shapes: set[tuple[int, int, int, bool, int]] = set()
 
     @property
     def options(self) -> InferenceOptions:
@@ -171,6 +173,17 @@ class Pipeline:
             raise InputError(f"num_neighbors={num_neighbors} needs a database, but none is configured")
         return self.retriever.search(query, num_neighbors)
 
+    def compiles(self, context: Tensor, params: SamplerParams, *, height: int, width: int, pad_to: int = 0) -> bool:
+        """Whether sampling this batch compiles: its shape is new to a compiled pipeline (its first step then
+        takes as long as the compilation)."""
+        shape = self._shape(context, params, height, width, pad_to)
+        return self.options.compile is not None and shape not in self.ran_shapes
+
+    def _shape(self, context: Tensor, params: SamplerParams, height: int, width: int,
+               pad_to: int) -> tuple[int, int, int, bool, int]:
+        return (self.modules.batch_size(context.shape[0], pad_to), height, width, params.guidance_scale != 1.0,
+                context.shape[1])
+
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         check_image_size(self.model.config, height, width)
         f = self.model.config.autoencoder.downsample_factor
@@ -190,6 +203,7 @@ class Pipeline:
         n = context.shape[0]
         if len(seeds) != n:
             raise ShapeError(f"{len(seeds)} seeds for {n} contexts")
+        shape = self._shape(context, params, height, width, pad_to)
         padding = self.modules.batch_size(n, pad_to) - n  # compiled modules: repeat the last row, drop it after
         if padding:
             seeds = list(seeds) + [seeds[-1]] * padding
@@ -221,6 +235,7 @@ class Pipeline:
             latents = sample(params.sampler, eps_model, x, self.model.alphas_cumprod,
                              num_steps=params.num_steps, eta=params.eta, noise=noise,
                              callback=None if wanted is None else narrow)
+        self.ran_shapes.add(shape)
         if len(rows) == n:
             return latents[:n].float()
         out = torch.zeros((n, *latents.shape[1:]), dtype=torch.float32, device=latents.device)

@@ -130,7 +130,6 @@ class Generator:
                                                              "(then replaced)")
         self.device_failure: str | None = None  # set once the accelerator fails: the replica is then unhealthy
         self.stalls = StallWatch(stall_timeout_s)
-        self._ran: set[tuple] = set()  # the shapes sampled (so compiled, where compiled) in this replica
         self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="rdm-deliver")
         self._delivering: list[Future] = []  # the last sampling group's image deliveries
         self._batcher = ModelBatcher(self._run_batch, max_batch_size=8, batch_wait_timeout_s=0.05)
@@ -174,8 +173,6 @@ class Generator:
 
         seconds = self._batcher.call(compile_sizes)
         self._warmed |= set(seconds)
-        guided, tokens = defaults["guidance_scale"].default != 1.0, 1 + defaults["num_neighbors"].default
-        self._ran |= {(batch, height, width, guided, tokens) for batch, height, width in seconds}
         logger.info("compiled (batch size, height, width) %s in %.0f s", sorted(seconds), sum(seconds.values()))
 
     def _save_compiled(self) -> None:
@@ -261,14 +258,15 @@ class Generator:
             contexts = torch.from_numpy(np.stack([items[i]["context"] for i in members])).float()
             splits, dropped = self.pipeline.out_of_memory_splits, self.pipeline.rows_dropped
             try:
-                with self.stalls.busy(self._first_step_s(len(members), height, width, scale, contexts)) as progress:
+                params = SamplerParams(sampler, steps, scale, eta)
+                compiles = self.pipeline.compiles(contexts, params, height=height, width=width)
+                with self.stalls.busy(COMPILE_GRACE_S if compiles else None) as progress:
                     def wanted(members=members, progress=progress) -> list[bool]:  # before each step and the decode
                         progress()
                         return [not abandoned(items[i]) for i in members]
 
-                    pixels = self.pipeline.sample_images(
-                        contexts, [items[i]["seed"] for i in members], SamplerParams(sampler, steps, scale, eta),
-                        height=height, width=width, wanted=wanted)
+                    pixels = self.pipeline.sample_images(contexts, [items[i]["seed"] for i in members], params,
+                                                         height=height, width=width, wanted=wanted)
             except SamplingStopped as error:
                 self.m_stopped.inc(len(members))
                 for i in members:
@@ -290,7 +288,6 @@ class Generator:
             finally:
                 if self.pipeline.out_of_memory_splits > splits:
                     self.m_oom.inc(self.pipeline.out_of_memory_splits - splits)
-            self._ran.add(self._shape(len(members), height, width, scale, contexts))
             dropped = self.pipeline.rows_dropped - dropped  # images whose callers left while the others sampled on
             if dropped:
                 self.m_stopped.inc(dropped)
@@ -306,16 +303,6 @@ class Generator:
         if self.device_failure is None:
             self._save_compiled()
         return results
-
-    def _shape(self, n: int, height: int, width: int, scale: float, contexts: torch.Tensor) -> tuple:
-        return self.pipeline.modules.batch_size(n), height, width, scale != 1.0, contexts.shape[1]
-
-    def _first_step_s(self, n: int, height: int, width: int, scale: float, contexts: torch.Tensor) -> float | None:
-        """A compiled pipeline's first run of a shape compiles it in its first step: that step may take up
-        to COMPILE_GRACE_S before it counts as a stall."""
-        if self.pipeline.options.compile is None or self._shape(n, height, width, scale, contexts) in self._ran:
-            return None
-        return COMPILE_GRACE_S
 
     def _failed(self, error: BaseException) -> bool:
         """Whether `error` is the accelerator failing (a CUDA error, after which its context is unusable);

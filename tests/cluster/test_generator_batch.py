@@ -46,7 +46,7 @@ def generator(tmp_path):
     gen.store, gen.url_expires_s = open_store(str(tmp_path / "out")), 60
     gen.m_images, gen.m_batch, gen.m_sampling, gen.m_oom, gen.m_stopped, gen.m_device_failures = (
         Recorder() for _ in range(6))
-    gen.device_failure, gen.stalls, gen._ran = None, StallWatch(600.0), set()
+    gen.device_failure, gen.stalls = None, StallWatch(600.0)
     gen._writers = ThreadPoolExecutor(4)
     gen._delivering, gen._compile_cache = [], None
     gen.default_size, gen.image_sizes = (32, 32), [(32, 32), (24, 40)]
@@ -398,18 +398,21 @@ def test_a_replica_whose_accelerator_stalls_fails_its_health_check(generator, mo
     assert generator.stalls.in_hand() == 0  # the stuck call's mark is gone once it returns
 
 
-def test_a_compiled_replica_gives_only_a_shape_s_first_run_the_compile_grace(generator):
-    from cluster.watchdog import COMPILE_GRACE_S
+def test_a_compiled_pipeline_says_which_batches_compile(generator, monkeypatch):
+    """What the stall watch gives a first step COMPILE_GRACE_S by: a shape a compiled pipeline has not run."""
     from rdm.acceleration import InferenceOptions
+    from rdm.pipeline import SamplerParams
 
-    contexts = torch.zeros(3, 5, 64)
-    assert generator._first_step_s(3, 32, 32, 5.0, contexts) is None  # eager: nothing compiles
-    generator.pipeline = Pipeline(load_model("tiny"), options=InferenceOptions(compile="default"))
-    assert generator._first_step_s(3, 32, 32, 5.0, contexts) == COMPILE_GRACE_S
-    generator._ran.add(generator._shape(3, 32, 32, 5.0, contexts))
-    assert generator._first_step_s(4, 32, 32, 5.0, contexts) is None  # 3 and 4 run padded to 4
-    assert generator._first_step_s(3, 32, 32, 1.0, contexts) == COMPILE_GRACE_S  # unguided: another UNet batch
-    assert generator._first_step_s(3, 32, 32, 5.0, contexts[:, :1]) == COMPILE_GRACE_S  # k = 0
+    guided, unguided, contexts = SamplerParams("ddim", 1, 5.0), SamplerParams("ddim", 1, 1.0), torch.zeros(3, 5, 64)
+    assert not generator.pipeline.compiles(contexts, guided, height=32, width=32)  # eager: nothing compiles
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)  # which shapes, not the compiler
+    pipeline = Pipeline(load_model("tiny"), options=InferenceOptions(compile="default"))
+    assert pipeline.compiles(contexts, guided, height=32, width=32)
+    pipeline.sample_latents(contexts, [1, 2, 3], guided, height=32, width=32)
+    assert not pipeline.compiles(torch.zeros(4, 5, 64), guided, height=32, width=32)  # 3 and 4 run padded to 4
+    assert pipeline.compiles(contexts, unguided, height=32, width=32)  # unguided: another UNet batch
+    assert pipeline.compiles(contexts[:, :1], guided, height=32, width=32)  # k = 0
+    assert pipeline.compiles(contexts, guided, height=24, width=40)  # another size
 
 
 def test_a_slow_batch_that_moves_on_is_not_a_stall(generator):
