@@ -26,5 +26,5 @@ def build_app(args: dict, deployments: dict[str, dict] | None = None) -> Applica
     allowances = None
     if config.images_per_minute is not None or config.client_images_per_minute:
         allowances = Allowances.options(**options.get("Allowances", {})).bind(
-            config.images_per_minute, config.client_images_per_minute)
+            config.images_per_minute, config.client_images_per_minute, config.output_uri)
     return Ingress.options(**options.get("Ingress", {})).bind(generator, retriever, config.model_dump(), allowances)

@@ -21,7 +21,8 @@ import threading
 import time
 from pathlib import Path
 
-from cluster.storage import LocalStore
+from cluster.errors import ObjectNotFoundError, StorageError
+from cluster.storage import LocalStore, ObjectStore
 from rdm.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ class RateLimiter:
         self.default, self.limits, self.clock = default, dict(limits or {}), clock
         self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, when)
         self._lock = threading.Lock()
+        self.changes = 0  # counts takes and refunds: a saved state taken before the last one is stale
 
     def limit(self, client: str) -> int | None:
         return self.limits.get(client, self.default)
@@ -167,6 +169,7 @@ class RateLimiter:
             tokens = self._tokens(client, limit, now)
             if tokens >= images:
                 self._buckets[client] = (tokens - images, now)
+                self.changes += 1
                 return 0.0
             self._buckets[client] = (tokens, now)
             return (images - tokens) / rate
@@ -193,3 +196,86 @@ class RateLimiter:
             if client in self._buckets:
                 tokens, when = self._buckets[client]
                 self._buckets[client] = (min(float(limit), tokens + images), when)
+                self.changes += 1
+
+    def export(self) -> dict[str, float]:
+        """The images in hand now of each limited client short of a full minute's worth (the others are full)."""
+        now, held = self.clock(), {}
+        with self._lock:
+            for client in self._buckets:
+                limit = self.limit(client)
+                if limit is not None and (tokens := self._tokens(client, limit, now)) < limit:
+                    held[client] = tokens
+        return held
+
+    def restore(self, held: dict[str, float], elapsed_s: float) -> None:
+        """Take up `export()`ed buckets, refilled for the `elapsed_s` since (a client's limit may have changed
+        meanwhile: capped at the current one; one no longer limited is left out)."""
+        now = self.clock()
+        with self._lock:
+            for client, tokens in held.items():
+                limit = self.limit(client)
+                if limit is not None:
+                    refill = max(0.0, elapsed_s) * limit / 60.0
+                    self._buckets[client] = (min(float(limit), max(0.0, tokens) + refill), now)
+
+
+ALLOWANCES_STATE = "_state/allowances-{app}.json"  # in the app's output store
+
+
+class SavedAllowances:
+    """A `RateLimiter`'s buckets kept in a store (the app's outputs), so that the `Allowances` replica Serve
+    starts in place of one that died or was redeployed goes on from them, refilled for the time since they
+    were saved, instead of giving every client a full minute again. Saved after a change at most every
+    `interval_s`: a restart forgets at most that long's takes (and whatever the Ingress replicas counted on
+    their own while no Allowances replica answered). A saved state that cannot be read is logged and left
+    out (every client full), never an app that does not start."""
+
+    def __init__(self, store: ObjectStore, key: str, clock=time.time) -> None:
+        self.store, self.key, self.clock = store, key, clock
+        self._saved = 0  # the limiter's change count last saved (or loaded)
+
+    def load(self, limiter: RateLimiter) -> int:
+        """Restore the saved buckets into `limiter`; returns how many clients were short of a full minute."""
+        try:
+            state = json.loads(self.store.read_bytes(self.key))
+            saved_at = float(state["saved_at"])
+            held = {str(client): float(tokens) for client, tokens in state["tokens"].items()}
+        except ObjectNotFoundError:
+            return 0
+        except (StorageError, ValueError, KeyError, TypeError, AttributeError) as err:
+            logger.warning("allowances: the saved state %s/%s cannot be read (%s: %s); every client starts with a "
+                           "full minute", self.store.uri, self.key, type(err).__name__, err)
+            return 0
+        limiter.restore(held, self.clock() - saved_at)
+        self._saved = limiter.changes
+        return len(held)
+
+    def save(self, limiter: RateLimiter) -> bool:
+        """Save the buckets if they changed since the last save; True if written."""
+        changes = limiter.changes  # read first: a take meanwhile is saved next time
+        if changes == self._saved:
+            return False
+        state = {"saved_at": self.clock(), "tokens": limiter.export()}
+        self.store.write_bytes(self.key, json.dumps(state).encode())
+        self._saved = changes
+        return True
+
+    def keep(self, limiter: RateLimiter, interval_s: float = 1.0) -> threading.Event:
+        """Saves every `interval_s` on a daemon thread until the returned event is set (a failed save is
+        logged once until one succeeds, and tried again)."""
+        stop = threading.Event()
+
+        def run() -> None:
+            failing = False
+            while not stop.wait(interval_s):
+                try:
+                    self.save(limiter)
+                    failing = False
+                except StorageError as err:
+                    if not failing:
+                        logger.warning("allowances: cannot save to %s/%s (%s); retrying", self.store.uri, self.key, err)
+                    failing = True
+
+        threading.Thread(target=run, name="rdm-allowances-save", daemon=True).start()
+        return stop

@@ -25,7 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve import metrics
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from cluster.errors import (
@@ -37,7 +37,14 @@ from cluster.errors import (
     ShardUnavailableError,
     UnknownDatabaseError,
 )
-from cluster.serve.auth import TOKEN_ENV, Authenticator, RateLimiter, read_token_file
+from cluster.serve.auth import (
+    ALLOWANCES_STATE,
+    TOKEN_ENV,
+    Authenticator,
+    RateLimiter,
+    SavedAllowances,
+    read_token_file,
+)
 from cluster.serve.batching import ModelBatcher
 from cluster.serve.outputs import image_key, image_url, write_image
 from cluster.serve.schemas import AppArgs, GeneratedImage, GenerateRequest, GenerateResponse, NeighborOut
@@ -66,6 +73,14 @@ def batching_config(config: dict, *, max_batch_size: int, batch_wait_timeout_s: 
     if size < 1 or not 0 <= wait <= 60:
         raise ConfigError(f"user_config: max_batch_size must be >= 1 and batch_wait_timeout_s in 0..60, got {size}, {wait}")
     return size, wait
+
+
+def _app_name() -> str:
+    """The Serve application this replica belongs to ("app" outside a replica: tests)."""
+    try:
+        return serve.get_replica_context().app_name
+    except RayServeException:
+        return "app"
 
 
 def served_size(sizes: list[tuple[int, int]], height: int | None, width: int | None) -> tuple[int, int]:
@@ -571,11 +586,27 @@ app.add_middleware(BodyLimit)
 @serve.deployment(ray_actor_options={"num_cpus": 0.01}, num_replicas=1, max_ongoing_requests=1000)
 class Allowances:
     """Each client's images per minute for the whole app: one replica holds the token buckets that every
-    Ingress replica takes from (one Ray call per request, microseconds of work in it). A restarted replica
-    starts every client with a full minute's allowance again. Runs only where allowances are configured."""
+    Ingress replica takes from (one Ray call per request, microseconds of work in it). The buckets are saved
+    in the app's output store (`_state/allowances-<app>.json`) at most every `save_interval_s` after a change,
+    and a replica started in place of one that died or was redeployed goes on from them (refilled for the time
+    since). Runs only where allowances are configured."""
 
-    def __init__(self, default: int | None, limits: dict[str, int]) -> None:
+    def __init__(self, default: int | None, limits: dict[str, int], state_uri: str | None = None,
+                 save_interval_s: float = 1.0) -> None:
         self.limiter = RateLimiter(default, limits)
+        self.saved, self._stop_saving = None, None
+        if state_uri is not None:
+            self.saved = SavedAllowances(open_store(state_uri), ALLOWANCES_STATE.format(app=_app_name()))
+            if restored := self.saved.load(self.limiter):
+                logger.info("allowances: %d clients' buckets restored from %s", restored, state_uri)
+            self._stop_saving = self.saved.keep(self.limiter, save_interval_s)
+
+    def __del__(self) -> None:
+        """Serve stopping the replica: save what changed since the last save."""
+        if self._stop_saving is not None:
+            self._stop_saving.set()
+            with contextlib.suppress(Exception):
+                self.saved.save(self.limiter)
 
     async def take(self, client: str, images: int) -> tuple[float, int | None, int | None]:
         """(0 and the images taken, or the seconds until they fit; the client's images per minute; the

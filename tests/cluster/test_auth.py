@@ -12,6 +12,7 @@ from cluster.serve.auth import (
     SHARED_CLIENT,
     Authenticator,
     RateLimiter,
+    SavedAllowances,
     add_key,
     digest,
     read_keys,
@@ -136,6 +137,69 @@ def test_each_client_has_its_own_allowance_of_images_per_minute():
     assert limiter.wait_s("a", 6) == 0.0
     limiter.refund("a", 100)
     assert [limiter.wait_s("a", 6) for _ in range(11)][-1] > 0
+
+
+def test_exported_buckets_are_restored_refilled_for_the_time_since():
+    now = [0.0]
+    limiter = RateLimiter(8, {"big": 600, "freed": 8}, clock=lambda: now[0])
+    for client, images in (("a", 6), ("b", 1), ("big", 500), ("freed", 8), ("full", 0)):
+        assert limiter.wait_s(client, images) == 0.0
+    now[0] = 7.5  # a: 2 + 1 refilled; b: full again (7 + 1)
+    assert limiter.export() == pytest.approx({"a": 3.0, "big": 175.0, "freed": 1.0})
+    # limits changed: "big" lowered, "freed" unlimited now
+    later = RateLimiter(None, {"a": 8, "b": 8, "big": 100}, clock=lambda: 50.0)
+    later.restore(limiter.export(), elapsed_s=15.0)  # 2 more a client of 8 a minute
+    assert (later.remaining("a"), later.remaining("b"), later.remaining("big")) == (5, 8, 100)
+    assert later.remaining("freed") is None and later.wait_s("freed", 8) == 0.0
+    later.restore({"a": 1.0}, elapsed_s=-30.0)  # a clock behind the saver's: no refill, never less
+    assert later.remaining("a") == 1
+
+
+def test_saved_allowances_are_written_after_a_change_and_survive_a_bad_file(tmp_path, caplog):
+    from cluster.storage import LocalStore
+
+    store, now = LocalStore(tmp_path), [1000.0]
+    saved = SavedAllowances(store, "_state/allowances-app.json", clock=lambda: now[0])
+    limiter = RateLimiter(60)
+    assert saved.load(limiter) == 0 and not saved.save(limiter)  # nothing saved, nothing changed
+    limiter.wait_s("a", 50)
+    assert saved.save(limiter) and not saved.save(limiter)  # once per change
+    now[0] = 1005.0  # restored 5 s later: 10 + 5 images
+    restored = RateLimiter(60)
+    assert SavedAllowances(store, "_state/allowances-app.json", clock=lambda: now[0]).load(restored) == 1
+    assert restored.remaining("a") == 15 and restored.remaining("b") == 60
+    (tmp_path / "_state" / "allowances-app.json").write_text('{"saved_at": "yesterday"')
+    fresh = RateLimiter(60)
+    with caplog.at_level(logging.WARNING, logger="cluster.serve.auth"):
+        assert saved.load(fresh) == 0 and fresh.remaining("a") == 60
+    assert "cannot be read (JSONDecodeError" in caplog.text and "every client starts with a full minute" in caplog.text
+
+
+def test_a_restarted_allowances_replica_goes_on_from_the_saved_buckets(tmp_path):
+    """The Allowances replica Serve starts after one died (saved within its save interval) or was stopped
+    (saved as it stopped) does not give every client a full minute again."""
+    import time
+
+    from cluster.serve.deployments import Allowances
+
+    async def take(replica, client, images):
+        return await replica.take(client, images)
+
+    first = Allowances.func_or_class(8, {}, str(tmp_path), save_interval_s=0.05)
+    assert asyncio.run(take(first, "team", 6)) == (0.0, 8, 2)
+    state = tmp_path / "_state" / "allowances-app.json"
+    deadline = time.monotonic() + 10
+    while not state.exists():  # saved by its thread, without a stop (a replica that died)
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    second = Allowances.func_or_class(8, {}, str(tmp_path), save_interval_s=3600)
+    wait_s, _, left = asyncio.run(take(second, "team", 4))
+    assert left == 2 and 14 < wait_s <= 15  # 2 in hand (and a bit), 8 a minute: 2 more in under 15 s
+    assert asyncio.run(take(second, "team", 2))[0] == 0.0
+    second.__del__()  # stopped by Serve: saved at once, whatever the interval
+    third = Allowances.func_or_class(8, {}, str(tmp_path))
+    assert asyncio.run(take(third, "team", 1))[2] == 0  # ~0.2 images in hand after 8 taken
+    assert asyncio.run(take(Allowances.func_or_class(8, {}), "team", 8))[0] == 0.0  # kept nowhere: full
 
 
 def test_the_ingress_answers_a_client_past_its_allowance_with_429_and_retry_after():
@@ -285,4 +349,5 @@ def test_the_app_binds_allowances_only_where_images_per_minute_are_set():
     limited = build_app({"model": "tiny", "client_images_per_minute": {"x": 8}})
     assert plain._bound_deployment.init_args[3] is None
     assert limited._bound_deployment.init_args[3]._bound_deployment.name == "Allowances"
-    assert limited._bound_deployment.init_args[3]._bound_deployment.init_args == (None, {"x": 8})
+    # its buckets are kept in the app's output store
+    assert limited._bound_deployment.init_args[3]._bound_deployment.init_args == (None, {"x": 8}, "outputs/serve")

@@ -256,8 +256,25 @@ def test_client_keys_are_attributed_and_take_effect_without_a_redeploy(app_url):
     # the count is the app's, kept by its one Allowances replica (which every Ingress replica asks)
     from ray import serve
 
-    wait_s, limit, left = serve.get_deployment_handle("Allowances", app_name="rdm").take.remote("team-slow", 5).result()
+    allowances = serve.get_deployment_handle("Allowances", app_name="rdm")
+    wait_s, limit, left = allowances.take.remote("team-slow", 5).result()
     assert limit == 8 and left in (3, 4) and 0 < wait_s <= 15.01, wait_s  # 3 of 8 left (refilling): 2 more <= 15 s
+    # that replica dies: the one Serve starts in its place goes on from the buckets it saved
+    import ray
+
+    killed = time.monotonic()
+    victim = next(a for a in ray.util.list_named_actors(all_namespaces=True) if "Allowances" in a["name"])
+    ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+    deadline, taken = time.monotonic() + 120, None
+    while taken is None:
+        try:
+            taken = allowances.take.remote("team-slow", 8).result(timeout_s=10)
+        except Exception:  # noqa: BLE001 - the dead replica, until Serve has replaced it
+            assert time.monotonic() < deadline, "no Allowances replica within 120 s"
+            time.sleep(0.5)
+    wait_s, limit, left = taken
+    assert limit == 8 and wait_s > 0, taken  # not a full minute again: 8 images do not fit
+    assert left <= 4 + (time.monotonic() - killed) * 8 / 60, taken
 
 
 @pytest.mark.parametrize("body, status, field", [
