@@ -294,10 +294,15 @@ class BulkSampler:
         self.settings = BulkSettings(**settings)
         self.store, self.model_id = open_store(out_uri), model_id
         check_stalls(self.store, "sampler")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.pipeline = Pipeline(load_model(local_path(self.settings.model)).to(device),
-                                 options=self.settings.inference_options())
         s = self.settings
+        # a hung accelerator would hang the job: the process ends instead, and Ray Data starts the actor
+        # again and runs its unrecorded batches again (watched from the move onto the device on)
+        self.stalls = StallWatch(s.stall_timeout_s)
+        self.stalls.monitor(end_on_stall(self.store, "sampler", "sampling step", s.stall_timeout_s))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = load_model(local_path(s.model))
+        with self.stalls.busy():
+            self.pipeline = Pipeline(model.to(device), options=s.inference_options())
         self.compile_cache = None
         if s.compile_cache and s.compile is not None:
             from cluster.compile_cache import CompileCache
@@ -312,10 +317,6 @@ class BulkSampler:
         # they cost a GPU batch of 768-px images seconds of idle accelerator (bench/delivery.py).
         self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="rdm-write")
         self._model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rdm-model")
-        # a hung accelerator would hang the job: the process ends instead, and Ray Data starts the actor
-        # again and runs its unrecorded batches again
-        self.stalls = StallWatch(s.stall_timeout_s)
-        self.stalls.monitor(end_on_stall(self.store, "sampler", "sampling step", s.stall_timeout_s))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = _rows(batch)

@@ -315,11 +315,14 @@ class ClipEmbedder:
         self.store, self.batch_size, self.dtype = open_store(out_uri), batch_size, dtype
         check_stalls(self.store, "CLIP embedder")
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.encoder = load_clip_spec(clip, weights=local_path(clip_weights)).to(self.device)
         # a hung accelerator would hang the job: the process ends instead, and Ray Data starts the actor again
-        # and embeds the shard again (its files are written once all of it is embedded)
+        # and embeds the shard again (its files are written once all of it is embedded); watched from the
+        # move onto the device on
         self.stalls = StallWatch(stall_timeout_s)
         self.stalls.monitor(end_on_stall(self.store, "CLIP embedder", "CLIP batch done", stall_timeout_s))
+        encoder = load_clip_spec(clip, weights=local_path(clip_weights))
+        with self.stalls.busy():
+            self.encoder = encoder.to(self.device)
 
     def _encode(self, pixels: np.ndarray) -> list[np.ndarray]:
         """CLIP image embeddings of decoded pixels, a batch at a time, each batch's end a sign of progress."""

@@ -7,9 +7,11 @@ long as each of its steps ends in time; the first step of a shape that a compile
 before compiles it (minutes for RDM-768) and gets `COMPILE_GRACE_S` instead. The Serve Generator fails its
 health check on a stall (Serve replaces the replica); a bulk job's sampler and an embedding job's CLIP actor
 end their process (Ray Data starts the actor again and runs the batch again: its outputs are written only
-once it is done). Each such stall is recorded in the job's output (`_stalls/`); once `MAX_STALLS` of a run's
-actors have stalled, new ones refuse to start and the job stops (it resumes when run again), rather than
-restart actors on a GPU that stays broken without end."""
+once it is done), as does a Generator replica that stalls before Serve health-checks it. Each actor's and
+replica's move of its model onto the device is watched too, and so is a replica's warm-up (each size it
+compiles with the compilation's grace). Each job actor's stall is recorded in the job's output (`_stalls/`);
+once `MAX_STALLS` of a run's actors have stalled, new ones refuse to start and the job stops (it resumes when
+run again), rather than restart actors on a GPU that stays broken without end."""
 
 from __future__ import annotations
 

@@ -28,6 +28,7 @@ from ray.serve import metrics
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
+from cluster import watchdog
 from cluster.errors import (
     AcceleratorFailedError,
     AcceleratorMemoryError,
@@ -49,7 +50,7 @@ from cluster.serve.batching import ModelBatcher
 from cluster.serve.outputs import image_key, image_url, write_image
 from cluster.serve.schemas import AppArgs, GeneratedImage, GenerateRequest, GenerateResponse, NeighborOut
 from cluster.storage import open_store
-from cluster.watchdog import COMPILE_GRACE_S, StallWatch
+from cluster.watchdog import COMPILE_GRACE_S, STALLED_EXIT, StallWatch
 from rdm.errors import ConfigError, InputError, RDMError, SamplingStopped
 from rdm.images import decode_rgb, to_model_range
 from rdm.pipeline import check_image_size, encode_png
@@ -111,11 +112,16 @@ class Generator:
         from rdm.pipeline import Pipeline
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.stalls = StallWatch(stall_timeout_s)
+        # until Serve health-checks the replica, a stall (moving the model onto the device, the warm-up's
+        # compilations) ends its process: Serve starts another; from then on check_health tells Serve
+        self._stop_start_watch = self.stalls.monitor(self._stalled_starting)
         model_file = local_path(model)  # an s3:// checkpoint: this node's cached copy
-        rdm_model = load_model(model_file).to(device)
+        rdm_model = load_model(model_file)
         clip = load_clip_for(rdm_model, weights=local_path(clip_weights))
-        self.pipeline = Pipeline(rdm_model, clip.to(device) if clip else None,
-                                 options=InferenceOptions(**(inference or {})))
+        with self.stalls.busy():
+            self.pipeline = Pipeline(rdm_model.to(device), clip.to(device) if clip else None,
+                                     options=InferenceOptions(**(inference or {})))
         self.model_name, self.model_hash = model, model_hash(model_file)
         self.inference = dataclasses.asdict(self.pipeline.options)  # precision etc.: other numerics, other images
         self.store, self.url_expires_s = open_store(output_uri), url_expires_s
@@ -144,7 +150,6 @@ class Generator:
                                                  description="replicas whose accelerator failed or stalled "
                                                              "(then replaced)")
         self.device_failure: str | None = None  # set once the accelerator fails: the replica is then unhealthy
-        self.stalls = StallWatch(stall_timeout_s)
         self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="rdm-deliver")
         self._delivering: list[Future] = []  # the last sampling group's image deliveries
         self._batcher = ModelBatcher(self._run_batch, max_batch_size=8, batch_wait_timeout_s=0.05)
@@ -179,10 +184,12 @@ class Generator:
         def compile_sizes() -> dict[tuple[int, int, int], float]:
             seconds = {}
             for (height, width), sizes in todo.items():
-                done = self.pipeline.warm_up(sizes, num_neighbors=defaults["num_neighbors"].default,
-                                             guidance_scale=defaults["guidance_scale"].default,
-                                             height=height, width=width)
-                seconds |= {(batch, height, width): s for batch, s in done.items()}
+                for size in sizes:  # each compiles: watched for stalls with the compilation's grace
+                    with self.stalls.busy(COMPILE_GRACE_S):
+                        done = self.pipeline.warm_up([size], num_neighbors=defaults["num_neighbors"].default,
+                                                     guidance_scale=defaults["guidance_scale"].default,
+                                                     height=height, width=width)
+                    seconds |= {(batch, height, width): s for batch, s in done.items()}
             self._save_compiled()
             return seconds
 
@@ -354,13 +361,24 @@ class Generator:
         failed, or when work on it has not moved on for `stall_timeout_s` (a kernel that never returns: a
         hung GPU raises nothing, and its callers would wait forever). A sampling batch moves on at each
         step; compiled, a shape's first step, which compiles it, gets COMPILE_GRACE_S; the warm-up's
-        compilations before the replica serves are not watched."""
+        compilations before the replica serves end its process instead (`_stalled_starting`)."""
+        self._stop_start_watch.set()
         stalled = self.stalls.stalled_for() if self.device_failure is None else None
         if stalled is not None:
             self._fail(f"the accelerator stalled: no progress for {stalled:.0f} s "
                        f"(stall_timeout_s {self.stalls.timeout_s:g})")
         if self.device_failure is not None:
             raise AcceleratorFailedError(self.device_failure)
+
+    def _stalled_starting(self, seconds: float) -> None:
+        """A stall before Serve health-checks the replica (in its constructor or first reconfigure: nothing
+        would ever fail it, and Serve would wait for it without end): end the process, so that Serve starts
+        another replica."""
+        if self._stop_start_watch.is_set():  # health-checked meanwhile: check_health tells Serve
+            return
+        logger.error("the accelerator stalled while the replica started: no progress for %.0f s (stall_timeout_s "
+                     "%g); ending its process so that Serve starts another", seconds, self.stalls.timeout_s)
+        watchdog.end_process(STALLED_EXIT)
 
     def _deliver(self, item: dict, pixels: np.ndarray, batch_size: int, elapsed: float) -> dict:
         if abandoned(item):  # its caller went away while the batch sampled: nobody reads it

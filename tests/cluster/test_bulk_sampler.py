@@ -276,6 +276,21 @@ def test_a_bulk_sampler_whose_accelerator_stalls_ends_its_process(tmp_path, ende
     assert "no sampling step for" in stall.read_text()
 
 
+def test_a_bulk_sampler_that_stalls_moving_its_model_onto_the_device_ends_its_process(tmp_path, monkeypatch):
+    from testkit import HungDevice
+
+    import rdm.factory
+
+    device, real_load = HungDevice(), rdm.factory.load_model
+    monkeypatch.setattr(watchdog, "end_process", device.end_process)
+    monkeypatch.setattr(rdm.factory, "load_model", lambda path: device.hang(real_load(path)))
+    try:
+        BulkSampler(asdict(BulkSettings(num_steps=2, num_neighbors=0, stall_timeout_s=0.5)), str(tmp_path), "hash")
+    finally:
+        device.release()
+    assert device.codes == [STALLED_EXIT] and len(list((tmp_path / STALLS_DIR).iterdir())) == 1
+
+
 def test_once_a_run_s_samplers_stalled_max_stalls_times_new_ones_refuse_to_start(tmp_path):
     """A GPU that stays broken would have Ray Data start samplers on it without end: after MAX_STALLS stalls
     in a run, a sampler refuses to start (the job stops, resumable); a new run starts counting again."""

@@ -144,6 +144,24 @@ def test_known_images_come_from_the_contents_of_finished_outputs(tmp_path):
                                                                              "0" * 24: "s1"}
 
 
+def test_an_embedder_that_stalls_moving_clip_onto_the_device_ends_its_process(tmp_path, monkeypatch):
+    from testkit import HungDevice
+
+    import rdm.factory
+    from cluster import watchdog
+    from cluster.embedding import ClipEmbedder
+    from cluster.watchdog import STALLED_EXIT
+
+    device, real_load = HungDevice(), rdm.factory.load_clip_spec
+    monkeypatch.setattr(watchdog, "end_process", device.end_process)
+    monkeypatch.setattr(rdm.factory, "load_clip_spec", lambda *a, **k: device.hang(real_load(*a, **k)))
+    try:
+        ClipEmbedder("tiny", None, str(tmp_path / "out"), batch_size=2, dtype="float32", stall_timeout_s=0.5)
+    finally:
+        device.release()
+    assert device.codes == [STALLED_EXIT] and len(list((tmp_path / "out" / "_stalls").iterdir())) == 1
+
+
 def test_an_embedder_whose_accelerator_stalls_ends_its_process(tmp_path, monkeypatch):
     """A CLIP batch that never returns (a hung GPU): the actor ends its process, so that Ray Data starts it
     again and embeds the shard again; nothing of the shard is written."""

@@ -46,7 +46,7 @@ def generator(tmp_path):
     gen.store, gen.url_expires_s = open_store(str(tmp_path / "out")), 60
     gen.m_images, gen.m_batch, gen.m_sampling, gen.m_oom, gen.m_stopped, gen.m_device_failures = (
         Recorder() for _ in range(6))
-    gen.device_failure, gen.stalls = None, StallWatch(600.0)
+    gen.device_failure, gen.stalls, gen._stop_start_watch = None, StallWatch(600.0), threading.Event()
     gen._writers = ThreadPoolExecutor(4)
     gen._delivering, gen._compile_cache = [], None
     gen.default_size, gen.image_sizes = (32, 32), [(32, 32), (24, 40)]
@@ -185,8 +185,8 @@ def test_a_compiled_generator_warms_up_each_padded_batch_size_once(generator, mo
     generator._warm_up(8)
     generator.reconfigure({"max_batch_size": 12})
     generator.reconfigure({"max_batch_size": 12, "batch_wait_timeout_s": 0.02})
-    assert [(sizes, kw["height"], kw["width"]) for sizes, kw, _ in calls] == [
-        ([1, 2, 4, 8], 32, 32), ([1, 2, 4, 8], 24, 40), ([16], 32, 32), ([16], 24, 40)]
+    assert [(sizes, kw["height"], kw["width"]) for sizes, kw, _ in calls] == [  # one size a call: each watched
+        *[([b], 32, 32) for b in (1, 2, 4, 8)], *[([b], 24, 40) for b in (1, 2, 4, 8)], ([16], 32, 32), ([16], 24, 40)]
     assert {k: calls[0][1][k] for k in ("num_neighbors", "guidance_scale")} == {"num_neighbors": 4,
                                                                                 "guidance_scale": 5.0}  # defaults
     assert all(thread.startswith("model") for _, _, thread in calls)
@@ -413,6 +413,49 @@ def test_a_compiled_pipeline_says_which_batches_compile(generator, monkeypatch):
     assert pipeline.compiles(contexts, unguided, height=32, width=32)  # unguided: another UNet batch
     assert pipeline.compiles(contexts[:, :1], guided, height=32, width=32)  # k = 0
     assert pipeline.compiles(contexts, guided, height=24, width=40)  # another size
+
+
+@pytest.mark.parametrize("where", ["moving the model onto the device", "the warm-up's compilation"])
+def test_a_replica_that_stalls_while_starting_ends_its_process(tmp_path, monkeypatch, where):
+    """Serve health-checks a replica only once it has started, and waits for its constructor without end:
+    a stall there (the model's move onto a hung GPU, or a warm-up compilation past its grace) ends the
+    process, so that Serve starts another. Once health-checked, a stall is the health check's to report."""
+    from testkit import HungDevice
+
+    import rdm.factory
+    import rdm.pipeline
+    from cluster import watchdog
+    from cluster.watchdog import STALLED_EXIT
+
+    device = HungDevice()
+    monkeypatch.setattr(watchdog, "end_process", device.end_process)
+    inference = None
+    if where == "moving the model onto the device":
+        real_load = rdm.factory.load_model
+        monkeypatch.setattr(rdm.factory, "load_model", lambda path: device.hang(real_load(path)))
+    else:
+        inference = {"compile": "default"}
+        monkeypatch.setattr(deployments, "COMPILE_GRACE_S", 0.5)  # compiling one size past it: a stall
+
+        def warm_up(pipeline, sizes, **kwargs):
+            device.hang(torch.nn.Identity()).to("cpu")
+            return dict.fromkeys(sizes, 1.0)
+
+        monkeypatch.setattr(rdm.pipeline.Pipeline, "warm_up", warm_up)
+    started = time.monotonic()
+    try:
+        replica = deployments.Generator.func_or_class("tiny", None, str(tmp_path / "out"), inference,
+                                                      stall_timeout_s=0.5)
+    finally:
+        device.release()
+    assert device.codes == [STALLED_EXIT] and time.monotonic() - started < 30
+    replica.check_health()  # health-checked from now on: the start watch has stopped
+    replica.device_failure = None
+    with replica.stalls.busy():
+        time.sleep(1.2)
+        with pytest.raises(AcceleratorFailedError, match="the accelerator stalled"):
+            replica.check_health()
+    assert device.codes == [STALLED_EXIT]  # not ended again
 
 
 def test_a_slow_batch_that_moves_on_is_not_a_stall(generator):

@@ -96,3 +96,32 @@ def out_of_memory_over(monkeypatch, pipeline, method: str, rows: int | None) -> 
 
     monkeypatch.setattr(pipeline, method, limited)
     return sizes
+
+
+class HungDevice:
+    """Stands in for an accelerator that hangs: `hang(module)` makes the module's move onto the device
+    (`.to`) wait until `release()`; `end_process` (for `cluster.watchdog.end_process`) records the exit
+    code and releases the wait, as the process ending would."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.codes: list[int] = []
+        self._released = threading.Event()
+
+    def hang(self, module):
+        real = module.to
+
+        def to(*args, **kwargs):
+            self._released.wait(60)
+            return real(*args, **kwargs)
+
+        module.to = to
+        return module
+
+    def end_process(self, code: int) -> None:
+        self.codes.append(code)
+        self.release()
+
+    def release(self) -> None:
+        self._released.set()
