@@ -39,6 +39,7 @@ import torch
 from cluster.artifacts import content_hash, local_path, model_config_at
 from cluster.errors import IndexVersionError, ObjectNotFoundError, StorageError, UnknownDatabaseError
 from cluster.index.manifest import check_database_name, current_version, load_manifest
+from cluster.progress import JobProgress
 from cluster.prompts import PromptRow, read_prompts
 from cluster.storage import join, open_store
 from cluster.watchdog import COMPILE_GRACE_S, STALLS_DIR, StallWatch, check_stalls, clear_stalls, end_on_stall
@@ -464,48 +465,52 @@ def generate(prompts_uri: str, out_uri: str, settings: BulkSettings, *, progress
     pending = [i for i in items if i["key"] not in done]
     logger.info("%d images requested, %d already done, %d to generate", len(items), len(items) - len(pending),
                 len(pending))
-    item_errors: list[dict] = []
-    if pending:
-        gpu = ray.cluster_resources().get("GPU", 0) > 0
-        ds = ray.data.from_items(pending)
-        ds = ds.map_batches(QueryEncoder, fn_constructor_kwargs={"config": asdict(config),
-                                                                 "clip_weights": settings.clip_weights},
-                            batch_size=32, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
-        ds = ds.map_batches(Retrieve, fn_constructor_kwargs={"index_uri": settings.index_uri,
-                                                             "num_neighbors": settings.num_neighbors,
-                                                             "retriever_options": settings.retriever_options,
-                                                             "versions": versions},
-                            batch_size=32, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1)
-        ds = ds.map_batches(BulkSampler, fn_constructor_kwargs={"settings": asdict(settings), "out_uri": out_uri,
-                                                                "model_id": model_id},
-                            batch_size=settings.batch_size, num_cpus=settings.sampler_num_cpus,
-                            num_gpus=1 if gpu else 0,
-                            compute=ray.data.ActorPoolStrategy(
-                                size=settings.num_samplers, max_concurrent_calls_per_actor=SAMPLER_CALLS_IN_FLIGHT,
-                                enable_true_multi_threading=True))
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            if progress is not None:
-                progress.update(int(sum(1 for e in batch["error"] if not e)))
-    done, failed_parts = _read_parts(store)
-    wanted = {i["key"] for i in items}
-    records = [r for k, r in sorted(done.items()) if k in wanted]
-    failed = wanted - set(done)
-    for key, part in failed_parts.items():
-        if key in failed:
-            item_errors.append({"row": part["row"], "error": part["error"]})
-    _write_outputs(store, records, row_errors + item_errors)
-    result = BulkResult(images=len(records), generated=len([i for i in pending if i["key"] in done]),
-                        skipped=len(items) - len(pending), errors=len(row_errors) + len(item_errors),
-                        seconds=time.perf_counter() - clock)
-    resources = ray.cluster_resources()
-    record_run(store, {"started": started.isoformat(timespec="seconds"), "seconds": round(result.seconds, 1),
-                       "generated": result.generated, "skipped": result.skipped, "errors": result.errors,
-                       "images_per_s": round(result.generated / result.seconds, 3),
-                       "samplers": settings.num_samplers, "batch_size": settings.batch_size,
-                       "gpus": int(resources.get("GPU", 0)), "cpus": int(resources.get("CPU", 0)),
-                       "stalls": len(store.list(STALLS_DIR + "/")),  # samplers that ended on a stalled accelerator
-                       "model_hash": model_id, "inference": asdict(settings.inference_options())})
-    return result
+    # OUT/progress.json: for `rdm status OUT` while the run goes on
+    with JobProgress(store, requested=len(items), done_before=len(items) - len(pending)) as tally:
+        item_errors: list[dict] = []
+        if pending:
+            gpu = ray.cluster_resources().get("GPU", 0) > 0
+            ds = ray.data.from_items(pending)
+            ds = ds.map_batches(QueryEncoder, fn_constructor_kwargs={"config": asdict(config),
+                                                                     "clip_weights": settings.clip_weights},
+                                batch_size=32, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
+            ds = ds.map_batches(Retrieve, fn_constructor_kwargs={"index_uri": settings.index_uri,
+                                                                 "num_neighbors": settings.num_neighbors,
+                                                                 "retriever_options": settings.retriever_options,
+                                                                 "versions": versions},
+                                batch_size=32, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1)
+            ds = ds.map_batches(BulkSampler, fn_constructor_kwargs={"settings": asdict(settings), "out_uri": out_uri,
+                                                                    "model_id": model_id},
+                                batch_size=settings.batch_size, num_cpus=settings.sampler_num_cpus,
+                                num_gpus=1 if gpu else 0,
+                                compute=ray.data.ActorPoolStrategy(
+                                    size=settings.num_samplers, max_concurrent_calls_per_actor=SAMPLER_CALLS_IN_FLIGHT,
+                                    enable_true_multi_threading=True))
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                ok = int(sum(1 for e in batch["error"] if not e))
+                tally.add(ok, len(batch["error"]) - ok)
+                if progress is not None:
+                    progress.update(ok)
+        done, failed_parts = _read_parts(store)
+        wanted = {i["key"] for i in items}
+        records = [r for k, r in sorted(done.items()) if k in wanted]
+        failed = wanted - set(done)
+        for key, part in failed_parts.items():
+            if key in failed:
+                item_errors.append({"row": part["row"], "error": part["error"]})
+        _write_outputs(store, records, row_errors + item_errors)
+        result = BulkResult(images=len(records), generated=len([i for i in pending if i["key"] in done]),
+                            skipped=len(items) - len(pending), errors=len(row_errors) + len(item_errors),
+                            seconds=time.perf_counter() - clock)
+        resources = ray.cluster_resources()
+        record_run(store, {"started": started.isoformat(timespec="seconds"), "seconds": round(result.seconds, 1),
+                           "generated": result.generated, "skipped": result.skipped, "errors": result.errors,
+                           "images_per_s": round(result.generated / result.seconds, 3),
+                           "samplers": settings.num_samplers, "batch_size": settings.batch_size,
+                           "gpus": int(resources.get("GPU", 0)), "cpus": int(resources.get("CPU", 0)),
+                           "stalls": len(store.list(STALLS_DIR + "/")),  # samplers that ended on a stalled accelerator
+                           "model_hash": model_id, "inference": asdict(settings.inference_options())})
+        return result
 
 
 RUNS_KEPT = 100  # job.json keeps the last runs' records

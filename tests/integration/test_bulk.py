@@ -80,6 +80,10 @@ def test_bulk_job_writes_every_image_once_and_resumes(index_uri, make_bucket, s3
     assert runs[0]["images_per_s"] == pytest.approx(10 / runs[0]["seconds"], rel=0.02) and runs[0]["cpus"] >= 2
     assert runs[0]["model_hash"] == model_hash("tiny") and runs[0]["inference"]["precision"] == "fp32"
     assert runs[0]["stalls"] == runs[1]["stalls"] == 0
+    progress = json.loads(out.read_bytes("progress.json"))  # the last run's, as `rdm status` reads it
+    # 11 images asked for: row 6's (an unknown database) fails in every run
+    assert (progress["state"], progress["requested"], progress["done_before"]) == ("finished", 11, 10 - len(lost_rows))
+    assert (progress["done"], progress["failed"], progress["remaining"]) == (len(lost_rows), 1, 0)
 
 
 def test_a_resumed_job_keeps_the_index_version_it_started_with(ray_cluster, make_bucket, tmp_path):
@@ -138,10 +142,15 @@ def test_killed_driver_then_rerun_generates_only_the_missing(index_uri, make_buc
     proc.wait()
     parts_before = len(out.list("_parts"))
     assert parts_before >= 1 and not out.exists("manifest.parquet")
+    # the killed driver could not say so: its run still reads as running, until it stops reporting
+    status = subprocess.run([cmd[0], "status", out.uri, "--json"], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(status.stdout)["state"] == "running" and json.loads(status.stdout)["requested"] == 41  # 1 fails
     settings = BulkSettings(index_uri=index_uri, **{**SETTINGS, "batch_size": 2, "num_steps": 10})
     result = generate(prompts, out.uri, settings)
     assert result.images == 40 and result.skipped >= 2 and result.generated == 40 - result.skipped
     assert len({r["key"] for r in manifest(out)}) == 40
+    status = subprocess.run([cmd[0], "status", out.uri], env=env, capture_output=True, text=True, check=True).stdout
+    assert ": finished" in status and f"images: 40 of 41 done ({result.skipped} before this run" in status, status
 
 
 class EndsItsProcessOnce:
