@@ -38,6 +38,7 @@ import torch
 
 from cluster.artifacts import local_path
 from cluster.errors import EmptyCorpusError, StorageError
+from cluster.progress import JobProgress
 from cluster.storage import ObjectStore, join, open_store
 from cluster.watchdog import StallWatch, check_stalls, clear_stalls, end_on_stall
 from rdm.errors import ConfigError, InputError
@@ -452,26 +453,31 @@ def embed_corpus(corpus_uri: str, out_uri: str, *, clip: str = "tiny", clip_weig
         relocated = relocate_sources(out, kept, previous["corpus"], corpus.uri)
         logger.info("the corpus moved from %s: the sources of %d shards now name %s", previous["corpus"], relocated,
                     corpus.uri)
-    embedded = errors = reused = 0
-    if pending:
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        known = known_images(out)  # what is embedded already: those images are taken, not embedded again
-        logger.info("%d images embedded before, whose embeddings shards may take", len(known))
-        ds = ray.data.from_items([asdict(s) for s in pending], override_num_blocks=len(pending))
-        ds = ds.map(decode_shard, fn_kwargs={"corpus_uri": corpus_uri, "image_size": image_size,
-                                             "antialias": config.antialias, "max_pixels": max_image_pixels,
-                                             "out_uri": out_uri, "known": ray.put(known) if len(known) else None},
-                    num_cpus=decode_num_cpus)
-        ds = ds.map_batches(ClipEmbedder, fn_constructor_kwargs={"clip": clip, "clip_weights": clip_weights,
-                                                                 "out_uri": out_uri, "batch_size": batch_size,
-                                                                 "dtype": dtype, "stall_timeout_s": stall_timeout_s},
-                            batch_size=1, compute=ray.data.ActorPoolStrategy(size=num_actors),
-                            num_cpus=actor_num_cpus, num_gpus=1 if use_gpu else 0)
-        results = ds.take_all()
-        embedded = sum(int(r["count"]) for r in results)
-        reused = embedded - sum(int(r["fresh"]) for r in results)
-        errors = sum(int(r["errors"]) for r in results)
-    out.write_bytes("embed.json", json.dumps(info | {"corpus": corpus.uri}, indent=1).encode())
+    # OUT/progress.json: for `rdm status OUT` while the run goes on
+    with JobProgress(out, requested=len(shards), done_before=len(shards) - len(pending), unit="shards") as tally:
+        embedded = errors = reused = 0
+        if pending:
+            use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+            known = known_images(out)  # what is embedded already: those images are taken, not embedded again
+            logger.info("%d images embedded before, whose embeddings shards may take", len(known))
+            ds = ray.data.from_items([asdict(s) for s in pending], override_num_blocks=len(pending))
+            ds = ds.map(decode_shard, fn_kwargs={"corpus_uri": corpus_uri, "image_size": image_size,
+                                                 "antialias": config.antialias, "max_pixels": max_image_pixels,
+                                                 "out_uri": out_uri, "known": ray.put(known) if len(known) else None},
+                        num_cpus=decode_num_cpus)
+            ds = ds.map_batches(ClipEmbedder, fn_constructor_kwargs={"clip": clip, "clip_weights": clip_weights,
+                                                                     "out_uri": out_uri, "batch_size": batch_size,
+                                                                     "dtype": dtype, "stall_timeout_s": stall_timeout_s},
+                                batch_size=1, compute=ray.data.ActorPoolStrategy(size=num_actors),
+                                num_cpus=actor_num_cpus, num_gpus=1 if use_gpu else 0)
+            results = []
+            for result in ds.iter_rows():  # a shard embedded and written
+                results.append(result)
+                tally.add(1)
+            embedded = sum(int(r["count"]) for r in results)
+            reused = embedded - sum(int(r["fresh"]) for r in results)
+            errors = sum(int(r["errors"]) for r in results)
+        out.write_bytes("embed.json", json.dumps(info | {"corpus": corpus.uri}, indent=1).encode())
     return EmbedResult(len(shards), len(shards) - len(pending), embedded, errors, config.embed_dim, clip, changed,
                        reused, relocated)
 

@@ -11,7 +11,7 @@ SUBCOMMANDS = {
     "convert": ("jobs.convert", "convert a CompVis RDM checkpoint to safetensors"),
     "sample": ("jobs.sample", "generate images in one process"),
     "generate": ("jobs.generate", "bulk generation on Ray from a prompts file"),
-    "status": ("jobs.status", "a bulk generation job's progress and runs, read from its output"),
+    "status": ("jobs.status", "a bulk generation or embedding job's progress, read from its output"),
     "embed": ("jobs.embed", "embed a corpus with CLIP on Ray Data"),
     "index": ("jobs.index", "build, rebuild or query a sharded FAISS index; list, roll back or prune its versions"),
     "serve": ("jobs.serve", "run the online serving app (Ray Serve)"),

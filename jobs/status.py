@@ -1,7 +1,7 @@
-"""`rdm status OUT`: how a bulk generation job is doing, read from its output (local or s3://).
+"""`rdm status OUT`: how a bulk generation or embedding job is doing, read from its output (local or s3://).
 
-Its run in progress (or its last run): images asked for, done before, done and failed in this run, the rate
-and the time left at that rate, samplers that stalled, and whether its driver still reports (a driver that
+Its run in progress (or its last run): images (shards, for `rdm embed`) asked for, done before, done and failed
+in this run, the rate and the time left at that rate, actors that stalled on their accelerator, and whether its driver still reports (a driver that
 has not written its progress for three intervals has probably died: run the job again, it resumes); then its
 runs so far (`job.json`). Nothing on the cluster is asked: this works from any machine that can read OUT.
 """
@@ -16,7 +16,7 @@ from jobs.common import EXIT_OK, exit_codes
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rdm status", description=__doc__)
-    parser.add_argument("out", help="the job's output folder or s3:// prefix (rdm generate --out)")
+    parser.add_argument("out", help="the job's output folder or s3:// prefix (rdm generate --out, rdm embed --out)")
     parser.add_argument("--json", action="store_true", help="print the progress record (and the runs) as JSON")
     return parser
 
@@ -49,7 +49,7 @@ def describe(progress: dict, runs: list[dict], stalls: int) -> str:
         eta = f"; about {_duration(progress['eta_s'])} to go at that rate" if state == "running" else ""
         lines.append(f"  rate: {progress['per_s']:.3g} {unit}/s in this run{eta}")
     if stalls:
-        lines.append(f"  {stalls} sampler(s) stalled on their accelerator in this run (see _stalls/)")
+        lines.append(f"  {stalls} actor(s) stalled on their accelerator in this run (see _stalls/)")
     if runs:
         last = runs[-1]
         lines.append(f"runs ended: {len(runs)}; the last started {last['started']}: {last['generated']} generated "

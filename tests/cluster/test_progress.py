@@ -77,7 +77,7 @@ def test_rdm_status_describes_the_run_and_the_runs_before(tmp_path, capsys):
     assert re.search(r"running \(driver [^,]+:\d+, last report [01] s ago\)", text)
     assert "images: 200 of 1000 done (100 before this run, 100 in it), 10 failed, 790 to go" in text
     assert "rate: 1.67 images/s in this run; about 7 min 54 s to go at that rate" in text
-    assert "1 sampler(s) stalled" in text and "runs ended: 1; the last started 2026-11-26T10:00:00+00:00: 100 " \
+    assert "1 actor(s) stalled" in text and "runs ended: 1; the last started 2026-11-26T10:00:00+00:00: 100 " \
                                               "generated in 1 h 02 min (0.027 images/s), 3 failed" in text
     assert rdm(["status", str(tmp_path), "--json"]) == 0
     record = json.loads(capsys.readouterr().out)

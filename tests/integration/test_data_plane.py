@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import json
 import threading
 import time
 
@@ -68,6 +69,8 @@ def test_embed_counts_errors_and_matches_in_process_clip(embedded, s3_corpus):
     out, result = embedded
     assert (result.shards_total, result.embedded, result.errors) == (2 + 2, 2 * 11 + 5, 2)
     store = open_store(out)
+    progress = json.loads(store.read_bytes("progress.json"))  # what `rdm status OUT` reads
+    assert (progress["state"], progress["unit"], progress["requested"], progress["done"]) == ("finished", "shards", 4, 4)
     errors = pa.concat_tables([pq.read_table(io.BytesIO(store.read_bytes(k))) for k in store.list("errors")])
     assert sorted(errors.column("id").to_pylist()) == ["p0-3", "p1-3"]
     table = pq.read_table(io.BytesIO(store.read_bytes(next(k for k in store.list("embeddings") if "part-0" in k))))
