@@ -39,6 +39,7 @@ import torch
 from cluster.artifacts import content_hash, local_path, model_config_at
 from cluster.errors import IndexVersionError, ObjectNotFoundError, StorageError, UnknownDatabaseError
 from cluster.index.manifest import check_database_name, current_version, load_manifest
+from cluster.lease import JOB_LOCK_WAIT_S, JobLock
 from cluster.progress import JobProgress
 from cluster.prompts import PromptRow, read_prompts
 from cluster.storage import join, open_store
@@ -446,9 +447,17 @@ def _read_parts(store) -> tuple[dict[str, dict], dict[str, dict]]:
     return done, failed
 
 
-def generate(prompts_uri: str, out_uri: str, settings: BulkSettings, *, progress=None) -> BulkResult:
+def generate(prompts_uri: str, out_uri: str, settings: BulkSettings, *, progress=None,
+             wait_lock_s: float = JOB_LOCK_WAIT_S) -> BulkResult:
     """Run (or resume) a bulk generation job on the connected Ray cluster. Each run that ends is recorded
-    in `job.json`'s `runs` (when, how long, what it generated, on what): a job's throughput and cost."""
+    in `job.json`'s `runs` (when, how long, what it generated, on what): a job's throughput and cost. One
+    run at a time per output: a run holds `OUT/LOCK` (`cluster.lease.JobLock`), and another waits up to
+    `wait_lock_s` for it, then fails with JobLockedError naming the holder."""
+    with JobLock(open_store(out_uri), "rdm generate").hold(wait_lock_s) as lock:
+        return _generate(prompts_uri, out_uri, settings, progress, lock)
+
+
+def _generate(prompts_uri: str, out_uri: str, settings: BulkSettings, progress, lock: JobLock) -> BulkResult:
     import ray
 
     started, clock = datetime.now(timezone.utc), time.perf_counter()
@@ -487,10 +496,12 @@ def generate(prompts_uri: str, out_uri: str, settings: BulkSettings, *, progress
                                     size=settings.num_samplers, max_concurrent_calls_per_actor=SAMPLER_CALLS_IN_FLIGHT,
                                     enable_true_multi_threading=True))
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                lock.check()  # another run took the output over (this driver stalled past its lease): stop
                 ok = int(sum(1 for e in batch["error"] if not e))
                 tally.add(ok, len(batch["error"]) - ok)
                 if progress is not None:
                     progress.update(ok)
+        lock.check()
         done, failed_parts = _read_parts(store)
         wanted = {i["key"] for i in items}
         records = [r for k, r in sorted(done.items()) if k in wanted]

@@ -38,6 +38,7 @@ import torch
 
 from cluster.artifacts import local_path
 from cluster.errors import EmptyCorpusError, StorageError
+from cluster.lease import JOB_LOCK_WAIT_S, JobLock
 from cluster.progress import JobProgress
 from cluster.storage import ObjectStore, join, open_store
 from cluster.watchdog import StallWatch, check_stalls, clear_stalls, end_on_stall
@@ -406,11 +407,24 @@ class EmbedResult:
 def embed_corpus(corpus_uri: str, out_uri: str, *, clip: str = "tiny", clip_weights: str | None = None,
                  shard_size: int = 256, batch_size: int = 64, num_actors: int = 1, actor_num_cpus: float = 0.5,
                  decode_num_cpus: float = 0.25, dtype: str = "float32",
-                 max_image_pixels: int = MAX_IMAGE_PIXELS, stall_timeout_s: float | None = 600.0) -> EmbedResult:
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, stall_timeout_s: float | None = 600.0,
+                 wait_lock_s: float = JOB_LOCK_WAIT_S) -> EmbedResult:
     """Embed every pending shard of the corpus on the connected Ray cluster (see module docstring). Images of
     more than `max_image_pixels` pixels are error records, refused before they are decoded (a decode task
     holds about 15 bytes a pixel). An embedder actor that finishes no CLIP batch for `stall_timeout_s` (a
-    hung GPU) ends its process; Ray Data starts it again (`cluster.watchdog`)."""
+    hung GPU) ends its process; Ray Data starts it again (`cluster.watchdog`). One run at a time per output:
+    a run holds `OUT/LOCK` (`cluster.lease.JobLock`); another waits up to `wait_lock_s` for it, then fails
+    with JobLockedError naming the holder."""
+    with JobLock(open_store(out_uri), "rdm embed").hold(wait_lock_s) as lock:
+        return _embed_corpus(corpus_uri, out_uri, lock, clip=clip, clip_weights=clip_weights, shard_size=shard_size,
+                             batch_size=batch_size, num_actors=num_actors, actor_num_cpus=actor_num_cpus,
+                             decode_num_cpus=decode_num_cpus, dtype=dtype, max_image_pixels=max_image_pixels,
+                             stall_timeout_s=stall_timeout_s)
+
+
+def _embed_corpus(corpus_uri: str, out_uri: str, lock: JobLock, *, clip: str, clip_weights: str | None,
+                  shard_size: int, batch_size: int, num_actors: int, actor_num_cpus: float, decode_num_cpus: float,
+                  dtype: str, max_image_pixels: int, stall_timeout_s: float | None) -> EmbedResult:
     import ray
 
     from rdm.factory import clip_hash, resolve_clip
@@ -472,11 +486,13 @@ def embed_corpus(corpus_uri: str, out_uri: str, *, clip: str = "tiny", clip_weig
                                 num_cpus=actor_num_cpus, num_gpus=1 if use_gpu else 0)
             results = []
             for result in ds.iter_rows():  # a shard embedded and written
+                lock.check()  # another run took the output over (this driver stalled past its lease): stop
                 results.append(result)
                 tally.add(1)
             embedded = sum(int(r["count"]) for r in results)
             reused = embedded - sum(int(r["fresh"]) for r in results)
             errors = sum(int(r["errors"]) for r in results)
+        lock.check()
         out.write_bytes("embed.json", json.dumps(info | {"corpus": corpus.uri}, indent=1).encode())
     return EmbedResult(len(shards), len(shards) - len(pending), embedded, errors, config.embed_dim, clip, changed,
                        reused, relocated)

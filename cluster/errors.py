@@ -47,6 +47,10 @@ class IndexLockedError(ClusterError):
     """Another rollback or prune holds the database's lock (or took it over from this one)."""
 
 
+class JobLockedError(ClusterError):
+    """Another run of the job holds its output's lock (or took it over from this one)."""
+
+
 class AcceleratorMemoryError(ClusterError):
     """A single image did not fit in the accelerator's memory (larger batches are split first)."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from cluster.lease import JOB_LOCK_WAIT_S
 from jobs.common import EXIT_OK, exit_codes, setup_logging
 from rdm.errors import InputError
 from rdm.images import MAX_IMAGE_PIXELS
@@ -31,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stall-timeout-s", type=float, default=600.0,
                         help="a CLIP actor that finishes no batch for this long (a hung GPU) ends its process; Ray "
                              "Data starts it again and embeds its shard again (0: never; default %(default)s)")
+    parser.add_argument("--wait-lock-s", type=float, default=JOB_LOCK_WAIT_S, metavar="S",
+                        help="one run of a job at a time per --out (its OUT/LOCK, a lease its driver renews): wait up to "
+                             "S seconds for another run to end, then fail naming it (default %(default)s: longer than "
+                             "a lease, so a run started right after a driver died takes the dead one's lock over)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -46,11 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError("--shard-size, --batch-size, --num-actors and --max-image-pixels must be >= 1")
     if args.stall_timeout_s < 0:
         raise InputError(f"--stall-timeout-s must be 0 (never) or more, got {args.stall_timeout_s:g}")
+    if not 0 <= args.wait_lock_s <= 86_400:
+        raise InputError(f"--wait-lock-s must be in 0..86400, got {args.wait_lock_s:g}")
     connect()
     result = embed_corpus(args.corpus, args.out, clip=args.clip, clip_weights=args.clip_weights,
                           shard_size=args.shard_size, batch_size=args.batch_size, num_actors=args.num_actors,
                           actor_num_cpus=args.actor_num_cpus, dtype=args.dtype,
-                          max_image_pixels=args.max_image_pixels, stall_timeout_s=args.stall_timeout_s or None)
+                          max_image_pixels=args.max_image_pixels, stall_timeout_s=args.stall_timeout_s or None,
+                          wait_lock_s=args.wait_lock_s)
     print(f"embedded {result.embedded} images ({result.reused} of them taken from earlier outputs: the same image bytes; "
           f"{result.errors} undecodable or too large) in "
           f"{result.shards_total - result.shards_skipped} shards ({result.shards_changed} of them again: their files "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from cluster.lease import JOB_LOCK_WAIT_S
 from jobs.common import EXIT_OK, add_inference_args, exit_codes, parse_pairs, setup_logging
 from rdm.sampling import SAMPLERS
 
@@ -48,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "(0: never; compiled, the first step of a batch shape, which compiles it, gets 30 minutes; "
                              "default %(default)s)")
     add_inference_args(parser)
+    parser.add_argument("--wait-lock-s", type=float, default=JOB_LOCK_WAIT_S, metavar="S",
+                        help="one run of a job at a time per --out (its OUT/LOCK, a lease its driver renews): wait up to "
+                             "S seconds for another run to end, then fail naming it (default %(default)s: longer than "
+                             "a lease, so a run started right after a driver died takes the dead one's lock over)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -68,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.stall_timeout_s < 0:
         parser.error(f"--stall-timeout-s must be 0 (never) or more, got {args.stall_timeout_s:g}")
+    if not 0 <= args.wait_lock_s <= 86_400:
+        parser.error(f"--wait-lock-s must be in 0..86400, got {args.wait_lock_s:g}")
     setup_logging(args.verbose)
     from tqdm import tqdm
 
@@ -98,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen_size(settings)  # a size the model cannot sample fails here, not in every sampler actor
     connect()
     with tqdm(desc="images", unit="img") as bar:
-        result = generate(args.prompts, args.out, settings, progress=bar)
+        result = generate(args.prompts, args.out, settings, progress=bar, wait_lock_s=args.wait_lock_s)
     print(f"{result.images} images in {args.out}/manifest.parquet ({result.generated} generated now in "
           f"{result.seconds:.0f} s, {result.generated / result.seconds:.2f} images/s; {result.skipped} already there); "
           f"{result.errors} rows or images failed (see errors.parquet); runs recorded in job.json")

@@ -1,9 +1,10 @@
 """`rdm status OUT`: how a bulk generation or embedding job is doing, read from its output (local or s3://).
 
-Its run in progress (or its last run): images (shards, for `rdm embed`) asked for, done before, done and failed
-in this run, the rate and the time left at that rate, actors that stalled on their accelerator, and whether its driver still reports (a driver that
-has not written its progress for three intervals has probably died: run the job again, it resumes); then its
-runs so far (`job.json`). Nothing on the cluster is asked: this works from any machine that can read OUT.
+Its run in progress (or its last run): images (shards, for `rdm embed`) asked for, done before, done and
+failed in this run, the rate and the time left at that rate, actors that stalled on their accelerator, and
+whether its driver still reports (a driver that has not written its progress for three intervals has
+probably died: run the job again, it resumes); then its runs so far (`job.json`). Nothing on the cluster is
+asked: this works from any machine that can read OUT.
 """
 
 from __future__ import annotations

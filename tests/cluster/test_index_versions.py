@@ -208,8 +208,8 @@ def test_a_prune_told_to_wait_runs_once_the_lock_is_released(store, monkeypatch,
     what to delete only then; one whose wait ends first fails typed, saying it waited, and deletes nothing."""
     import threading
 
+    from cluster import lease as lock_module
     from cluster.errors import IndexLockedError
-    from cluster.index import lock as lock_module
     from cluster.index.lock import database_lock
 
     monkeypatch.setattr(lock_module, "POLL_S", 0.05)

@@ -16,6 +16,7 @@ import pytest
 from testkit import removable_worker_node, unit, write_embeddings
 
 from cluster.bulk import BulkSettings, generate
+from cluster.errors import JobLockedError
 from cluster.index.build import build_index
 from cluster.storage import open_store
 from rdm.factory import model_hash
@@ -146,6 +147,12 @@ def test_killed_driver_then_rerun_generates_only_the_missing(index_uri, make_buc
     status = subprocess.run([cmd[0], "status", out.uri, "--json"], env=env, capture_output=True, text=True, check=True)
     assert json.loads(status.stdout)["state"] == "running" and json.loads(status.stdout)["requested"] == 41  # 1 fails
     settings = BulkSettings(index_uri=index_uri, **{**SETTINGS, "batch_size": 2, "num_steps": 10})
+    # the dead driver's lock holds until its lease lapses (by default a new run waits for that); told not to
+    # wait, the run fails naming it, and generates nothing
+    with pytest.raises(JobLockedError, match=rf"locked by rdm generate \(host .*, pid {proc.pid}\)"):
+        generate(prompts, out.uri, settings, wait_lock_s=0)
+    assert len(out.list("_parts")) == parts_before
+    out.delete("LOCK")  # what the error says to do when the holder is known to be gone
     result = generate(prompts, out.uri, settings)
     assert result.images == 40 and result.skipped >= 2 and result.generated == 40 - result.skipped
     assert len({r["key"] for r in manifest(out)}) == 40
