@@ -19,6 +19,7 @@ unless told to (`index_versions`, `rdm generate --index-version DB=VERSION|curre
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 import html
@@ -105,10 +106,13 @@ def expand(rows: list[PromptRow], settings: BulkSettings, model_id: str,
     items, options = [], settings.inference_options()
     for row in rows:
         first = row.seed if row.seed is not None else settings.base_seed + 1000 * row.row
+        # the row's own num_neighbors and guidance_scale, else the job's (a row without a database has none)
+        k = (settings.num_neighbors if row.num_neighbors is None else row.num_neighbors) if row.database else 0
+        scale = settings.guidance_scale if row.guidance_scale is None else row.guidance_scale
         for j in range(row.num_images):
             seed = first + j
-            fields = [row.prompt, row.image, row.database, seed, settings.num_neighbors if row.database else 0,
-                      settings.sampler, settings.num_steps, settings.guidance_scale, settings.eta, model_id]
+            fields = [row.prompt, row.image, row.database, seed, k, settings.sampler, settings.num_steps, scale,
+                      settings.eta, model_id]
             if size is not None:
                 fields.append({"size": list(size)})
             if not options.is_reference:  # other numerics, other images: other keys
@@ -118,7 +122,8 @@ def expand(rows: list[PromptRow], settings: BulkSettings, model_id: str,
             ident = json.dumps(fields)
             digest = hashlib.sha256(ident.encode()).hexdigest()[:32]
             items.append({"row": row.row, "prompt": row.prompt or "", "image": row.image or "",
-                          "database": row.database or "", "seed": seed, "key": f"images/{digest[:2]}/{digest}.png"})
+                          "database": row.database or "", "seed": seed, "num_neighbors": k, "guidance_scale": scale,
+                          "key": f"images/{digest[:2]}/{digest}.png"})
     return items
 
 
@@ -236,35 +241,32 @@ def keep_output_format(settings: BulkSettings, store) -> None:
 
 
 class Retrieve:
-    """Neighbours of each query in its row's database, through the sharded retriever pool, from the versions
-    the job pinned."""
+    """Neighbours of each query in its row's database (as many as its item's `num_neighbors`), through the
+    sharded retriever pool, from the versions the job pinned."""
 
-    def __init__(self, index_uri: str | None, num_neighbors: int, retriever_options: dict,
-                 versions: dict[str, str] | None = None) -> None:
+    def __init__(self, index_uri: str | None, retriever_options: dict, versions: dict[str, str] | None = None) -> None:
         from cluster.retriever import RetrieverPool
 
         self.pool = RetrieverPool(index_uri, versions=versions, **retriever_options) if index_uri else None
-        self.num_neighbors = num_neighbors
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = _rows(batch)
-        by_db: dict[str, list[dict]] = defaultdict(list)
+        by_search: dict[tuple[str, int], list[dict]] = defaultdict(list)  # (database, k) -> rows: one search
         for row in rows:
             row.update(context=b"", neighbor_ids="[]", neighbor_scores="[]", neighbor_sources="[]", index_version="")
             if row["error"]:
                 continue
             query = _array(row["query"])
-            if not row["database"] or self.num_neighbors == 0:
+            if not row["database"] or int(row["num_neighbors"]) == 0:
                 row["context"] = _array_bytes(query[None])
             else:
-                by_db[str(row["database"])].append(row)
-        for database, members in by_db.items():
+                by_search[(str(row["database"]), int(row["num_neighbors"]))].append(row)
+        for (database, k), members in by_search.items():
             try:
                 if self.pool is None:
                     raise RDMError("no --index given, so rows cannot name a database")
                 retriever = self.pool.get(database)
-                found = retriever.search(torch.from_numpy(np.stack([_array(r["query"]) for r in members])),
-                                         self.num_neighbors)
+                found = retriever.search(torch.from_numpy(np.stack([_array(r["query"]) for r in members])), k)
             except RDMError as err:
                 for r in members:
                     r["error"] = f"{type(err).__name__}: {err}"
@@ -324,10 +326,10 @@ class BulkSampler:
         rows = _rows(batch)
         part = hashlib.sha256("".join(sorted(str(r["key"]) for r in rows)).encode()).hexdigest()[:24]
         tar = join(SHARDS, f"{part}.tar") if self.settings.output_format == "webdataset" else None
-        groups: dict[tuple, list[dict]] = defaultdict(list)
+        groups: dict[tuple, list[dict]] = defaultdict(list)  # one sampling call per context shape and guidance
         for row in rows:
             if not row["error"]:
-                groups[_array(row["context"]).shape].append(row)
+                groups[(_array(row["context"]).shape, float(row["guidance_scale"]))].append(row)
         pngs: dict[str, bytes] = {}
         for members in groups.values():
             images = self._model.submit(self._sample, members).result()
@@ -345,22 +347,23 @@ class BulkSampler:
         return {"key": [r["key"] for r in records], "error": [r["error"] for r in records]}
 
     def _sample(self, members: list[dict]) -> np.ndarray:
-        """On the model thread: the images of rows that share a context shape."""
+        """On the model thread: the images of rows that share a context shape and guidance scale."""
         from rdm.conditioning import build_context
 
         contexts = torch.from_numpy(np.stack([_array(r["context"]) for r in members]))
         context = build_context(contexts[:, 0], contexts[:, 1:])
         height, width = self.size
+        params = dataclasses.replace(self.params, guidance_scale=float(members[0]["guidance_scale"]))
         # halved on out-of-memory; compiled, a smaller group (rows with errors, a block's last rows, another k)
         # runs at the batch size instead of compiling its own
-        compiles = self.pipeline.compiles(context, self.params, height=height, width=width,
+        compiles = self.pipeline.compiles(context, params, height=height, width=width,
                                           pad_to=self.settings.batch_size)
         with self.stalls.busy(COMPILE_GRACE_S if compiles else None) as progress:
             def wanted() -> list[bool]:  # asked before each step and before the decode: every row, always
                 progress()
                 return [True] * len(members)
 
-            images = self.pipeline.sample_images(context, [int(r["seed"]) for r in members], self.params,
+            images = self.pipeline.sample_images(context, [int(r["seed"]) for r in members], params,
                                                  height=height, width=width, pad_to=self.settings.batch_size,
                                                  wanted=wanted)
         if self.compile_cache is not None:
@@ -387,9 +390,9 @@ class BulkSampler:
                 "uri": uri, "sha256": row.get("sha256", ""), "index_version": str(row["index_version"]),
                 "neighbor_ids": json.loads(row["neighbor_ids"]), "neighbor_scores": json.loads(row["neighbor_scores"]),
                 "neighbor_sources": json.loads(row["neighbor_sources"]),
-                "sampler": s.sampler, "num_steps": s.num_steps, "guidance_scale": s.guidance_scale, "eta": s.eta,
-                "height": self.size[0], "width": self.size[1],
-                "num_neighbors": s.num_neighbors, "model": s.model, "model_hash": self.model_id,
+                "sampler": s.sampler, "num_steps": s.num_steps, "guidance_scale": float(row["guidance_scale"]),
+                "eta": s.eta, "height": self.size[0], "width": self.size[1],
+                "num_neighbors": int(row["num_neighbors"]), "model": s.model, "model_hash": self.model_id,
                 "precision": s.precision, "channels_last": s.channels_last, "compile": s.compile or "",
                 "attention": s.attention, "kernel_tuning": s.kernel_tuning,
                 "error": str(row["error"])}
@@ -484,7 +487,6 @@ def _generate(prompts_uri: str, out_uri: str, settings: BulkSettings, progress, 
                                                                      "clip_weights": settings.clip_weights},
                                 batch_size=32, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
             ds = ds.map_batches(Retrieve, fn_constructor_kwargs={"index_uri": settings.index_uri,
-                                                                 "num_neighbors": settings.num_neighbors,
                                                                  "retriever_options": settings.retriever_options,
                                                                  "versions": versions},
                                 batch_size=32, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1)

@@ -1,6 +1,8 @@
 """Reading prompt files for bulk generation: txt (one prompt per line), csv, jsonl or parquet, local or s3://.
 
-Rows that cannot be used are returned as errors with their 1-based row numbers; they never stop a job.
+Rows that cannot be used are returned as errors with their 1-based row numbers; they never stop a job. Besides
+the prompt (or a query `image`), a row may name its `database`, `num_images` and `seed`, and override the job's
+`num_neighbors` and `guidance_scale` (a sweep over the RDM's two style knobs in one job).
 """
 
 from __future__ import annotations
@@ -8,14 +10,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 
 from cluster.storage import open_store
 from rdm.errors import InputError
+from rdm.retrieval import check_num_neighbors
 
-COLUMNS = ("prompt", "database", "num_images", "seed", "image")
+COLUMNS = ("prompt", "database", "num_images", "seed", "image", "num_neighbors", "guidance_scale")
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,8 @@ class PromptRow:
     num_images: int
     seed: int | None
     image: str | None
+    num_neighbors: int | None = None  # None: the job's
+    guidance_scale: float | None = None  # None: the job's
 
 
 def _raw_rows(name: str, data: bytes) -> list[tuple[int, object]]:
@@ -70,7 +76,35 @@ def _parse(row: int, raw: object, default_images: int) -> PromptRow:
         raise InputError(f"num_images must be in 1..64, got {num_images}")
     if seed is not None and not 0 <= seed < 2**62:
         raise InputError(f"seed must be in 0..2**62, got {seed}")
-    return PromptRow(row, prompt, raw.get("database") or None, num_images, seed, image)
+    return PromptRow(row, prompt, raw.get("database") or None, num_images, seed, image, *_overrides(raw))
+
+
+def _missing(value: object) -> bool:
+    """Left out: absent, empty (csv) or null (a parquet column written by pandas holds NaN for nulls)."""
+    return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
+
+
+def _overrides(raw: dict) -> tuple[int | None, float | None]:
+    """The row's num_neighbors and guidance_scale (None where left out: the job's)."""
+    k, scale = raw.get("num_neighbors"), raw.get("guidance_scale")
+    if _missing(k):
+        k = None
+    elif isinstance(k, str) and k.strip().lstrip("-").isdigit():
+        k = int(k)
+    elif isinstance(k, float) and k.is_integer():
+        k = int(k)
+    if k is not None:
+        check_num_neighbors(k)  # an integer (not a bool) in range
+    if _missing(scale):
+        scale = None
+    else:
+        try:
+            scale = float(scale) if not isinstance(scale, bool) else math.nan
+        except (TypeError, ValueError):
+            scale = math.nan
+        if not math.isfinite(scale) or not 0 <= scale <= 50:
+            raise InputError(f"guidance_scale must be a finite number in 0..50, got {raw['guidance_scale']!r}")
+    return k, scale
 
 
 def read_prompts(uri: str, *, default_images: int = 1) -> tuple[list[PromptRow], list[dict]]:

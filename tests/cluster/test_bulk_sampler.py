@@ -16,14 +16,15 @@ from cluster.bulk import PARTS, BulkSampler, BulkSettings, _array_bytes
 from cluster.watchdog import STALLED_EXIT, STALLS_DIR
 
 
-def batch(seeds: list[int]) -> dict[str, np.ndarray]:
+def batch(seeds: list[int], guidance: dict[int, float] | None = None) -> dict[str, np.ndarray]:
+    """Rows as the retrieval stage hands them on (no neighbours); `guidance`: seed -> the row's own scale."""
     rows = []
     for seed in seeds:
         query = torch.nn.functional.normalize(torch.randn(64, generator=torch.Generator().manual_seed(seed)), dim=0)
         rows.append({"row": seed, "prompt": f"p{seed}", "image": "", "database": "", "seed": seed,
                      "key": f"images/{seed}.png", "error": "", "context": _array_bytes(query[None].numpy()),
                      "neighbor_ids": "[]", "neighbor_scores": "[]", "neighbor_sources": "[]",
-                     "index_version": ""})
+                     "index_version": "", "num_neighbors": 0, "guidance_scale": (guidance or {}).get(seed, 5.0)})
     return {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
 
 
@@ -62,6 +63,31 @@ def test_a_batch_samples_while_the_one_before_is_written_and_each_call_ends_reco
     assert len(parts) == 2
     recorded = sorted(r["seed"] for part in parts for r in pq.read_table(part).to_pylist())
     assert recorded == [1, 2, 3]
+
+
+def test_rows_with_their_own_guidance_scale_sample_apart_and_record_it(tmp_path):
+    """A prompt row's guidance_scale (a sweep in one job): rows of one scale share a sampling call, and each
+    image is the one a job at that scale makes."""
+    sampler = BulkSampler(asdict(BulkSettings(num_steps=2, num_neighbors=0)), str(tmp_path / "mixed"), "model-hash")
+    calls, sample_images = [], sampler.pipeline.sample_images
+
+    def counted(context, seeds, params, **kwargs):
+        calls.append((list(seeds), params.guidance_scale))
+        return sample_images(context, seeds, params, **kwargs)
+
+    sampler.pipeline.sample_images = counted
+    assert sampler(batch([1, 2, 3, 4], guidance={2: 1.0, 4: 1.0}))["error"] == [""] * 4
+    assert sorted(calls) == [([1, 3], 5.0), ([2, 4], 1.0)]
+    (part,) = (tmp_path / "mixed" / PARTS).iterdir()
+    assert {r["seed"]: r["guidance_scale"] for r in pq.read_table(part).to_pylist()} == {1: 5.0, 2: 1.0, 3: 5.0,
+                                                                                         4: 1.0}
+    alone = BulkSampler(asdict(BulkSettings(num_steps=2, num_neighbors=0, guidance_scale=1.0)), str(tmp_path / "one"),
+                        "model-hash")
+    alone(batch([2, 4], guidance={2: 1.0, 4: 1.0}))
+    for seed in (2, 4):
+        assert (tmp_path / "one" / f"images/{seed}.png").read_bytes() == \
+            (tmp_path / "mixed" / f"images/{seed}.png").read_bytes()
+    assert (tmp_path / "mixed" / "images/1.png").read_bytes() != (tmp_path / "one" / "images/2.png").read_bytes()
 
 
 def test_groups_smaller_than_the_batch_run_at_the_batch_size_when_compiled(tmp_path, monkeypatch):

@@ -67,3 +67,30 @@ def test_an_image_size_other_than_the_models_gives_other_keys_and_its_own_is_che
     assert expand(rows, wide, "hash", chosen_size(wide))[0]["key"] != plain[0]["key"]
     with pytest.raises(InputError, match="multiples of 8, got 30 and 32"):
         chosen_size(BulkSettings(height=30))
+
+
+def test_a_row_may_set_its_own_neighbours_and_guidance(tmp_path):
+    """num_neighbors and guidance_scale per row (a sweep in one job): checked like the job's, and part of the
+    image's key; a row that sets neither keeps the key it always had, and a row without a database gets no
+    neighbours whatever it asks."""
+    (tmp_path / "p.csv").write_text("prompt,database,num_neighbors,guidance_scale\n"
+                                    "a boat,art,,\n"  # the job's
+                                    "a boat,art,2,1.5\n"
+                                    "a boat,art,0,\n"
+                                    "a boat,,7,\n"
+                                    "a boat,art,2.5,\n"
+                                    "a boat,art,,60\n"
+                                    "a boat,art,x,\n")
+    rows, errors = read_prompts(str(tmp_path / "p.csv"))
+    assert [(r.num_neighbors, r.guidance_scale) for r in rows] == [(None, None), (2, 1.5), (0, None), (7, None)]
+    assert {e["row"]: e["error"] for e in errors} == {
+        6: "num_neighbors must be an integer in 0..20, got '2.5'",
+        7: "guidance_scale must be a finite number in 0..50, got '60'",
+        8: "num_neighbors must be an integer in 0..20, got 'x'"}
+    items = expand(rows, BulkSettings(num_neighbors=4, guidance_scale=5.0), "hash")
+    assert [(i["num_neighbors"], i["guidance_scale"]) for i in items] == [(4, 5.0), (2, 1.5), (0, 5.0), (0, 5.0)]
+    assert len({i["key"] for i in items}) == 4
+    (tmp_path / "same.jsonl").write_text('{"prompt": "a boat", "database": "art", "num_neighbors": 4, '
+                                         f'"guidance_scale": 5, "seed": {items[0]["seed"]}}}\n')
+    same, _ = read_prompts(str(tmp_path / "same.jsonl"))  # the job's values, spelt out: the same image
+    assert expand(same, BulkSettings(num_neighbors=4, guidance_scale=5.0), "hash")[0]["key"] == items[0]["key"]

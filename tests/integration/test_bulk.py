@@ -87,6 +87,24 @@ def test_bulk_job_writes_every_image_once_and_resumes(index_uri, make_bucket, s3
     assert (progress["done"], progress["failed"], progress["remaining"]) == (len(lost_rows), 1, 0)
 
 
+def test_rows_sweep_their_own_neighbours_and_guidance_in_one_job(index_uri, make_bucket):
+    """One prompt at k = 1, 3 (the job's) and 0, and at guidance 1 and 5 (the job's): each image is retrieved
+    and sampled with its row's values and records them."""
+    out = open_store(make_bucket("rdm-bulk-out") + "/sweep")
+    out.write_bytes("prompts.jsonl", b"".join(json.dumps(row).encode() + b"\n" for row in [
+        {"prompt": "a boat", "database": "ink", "num_neighbors": 1, "guidance_scale": 1, "seed": 7},
+        {"prompt": "a boat", "database": "ink", "seed": 7},
+        {"prompt": "a boat", "database": "ink", "num_neighbors": 0, "seed": 7},
+        {"prompt": "a boat", "database": "ink", "num_neighbors": 25}]))  # out of range: that row fails alone
+    result = generate(f"{out.uri}/prompts.jsonl", out.uri, BulkSettings(index_uri=index_uri, **SETTINGS))
+    assert (result.images, result.errors) == (3, 1)
+    rows = sorted(manifest(out), key=lambda r: r["row"])
+    assert [(r["num_neighbors"], len(r["neighbor_ids"]), r["guidance_scale"]) for r in rows] == [
+        (1, 1, 1.0), (3, 3, 5.0), (0, 0, 5.0)]
+    assert rows[0]["neighbor_ids"][0] == rows[1]["neighbor_ids"][0]  # the same query's nearest
+    assert len({r["sha256"] for r in rows}) == 3
+
+
 def test_a_resumed_job_keeps_the_index_version_it_started_with(ray_cluster, make_bucket, tmp_path):
     """A rebuild publishes a new version while a job is unfinished: the resumed job still retrieves from the
     version it started with (OUT/job.json), a pinned version that was pruned stops the job with a typed
