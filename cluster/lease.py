@@ -56,7 +56,7 @@ class StoreLock:
     def acquire(self, wait_s: float = 0.0) -> None:
         """Take the lock, or take over one whose lease has ended; `error` if another still holds it after
         `wait_s` seconds (looked at every POLL_S)."""
-        deadline = time.monotonic() + wait_s
+        deadline, told = time.monotonic() + wait_s, False
         while True:
             try:
                 return self._try_acquire()
@@ -66,6 +66,9 @@ class StoreLock:
                     if wait_s > 0:
                         raise self.error(f"{err} (waited {wait_s:g}s)") from None
                     raise
+                if not told:  # a wait of a minute or more should not look like a hang
+                    logger.warning("%s; waiting up to %.0f s for it", err, left)
+                    told = True
                 time.sleep(min(POLL_S, left))
 
     def _try_acquire(self) -> None:
