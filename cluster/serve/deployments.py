@@ -647,8 +647,10 @@ class Ingress:
         if self.args.require_token and not self.auth.enabled:
             raise ConfigError(f"require_token is set but neither {TOKEN_ENV}, api_token_file nor api_keys_file "
                               "gives a token")
-        # used only while the Allowances replica cannot be reached (then each Ingress replica counts alone)
+        # used only while the Allowances replica cannot be reached (then each Ingress replica counts alone,
+        # from the buckets it last saved)
         self.limiter = RateLimiter(self.args.images_per_minute, self.args.client_images_per_minute)
+        self._alone = False
         self._pending: set[asyncio.Task] = set()
         self.store = open_store(self.args.output_uri)
         self._sizes: list[tuple[int, int]] | None = None
@@ -741,7 +743,7 @@ class Ingress:
         if self.allowances is not None:
             response = self.allowances.take.remote(client, images)
             try:
-                return *await asyncio.wait_for(_awaited(response), ALLOWANCE_TIMEOUT_S), True
+                taken = await asyncio.wait_for(_awaited(response), ALLOWANCE_TIMEOUT_S)
             except asyncio.CancelledError:
                 response.cancel()
                 raise
@@ -749,7 +751,21 @@ class Ingress:
                 response.cancel()
                 logger.warning("allowances unreachable (%s: %s); counting on this Ingress replica",
                                type(err).__name__, err)
+                if not self._alone:  # the first request of an outage: from the app's last saved buckets on
+                    self._alone = True
+                    await asyncio.to_thread(self._count_from_saved)
+            else:
+                self._alone = False
+                return *taken, True
         return self.limiter.wait_s(client, images), self.limiter.limit(client), self.limiter.remaining(client), False
+
+    def _count_from_saved(self) -> None:
+        """While the Allowances replica does not answer, this replica counts on buckets of its own: they start
+        from the ones that replica last saved (at most a second old), not from a full minute per client."""
+        limiter = RateLimiter(self.limiter.default, self.limiter.limits)
+        restored = SavedAllowances(self.store, ALLOWANCES_STATE.format(app=_app_name())).load(limiter)
+        self.limiter = limiter
+        logger.info("counting allowances here from the %d saved buckets short of a full minute", restored)
 
     def _refund(self, client: str, images: int, shared: bool) -> None:
         """Gives images back where `_take` took them (`shared`: the app's Allowances), without waiting (the

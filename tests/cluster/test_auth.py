@@ -267,12 +267,16 @@ class _Handle:
         return Call()
 
 
-def _ingress(allowances, local_limit: int | None = 8):
+def _ingress(allowances, local_limit: int | None = 8, store=None):
+    import tempfile
+
     from cluster.serve import deployments
+    from cluster.storage import LocalStore
 
     cls = deployments.Ingress.func_or_class
     ingress = cls.__new__(cls)
     ingress.auth, ingress.limiter, ingress.allowances = Authenticator(None, None), RateLimiter(local_limit), allowances
+    ingress.store, ingress._alone = store or LocalStore(tempfile.mkdtemp()), False
     ingress._pending = set()
     ingress.m_requests = type("Counter", (), {"inc": lambda self, tags: None})()
 
@@ -328,6 +332,31 @@ def test_an_ingress_counts_alone_while_the_allowances_replica_does_not_answer(mo
         ok, refused = asyncio.run(scenario())
     assert ok == {"ok": 8} and refused.status_code == 429 and handle.cancelled == 3
     assert "allowances unreachable (TimeoutError" in caplog.text
+
+
+def test_an_ingress_counting_alone_starts_from_the_buckets_the_allowances_replica_saved(tmp_path, monkeypatch):
+    """An outage of the Allowances replica does not hand every client a full minute on every Ingress replica:
+    counting alone starts from the buckets that replica last saved (and again at the next outage)."""
+    from cluster.serve import deployments
+    from cluster.serve.schemas import GenerateRequest
+    from cluster.storage import LocalStore
+
+    monkeypatch.setattr(deployments, "ALLOWANCE_TIMEOUT_S", 0.05)
+    shared = deployments.Allowances.func_or_class(8, {}, str(tmp_path), save_interval_s=3600)
+    handle = _Handle(shared)
+    ingress = _ingress(handle, store=LocalStore(tmp_path))
+
+    async def scenario():
+        assert await ingress.generate(GenerateRequest(prompt="a boat", num_images=6), None, Response()) == {"ok": 6}
+        shared.saved.save(shared.limiter)  # as its thread does within a second
+        handle.hang = True  # the Allowances replica stops answering
+        refused = await ingress.generate(GenerateRequest(prompt="a boat", num_images=4), None, Response())
+        fits = await ingress.generate(GenerateRequest(prompt="a boat", num_images=2), None, Response())
+        return refused, fits
+
+    refused, fits = asyncio.run(scenario())
+    assert refused.status_code == 429 and fits == {"ok": 2}  # 2 left of 8, as the app had counted
+    assert ingress._alone and ingress.limiter.remaining("") == 0
 
 
 @pytest.mark.parametrize("options, ok", [({}, True), ({"num_replicas": 1}, True), ({"num_replicas": 2}, False),
