@@ -176,7 +176,7 @@ class QueryEncoder:
         return _columns(rows)
 
 
-def pin_index_versions(settings: BulkSettings, rows: list[PromptRow], store) -> dict[str, str]:
+def pin_index_versions(settings: BulkSettings, rows: list[PromptRow], store, *, record: bool = True) -> dict[str, str]:
     """{database: version} for the databases the rows name: the job's recorded versions (`job.json` in the
     output, written by its first run), else the published ones; `settings.index_versions` overrides them
     ("current": the published one). The result is recorded for the next run. A pinned version that is gone
@@ -218,7 +218,8 @@ def pin_index_versions(settings: BulkSettings, rows: list[PromptRow], store) -> 
                                     f"{database}=current (or =VERSION), and the job's images will come from two "
                                     "versions; or write to a new output") from err
         pins[database] = version
-    store.write_bytes(JOB_STATE, json.dumps({**state, "index_versions": {**recorded, **pins}}, indent=1).encode())
+    if record:
+        store.write_bytes(JOB_STATE, json.dumps({**state, "index_versions": {**recorded, **pins}}, indent=1).encode())
     return pins
 
 
@@ -226,7 +227,7 @@ def _job_state(store) -> dict:
     return json.loads(store.read_bytes(JOB_STATE)) if store.exists(JOB_STATE) else {}
 
 
-def keep_output_format(settings: BulkSettings, store) -> None:
+def keep_output_format(settings: BulkSettings, store, *, record: bool = True) -> None:
     """Record the job's output format on its first run; a resumed job asked for another is an InputError
     (its images would be split between PNG files and tars). Jobs recorded before formats existed wrote PNGs."""
     if settings.output_format not in OUTPUT_FORMATS:
@@ -236,7 +237,7 @@ def keep_output_format(settings: BulkSettings, store) -> None:
     if started is not None and started != settings.output_format:
         raise InputError(f"{store.uri} holds a job that writes {started} output; it cannot go on as "
                          f"{settings.output_format} (write to a new output, or keep {started})")
-    if state.get("output_format") != settings.output_format:
+    if record and state.get("output_format") != settings.output_format:
         store.write_bytes(JOB_STATE, json.dumps({**state, "output_format": settings.output_format}, indent=1).encode())
 
 
@@ -448,6 +449,48 @@ def _read_parts(store) -> tuple[dict[str, dict], dict[str, dict]]:
                     continue
             (failed if record["error"] else done)[record["key"]] = record
     return done, failed
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """What a run of the job would do (`plan`, `rdm generate --dry-run`)."""
+
+    rows: int  # usable prompt rows
+    row_errors: list[dict]
+    images: int  # asked for
+    done: int  # already in the output
+    versions: dict[str, str]  # database -> the version the run would retrieve from
+    unknown_databases: list[str]  # named by rows, not published in the index (those rows would fail)
+    size: tuple[int, int]
+    last_images_per_s: float | None  # the job's last run's rate, if any
+
+    @property
+    def pending(self) -> int:
+        return self.images - self.done
+
+
+def plan(prompts_uri: str, out_uri: str, settings: BulkSettings) -> JobPlan:
+    """What `generate` would do, without Ray and without writing anything: the prompt rows it could use and
+    those it could not, the images asked for and already done, the index versions it would retrieve from
+    (the job's recorded ones, else the published ones), and the job's last rate. The checks `generate`
+    makes before it starts (a size the model cannot sample, another output format than the job's, a pinned
+    version that was pruned) fail here the same way."""
+    rows, row_errors = read_prompts(prompts_uri)
+    config = model_config_at(settings.model)
+    size = chosen_size(settings, config)
+    items = expand(rows, settings, content_hash(settings.model), size)
+    store = open_store(out_uri)
+    keep_output_format(settings, store, record=False)
+    versions = pin_index_versions(settings, rows, store, record=False)
+    named = sorted({r.database for r in rows if r.database})
+    done, _ = _read_parts(store)
+    runs = _job_state(store).get("runs", [])
+    rates = [r["images_per_s"] for r in runs if r.get("generated")]
+    return JobPlan(rows=len(rows), row_errors=row_errors, images=len(items),
+                   done=sum(1 for i in items if i["key"] in done), versions=versions,
+                   unknown_databases=[d for d in named if d not in versions] if settings.index_uri else named,
+                   size=size or (config.image_size, config.image_size),
+                   last_images_per_s=rates[-1] if rates else None)
 
 
 def generate(prompts_uri: str, out_uri: str, settings: BulkSettings, *, progress=None,

@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "(0: never; compiled, the first step of a batch shape, which compiles it, gets 30 minutes; "
                              "default %(default)s)")
     add_inference_args(parser)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="say what a run would do -- prompt rows usable and failed, images asked for, done and to "
+                             "generate, the index versions it would use, the time at the job's last rate -- without "
+                             "Ray and without writing anything")
     parser.add_argument("--wait-lock-s", type=float, default=JOB_LOCK_WAIT_S, metavar="S",
                         help="one run of a job at a time per --out (its OUT/LOCK, a lease its driver renews): wait up to "
                              "S seconds for another run to end, then fail naming it (default %(default)s: longer than "
@@ -65,6 +69,25 @@ def parse_index_versions(items: list[str]) -> dict[str, str]:
     for database in versions:
         check_database_name(database)
     return versions
+
+
+def describe_plan(job, settings) -> str:
+    """`--dry-run`'s report of a `cluster.bulk.JobPlan`."""
+    lines = ["dry run: nothing generated or written",
+             f"prompt rows: {job.rows} usable, {len(job.row_errors)} failed"
+             + "".join(f"\n  row {e['row']}: {e['error']}" for e in job.row_errors[:10])
+             + (f"\n  ... and {len(job.row_errors) - 10} more" if len(job.row_errors) > 10 else ""),
+             f"images: {job.images} asked for, {job.done} already done, {job.pending} to generate "
+             f"({job.size[0]} x {job.size[1]}, {settings.sampler} {settings.num_steps} steps)"]
+    if job.versions:
+        lines.append("databases: " + ", ".join(f"{db} version {v}" for db, v in sorted(job.versions.items())))
+    if job.unknown_databases:
+        lines.append(f"not in the index (their rows will fail): {', '.join(job.unknown_databases)}")
+    if job.last_images_per_s:
+        minutes = job.pending / job.last_images_per_s / 60
+        lines.append(f"at the job's last rate ({job.last_images_per_s:g} images/s): about {minutes:.0f} min "
+                     "(start-up and compilation not included)")
+    return "\n".join(lines)
 
 
 @exit_codes
@@ -103,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
                             index_versions=index_versions, height=args.height, width=args.width,
                             output_format=args.output_format, stall_timeout_s=args.stall_timeout_s or None)
     chosen_size(settings)  # a size the model cannot sample fails here, not in every sampler actor
+    if args.dry_run:
+        from cluster.bulk import plan
+
+        print(describe_plan(plan(args.prompts, args.out, settings), settings))
+        return EXIT_OK
     connect()
     with tqdm(desc="images", unit="img") as bar:
         result = generate(args.prompts, args.out, settings, progress=bar, wait_lock_s=args.wait_lock_s)

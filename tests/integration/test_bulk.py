@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from testkit import removable_worker_node, unit, write_embeddings
 
-from cluster.bulk import BulkSettings, generate
+from cluster.bulk import BulkSettings, generate, plan
 from cluster.errors import JobLockedError
 from cluster.index.build import build_index
 from cluster.storage import open_store
@@ -85,6 +85,13 @@ def test_bulk_job_writes_every_image_once_and_resumes(index_uri, make_bucket, s3
     # 11 images asked for: row 6's (an unknown database) fails in every run
     assert (progress["state"], progress["requested"], progress["done_before"]) == ("finished", 11, 10 - len(lost_rows))
     assert (progress["done"], progress["failed"], progress["remaining"]) == (len(lost_rows), 1, 0)
+    # a dry run of the finished job (rdm generate --dry-run): the row that fails is all there is to do
+    before = {k: out.read_bytes(k) for k in out.list()}
+    job = plan(prompts, out.uri, settings)
+    assert (job.images, job.done, job.pending, job.unknown_databases) == (11, 10, 1, ["missing"])
+    assert job.versions == json.loads(out.read_bytes("job.json"))["index_versions"] and set(job.versions) == set(STYLES)
+    assert job.last_images_per_s == runs[-1]["images_per_s"]
+    assert {k: out.read_bytes(k) for k in out.list()} == before  # nothing written
 
 
 def test_rows_sweep_their_own_neighbours_and_guidance_in_one_job(index_uri, make_bucket):

@@ -1,0 +1,29 @@
+"""`rdm generate --dry-run`: what a run would do, without Ray and without writing anything."""
+
+import json
+
+from jobs.cli import main as rdm
+
+
+def test_a_dry_run_reports_the_plan_and_writes_nothing(tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a boat", "num_images": 3}\n{"prompt": "a tree", "database": "ink"}\n'
+                       '{"prompt": "x", "colour": "red"}\n')
+    out = tmp_path / "out"
+    args = ["generate", "--prompts", str(prompts), "--out", str(out), "--num-steps", "7"]
+    assert rdm([*args, "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "dry run: nothing generated or written" in text
+    assert "prompt rows: 2 usable, 1 failed\n  row 3: unknown field(s) colour" in text
+    assert "images: 4 asked for, 0 already done, 4 to generate (32 x 32, dpmpp_2m 7 steps)" in text
+    assert "not in the index (their rows will fail): ink" in text  # no --index: no database exists
+    assert not out.exists()
+    # a job that ran before: its rate gives the time; another output format than its own is refused as a run would
+    out.mkdir()
+    (out / "job.json").write_text(json.dumps({"output_format": "png", "runs": [
+        {"generated": 8, "images_per_s": 0.5}, {"generated": 0, "images_per_s": 0.0}]}))
+    assert rdm([*args, "--dry-run"]) == 0
+    assert "at the job's last rate (0.5 images/s): about 0 min" in capsys.readouterr().out
+    assert rdm([*args, "--dry-run", "--output-format", "webdataset"]) == 2
+    assert "holds a job that writes png output" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["job.json"]
