@@ -43,7 +43,7 @@ from cluster.index.manifest import check_database_name, current_version, load_ma
 from cluster.lease import JOB_LOCK_WAIT_S, JobLock
 from cluster.progress import JobProgress
 from cluster.prompts import PromptRow, read_prompts
-from cluster.storage import join, open_store
+from cluster.storage import ObjectStore, join, open_store
 from cluster.watchdog import COMPILE_GRACE_S, STALLS_DIR, StallWatch, check_stalls, clear_stalls, end_on_stall
 from rdm.config import RDMConfig
 from rdm.errors import InputError, RDMError
@@ -475,22 +475,45 @@ def plan(prompts_uri: str, out_uri: str, settings: BulkSettings) -> JobPlan:
     (the job's recorded ones, else the published ones), and the job's last rate. The checks `generate`
     makes before it starts (a size the model cannot sample, another output format than the job's, a pinned
     version that was pruned) fail here the same way."""
-    rows, row_errors = read_prompts(prompts_uri)
-    config = model_config_at(settings.model)
-    size = chosen_size(settings, config)
-    items = expand(rows, settings, content_hash(settings.model), size)
-    store = open_store(out_uri)
-    keep_output_format(settings, store, record=False)
-    versions = pin_index_versions(settings, rows, store, record=False)
-    named = sorted({r.database for r in rows if r.database})
-    done, _ = _read_parts(store)
-    runs = _job_state(store).get("runs", [])
-    rates = [r["images_per_s"] for r in runs if r.get("generated")]
-    return JobPlan(rows=len(rows), row_errors=row_errors, images=len(items),
-                   done=sum(1 for i in items if i["key"] in done), versions=versions,
-                   unknown_databases=[d for d in named if d not in versions] if settings.index_uri else named,
-                   size=size or (config.image_size, config.image_size),
+    job = _Run.prepare(prompts_uri, out_uri, settings, record=False)
+    named = sorted({r.database for r in job.rows if r.database})
+    rates = [r["images_per_s"] for r in _job_state(job.store).get("runs", []) if r.get("generated")]
+    return JobPlan(rows=len(job.rows), row_errors=job.row_errors, images=len(job.items),
+                   done=len(job.items) - len(job.pending), versions=job.versions,
+                   unknown_databases=[d for d in named if d not in job.versions] if settings.index_uri else named,
+                   size=job.size or (job.config.image_size, job.config.image_size),
                    last_images_per_s=rates[-1] if rates else None)
+
+
+@dataclass
+class _Run:
+    """What a run starts from: the prompts, the model, the images asked for, the output and its state."""
+
+    rows: list[PromptRow]
+    row_errors: list[dict]
+    config: RDMConfig
+    model_id: str
+    size: tuple[int, int] | None
+    items: list[dict]
+    store: ObjectStore
+    versions: dict[str, str]
+    pending: list[dict]
+
+    @classmethod
+    def prepare(cls, prompts_uri: str, out_uri: str, settings: BulkSettings, *, record: bool) -> _Run:
+        """`record`: write the job's output format and pinned index versions (a run), or not (a dry run)."""
+        rows, row_errors = read_prompts(prompts_uri)
+        # an s3:// model that carries its SHA-256 is not downloaded here (else this node's copy is hashed)
+        config = model_config_at(settings.model)
+        model_id = content_hash(settings.model)
+        size = chosen_size(settings, config)
+        items = expand(rows, settings, model_id, size)
+        store = open_store(out_uri)
+        keep_output_format(settings, store, record=record)
+        versions = pin_index_versions(settings, rows, store, record=record)
+        done, _ = _read_parts(store)
+        return cls(rows, row_errors, config, model_id, size, items, store, versions,
+                   [i for i in items if i["key"] not in done])
 
 
 def generate(prompts_uri: str, out_uri: str, settings: BulkSettings, *, progress=None,
@@ -507,17 +530,10 @@ def _generate(prompts_uri: str, out_uri: str, settings: BulkSettings, progress, 
     import ray
 
     started, clock = datetime.now(timezone.utc), time.perf_counter()
-    rows, row_errors = read_prompts(prompts_uri)
-    # an s3:// model that carries its SHA-256 is not downloaded here (else this node's copy is hashed)
-    config = model_config_at(settings.model)
-    model_id = content_hash(settings.model)
-    items = expand(rows, settings, model_id, chosen_size(settings, config))
-    store = open_store(out_uri)
-    keep_output_format(settings, store)
+    job = _Run.prepare(prompts_uri, out_uri, settings, record=True)
+    row_errors, config, model_id, items, store, versions, pending = (
+        job.row_errors, job.config, job.model_id, job.items, job.store, job.versions, job.pending)
     clear_stalls(store)
-    versions = pin_index_versions(settings, rows, store)
-    done, _ = _read_parts(store)
-    pending = [i for i in items if i["key"] not in done]
     logger.info("%d images requested, %d already done, %d to generate", len(items), len(items) - len(pending),
                 len(pending))
     # OUT/progress.json: for `rdm status OUT` while the run goes on
