@@ -40,6 +40,7 @@ import torch
 from cluster.artifacts import content_hash, local_path, model_config_at
 from cluster.errors import IndexVersionError, ObjectNotFoundError, StorageError, UnknownDatabaseError
 from cluster.index.manifest import check_database_name, current_version, load_manifest
+from cluster.job_metrics import SamplerMetrics
 from cluster.lease import JOB_LOCK_WAIT_S, JobLock
 from cluster.progress import JobProgress
 from cluster.prompts import PromptRow, read_prompts
@@ -322,6 +323,7 @@ class BulkSampler:
         # they cost a GPU batch of 768-px images seconds of idle accelerator (bench/delivery.py).
         self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="rdm-write")
         self._model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rdm-model")
+        self.metrics = SamplerMetrics(out_uri)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = _rows(batch)
@@ -345,6 +347,9 @@ class BulkSampler:
         self.store.write_bytes(join(PARTS, f"{part}.parquet"), _parquet(pa.Table.from_pylist(records)))
         if tar is not None:  # after its part: a part whose tar is missing is not done (_read_parts)
             self.store.write_bytes(tar, webdataset_tar(records, pngs))
+        failed = sum(1 for r in records if r["error"])
+        self.metrics.add(self.metrics.images, len(records) - failed)
+        self.metrics.add(self.metrics.failed, failed)
         return {"key": [r["key"] for r in records], "error": [r["error"] for r in records]}
 
     def _sample(self, members: list[dict]) -> np.ndarray:
@@ -359,6 +364,7 @@ class BulkSampler:
         # runs at the batch size instead of compiling its own
         compiles = self.pipeline.compiles(context, params, height=height, width=width,
                                           pad_to=self.settings.batch_size)
+        started, splits = time.perf_counter(), self.pipeline.out_of_memory_splits
         with self.stalls.busy(COMPILE_GRACE_S if compiles else None) as progress:
             def wanted() -> list[bool]:  # asked before each step and before the decode: every row, always
                 progress()
@@ -367,6 +373,8 @@ class BulkSampler:
             images = self.pipeline.sample_images(context, [int(r["seed"]) for r in members], params,
                                                  height=height, width=width, pad_to=self.settings.batch_size,
                                                  wanted=wanted)
+        self.metrics.observe(self.metrics.sampling, time.perf_counter() - started)
+        self.metrics.add(self.metrics.out_of_memory, self.pipeline.out_of_memory_splits - splits)
         if self.compile_cache is not None:
             self.compile_cache.save_if_new()  # the first batch of each size compiles: later samplers load it
         return images

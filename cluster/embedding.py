@@ -29,6 +29,7 @@ import io
 import json
 import logging
 import re
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -38,6 +39,7 @@ import torch
 
 from cluster.artifacts import local_path
 from cluster.errors import EmptyCorpusError, StorageError
+from cluster.job_metrics import EmbedderMetrics
 from cluster.lease import JOB_LOCK_WAIT_S, JobLock
 from cluster.progress import JobProgress
 from cluster.storage import ObjectStore, join, open_store
@@ -325,6 +327,7 @@ class ClipEmbedder:
         encoder = load_clip_spec(clip, weights=local_path(clip_weights))
         with self.stalls.busy():
             self.encoder = encoder.to(self.device)
+        self.metrics = EmbedderMetrics(out_uri)
 
     def _encode(self, pixels: np.ndarray) -> list[np.ndarray]:
         """CLIP image embeddings of decoded pixels, a batch at a time, each batch's end a sign of progress."""
@@ -341,7 +344,9 @@ class ClipEmbedder:
         for shard, stamp, images, rows, errs, reused in zip(batch["shard"], batch["stamp"], batch["images"],
                                                             batch["rows"], batch["errors"], batch["reused"], strict=True):
             pixels = np.load(io.BytesIO(images), allow_pickle=False)
+            started = time.perf_counter()
             chunks = self._encode(pixels)
+            self.metrics.observe(self.metrics.shard, time.perf_counter() - started)
             rows = json.loads(rows)
             new, old = iter(chunk for c in chunks for chunk in c), iter(np.load(io.BytesIO(reused), allow_pickle=False))
             dim = self.encoder.config.embed_dim
@@ -362,6 +367,9 @@ class ClipEmbedder:
             counts.append(len(embeddings))
             fresh.append(len(pixels))
             errors.append(len(error_rows))
+            self.metrics.add(self.metrics.embedded, len(pixels))
+            self.metrics.add(self.metrics.reused, len(embeddings) - len(pixels))
+            self.metrics.add(self.metrics.errors, len(error_rows))
         return {"shard": batch["shard"], "count": np.array(counts), "fresh": np.array(fresh),
                 "errors": np.array(errors)}
 

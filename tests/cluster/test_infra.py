@@ -268,3 +268,21 @@ def test_the_retriever_nodes_fit_every_retriever_actor_through_an_index_swap():
         f"{2 * actors} retriever actors, {group['minReplicas']} nodes of {per_node_actors}")
     cpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
     assert per_node_actors * options.num_cpus <= cpus  # and their CPUs fit a node
+
+
+def test_grafana_jobs_dashboard_plots_every_job_series():
+    import json
+    import re
+
+    from cluster import job_metrics
+
+    dashboard = json.loads((ROOT / "infra" / "grafana" / "rdm-jobs.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    source = Path(job_metrics.__file__).read_text()
+    counters = set(re.findall(r'_counter\("(rdm_\w+)"', source))
+    histograms = set(re.findall(r'Histogram\("(rdm_\w+)"', source))
+    assert len(counters) == 6 and len(histograms) == 2
+    for name in counters:
+        assert f"ray_{name}_total" in exprs, name
+    for name in histograms:
+        assert f"ray_{name}_bucket" in exprs, name

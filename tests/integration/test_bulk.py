@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from testkit import removable_worker_node, unit, write_embeddings
+from testkit import metric_total, removable_worker_node, scrape, unit, write_embeddings
 
 from cluster.bulk import BulkSettings, generate, plan
 from cluster.errors import JobLockedError
@@ -48,7 +49,7 @@ def manifest(store):
 SETTINGS = dict(num_steps=3, num_neighbors=3, batch_size=4, sampler_num_cpus=0.4)
 
 
-def test_bulk_job_writes_every_image_once_and_resumes(index_uri, make_bucket, s3_models):
+def test_bulk_job_writes_every_image_once_and_resumes(index_uri, make_bucket, s3_models, ray_cluster):
     """With the model and CLIP weights read from S3 (each Ray process's copy from its node's cache)."""
     out = open_store(make_bucket("rdm-bulk-out") + "/run1")
     prompts = prompts_file(out, "prompts.jsonl", 5)
@@ -92,6 +93,13 @@ def test_bulk_job_writes_every_image_once_and_resumes(index_uri, make_bucket, s3
     assert job.versions == json.loads(out.read_bytes("job.json"))["index_versions"] and set(job.versions) == set(STYLES)
     assert job.last_images_per_s == runs[-1]["images_per_s"]
     assert {k: out.read_bytes(k) for k in out.list()} == before  # nothing written
+    # the samplers' Prometheus series, tagged with the job (infra/grafana/rdm-jobs.json plots them)
+    job, deadline = re.escape(f'job="{out.uri}"'), time.monotonic() + 60
+    while metric_total(ray_cluster, "ray_rdm_bulk_images_generated_total", job) < 10 + len(lost_rows):
+        assert time.monotonic() < deadline, scrape(ray_cluster)[-3000:]
+        time.sleep(2)
+    assert metric_total(ray_cluster, "ray_rdm_bulk_images_failed_total", job) >= 1  # row 6, in both runs
+    assert metric_total(ray_cluster, "ray_rdm_bulk_sampling_seconds_count", job) >= 2
 
 
 def test_rows_sweep_their_own_neighbours_and_guidance_in_one_job(index_uri, make_bucket):

@@ -3,6 +3,7 @@
 import hashlib
 import io
 import json
+import re
 import threading
 import time
 
@@ -14,7 +15,7 @@ import pytest
 import ray
 import torch
 from PIL import Image
-from testkit import parquet_bytes, removable_worker_node, unit, write_embeddings
+from testkit import metric_total, parquet_bytes, removable_worker_node, unit, write_embeddings
 
 from cluster.embedding import embed_corpus
 from cluster.errors import (
@@ -65,12 +66,17 @@ def embedded(ray_cluster, s3_corpus, make_bucket):
     return out, result
 
 
-def test_embed_counts_errors_and_matches_in_process_clip(embedded, s3_corpus):
+def test_embed_counts_errors_and_matches_in_process_clip(embedded, s3_corpus, ray_cluster):
     out, result = embedded
     assert (result.shards_total, result.embedded, result.errors) == (2 + 2, 2 * 11 + 5, 2)
     store = open_store(out)
     progress = json.loads(store.read_bytes("progress.json"))  # what `rdm status OUT` reads
     assert (progress["state"], progress["unit"], progress["requested"], progress["done"]) == ("finished", "shards", 4, 4)
+    job, deadline = re.escape(f'job="{out}"'), time.monotonic() + 60  # the embedders' Prometheus series
+    while metric_total(ray_cluster, "ray_rdm_embed_images_embedded_total", job) < 27:
+        assert time.monotonic() < deadline
+        time.sleep(2)
+    assert metric_total(ray_cluster, "ray_rdm_embed_images_failed_total", job) == 2
     errors = pa.concat_tables([pq.read_table(io.BytesIO(store.read_bytes(k))) for k in store.list("errors")])
     assert sorted(errors.column("id").to_pylist()) == ["p0-3", "p1-3"]
     table = pq.read_table(io.BytesIO(store.read_bytes(next(k for k in store.list("embeddings") if "part-0" in k))))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from testkit import free_ports, png_header_only, unit, write_embeddings
+from testkit import free_ports, metric_total, png_header_only, scrape, unit, write_embeddings
 
 from cluster.index.build import build_index
 from cluster.serve.auth import add_key, revoke_key
@@ -105,23 +105,6 @@ def random_pngs(count: int, *, seed: int) -> list[bytes]:
         Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(buffer, format="PNG")
         pngs.append(buffer.getvalue())
     return pngs
-
-
-def scrape(ray_cluster) -> str:
-    """Every node's Prometheus metrics (Ray's export), concatenated."""
-    texts = []
-    for node in [ray_cluster.head_node, *ray_cluster.worker_nodes]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_export_port}/metrics", timeout=10) as response:
-                texts.append(response.read().decode())
-        except OSError:
-            continue
-    return "\n".join(texts)
-
-
-def metric_total(ray_cluster, name: str) -> float:
-    """The sum of a metric's samples over its tags and nodes (0 before its first export)."""
-    return sum(float(value) for value in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", scrape(ray_cluster), re.M))
 
 
 def test_generate_writes_images_and_metadata(app_url):

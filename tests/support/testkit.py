@@ -2,8 +2,10 @@
 
 import io
 import json
+import re
 import socket
 import time
+import urllib.request
 
 import numpy as np
 import pyarrow as pa
@@ -125,3 +127,22 @@ class HungDevice:
 
     def release(self) -> None:
         self._released.set()
+
+
+def scrape(ray_cluster) -> str:
+    """Every node's Prometheus metrics (Ray's export), concatenated."""
+    texts = []
+    for node in [ray_cluster.head_node, *ray_cluster.worker_nodes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_export_port}/metrics", timeout=10) as response:
+                texts.append(response.read().decode())
+        except OSError:
+            continue
+    return "\n".join(texts)
+
+
+def metric_total(ray_cluster, name: str, tags: str = "") -> float:
+    """The sum of a metric's samples over its tags and nodes (0 before its first export); `tags`: a regex the
+    samples' tag text must contain."""
+    return sum(float(value) for labels, value in re.findall(rf"^{name}(\{{[^}}]*\}})? (\S+)$", scrape(ray_cluster), re.M)
+               if re.search(tags, labels))
