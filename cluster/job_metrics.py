@@ -40,16 +40,12 @@ class SamplerMetrics(_JobSeries):
         self.sampling = metrics.Histogram("rdm_bulk_sampling_seconds", description="bulk sampling + decode time per "
                                           "sampling call", boundaries=SECONDS, tag_keys=("job",))
 
-    def add(self, counter: metrics.Counter, value: int) -> None:
-        if value > 0:  # Ray's counters take positive increments only
-            counter.inc(value, tags=self.tags)
 
-
-class EmbedderMetrics:
+class EmbedderMetrics(_JobSeries):
     """A CLIP embedder actor's series."""
 
     def __init__(self, job: str) -> None:
-        self.tags = {"job": job}
+        super().__init__(job)
         self.embedded = _counter("rdm_embed_images_embedded", "corpus images decoded and embedded by CLIP")
         self.reused = _counter("rdm_embed_images_reused", "corpus images whose embeddings were taken from an "
                                                           "earlier output (the same bytes)")
