@@ -52,7 +52,8 @@ def app_url(ray_cluster, s3_models, tmp_path_factory):
                                  "backpressure_config": {"retry_after_s": 2},
                                  "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.3}},
                    "Ingress": {"ray_actor_options": {"num_cpus": 0.05}},
-                   "Retriever": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.05}}}
+                   "Retriever": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.05}},
+                   "Allowances": {"health_check_period_s": 1}}  # a replica killed by a test is replaced soon
     serve.run(build_app(args, deployments), name="rdm", route_prefix="/")
     yield f"http://127.0.0.1:{port}", root
     serve.delete("rdm")
@@ -242,22 +243,27 @@ def test_client_keys_are_attributed_and_take_effect_without_a_redeploy(app_url):
     allowances = serve.get_deployment_handle("Allowances", app_name="rdm")
     wait_s, limit, left = allowances.take.remote("team-slow", 5).result()
     assert limit == 8 and left in (3, 4) and 0 < wait_s <= 15.01, wait_s  # 3 of 8 left (refilling): 2 more <= 15 s
-    # that replica dies: the one Serve starts in its place goes on from the buckets it saved
+    # that replica dies: the one Serve starts in its place goes on from the buckets it saved. Its saved
+    # state says when: the new replica's count must be that, refilled since (8 a minute), not a full minute.
     import ray
 
-    killed = time.monotonic()
+    assert allowances.take.remote("team-slow", left).result()[0] == 0  # the client's bucket drained
+    state_file, deadline = root / "out" / "_state" / "allowances-rdm.json", time.monotonic() + 30
+    while not state_file.exists() or json.loads(state_file.read_text())["tokens"].get("team-slow", 8) >= 1:
+        assert time.monotonic() < deadline, "the drained bucket was not saved within 30 s"
+        time.sleep(0.2)
+    saved = json.loads(state_file.read_text())
     victim = next(a for a in ray.util.list_named_actors(all_namespaces=True) if "Allowances" in a["name"])
     ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
     deadline, taken = time.monotonic() + 120, None
     while taken is None:
-        try:
-            taken = allowances.take.remote("team-slow", 8).result(timeout_s=10)
+        try:  # 9 images never fit in 8 a minute: takes nothing, tells what is left
+            taken = allowances.take.remote("team-slow", 9).result(timeout_s=10)
         except Exception:  # noqa: BLE001 - the dead replica, until Serve has replaced it
             assert time.monotonic() < deadline, "no Allowances replica within 120 s"
             time.sleep(0.5)
-    wait_s, limit, left = taken
-    assert limit == 8 and wait_s > 0, taken  # not a full minute again: 8 images do not fit
-    assert left <= 4 + (time.monotonic() - killed) * 8 / 60, taken
+    expected = saved["tokens"]["team-slow"] + (time.time() - saved["saved_at"]) * 8 / 60
+    assert taken[1] == 8 and taken[2] <= expected < 8, (taken, expected)  # not a full minute again
 
 
 @pytest.mark.parametrize("body, status, field", [
