@@ -184,3 +184,26 @@ def test_an_embedder_whose_accelerator_stalls_ends_its_process(tmp_path, monkeyp
     work.join(30)
     assert ended == [STALLED_EXIT] and not (tmp_path / "out" / "embeddings").exists()
     assert len(list((tmp_path / "out" / "_stalls").iterdir())) == 1  # recorded: a run's stalls are counted
+
+
+def test_an_embedder_writes_a_decoded_shard_and_counts_it(tmp_path):
+    """The CLIP actor's call as Ray Data makes it, on a decoded shard: the shard's embeddings, errors and
+    contents written, its stamp recorded, and its counts returned and exported (`cluster.job_metrics`)."""
+    from cluster.embedding import ClipEmbedder, _clip_image_size
+
+    table = pa.table({"image": [png((0, 0, 0)), b"not an image", png((9, 9, 9))], "id": ["a", "b", "c"]})
+    pq.write_table(table, tmp_path / "part.parquet")
+    _, shards = list_corpus(str(tmp_path))
+    decoded = decode_shard({"name": shards[0].name, "kind": "parquet", "keys": list(shards[0].keys)},
+                           corpus_uri=str(tmp_path), image_size=_clip_image_size("rdm-tiny-clip"), antialias=False)
+    embedder = ClipEmbedder("tiny", None, str(tmp_path / "out"), batch_size=2, dtype="float32")
+    added = []
+    embedder.metrics.add = lambda counter, value: added.append((counter, value))
+    batch = {key: np.array([decoded[key] if key != "stamp" else "s1"], dtype=object)
+             for key in ("shard", "stamp", "images", "rows", "errors", "reused")}
+    out = embedder(batch)
+    assert (out["count"].tolist(), out["fresh"].tolist(), out["errors"].tolist()) == ([2], [2], [1])
+    written = pq.read_table(tmp_path / "out" / "embeddings" / f"{shards[0].name}.parquet")
+    assert written.column("id").to_pylist() == ["a", "c"] and written.schema.metadata[b"rdm_stamp"] == b"s1"
+    m = embedder.metrics
+    assert added == [(m.embedded, 2), (m.reused, 0), (m.errors, 1)]
