@@ -75,7 +75,8 @@ class JobProgress:
         """The run ended: finished, or failed with `error` (its type and first line recorded)."""
         self.state["state"] = FINISHED if error is None else FAILED
         if error is not None:
-            self.state["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+            message = str(error).splitlines()[0][:300] if str(error) else ""
+            self.state["error"] = f"{type(error).__name__}: {message}" if message else type(error).__name__
         self.state["eta_s"] = None if error is not None or self.state["remaining"] else 0.0
         self._write()
 

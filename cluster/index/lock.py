@@ -25,6 +25,8 @@ LEASE_S = 900.0
 
 
 class DatabaseLock(StoreLock):
+    """`<database>/LOCK` in an index root: one rollback or prune of a database at a time."""
+
     error = IndexLockedError
     advice = "one rollback or prune at a time per database"
 
