@@ -374,6 +374,54 @@ class ClipEmbedder:
                 "errors": np.array(errors)}
 
 
+def classify_shards(out: ObjectStore, shards: list[CorpusShard]) -> tuple[list, list, list]:
+    """(new, changed, unrecorded) shards of a corpus against an embedding output, writing nothing: shards with
+    no output; shards whose files changed since their output was made (their recorded stamp, or the one in the
+    output file when a run stopped before recording it, differs); and shards whose output is current but whose
+    stamp is not recorded (a run stopped between the two, or output from before stamps: taken as current)."""
+    done = set(out.list(EMBEDDINGS_DIR))
+    recorded = recorded_stamps(out)
+    new, changed, unrecorded = [], [], []
+    for shard in shards:
+        if join(EMBEDDINGS_DIR, f"{shard.name}.parquet") not in done:
+            new.append(shard)
+        elif shard.name not in recorded:
+            made_from = output_stamp(out, shard.name)
+            (unrecorded if made_from in (None, shard.stamp) else changed).append(shard)
+        elif recorded[shard.name] != shard.stamp:
+            changed.append(shard)
+    return new, changed, unrecorded
+
+
+@dataclass(frozen=True)
+class EmbedPlan:
+    """What a run of `rdm embed` would do (`plan_embedding`): shards to embed (new, or whose files changed),
+    shards already current, and outputs of shards gone from the corpus (`prune_embeddings` deletes them)."""
+
+    shards: int
+    new: int
+    changed: int
+    current: int
+    gone: int
+    moved_from: str | None  # the corpus root the outputs were made from, when the corpus moved since
+
+    @property
+    def pending(self) -> int:
+        return self.new + self.changed
+
+
+def plan_embedding(corpus_uri: str, out_uri: str, *, shard_size: int = 256) -> EmbedPlan:
+    """What embedding `corpus_uri` into `out_uri` would do, without Ray, CLIP or writing anything."""
+    corpus, shards = list_corpus(corpus_uri, shard_size=shard_size)
+    out = open_store(out_uri)
+    new, changed, _ = classify_shards(out, shards)
+    live = {s.name for s in shards}
+    gone = sum(1 for key in out.list(EMBEDDINGS_DIR) if key.rsplit("/", 1)[-1].removesuffix(".parquet") not in live)
+    previous = json.loads(out.read_bytes("embed.json")) if out.exists("embed.json") else {}
+    moved = previous.get("corpus") if previous.get("corpus", corpus.uri) != corpus.uri else None
+    return EmbedPlan(len(shards), len(new), len(changed), len(shards) - len(new) - len(changed), gone, moved)
+
+
 def record_stamp(store: ObjectStore, shard: str, stamp: str) -> None:
     """Record the stamp of the files a shard's output was made from (after the output), and drop its others."""
     store.write_bytes(join(STAMPS_DIR, shard, stamp), b"")
@@ -449,22 +497,11 @@ def _embed_corpus(corpus_uri: str, out_uri: str, lock: JobLock, *, clip: str, cl
     if previous is not None and {k: previous.get(k) for k in info} != info:
         raise ConfigError(f"{out.uri} holds embeddings made with {previous}; this run would use {info}. "
                           "Use another --out or the same settings.")
-    done = set(out.list(EMBEDDINGS_DIR))
-    recorded = recorded_stamps(out)
-    pending, changed = [], 0
-    for shard in shards:
-        if join(EMBEDDINGS_DIR, f"{shard.name}.parquet") not in done:
-            pending.append(shard)
-        elif shard.name not in recorded:  # a run stopped before recording it, or output from before stamps
-            made_from = output_stamp(out, shard.name)
-            if made_from in (None, shard.stamp):  # None: from before stamps, taken as current
-                record_stamp(out, shard.name, shard.stamp)
-            else:
-                pending.append(shard)
-                changed += 1
-        elif recorded[shard.name] != shard.stamp:
-            pending.append(shard)
-            changed += 1
+    new, changed, unrecorded = classify_shards(out, shards)
+    for shard in unrecorded:  # outputs current but their stamps unrecorded: recorded now
+        record_stamp(out, shard.name, shard.stamp)
+    todo = {s.name for s in new + changed}
+    pending, changed = [s for s in shards if s.name in todo], len(changed)  # in the corpus's order
     clear_stalls(out)
     logger.info("%d shards, %d already embedded, %d to do (%d whose files changed)", len(shards),
                 len(shards) - len(pending), len(pending), changed)

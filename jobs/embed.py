@@ -32,12 +32,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stall-timeout-s", type=float, default=600.0,
                         help="a CLIP actor that finishes no batch for this long (a hung GPU) ends its process; Ray "
                              "Data starts it again and embeds its shard again (0: never; default %(default)s)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="say which shards a run would embed (new, or whose files changed), which are current, "
+                             "and whether the corpus moved, without Ray, CLIP or writing anything")
     parser.add_argument("--wait-lock-s", type=float, default=JOB_LOCK_WAIT_S, metavar="S",
                         help="one run of a job at a time per --out (its OUT/LOCK, a lease its driver renews): wait up to "
                              "S seconds for another run to end, then fail naming it (default %(default)s: longer than "
                              "a lease, so a run started right after a driver died takes the dead one's lock over)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
+
+
+def describe_plan(plan) -> str:
+    """`--dry-run`'s report of a `cluster.embedding.EmbedPlan`."""
+    lines = ["dry run: nothing embedded or written",
+             f"shards: {plan.shards} in the corpus; {plan.pending} to embed ({plan.new} new, {plan.changed} whose "
+             f"files changed), {plan.current} current"]
+    if plan.gone:
+        lines.append(f"{plan.gone} outputs of shards no longer in the corpus (rdm index rebuild deletes them)")
+    if plan.moved_from:
+        lines.append(f"the corpus moved from {plan.moved_from}: a run rewrites the current shards' sources")
+    return "\n".join(lines)
 
 
 @exit_codes
@@ -53,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"--stall-timeout-s must be 0 (never) or more, got {args.stall_timeout_s:g}")
     if not 0 <= args.wait_lock_s <= 86_400:
         raise InputError(f"--wait-lock-s must be in 0..86400, got {args.wait_lock_s:g}")
+    if args.dry_run:
+        from cluster.embedding import plan_embedding
+
+        print(describe_plan(plan_embedding(args.corpus, args.out, shard_size=args.shard_size)))
+        return EXIT_OK
     connect()
     result = embed_corpus(args.corpus, args.out, clip=args.clip, clip_weights=args.clip_weights,
                           shard_size=args.shard_size, batch_size=args.batch_size, num_actors=args.num_actors,

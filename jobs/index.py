@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild.add_argument("--force", action="store_true",
                          help="build and publish even when the current version was built from the same embeddings "
                               "and settings")
+    rebuild.add_argument("--dry-run", action="store_true",
+                         help="say what a rebuild would do -- shards to embed, outputs of removed shards to delete, "
+                              "whether a version would be built and published -- without Ray or writing anything")
     for p in (build, rebuild):
         p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
                        help="index only the rows whose COLUMN equals VALUE, e.g. style=ukiyo-e (repeatable): one "
@@ -136,14 +139,47 @@ def current_manifest(index_uri: str, database: str):
         return None
 
 
-def run_rebuild(args: argparse.Namespace) -> None:
-    from cluster.embedding import embed_corpus, prune_embeddings
-    from cluster.index.build import build_index, inputs_digest
+def embeddings_of(args: argparse.Namespace) -> str:
+    """The rebuild's embedding cache (after checking the database's name)."""
     from cluster.index.manifest import check_database_name
-    from cluster.storage import open_store
 
     check_database_name(args.database)
-    embeddings = args.embeddings or f"{args.index.rstrip('/')}/{args.database}/embeddings"
+    return args.embeddings or f"{args.index.rstrip('/')}/{args.database}/embeddings"
+
+
+def unchanged_version(args: argparse.Namespace, embeddings: str):
+    """The current version, if it was built from these embedding files (by their stamps) and settings."""
+    from cluster.index.build import inputs_digest
+    from cluster.storage import open_store
+
+    current = None if args.force else current_manifest(args.index, args.database)
+    digest = inputs_digest(open_store(embeddings), where=parse_where(args.where), index_spec=args.index_spec,
+                           num_shards=args.shards) if current is not None else None
+    return current if current is not None and current.inputs == digest else None
+
+
+def plan_rebuild(args: argparse.Namespace) -> None:
+    """`rdm index rebuild --dry-run`: what a rebuild would do, without Ray or writing anything."""
+    from cluster.embedding import plan_embedding
+    from jobs.embed import describe_plan
+
+    embeddings = embeddings_of(args)
+    plan = plan_embedding(args.corpus, embeddings)
+    print(describe_plan(plan))
+    if plan.pending or plan.gone:
+        print(f"a rebuild would embed what changed, then build, check and publish a new version of {args.database}")
+    elif (unchanged := unchanged_version(args, embeddings)) is not None:
+        print(f"{args.database} {unchanged.version} was built from these embeddings and settings: a rebuild would "
+              "publish nothing (--force builds anyway)")
+    else:
+        print(f"a rebuild would build, check and publish a new version of {args.database} from the current embeddings")
+
+
+def run_rebuild(args: argparse.Namespace) -> None:
+    from cluster.embedding import embed_corpus, prune_embeddings
+    from cluster.index.build import build_index
+
+    embeddings = embeddings_of(args)
     result = embed_corpus(args.corpus, embeddings, clip=args.clip, clip_weights=args.clip_weights)
     pruned = prune_embeddings(args.corpus, embeddings)
     print(f"embedded {result.embedded} images ({result.reused} taken from earlier outputs; "
@@ -151,9 +187,7 @@ def run_rebuild(args: argparse.Namespace) -> None:
           f"new shards, {result.shards_changed} changed, {result.shards_skipped} unchanged, {result.relocated} moved "
           f"with the corpus; {pruned} files of removed shards deleted)")
     where = parse_where(args.where)
-    unchanged = None if args.force else current_manifest(args.index, args.database)
-    if unchanged is not None and unchanged.inputs == inputs_digest(open_store(embeddings), where=where,
-                                                                   index_spec=args.index_spec, num_shards=args.shards):
+    if (unchanged := unchanged_version(args, embeddings)) is not None:
         print(f"{args.database} {unchanged.version} was built from these embeddings and settings: nothing to "
               "publish (--force builds anyway)")
         return
@@ -287,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     check_args(args)
     if args.command in ("versions", "rollback", "prune"):  # object storage only: no Ray
         {"versions": run_versions, "rollback": run_rollback, "prune": run_prune}[args.command](args)
+        return EXIT_OK
+    if args.command == "rebuild" and args.dry_run:
+        plan_rebuild(args)
         return EXIT_OK
     connect()
     {"build": run_build, "rebuild": run_rebuild, "query": run_query}[args.command](args)

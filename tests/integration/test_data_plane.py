@@ -100,8 +100,8 @@ def test_embed_rerun_skips_written_shards(embedded, s3_corpus):
 def test_a_corpus_file_rewritten_in_place_is_embedded_again(ray_cluster, make_bucket):
     """A parquet file replaced under the same key (a fixed image, a row more) is a changed shard: its
     embeddings and errors are replaced, the unchanged file is skipped. Output from before stamps were
-    recorded is taken as current (nothing embedded again) and its stamps recorded."""
-    from cluster.embedding import recorded_stamps
+    recorded is taken as current (nothing embedded again) and its stamps recorded. A dry run says so first."""
+    from cluster.embedding import EmbedPlan, plan_embedding, recorded_stamps
 
     corpus, rng = open_store(make_bucket("rdm-corpus") + "/changing"), np.random.default_rng(1)
 
@@ -116,6 +116,10 @@ def test_a_corpus_file_rewritten_in_place_is_embedded_again(ray_cluster, make_bu
     first = embed_corpus(corpus.uri, out.uri, clip="tiny", actor_num_cpus=0.5)
     assert (first.embedded, first.errors, first.shards_changed) == (7, 1, 0) and len(out.list("errors")) == 1
     part(1, 5)  # rewritten: the broken image fixed, a row added
+    before = {k: out.read_bytes(k) for k in out.list()}
+    assert plan_embedding(corpus.uri, out.uri) == EmbedPlan(shards=2, new=0, changed=1, current=1, gone=0,
+                                                            moved_from=None)  # rdm embed --dry-run
+    assert {k: out.read_bytes(k) for k in out.list()} == before  # wrote nothing
     again = embed_corpus(corpus.uri, out.uri, clip="tiny", actor_num_cpus=0.5)
     assert (again.shards_skipped, again.shards_changed, again.embedded, again.errors) == (1, 1, 5, 0)
     key = next(k for k in out.list("embeddings") if "part-1" in k)
@@ -127,6 +131,7 @@ def test_a_corpus_file_rewritten_in_place_is_embedded_again(ray_cluster, make_bu
     old = next(k for k in out.list("embeddings") if "part-0" in k)
     out.write_bytes(old, parquet_bytes(pq.read_table(io.BytesIO(out.read_bytes(old))).replace_schema_metadata(None)))
     part(1, 6)  # and part-1 rewritten since
+    assert plan_embedding(corpus.uri, out.uri).changed == 1 and not out.list("stamps")  # planned, nothing recorded
     third = embed_corpus(corpus.uri, out.uri, clip="tiny", actor_num_cpus=0.5)
     assert (third.shards_skipped, third.shards_changed, third.embedded) == (1, 1, 6)
     part0 = next(s for s in stamps if "part-0" in s)

@@ -557,9 +557,15 @@ def test_index_rebuild_while_serving_has_zero_failures(app_url, tmp_path, monkey
     assert out["index_version"] == after["databases"][0]["version"]
     # nightly again with nothing changed: no new version (the app keeps serving the same one); --force builds one
     rebuild = ["rebuild", "art", "--corpus", str(corpus), "--index", str(root / "index"), "--shards", "2"]
+    capsys.readouterr()
+    assert index_main([*rebuild, "--dry-run"]) == 0  # says so beforehand, without Ray
+    planned = capsys.readouterr().out
+    assert "0 to embed (0 new, 0 whose files changed)" in planned and "a rebuild would publish nothing" in planned
     assert index_main(rebuild) == 0
     assert call(url, "/v1/databases")[1]["databases"][0]["version"] == after["databases"][0]["version"]
     assert "nothing to publish" in capsys.readouterr().out
+    assert "would build, check and publish" in (index_main([*rebuild, "--dry-run", "--force"]),
+                                                 capsys.readouterr().out)[1]
     assert index_main([*rebuild, "--force", "--serve-url", url]) == 0
     deadline = time.monotonic() + 30  # (the other Retriever replica swaps at its next lease renewal)
     while call(url, "/v1/databases")[1]["databases"][0]["version"] == after["databases"][0]["version"]:

@@ -1,4 +1,5 @@
-"""`rdm generate --dry-run`: what a run would do, without Ray and without writing anything."""
+"""`rdm generate --dry-run` and `rdm embed --dry-run`: what a run would do, without Ray and without writing
+anything."""
 
 import json
 
@@ -27,3 +28,18 @@ def test_a_dry_run_reports_the_plan_and_writes_nothing(tmp_path, capsys):
     assert rdm([*args, "--dry-run", "--output-format", "webdataset"]) == 2
     assert "holds a job that writes png output" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["job.json"]
+
+
+def test_an_embedding_dry_run_counts_the_shards_to_embed_and_writes_nothing(tmp_path, capsys):
+    from PIL import Image
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(5):
+        Image.new("RGB", (8, 8), (i, i, i)).save(corpus / f"img{i}.png")
+    out = tmp_path / "emb"
+    assert rdm(["embed", "--corpus", str(corpus), "--out", str(out), "--shard-size", "2", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "dry run: nothing embedded or written" in text
+    assert "shards: 3 in the corpus; 3 to embed (3 new, 0 whose files changed), 0 current" in text
+    assert not out.exists()
