@@ -410,15 +410,34 @@ class EmbedPlan:
         return self.new + self.changed
 
 
-def plan_embedding(corpus_uri: str, out_uri: str, *, shard_size: int = 256) -> EmbedPlan:
-    """What embedding `corpus_uri` into `out_uri` would do, without Ray, CLIP or writing anything."""
+def _embedding_settings(out: ObjectStore, clip: str, clip_weights: str | None, dtype: str):
+    """(CLIP config, the settings recorded in `embed.json`, the output's recorded ones or None); a ConfigError
+    where the output was made with other settings (its embeddings would not compare with new ones)."""
+    from rdm.factory import clip_hash, resolve_clip
+
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
+    weights = local_path(clip_weights)  # an s3:// file: downloaded here too, for its content hash
+    config, _ = resolve_clip(clip, weights=weights)
+    info = {"clip": clip, "clip_hash": clip_hash(clip, weights=weights), "dim": config.embed_dim, "dtype": dtype}
+    previous = json.loads(out.read_bytes("embed.json")) if out.exists("embed.json") else None
+    if previous is not None and {k: previous.get(k) for k in info} != info:
+        raise ConfigError(f"{out.uri} holds embeddings made with {previous}; this run would use {info}. "
+                          "Use another --out or the same settings.")
+    return config, info, previous
+
+
+def plan_embedding(corpus_uri: str, out_uri: str, *, clip: str = "tiny", clip_weights: str | None = None,
+                   shard_size: int = 256, dtype: str = "float32") -> EmbedPlan:
+    """What embedding `corpus_uri` into `out_uri` would do, without Ray or writing anything (the CLIP settings
+    are checked against the output's, as a run checks them, but no model is loaded)."""
     corpus, shards = list_corpus(corpus_uri, shard_size=shard_size)
     out = open_store(out_uri)
+    _, _, previous = _embedding_settings(out, clip, clip_weights, dtype)
     new, changed, _ = classify_shards(out, shards)
     live = {s.name for s in shards}
     gone = sum(1 for key in out.list(EMBEDDINGS_DIR) if key.rsplit("/", 1)[-1].removesuffix(".parquet") not in live)
-    previous = json.loads(out.read_bytes("embed.json")) if out.exists("embed.json") else {}
-    moved = previous.get("corpus") if previous.get("corpus", corpus.uri) != corpus.uri else None
+    moved = previous.get("corpus") if previous and previous.get("corpus", corpus.uri) != corpus.uri else None
     return EmbedPlan(len(shards), len(new), len(changed), len(shards) - len(new) - len(changed), gone, moved)
 
 
@@ -483,20 +502,10 @@ def _embed_corpus(corpus_uri: str, out_uri: str, lock: JobLock, *, clip: str, cl
                   dtype: str, max_image_pixels: int, stall_timeout_s: float | None) -> EmbedResult:
     import ray
 
-    from rdm.factory import clip_hash, resolve_clip
-
-    if dtype not in ("float32", "float16"):
-        raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
-    weights = local_path(clip_weights)  # an s3:// file: downloaded here too, for its content hash
-    config, _ = resolve_clip(clip, weights=weights)
-    image_size = _clip_image_size(config.model_name)
     corpus, shards = list_corpus(corpus_uri, shard_size=shard_size)
     out = open_store(out_uri)
-    info = {"clip": clip, "clip_hash": clip_hash(clip, weights=weights), "dim": config.embed_dim, "dtype": dtype}
-    previous = json.loads(out.read_bytes("embed.json")) if out.exists("embed.json") else None
-    if previous is not None and {k: previous.get(k) for k in info} != info:
-        raise ConfigError(f"{out.uri} holds embeddings made with {previous}; this run would use {info}. "
-                          "Use another --out or the same settings.")
+    config, info, previous = _embedding_settings(out, clip, clip_weights, dtype)
+    image_size = _clip_image_size(config.model_name)
     new, changed, unrecorded = classify_shards(out, shards)
     for shard in unrecorded:  # outputs current but their stamps unrecorded: recorded now
         record_stamp(out, shard.name, shard.stamp)

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "Data starts it again and embeds its shard again (0: never; default %(default)s)")
     parser.add_argument("--dry-run", action="store_true",
                         help="say which shards a run would embed (new, or whose files changed), which are current, "
-                             "and whether the corpus moved, without Ray, CLIP or writing anything")
+                             "and whether the corpus moved, without Ray or writing anything")
     parser.add_argument("--wait-lock-s", type=float, default=JOB_LOCK_WAIT_S, metavar="S",
                         help="one run of a job at a time per --out (its OUT/LOCK, a lease its driver renews): wait up to "
                              "S seconds for another run to end, then fail naming it (default %(default)s: longer than "
@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         from cluster.embedding import plan_embedding
 
-        print(describe_plan(plan_embedding(args.corpus, args.out, shard_size=args.shard_size)))
+        print(describe_plan(plan_embedding(args.corpus, args.out, clip=args.clip, clip_weights=args.clip_weights,
+                                           shard_size=args.shard_size, dtype=args.dtype)))
         return EXIT_OK
     connect()
     result = embed_corpus(args.corpus, args.out, clip=args.clip, clip_weights=args.clip_weights,

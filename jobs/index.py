@@ -164,7 +164,7 @@ def plan_rebuild(args: argparse.Namespace) -> None:
     from jobs.embed import describe_plan
 
     embeddings = embeddings_of(args)
-    plan = plan_embedding(args.corpus, embeddings)
+    plan = plan_embedding(args.corpus, embeddings, clip=args.clip, clip_weights=args.clip_weights)
     print(describe_plan(plan))
     if plan.pending or plan.gone:
         print(f"a rebuild would embed what changed, then build, check and publish a new version of {args.database}")

@@ -43,3 +43,7 @@ def test_an_embedding_dry_run_counts_the_shards_to_embed_and_writes_nothing(tmp_
     assert "dry run: nothing embedded or written" in text
     assert "shards: 3 in the corpus; 3 to embed (3 new, 0 whose files changed), 0 current" in text
     assert not out.exists()
+    (out / "embed.json").parent.mkdir()
+    (out / "embed.json").write_text(json.dumps({"clip": "ViT-B-32", "clip_hash": "x", "dim": 512, "dtype": "float32"}))
+    assert rdm(["embed", "--corpus", str(corpus), "--out", str(out), "--dry-run"]) == 2  # as a run would refuse
+    assert "holds embeddings made with" in capsys.readouterr().err
