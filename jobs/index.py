@@ -166,7 +166,7 @@ def plan_rebuild(args: argparse.Namespace) -> None:
     embeddings = embeddings_of(args)
     plan = plan_embedding(args.corpus, embeddings, clip=args.clip, clip_weights=args.clip_weights)
     print(describe_plan(plan))
-    if plan.pending or plan.gone:
+    if plan.pending or plan.gone or plan.moved_from:  # each changes the embedding files a version is built from
         print(f"a rebuild would embed what changed, then build, check and publish a new version of {args.database}")
     elif (unchanged := unchanged_version(args, embeddings)) is not None:
         print(f"{args.database} {unchanged.version} was built from these embeddings and settings: a rebuild would "
