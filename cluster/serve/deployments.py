@@ -14,6 +14,7 @@ import secrets
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Coroutine
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from importlib import resources
 
@@ -48,7 +49,15 @@ from cluster.serve.auth import (
 )
 from cluster.serve.batching import ModelBatcher
 from cluster.serve.outputs import image_key, image_url, write_image
-from cluster.serve.schemas import AppArgs, GeneratedImage, GenerateRequest, GenerateResponse, NeighborOut
+from cluster.serve.schemas import (
+    AppArgs,
+    GeneratedImage,
+    GenerateRequest,
+    GenerateResponse,
+    NeighborOut,
+    NeighborsRequest,
+    NeighborsResponse,
+)
 from cluster.storage import open_store
 from cluster.watchdog import COMPILE_GRACE_S, STALLED_EXIT, StallWatch
 from rdm.errors import ConfigError, InputError, RDMError, SamplingStopped
@@ -395,6 +404,14 @@ class Generator:
         return out | {"url": image_url(self.store, key, expires_s=self.url_expires_s)}
 
 
+def _neighbor_list(found: dict) -> list[dict]:
+    """A search result's neighbours as answered and recorded: id, score and corpus source (None where the
+    database records none)."""
+    sources = found.get("sources") or [None] * len(found["ids"])
+    return [{"id": i, "score": float(s), "source": src}
+            for i, s, src in zip(found["ids"], found["scores"], sources, strict=True)]
+
+
 def abandoned(item: dict) -> bool:
     """Whether the item's caller has gone (an item that did not come through `Generator.generate` has none)."""
     flag = item.get("abandoned")
@@ -725,7 +742,7 @@ class Ingress:
             refused.headers.update(headers)
             return self._count(refused, "generate", client)
         try:
-            response = await self._answer(body, request_id, client)
+            response = await self._answer("generate", self._generate(body, request_id, client=client), request_id, client)
         except asyncio.CancelledError:
             self._refund(client, body.num_images, shared)  # a request that gets no images gives its allowance back
             raise
@@ -735,6 +752,15 @@ class Ingress:
         else:
             reply.headers.update(headers)
         return response
+
+    @app.post("/v1/neighbors", response_model=NeighborsResponse)
+    async def neighbors(self, body: NeighborsRequest, request: Request):
+        """The neighbours a database gives a prompt or image -- those /v1/generate conditions on for the same
+        query, database and `num_neighbors` -- without sampling: for choosing and checking style databases. It
+        takes no images from the client's allowance (one CLIP embedding and one search)."""
+        client = self._authorize(request)
+        request_id = secrets.token_hex(12)
+        return await self._answer("neighbors", self._neighbors(body, request_id), request_id, client)
 
     async def _take(self, client: str, images: int) -> tuple[float, int | None, int | None, bool]:
         """`Allowances.take` for the whole app; this replica's own buckets while that replica cannot be
@@ -784,40 +810,40 @@ class Ingress:
         self._pending.add(task)  # a reference until done: the loop keeps only weak ones
         task.add_done_callback(self._pending.discard)
 
-    async def _answer(self, body: GenerateRequest, request_id: str, client: str):
-        """The response to an admitted request: its images, or a JSONResponse naming what failed."""
+    async def _answer(self, route: str, work: Coroutine, request_id: str, client: str):
+        """The response to an admitted request: what `work` returns, or a JSONResponse naming what failed."""
         try:
-            response = await self._generate(body, request_id, client=client)
+            response = await work
         except asyncio.CancelledError:  # the client went away (or the proxy's request_timeout_s passed)
-            self.m_requests.inc(tags={"route": "generate", "status": "499", "client": client})
+            self.m_requests.inc(tags={"route": route, "status": "499", "client": client})
             raise
         except BackPressureError as err:
-            return self._count(_overloaded(err, request_id), "generate", client)
+            return self._count(_overloaded(err, request_id), route, client)
         except UnknownDatabaseError as err:
-            return self._count(_error(404, "unknown_database", _message(err), "database", request_id), "generate", client)
+            return self._count(_error(404, "unknown_database", _message(err), "database", request_id), route, client)
         except InputError as err:
             message = _message(err)
             field = next((f for f in ("prompt", "neighbor_images", "image", "height") if f in message), None)
-            return self._count(_error(422, "invalid_input", message, field, request_id), "generate", client)
+            return self._count(_error(422, "invalid_input", message, field, request_id), route, client)
         except ShardUnavailableError as err:
-            return self._count(_error(503, "shard_unavailable", _message(err), None, request_id), "generate", client)
+            return self._count(_error(503, "shard_unavailable", _message(err), None, request_id), route, client)
         except (AcceleratorFailedError, RayActorError) as err:
             # a failed or stalled accelerator, or a replica that died under the request (one whose health check
             # failed is replaced, ending what was stuck in it)
             logger.warning("request %s: %s", request_id, _message(err))
             return self._count(_error(503, "replica_failed", "a model replica failed and is being replaced; retry",
-                                      None, request_id, {"Retry-After": "10"}), "generate", client)
+                                      None, request_id, {"Retry-After": "10"}), route, client)
         except AcceleratorMemoryError as err:
             logger.warning("request %s: %s", request_id, _message(err))
             return self._count(_error(503, "overloaded", "the model is short of accelerator memory; retry later",
-                                      None, request_id), "generate", client)
+                                      None, request_id), route, client)
         except (RDMError, RetrievalError) as err:
             logger.exception("request %s failed", request_id)
-            return self._count(_error(500, "internal_error", f"{type(err).__name__}", None, request_id), "generate", client)
+            return self._count(_error(500, "internal_error", f"{type(err).__name__}", None, request_id), route, client)
         except Exception:  # noqa: BLE001 - never a stack trace to the user; logged with the request id
             logger.exception("request %s failed", request_id)
-            return self._count(_error(500, "internal_error", "internal error", None, request_id), "generate", client)
-        self.m_requests.inc(tags={"route": "generate", "status": "200", "client": client})
+            return self._count(_error(500, "internal_error", "internal error", None, request_id), route, client)
+        self.m_requests.inc(tags={"route": route, "status": "200", "client": client})
         return response
 
     def _count(self, response: JSONResponse, route: str, client: str) -> JSONResponse:
@@ -831,6 +857,17 @@ class Ingress:
             info = await self.generator.info.remote()
             self._sizes = [tuple(size) for size in info["image_sizes"]]
         return self._sizes
+
+    async def _neighbors(self, body: NeighborsRequest, request_id: str) -> NeighborsResponse:
+        started = time.perf_counter()
+        query = await self.generator.embed.remote(body.prompt, body.image)
+        embedded = time.perf_counter()
+        found = await self.retriever.search.remote(body.database, query, body.num_neighbors)
+        done = time.perf_counter()
+        return NeighborsResponse(
+            request_id=request_id, neighbors=[NeighborOut(**n) for n in _neighbor_list(found)], database=body.database,
+            index_version=found["version"], degraded=found["degraded"],
+            timings={"embed_s": embedded - started, "retrieval_s": done - embedded, "total_s": done - started})
 
     async def _generate(self, body: GenerateRequest, request_id: str, client: str = "") -> GenerateResponse:
         started = time.perf_counter()
@@ -852,11 +889,7 @@ class Ingress:
         # copies: arrays from other Ray processes are read-only, which torch.from_numpy warns about
         context = build_context(torch.tensor(query)[None], torch.tensor(neighbors)[None])[0].numpy()
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        neighbor_list = []
-        if found:
-            sources = found.get("sources") or [None] * len(found["ids"])  # None: the database records none
-            neighbor_list = [{"id": i, "score": float(s), "source": src}
-                             for i, s, src in zip(found["ids"], found["scores"], sources, strict=True)]
+        neighbor_list = _neighbor_list(found) if found else []
         metadata = {"prompt": body.prompt, "database": body.database, "index_version": found and found["version"],
                     "neighbors": neighbor_list,
                     "sampler": body.sampler, "num_steps": body.num_steps, "guidance_scale": body.guidance_scale,

@@ -18,14 +18,35 @@ MAX_IMAGES = 8  # per request; the Ingress sends them to the Generator together
 MAX_SIDE = 4096  # pixels of an output's height or width
 
 
-class GenerateRequest(BaseModel):
-    """POST /v1/generate. Exactly one of `prompt` and `image` (base64 PNG/JPEG) is the query."""
+class Query(BaseModel):
+    """A query: exactly one of `prompt` and `image` (base64 PNG/JPEG)."""
 
     model_config = ConfigDict(extra="forbid")
 
     prompt: str | None = Field(None, min_length=1, max_length=2000)
     image: str | None = Field(None, min_length=1, max_length=MAX_IMAGE_B64,
                               description="base64 PNG or JPEG; its CLIP image embedding is the query")
+
+    @model_validator(mode="after")
+    def _check_query(self) -> Query:
+        if (self.prompt is None) == (self.image is None):
+            raise ValueError("give exactly one of 'prompt' and 'image'")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("'prompt' must not be blank")
+        return self
+
+
+class NeighborsRequest(Query):
+    """POST /v1/neighbors: the neighbours a database gives a query -- the ones /v1/generate would condition on
+    for the same query, database and `num_neighbors` -- without sampling."""
+
+    database: str = Field(min_length=1, max_length=64)
+    num_neighbors: int = Field(4, ge=1, le=MAX_NEIGHBORS)
+
+
+class GenerateRequest(Query):
+    """POST /v1/generate. Exactly one of `prompt` and `image` (base64 PNG/JPEG) is the query."""
+
     database: str | None = Field(None, min_length=1, max_length=64, description="none: text (or image) only")
     neighbor_images: list[str] | None = Field(
         None, min_length=1, max_length=MAX_NEIGHBORS,
@@ -46,10 +67,6 @@ class GenerateRequest(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> GenerateRequest:
-        if (self.prompt is None) == (self.image is None):
-            raise ValueError("give exactly one of 'prompt' and 'image'")
-        if self.prompt is not None and not self.prompt.strip():
-            raise ValueError("'prompt' must not be blank")
         if self.eta and self.sampler != "ddim":
             raise ValueError(f"'eta' applies to the ddim sampler only; {self.sampler} needs eta=0")
         if self.neighbor_images is not None:
@@ -72,6 +89,15 @@ class NeighborOut(BaseModel):
     score: float
     source: str | None = Field(None, description="where the neighbour's image is in its corpus (a file, a parquet "
                                                  "row or a tar member); null when the database does not record it")
+
+
+class NeighborsResponse(BaseModel):
+    request_id: str
+    neighbors: list[NeighborOut]
+    database: str
+    index_version: str
+    degraded: bool = Field(False, description="true when a shard did not answer and the neighbours come from the rest")
+    timings: dict[str, float]
 
 
 class GenerateResponse(BaseModel):

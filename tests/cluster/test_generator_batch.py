@@ -201,25 +201,70 @@ def test_a_compiled_generator_warms_up_each_padded_batch_size_once(generator, mo
     (InputError("prompt: too long"), 422, "invalid_input"),
     (RuntimeError("secret internals"), 500, "internal_error"),
 ])
-def test_the_ingress_answers_each_failure_with_its_status_and_no_internals(error, status, kind):
+@pytest.mark.parametrize("route", ["generate", "neighbors"])
+def test_the_ingress_answers_each_failure_with_its_status_and_no_internals(error, status, kind, route):
     import asyncio
     import json
 
-    from cluster.serve.schemas import GenerateRequest
+    from cluster.serve.schemas import GenerateRequest, NeighborsRequest
 
     cls = deployments.Ingress.func_or_class
     ingress = cls.__new__(cls)  # the route's own error mapping, without Serve
     ingress.auth, ingress.limiter, ingress.allowances = Authenticator(None, None), RateLimiter(None), None
-    ingress.m_requests = type("Counter", (), {"inc": lambda self, tags: None})()
+    counted = []
+    ingress.m_requests = type("Counter", (), {"inc": lambda self, tags: counted.append(tags)})()
 
-    async def failing(body, request_id, client):
+    async def failing(body, request_id, client=""):
         raise error
 
-    ingress._generate = failing
-    response = asyncio.run(ingress.generate(GenerateRequest(prompt="a boat"), None, Response()))
+    if route == "generate":
+        ingress._generate = failing
+        response = asyncio.run(ingress.generate(GenerateRequest(prompt="a boat"), None, Response()))
+    else:
+        ingress._neighbors = failing
+        response = asyncio.run(ingress.neighbors(NeighborsRequest(prompt="a boat", database="art"), None))
     body = json.loads(response.body)["error"]
     assert response.status_code == status and body["type"] == kind and body["request_id"]
     assert "secret" not in body["message"] and "Traceback" not in body["message"]
+    assert counted == [{"route": route, "status": str(status), "client": ""}]
+
+
+def handle(**methods):
+    """A stand-in DeploymentHandle whose `method.remote(...)` awaits the given coroutine function."""
+    return type("Handle", (), {name: type("Method", (), {"remote": staticmethod(fn)})() for name, fn in methods.items()})()
+
+
+def test_the_neighbors_route_answers_the_search_and_takes_no_allowance():
+    """`POST /v1/neighbors`: the query's embedding searched in the database at k, answered as /v1/generate
+    answers neighbours (id, score, source), and nothing taken from the client's image allowance."""
+    import asyncio
+
+    import numpy as np
+
+    from cluster.serve.schemas import NeighborsRequest
+
+    cls = deployments.Ingress.func_or_class
+    ingress = cls.__new__(cls)
+    ingress.auth, ingress.limiter, ingress.allowances = Authenticator(None, None), RateLimiter(8), None
+    ingress.m_requests = type("Counter", (), {"inc": lambda self, tags: None})()
+    calls = []
+
+    async def embed(prompt, image):
+        calls.append(("embed", prompt, image))
+        return np.ones(4, np.float32)
+
+    async def search(database, query, k):
+        calls.append(("search", database, query.tolist(), k))
+        return {"ids": ["a", "b"], "scores": [0.9, 0.5], "sources": ["x.png", None], "version": "v3",
+                "degraded": False, "embeddings": np.zeros((2, 4), np.float32)}
+
+    ingress.generator, ingress.retriever = handle(embed=embed), handle(search=search)
+    out = asyncio.run(ingress.neighbors(NeighborsRequest(prompt="a boat", database="art", num_neighbors=2), None))
+    assert calls == [("embed", "a boat", None), ("search", "art", [1.0] * 4, 2)]
+    assert [n.model_dump() for n in out.neighbors] == [{"id": "a", "score": 0.9, "source": "x.png"},
+                                                       {"id": "b", "score": 0.5, "source": None}]
+    assert (out.database, out.index_version, out.degraded) == ("art", "v3", False) and out.timings["total_s"] >= 0
+    assert ingress.limiter.remaining("") == 8  # no images taken
 
 
 @pytest.mark.parametrize("error, status, kind, says", [

@@ -127,6 +127,32 @@ def test_generate_writes_images_and_metadata(app_url):
                                  "attention": "auto"}
 
 
+def test_neighbors_are_the_ones_generate_conditions_on(app_url):
+    """`POST /v1/neighbors` answers the neighbours /v1/generate gets for the same query, database and k, without
+    sampling; bad requests are typed 4xx."""
+    url, _ = app_url
+    query = {"prompt": "a lighthouse", "database": "art", "num_neighbors": 5}
+    status, found = call(url, "/v1/neighbors", query)
+    assert status == 200, found
+    status, out = call(url, "/v1/generate", {**query, "seed": 3, **FAST})
+    assert status == 200, out
+    assert [n["id"] for n in found["neighbors"]] == [n["id"] for n in out["neighbors"]]
+    assert np.allclose([n["score"] for n in found["neighbors"]], [n["score"] for n in out["neighbors"]], atol=1e-5)
+    assert [n["source"] for n in found["neighbors"]] == [f"corpus/{n['id']}.png" for n in found["neighbors"]]
+    assert (found["database"], found["index_version"]) == ("art", out["index_version"]) and not found["degraded"]
+    png = random_pngs(1, seed=4)[0]
+    status, by_image = call(url, "/v1/neighbors", {"image": base64.b64encode(png).decode(), "database": "art"})
+    assert status == 200 and len(by_image["neighbors"]) == 4, by_image  # the default k
+    for body, status, field in [({"prompt": "a", "database": "nope"}, 404, "database"),
+                                ({"prompt": "a"}, 422, "database"),
+                                ({"prompt": "a", "database": "art", "num_neighbors": 0}, 422, "num_neighbors"),
+                                ({"prompt": "a", "database": "art", "num_images": 2}, 422, "num_images"),
+                                ({"image": "bm90IGFuIGltYWdl", "database": "art"}, 422, "image")]:
+        got, out = call(url, "/v1/neighbors", body)
+        assert got == status and (out["error"]["field"] == field or field in out["error"]["message"]), (body, out)
+    assert call(url, "/v1/neighbors", query, token=None)[0] == 401
+
+
 def test_inline_output_and_image_queries(app_url):
     url, _ = app_url
     status, out = call(url, "/v1/generate", {"prompt": "a tree", "output": "inline", **FAST})
@@ -313,7 +339,7 @@ def test_databases_models_and_openapi(app_url):
     status, out = call(url, "/v1/models")
     assert status == 200 and out["models"][0]["name"] == MODEL_URI and out["models"][0]["inference"]["precision"] == "fp32"
     status, spec = call(url, "/openapi.json", token=None)
-    assert status == 200 and "/v1/generate" in spec["paths"]
+    assert status == 200 and {"/v1/generate", "/v1/neighbors"} <= set(spec["paths"])
 
 
 def test_retriever_replicas_share_one_copy_of_the_shards(app_url):
