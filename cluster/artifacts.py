@@ -36,7 +36,7 @@ from cluster.errors import StorageError
 from cluster.storage import S3Store
 from rdm.checkpoint import config_from_metadata
 from rdm.errors import CheckpointError, ConfigError
-from rdm.factory import file_sha256, model_config, model_hash
+from rdm.factory import encoder_hash, file_sha256, model_config, model_hash
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,20 @@ def content_hash(model: str | Path) -> str:
         if sha is not None:
             return sha[:16]
     return model_hash(local_path(model))
+
+
+def clip_hash_at(config, clip_weights: str | None) -> str | None:
+    """`rdm.factory.encoder_hash` of the CLIP encoder a model of `config` (an RDMConfig) loads with
+    `clip_weights` (a path, s3:// or None): the one its databases' manifests must record. An `s3://` file's is
+    read from its SHA-256 metadata, and is None where it has none (the weights are not downloaded for this);
+    None for a model without CLIP."""
+    if config.clip is None:
+        return None
+    if clip_weights is not None and str(clip_weights).startswith("s3://"):
+        store, name = _split(str(clip_weights))
+        sha = _sha256(store.head(name)[2])
+        return sha[:16] if sha is not None else None
+    return encoder_hash(config.clip, clip_weights)
 
 
 def model_config_at(model: str | Path):

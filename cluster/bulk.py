@@ -82,6 +82,7 @@ class BulkSettings:
     retriever_options: dict = field(default_factory=lambda: {"num_cpus": 0.05})  # cluster.retriever.RetrieverOptions
     index_versions: dict = field(default_factory=dict)  # {database: version or "current"}: pins over job.json's
     stall_timeout_s: float | None = 600.0  # a sampler without a sampling step for this long ends (cluster.watchdog)
+    allow_clip_mismatch: bool = False  # retrieve from databases embedded by another CLIP than the model's
 
     def inference_options(self):
         from rdm.acceleration import InferenceOptions
@@ -220,8 +221,15 @@ def pin_index_versions(settings: BulkSettings, rows: list[PromptRow], store, *, 
                                     "versions; or write to a new output") from err
         pins[database] = version
     if record:
-        store.write_bytes(JOB_STATE, json.dumps({**state, "index_versions": {**recorded, **pins}}, indent=1).encode())
+        record_index_versions(store, pins)
     return pins
+
+
+def record_index_versions(store, pins: dict[str, str]) -> None:
+    """Add `pins` to the versions `job.json` records (the next run retrieves from them)."""
+    state = _job_state(store)
+    state["index_versions"] = {**state.get("index_versions", {}), **pins}
+    store.write_bytes(JOB_STATE, json.dumps(state, indent=1).encode())
 
 
 def _job_state(store) -> dict:
@@ -518,10 +526,38 @@ class _Run:
         items = expand(rows, settings, model_id, size)
         store = open_store(out_uri)
         keep_output_format(settings, store, record=record)
-        versions = pin_index_versions(settings, rows, store, record=record)
+        versions = pin_index_versions(settings, rows, store, record=False)
+        if not settings.allow_clip_mismatch:  # before the versions are recorded: a rebuilt database is taken next run
+            check_databases_clip(settings, config, versions)
+        if record:
+            record_index_versions(store, versions)
         done, _ = _read_parts(store)
         return cls(rows, row_errors, config, model_id, size, items, store, versions,
                    [i for i in items if i["key"] not in done])
+
+
+def check_databases_clip(settings: BulkSettings, config: RDMConfig, versions: dict[str, str]) -> None:
+    """An IncompatibleDatabaseError, before anything runs, where a database the job retrieves from (at its
+    pinned version) was embedded by another CLIP than the model's: its images would be conditioned on
+    neighbours the model's queries cannot be compared with (`cluster.index.manifest.check_clip`)."""
+    if not versions:
+        return
+    from cluster.artifacts import clip_hash_at
+    from cluster.errors import IncompatibleDatabaseError
+    from cluster.index.manifest import check_clip
+
+    clip_hash = clip_hash_at(config, settings.clip_weights)
+    if clip_hash is None:
+        logger.warning("the model's CLIP weights %s carry no sha256 metadata: not checking that the databases "
+                       "were embedded with them", settings.clip_weights)
+        return
+    index = open_store(settings.index_uri)
+    for database, version in sorted(versions.items()):
+        try:
+            check_clip(load_manifest(index, database, version), clip_hash, config.clip.model_name)
+        except IncompatibleDatabaseError as err:
+            raise IncompatibleDatabaseError(f"{err}. A job that ran before keeps the versions it started with: "
+                                            f"after a rebuild, pass --index-version {database}=current") from None
 
 
 def generate(prompts_uri: str, out_uri: str, settings: BulkSettings, *, progress=None,

@@ -68,6 +68,11 @@ class UnknownDatabaseError(RetrievalError, InputError):
     """No published version of the named database exists."""
 
 
+class IncompatibleDatabaseError(RetrievalError):
+    """A database's embeddings were made by another CLIP encoder than the model's: its neighbours would not be
+    comparable with the model's queries, nor what the model was trained to condition on."""
+
+
 class ShardUnavailableError(RetrievalError):
     """An index shard did not answer in time, even after a restart."""
 

@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "GPU) ends its process; Ray Data starts it again and its unrecorded batches run again "
                              "(0: never; compiled, the first step of a batch shape, which compiles it, gets 30 minutes; "
                              "default %(default)s)")
+    parser.add_argument("--allow-clip-mismatch", action="store_true",
+                        help="retrieve from databases whose manifests name another CLIP encoder than the model's "
+                             "(refused by default, before anything runs: their neighbours are not comparable with "
+                             "the model's queries); for the same weights under two names, e.g. a pretrained tag "
+                             "and its downloaded file")
     add_inference_args(parser)
     parser.add_argument("--dry-run", action="store_true",
                         help="say what a run would do -- prompt rows usable and failed, images asked for, done and to "
@@ -124,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                             kernel_tuning=args.kernel_tuning, attention=args.attention,
                             compile_cache=args.compile_cache, retriever_options=retriever_options.model_dump(),
                             index_versions=index_versions, height=args.height, width=args.width,
-                            output_format=args.output_format, stall_timeout_s=args.stall_timeout_s or None)
+                            output_format=args.output_format, stall_timeout_s=args.stall_timeout_s or None,
+                            allow_clip_mismatch=args.allow_clip_mismatch)
     chosen_size(settings)  # a size the model cannot sample fails here, not in every sampler actor
     if args.dry_run:
         from cluster.bulk import plan

@@ -55,13 +55,26 @@ def file_sha256(path: str | Path) -> str:
 def clip_hash(spec: str, *, weights: str | Path | None = None) -> str:
     """A short hash naming the exact CLIP encoder `spec` (see `resolve_clip`) loads: of its weights file,
     or of its architecture and pretrained tag. Embeddings are comparable only under the same hash."""
+    config, path = resolve_clip(spec, weights=weights)
+    return encoder_hash(config, path)
+
+
+def encoder_hash(config: ClipConfig, weights: str | Path | None = None) -> str:
+    """`clip_hash` of the encoder `load_clip(config, weights=...)` loads: the weights file's `file_hash`
+    (given, else the shipped weights of its architecture), else one of its architecture and pretrained tag."""
+    if weights is None:
+        weights = shipped_weights(config.model_name)
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise CheckpointError(f"CLIP weights file {weights} does not exist")
+        return file_hash(Path(weights))
+    return tag_hash(config)
+
+
+def tag_hash(config: ClipConfig) -> str:
+    """`clip_hash` of an encoder loaded from its open_clip pretrained tag (no weights file)."""
     import hashlib
 
-    config, path = resolve_clip(spec, weights=weights)
-    if path is not None:
-        if not path.is_file():
-            raise CheckpointError(f"CLIP weights file {path} does not exist")
-        return file_hash(path)
     return hashlib.sha256(f"open_clip:{config.model_name}:{config.pretrained}".encode()).hexdigest()[:16]
 
 

@@ -171,3 +171,21 @@ def load_manifest(store: ObjectStore, database: str, version: str | None = None)
 
 def list_databases(store: ObjectStore) -> list[str]:
     return sorted(key.split("/")[0] for key in store.list() if key.count("/") == 1 and key.endswith("/CURRENT"))
+
+
+def check_clip(manifest: Manifest, clip_hash: str | None, clip_name: str = "") -> None:
+    """An IncompatibleDatabaseError where `manifest`'s embeddings were made by a CLIP encoder other than the one
+    `clip_hash` names (`rdm.factory.encoder_hash`); nothing where either is unknown ("" or None: a version built
+    from embeddings that record none, a model whose CLIP's weights cannot be hashed without a download)."""
+    if not manifest.clip_hash or not clip_hash or manifest.clip_hash == clip_hash:
+        return
+    from cluster.errors import IncompatibleDatabaseError
+
+    made_by = f"{manifest.clip_model} ({manifest.clip_hash})" if manifest.clip_model else manifest.clip_hash
+    raise IncompatibleDatabaseError(
+        f"database {manifest.database!r} version {manifest.version} was embedded with CLIP {made_by}, not the "
+        f"model's {clip_name + ' (' + clip_hash + ')' if clip_name else clip_hash}: its neighbours are not comparable "
+        "with the model's queries. Rebuild it with the model's CLIP (rdm index rebuild ... --clip and "
+        "--clip-weights as the model's), or allow the mismatch (--allow-clip-mismatch, allow_clip_mismatch) where "
+        "both name the same weights (a pretrained tag and its downloaded file hash differently)")
+

@@ -1,0 +1,77 @@
+"""A database embedded by another CLIP than the model's is refused where it would condition images
+(`cluster.index.manifest.check_clip`): the hash the embedding job records and the one the model's CLIP has must
+be computed alike, and the bulk job checks before it records or runs anything."""
+
+import hashlib
+import json
+
+import boto3
+import pytest
+
+from cluster import artifacts
+from cluster.bulk import BulkSettings, _Run
+from cluster.errors import IncompatibleDatabaseError
+from cluster.index.manifest import Manifest, check_clip, publish
+from cluster.storage import open_store
+from jobs.cli import main as rdm
+from rdm.config import ClipConfig
+from rdm.factory import clip_hash, encoder_hash, model_config
+
+
+def manifest(clip_hash: str, clip_model: str = "ViT-B-32", version: str = "v1") -> Manifest:
+    return Manifest(database="ink", version=version, count=0, dim=32, index_spec="Flat", nprobe=1, shards=(),
+                    clip_model=clip_model, clip_hash=clip_hash)
+
+
+def test_the_model_side_hash_is_the_embedding_jobs(tmp_path):
+    """`rdm embed --clip X` records clip_hash(X); a model whose CLIP is X must get the same from encoder_hash."""
+    tiny = model_config("tiny").clip
+    assert encoder_hash(tiny) == clip_hash("tiny")  # shipped weights: the file's hash
+    tagged = ClipConfig("ViT-B-32", "openai", 512)
+    assert encoder_hash(tagged) == clip_hash("ViT-B-32:openai")  # no file: the architecture and tag
+    assert encoder_hash(tagged) != encoder_hash(ClipConfig("ViT-B-32", "laion2b_s34b_b79k", 512))
+    weights = tmp_path / "clip.safetensors"
+    weights.write_bytes(b"some weights")
+    assert encoder_hash(tagged, weights) == clip_hash("ViT-B-32", weights=weights) != encoder_hash(tagged)
+    assert encoder_hash(tagged, weights) == hashlib.sha256(b"some weights").hexdigest()[:16]
+
+
+def test_check_clip_refuses_another_encoder_and_passes_what_it_cannot_tell():
+    check_clip(manifest("aaaa"), "aaaa")
+    check_clip(manifest(""), "aaaa")  # a version built from embeddings that record no CLIP
+    check_clip(manifest("aaaa"), None)  # a model whose CLIP's hash is unknown
+    with pytest.raises(IncompatibleDatabaseError) as err:
+        check_clip(manifest("aaaa"), "bbbb", "ViT-L-14")
+    assert ("database 'ink' version v1 was embedded with CLIP ViT-B-32 (aaaa), not the model's ViT-L-14 (bbbb)"
+            in str(err.value)) and "--allow-clip-mismatch" in str(err.value)
+
+
+def test_an_s3_clip_file_is_hashed_from_its_metadata_not_downloaded(fake_s3, monkeypatch, tmp_path):
+    monkeypatch.setenv(artifacts.CACHE_ENV, str(tmp_path / "cache"))
+    client = boto3.client("s3", region_name="us-east-1")
+    digest = hashlib.sha256(b"clip").hexdigest()
+    client.put_object(Bucket="rdm-unit", Key="clip.bin", Body=b"clip", Metadata={"sha256": digest})
+    client.put_object(Bucket="rdm-unit", Key="bare.bin", Body=b"clip")
+    config = model_config("tiny")
+    assert artifacts.clip_hash_at(config, "s3://rdm-unit/clip.bin") == digest[:16]
+    assert artifacts.clip_hash_at(config, "s3://rdm-unit/bare.bin") is None  # unknown: no download for it
+    assert not (tmp_path / "cache").exists()
+    assert artifacts.clip_hash_at(config, None) == clip_hash("tiny")
+
+
+def test_a_bulk_job_refuses_a_database_of_another_clip_before_recording_anything(tmp_path, capsys):
+    index, out = tmp_path / "index", tmp_path / "out"
+    publish(open_store(str(index)), manifest("0123456789abcdef"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a tree", "database": "ink"}\n')
+    settings = BulkSettings(index_uri=str(index))
+    with pytest.raises(IncompatibleDatabaseError, match="--index-version ink=current"):
+        _Run.prepare(str(prompts), str(out), settings, record=True)
+    assert "index_versions" not in json.loads((out / "job.json").read_text())  # a rebuilt one is taken next run
+    args = ["generate", "--prompts", str(prompts), "--out", str(tmp_path / "dry"), "--index", str(index), "--dry-run"]
+    assert rdm(args) == 2 and "was embedded with CLIP ViT-B-32 (0123456789abcdef)" in capsys.readouterr().err
+    assert rdm([*args, "--allow-clip-mismatch"]) == 0
+    publish(open_store(str(index)), manifest(clip_hash("tiny"), "tiny", version="v2"))  # rebuilt with the model's
+    assert rdm(args) == 0 and "databases: ink version v2" in capsys.readouterr().out
+    run = _Run.prepare(str(prompts), str(out), settings, record=True)
+    assert run.versions == {"ink": "v2"} and json.loads((out / "job.json").read_text())["index_versions"] == {"ink": "v2"}
