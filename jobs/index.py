@@ -55,12 +55,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cut shards for a node with this much Ray memory (GiB) instead of the largest live "
                             "one: behind an autoscaler that adds larger nodes (the tasks still reserve memory, "
                             "so it starts nodes that hold them)")
-    query = sub.add_parser("query", help="query a published index with embeddings from a .npy file")
+    query = sub.add_parser("query", help="the neighbours a published database gives prompts, images or embeddings")
     query.add_argument("--index", required=True, help="index root (folder or s3://)")
     query.add_argument("--database", required=True)
-    query.add_argument("--queries", required=True, type=Path, help=".npy [B, D] query embeddings")
+    query.add_argument("--queries", type=Path, help=".npy [B, D] query embeddings (or --prompt, --prompts, --image)")
+    query.add_argument("--prompt", action="append", default=[], help="a text query (repeatable), embedded by the "
+                                                                      "model's CLIP as a generation's query is")
+    query.add_argument("--prompts", type=Path, help="a text file of queries, one a line")
+    query.add_argument("--image", action="append", default=[], metavar="URI",
+                       help="an image (a path or s3://) whose CLIP image embedding is a query (repeatable)")
+    query.add_argument("--model", default="tiny", help="the model whose CLIP embeds the queries (default tiny); its "
+                                                       "CLIP must be the one the database was embedded with")
+    query.add_argument("--clip-weights", help="that CLIP's weights file (a path or s3://), as for rdm generate")
+    query.add_argument("--allow-clip-mismatch", action="store_true",
+                       help="query a database embedded by another CLIP than the model's (refused by default)")
     query.add_argument("-k", type=int, default=10, help="neighbours per query, 1..20")
-    query.add_argument("--out", required=True, type=Path, help="output .parquet: query, ids, scores")
+    query.add_argument("--out", type=Path, help="output .parquet: query (and query_text), ids, scores, sources; "
+                                                "without it, the neighbours are printed")
     query.add_argument("--retriever-options", default="{}", metavar="JSON",
                        help="the retriever's actors, as a Serve config's retriever_options (e.g. "
                             '\'{"shards_per_actor": 4}\')')
@@ -107,6 +118,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--train-cpus must be > 0, got {args.train_cpus}")
     if args.command == "query":
         from cluster.retriever import RetrieverOptions
+        from rdm.retrieval import check_num_neighbors
+
+        check_num_neighbors(args.k)
+        if (args.queries is not None) == bool(args.prompt or args.prompts or args.image):
+            raise InputError("give the queries as --queries Q.npy, or as --prompt, --prompts and/or --image")
 
         args.retriever_options = RetrieverOptions.from_json(args.retriever_options, where="--retriever-options")
 
@@ -292,17 +308,29 @@ def run_query(args: argparse.Namespace) -> None:
 
     from cluster.retriever import ShardedRetriever
 
-    try:
-        queries = np.load(args.queries, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot read queries {args.queries}: {err}") from err
+    if args.queries is not None:
+        try:
+            queries, labels = np.load(args.queries, allow_pickle=False), None
+        except (OSError, ValueError) as err:
+            raise InputError(f"cannot read queries {args.queries}: {err}") from err
+    else:
+        queries, labels = embed_queries(args)
     retriever = ShardedRetriever(args.index, args.database, **args.retriever_options.model_dump())
     try:
         found = retriever.search(torch.from_numpy(np.asarray(queries, dtype=np.float32)), args.k)
     finally:
         retriever.close()
+    if args.out is None:
+        for i, ids in enumerate(found.ids):
+            print(labels[i] if labels else f"query {i}")
+            for rank, name in enumerate(ids):
+                source = f"  {found.sources[i][rank]}" if found.sources is not None else ""
+                print(f"  {rank + 1:2d}. {float(found.scores[i][rank]):.4f}  {name}{source}")
+        return
     columns = {"query": pa.array(range(len(found.ids)), pa.int64()), "ids": pa.array(found.ids, pa.list_(pa.string())),
                "scores": pa.array(found.scores.numpy().tolist(), pa.list_(pa.float32()))}
+    if labels:
+        columns["query_text"] = pa.array(labels, pa.string())
     if found.sources is not None:  # where each neighbour's image is in the corpus
         columns["sources"] = pa.array(found.sources, pa.list_(pa.string()))
     table = pa.table(columns)
@@ -310,6 +338,41 @@ def run_query(args: argparse.Namespace) -> None:
     pq.write_table(table, buffer)
     write_atomic(args.out, buffer.getvalue())
     print(f"wrote {len(found.ids)} rows to {args.out}")
+
+
+def embed_queries(args: argparse.Namespace) -> tuple[np.ndarray, list[str]]:
+    """The CLIP embeddings [B, D] of `--prompt`s, `--prompts`' lines and `--image`s, embedded by the model's CLIP
+    as a generation's queries are, and their labels (the prompt, or the image's URI). The database's current
+    version must have been embedded by that CLIP (`--allow-clip-mismatch`: queried anyway)."""
+    from cluster.artifacts import clip_hash_at, local_path, model_config_at
+    from cluster.index.manifest import check_clip, load_manifest
+    from cluster.storage import open_store
+    from rdm.factory import load_clip_for
+    from rdm.images import decode_rgb, to_model_range
+
+    prompts = list(args.prompt)
+    if args.prompts is not None:
+        try:
+            prompts += [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(f"cannot read --prompts {args.prompts}: {err}") from err
+    config = model_config_at(args.model)
+    if config.clip is None:
+        raise InputError(f"model {args.model} has no CLIP encoder to embed the queries with; use --queries")
+    if not args.allow_clip_mismatch:
+        check_clip(load_manifest(open_store(args.index), args.database), clip_hash_at(config, args.clip_weights),
+                   config.clip.model_name)
+    clip = load_clip_for(config, weights=local_path(args.clip_weights))
+    embeddings = [clip.encode_text(prompts[i:i + 64]).numpy() for i in range(0, len(prompts), 64)]
+    for uri in args.image:
+        parent, _, name = uri.rpartition("/")
+        try:
+            data = open_store(parent or ".").read_bytes(name)
+        except OSError as err:
+            raise InputError(f"cannot read --image {uri}: {err}") from err
+        pixels = decode_rgb(data)
+        embeddings.append(clip.encode_image(to_model_range(pixels)).numpy())
+    return np.concatenate(embeddings), prompts + list(args.image)
 
 
 @exit_codes

@@ -177,15 +177,25 @@ def check_clip(manifest: Manifest, clip_hash: str | None, clip_name: str = "") -
     """An IncompatibleDatabaseError where `manifest`'s embeddings were made by a CLIP encoder other than the one
     `clip_hash` names (`rdm.factory.encoder_hash`); nothing where either is unknown ("" or None: a version built
     from embeddings that record none, a model whose CLIP's weights cannot be hashed without a download)."""
-    if not manifest.clip_hash or not clip_hash or manifest.clip_hash == clip_hash:
-        return
+    error = clip_mismatch(manifest.database, manifest.version, manifest.clip_model, manifest.clip_hash, clip_hash,
+                          clip_name)
+    if error is not None:
+        raise error
+
+
+def clip_mismatch(database: str, version: str, made_by: str, made_by_hash: str, clip_hash: str | None,
+                  clip_name: str = ""):
+    """`check_clip`'s error (None where the encoders match or either is unknown), from a version's recorded CLIP
+    (`made_by`, `made_by_hash`)."""
+    if not made_by_hash or not clip_hash or made_by_hash == clip_hash:
+        return None
     from cluster.errors import IncompatibleDatabaseError
 
-    made_by = f"{manifest.clip_model} ({manifest.clip_hash})" if manifest.clip_model else manifest.clip_hash
-    raise IncompatibleDatabaseError(
-        f"database {manifest.database!r} version {manifest.version} was embedded with CLIP {made_by}, not the "
-        f"model's {clip_name + ' (' + clip_hash + ')' if clip_name else clip_hash}: its neighbours are not comparable "
-        "with the model's queries. Rebuild it with the model's CLIP (rdm index rebuild ... --clip and "
-        "--clip-weights as the model's), or allow the mismatch (--allow-clip-mismatch, allow_clip_mismatch) where "
-        "both name the same weights (a pretrained tag and its downloaded file hash differently)")
-
+    theirs = f"{made_by} ({made_by_hash})" if made_by else made_by_hash
+    ours = f"{clip_name} ({clip_hash})" if clip_name else clip_hash
+    return IncompatibleDatabaseError(
+        f"database {database!r} version {version} was embedded with CLIP {theirs}, not the model's {ours}: its "
+        "neighbours are not comparable with the model's queries. Rebuild it with the model's CLIP (rdm index rebuild "
+        "... --clip and --clip-weights as the model's), or allow the mismatch (--allow-clip-mismatch, "
+        "allow_clip_mismatch) where both name the same weights (a pretrained tag and its downloaded file hash "
+        "differently)")

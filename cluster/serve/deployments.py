@@ -33,12 +33,14 @@ from cluster import watchdog
 from cluster.errors import (
     AcceleratorFailedError,
     AcceleratorMemoryError,
+    IncompatibleDatabaseError,
     IndexRefreshError,
     ObjectNotFoundError,
     RetrievalError,
     ShardUnavailableError,
     UnknownDatabaseError,
 )
+from cluster.index.manifest import clip_mismatch
 from cluster.serve.auth import (
     ALLOWANCES_STATE,
     TOKEN_ENV,
@@ -117,7 +119,7 @@ class Generator:
         from cluster.artifacts import local_path
         from cluster.compile_cache import CompileCache
         from rdm.acceleration import InferenceOptions
-        from rdm.factory import load_clip_for, load_model, model_hash
+        from rdm.factory import encoder_hash, load_clip_for, load_model, model_hash
         from rdm.pipeline import Pipeline
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -127,7 +129,10 @@ class Generator:
         self._stop_start_watch = self.stalls.monitor(self._stalled_starting)
         model_file = local_path(model)  # an s3:// checkpoint: this node's cached copy
         rdm_model = load_model(model_file)
-        clip = load_clip_for(rdm_model, weights=local_path(clip_weights))
+        clip_file = local_path(clip_weights)
+        clip = load_clip_for(rdm_model, weights=clip_file)
+        # what a database's manifest must record to be comparable with this model's queries
+        self.clip_hash = encoder_hash(rdm_model.config.clip, clip_file) if clip else None
         with self.stalls.busy():
             self.pipeline = Pipeline(rdm_model.to(device), clip.to(device) if clip else None,
                                      options=InferenceOptions(**(inference or {})))
@@ -217,7 +222,7 @@ class Generator:
         return {"name": self.model_name, "hash": self.model_hash, "image_size": config.image_size,
                 "image_sizes": [list(size) for size in self.image_sizes],
                 "context_dim": config.unet.context_dim, "clip": config.clip.model_name if config.clip else None,
-                "inference": self.inference}
+                "clip_hash": self.clip_hash, "inference": self.inference}
 
     def embed(self, prompt: str | None, image_b64: str | None) -> np.ndarray:
         """The query embedding [D]: CLIP text of the prompt, or CLIP image of a base64 PNG/JPEG."""
@@ -422,8 +427,9 @@ def search_batch(resolve, items: list[tuple[str, np.ndarray, int]]) -> list:
     """Answer many (database, query [D], num_neighbors) items with one search per (database, k) group.
 
     `resolve(database)` -> (rdm.Retriever, version) or raises. Returns, per item in order, a dict
-    {ids, scores, embeddings, sources (None when the database does not record them), version, degraded} or the
-    exception its group raised."""
+    {ids, scores, embeddings, sources (None when the database does not record them), version, degraded, and for a
+    published database the CLIP its version was embedded with: clip_model, clip_hash} or the exception its group
+    raised."""
     groups: dict[tuple[str, int], list[int]] = defaultdict(list)
     for i, (database, _, k) in enumerate(items):
         groups[database, k].append(i)
@@ -431,16 +437,18 @@ def search_batch(resolve, items: list[tuple[str, np.ndarray, int]]) -> list:
     for (database, k), members in groups.items():
         try:
             retriever, version = resolve(database)
+            manifest = getattr(retriever, "manifest", None)  # None: a local database, which records no CLIP
             queries = torch.from_numpy(np.stack([np.asarray(items[i][1], np.float32) for i in members]))
             found = retriever.search(queries, k)
         except Exception as err:  # noqa: BLE001 - the group's callers get the error, other groups go on
             for i in members:
                 results[i] = err
             continue
+        clip = {"clip_model": manifest.clip_model, "clip_hash": manifest.clip_hash} if manifest else {}
         for row, i in enumerate(members):
             results[i] = {"ids": found.ids[row], "scores": found.scores[row].tolist(),
                           "embeddings": found.embeddings[row].numpy(), "version": version, "degraded": found.degraded,
-                          "sources": found.sources[row] if found.sources else None}
+                          "sources": found.sources[row] if found.sources else None, **clip}
     return results
 
 
@@ -471,7 +479,8 @@ class Retriever:
         self._search_batch.set_batch_wait_timeout_s(wait)
 
     def databases(self) -> list[dict]:
-        found = [{"name": n, "version": "local", "count": len(r)} for n, r in self.local.items()]
+        found = [{"name": n, "version": "local", "count": len(r), "clip_model": None, "clip_hash": None}
+                 for n, r in self.local.items()]
         return found + (self.pool.databases() if self.pool else [])
 
     def resolve(self, database: str):
@@ -670,7 +679,7 @@ class Ingress:
         self._alone = False
         self._pending: set[asyncio.Task] = set()
         self.store = open_store(self.args.output_uri)
-        self._sizes: list[tuple[int, int]] | None = None
+        self._info: dict | None = None
         app.state.max_body_bytes = self.args.max_body_bytes
         self.m_requests = metrics.Counter("rdm_requests", description="requests by route, status and client",
                                           tag_keys=("route", "status", "client"))
@@ -701,7 +710,12 @@ class Ingress:
     @app.get("/v1/databases")
     async def databases(self, request: Request) -> dict:
         self._authorize(request)
-        return {"databases": await self.retriever.databases.remote()}
+        databases = await self.retriever.databases.remote()
+        clip = (await self._model_info()).get("clip_hash")
+        for database in databases:  # None: unknown (a local database, or embeddings that record no CLIP)
+            made_by = database.get("clip_hash")
+            database["matches_model"] = None if not (made_by and clip) else made_by == clip
+        return {"databases": databases}
 
     @app.get("/v1/outputs/{key:path}", include_in_schema=False)
     def outputs(self, key: str, request: Request) -> Response:
@@ -821,6 +835,10 @@ class Ingress:
             return self._count(_overloaded(err, request_id), route, client)
         except UnknownDatabaseError as err:
             return self._count(_error(404, "unknown_database", _message(err), "database", request_id), route, client)
+        except IncompatibleDatabaseError as err:
+            logger.warning("request %s: %s", request_id, _message(err))
+            return self._count(_error(409, "incompatible_database", _message(err), "database", request_id), route,
+                               client)
         except InputError as err:
             message = _message(err)
             field = next((f for f in ("prompt", "neighbor_images", "image", "height") if f in message), None)
@@ -850,19 +868,33 @@ class Ingress:
         self.m_requests.inc(tags={"route": route, "status": str(response.status_code), "client": client})
         return response
 
+    async def _model_info(self) -> dict:
+        """`Generator.info`, asked once: the model, its sizes and its CLIP are fixed for the app's life (a new
+        config is a new Ingress)."""
+        if self._info is None:
+            self._info = await self.generator.info.remote()
+        return self._info
+
     async def _served_sizes(self) -> list[tuple[int, int]]:
-        """The sizes the Generator serves, asked once: they are fixed for the app's life (a new config is a
-        new Ingress)."""
-        if self._sizes is None:
-            info = await self.generator.info.remote()
-            self._sizes = [tuple(size) for size in info["image_sizes"]]
-        return self._sizes
+        return [tuple(size) for size in (await self._model_info())["image_sizes"]]
+
+    async def _check_clip(self, database: str, found: dict) -> None:
+        """An IncompatibleDatabaseError (409) where the database's version was embedded by another CLIP than the
+        model's (unless the app sets allow_clip_mismatch): images conditioned on it would not follow its style."""
+        if self.args.allow_clip_mismatch or not found.get("clip_hash"):
+            return
+        info = await self._model_info()
+        error = clip_mismatch(database, found["version"], found.get("clip_model", ""), found["clip_hash"],
+                              info.get("clip_hash"), info.get("clip") or "")
+        if error is not None:
+            raise error
 
     async def _neighbors(self, body: NeighborsRequest, request_id: str) -> NeighborsResponse:
         started = time.perf_counter()
         query = await self.generator.embed.remote(body.prompt, body.image)
         embedded = time.perf_counter()
         found = await self.retriever.search.remote(body.database, query, body.num_neighbors)
+        await self._check_clip(body.database, found)
         done = time.perf_counter()
         return NeighborsResponse(
             request_id=request_id, neighbors=[NeighborOut(**n) for n in _neighbor_list(found)], database=body.database,
@@ -882,6 +914,7 @@ class Ingress:
                      "embeddings": embeddings, "version": None, "degraded": False}
         elif body.database is not None and body.num_neighbors > 0:
             found = await self.retriever.search.remote(body.database, query, body.num_neighbors)
+            await self._check_clip(body.database, found)
         retrieved = time.perf_counter()
         neighbors = found["embeddings"] if found else np.zeros((0, len(query)), np.float32)
         from rdm.conditioning import build_context

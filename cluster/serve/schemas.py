@@ -143,6 +143,8 @@ class AppArgs(BaseModel):
             if limit < MAX_IMAGES:
                 raise ValueError(f"{client}: {limit} images per minute is less than one request's {MAX_IMAGES}")
         return limits
+    allow_clip_mismatch: bool = Field(False, description="serve databases whose versions were embedded by another "
+                                      "CLIP than the model's (else a request for one is a 409 incompatible_database)")
     max_body_bytes: int = Field(12 * 1024 * 1024, ge=1024)
     stall_timeout_s: float | None = Field(
         600.0, ge=1, description="a Generator replica whose accelerator work shows no progress (a sampling step) for "

@@ -13,6 +13,7 @@ from ray.exceptions import ActorDiedError
 from cluster.errors import (
     AcceleratorFailedError,
     AcceleratorMemoryError,
+    IncompatibleDatabaseError,
     IndexRefreshError,
     ShardUnavailableError,
     StorageError,
@@ -198,6 +199,7 @@ def test_a_compiled_generator_warms_up_each_padded_batch_size_once(generator, mo
     (AcceleratorMemoryError("out of accelerator memory for one image"), 503, "overloaded"),
     (ShardUnavailableError(2, "no answer in 10 s"), 503, "shard_unavailable"),
     (UnknownDatabaseError("unknown database 'x'"), 404, "unknown_database"),
+    (IncompatibleDatabaseError("database 'x' version v1 was embedded with CLIP ..."), 409, "incompatible_database"),
     (InputError("prompt: too long"), 422, "invalid_input"),
     (RuntimeError("secret internals"), 500, "internal_error"),
 ])
@@ -234,18 +236,23 @@ def handle(**methods):
     return type("Handle", (), {name: type("Method", (), {"remote": staticmethod(fn)})() for name, fn in methods.items()})()
 
 
-def test_the_neighbors_route_answers_the_search_and_takes_no_allowance():
+@pytest.mark.parametrize("database_clip, allow, status", [
+    ("c1", False, 200), ("", False, 200), ("c2", False, 409), ("c2", True, 200)])
+def test_the_neighbors_route_answers_the_search_and_takes_no_allowance(database_clip, allow, status):
     """`POST /v1/neighbors`: the query's embedding searched in the database at k, answered as /v1/generate
-    answers neighbours (id, score, source), and nothing taken from the client's image allowance."""
+    answers neighbours (id, score, source), and nothing taken from the client's image allowance; a database
+    embedded by another CLIP than the model's is a 409 unless the app allows it (unknown: served)."""
     import asyncio
+    import json
 
     import numpy as np
 
-    from cluster.serve.schemas import NeighborsRequest
+    from cluster.serve.schemas import AppArgs, NeighborsRequest
 
     cls = deployments.Ingress.func_or_class
     ingress = cls.__new__(cls)
     ingress.auth, ingress.limiter, ingress.allowances = Authenticator(None, None), RateLimiter(8), None
+    ingress.args, ingress._info = AppArgs(allow_clip_mismatch=allow), None
     ingress.m_requests = type("Counter", (), {"inc": lambda self, tags: None})()
     calls = []
 
@@ -256,15 +263,30 @@ def test_the_neighbors_route_answers_the_search_and_takes_no_allowance():
     async def search(database, query, k):
         calls.append(("search", database, query.tolist(), k))
         return {"ids": ["a", "b"], "scores": [0.9, 0.5], "sources": ["x.png", None], "version": "v3",
-                "degraded": False, "embeddings": np.zeros((2, 4), np.float32)}
+                "degraded": False, "embeddings": np.zeros((2, 4), np.float32), "clip_model": "ViT-B-32",
+                "clip_hash": database_clip}
 
-    ingress.generator, ingress.retriever = handle(embed=embed), handle(search=search)
+    async def info():
+        return {"clip": "tiny", "clip_hash": "c1", "image_sizes": [[32, 32]]}
+
+    async def databases():
+        return [{"name": "art", "clip_hash": database_clip or None}, {"name": "local", "clip_hash": None}]
+
+    ingress.generator = handle(embed=embed, info=info)
+    ingress.retriever = handle(search=search, databases=databases)
     out = asyncio.run(ingress.neighbors(NeighborsRequest(prompt="a boat", database="art", num_neighbors=2), None))
     assert calls == [("embed", "a boat", None), ("search", "art", [1.0] * 4, 2)]
+    assert ingress.limiter.remaining("") == 8  # no images taken
+    listed = asyncio.run(ingress.databases(None))["databases"]
+    assert [d["matches_model"] for d in listed] == [{"c1": True, "": None, "c2": False}[database_clip], None]
+    if status == 409:
+        error = json.loads(out.body)["error"]
+        assert (out.status_code, error["type"], error["field"]) == (409, "incompatible_database", "database")
+        assert "embedded with CLIP ViT-B-32 (c2), not the model's tiny (c1)" in error["message"]
+        return
     assert [n.model_dump() for n in out.neighbors] == [{"id": "a", "score": 0.9, "source": "x.png"},
                                                        {"id": "b", "score": 0.5, "source": None}]
     assert (out.database, out.index_version, out.degraded) == ("art", "v3", False) and out.timings["total_s"] >= 0
-    assert ingress.limiter.remaining("") == 8  # no images taken
 
 
 @pytest.mark.parametrize("error, status, kind, says", [

@@ -399,6 +399,44 @@ def test_rdm_index_query_writes_each_querys_neighbours(ray_cluster, clustered, t
     np.testing.assert_allclose([r["scores"] for r in rows], scores, rtol=1e-5)
 
 
+def test_rdm_index_query_embeds_prompts_and_images_with_the_models_clip(ray_cluster, tmp_path, capsys):
+    """`rdm index query --prompt/--prompts/--image`: the queries are embedded by the model's CLIP (here a
+    database of tiny-CLIP text and image embeddings, each query's own embedding among them: it comes first), and
+    a database another CLIP embedded is refused, naming both, unless allowed."""
+    from jobs.cli import main as rdm
+    from rdm.factory import load_clip_for, model_config
+    from rdm.images import to_model_range
+
+    clip = load_clip_for(model_config("tiny"))
+    words = ["a red circle", "a blue square", "a green triangle", "a yellow star", "a black line"]
+    pixels = np.zeros((16, 16, 3), np.uint8)
+    pixels[:, :8] = 255
+    Image.fromarray(pixels).save(tmp_path / "half.png")
+    image_embedding = clip.encode_image(to_model_range(pixels))
+    vectors = np.concatenate([clip.encode_text(words).numpy(), image_embedding.numpy()])
+    for name, made_by in [("tiny-db", clip_hash("tiny")), ("other-db", "feedfeedfeedfeed")]:
+        write_embeddings(str(tmp_path / name), vectors, files=1)
+        (tmp_path / name / "embed.json").write_text(json.dumps({"clip": "tiny", "clip_hash": made_by,
+                                                                "dim": vectors.shape[1]}))
+        build_index(str(tmp_path / name), str(tmp_path / "idx"), name, num_shards=1, index_spec="Flat")
+    (tmp_path / "prompts.txt").write_text("a yellow star\n\na blue square\n")
+    query = ["index", "query", "--index", str(tmp_path / "idx"), "--prompt", "a green triangle", "--prompts",
+             str(tmp_path / "prompts.txt"), "--image", str(tmp_path / "half.png"), "-k", "2"]
+    assert rdm([*query, "--database", "tiny-db", "--out", str(tmp_path / "r.parquet")]) == 0
+    rows = pq.read_table(tmp_path / "r.parquet").to_pylist()
+    assert [r["query_text"] for r in rows] == ["a green triangle", "a yellow star", "a blue square",
+                                               str(tmp_path / "half.png")]
+    assert [r["ids"][0] for r in rows] == ["v2", "v3", "v1", "v5"] and all(r["scores"][0] > 0.999 for r in rows)
+    capsys.readouterr()
+    assert rdm([*query, "--database", "tiny-db"]) == 0  # printed
+    printed = capsys.readouterr().out
+    assert printed.startswith("a green triangle\n   1. 1.0000  v2  corpus/v2.png\n") and printed.count("   2. ") == 4
+    assert rdm([*query, "--database", "other-db"]) == 2
+    assert "'other-db' version" in (err := capsys.readouterr().err) and "embedded with CLIP tiny (feedfeedfeedfeed)" in err
+    assert rdm([*query, "--database", "other-db", "--allow-clip-mismatch"]) == 0
+    assert rdm(["index", "query", "--index", str(tmp_path / "idx"), "--database", "tiny-db"]) == 2  # no queries
+
+
 def test_where_builds_a_database_of_matching_rows_only(ray_cluster, tmp_path):
     """One embedding run, one database per value of a column: each holds exactly its rows (here spread over
     files and shards), records its filter, and a filter on a missing column or value is a typed error."""

@@ -35,6 +35,11 @@ def app_url(ray_cluster, s3_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     write_embeddings(str(root / "emb"), unit(np.random.default_rng(0).standard_normal((60, 64))), prefix="art")
     build_index(str(root / "emb"), str(root / "index"), "art", num_shards=2)
+    # a database whose embeddings another CLIP made (as its embed.json says): refused, 409
+    write_embeddings(str(root / "emb-other"), unit(np.random.default_rng(1).standard_normal((20, 64))), prefix="o")
+    (root / "emb-other" / "embed.json").write_text(json.dumps({"clip": "ViT-B-32:openai", "clip_hash": "feedfeedfeedfeed",
+                                                               "dim": 64}))
+    build_index(str(root / "emb-other"), str(root / "index"), "other-clip", num_shards=1)
     (root / "token").write_text(TOKEN + "\n")
     for client in ("team-a", "team-slow"):
         CLIENT_KEYS[client] = add_key(root / "keys.json", client)
@@ -151,6 +156,17 @@ def test_neighbors_are_the_ones_generate_conditions_on(app_url):
         got, out = call(url, "/v1/neighbors", body)
         assert got == status and (out["error"]["field"] == field or field in out["error"]["message"]), (body, out)
     assert call(url, "/v1/neighbors", query, token=None)[0] == 401
+
+
+def test_a_database_embedded_by_another_clip_is_a_409_naming_both(app_url):
+    url, _ = app_url
+    status, listed = call(url, "/v1/databases")
+    assert status == 200 and {d["name"]: d["matches_model"] for d in listed["databases"]} == {"art": None,
+                                                                                              "other-clip": False}
+    for path, extra in [("/v1/neighbors", {}), ("/v1/generate", FAST)]:
+        status, out = call(url, path, {"prompt": "a boat", "database": "other-clip", **extra})
+        assert status == 409 and out["error"]["type"] == "incompatible_database", out
+        assert "embedded with CLIP ViT-B-32:openai (feedfeedfeedfeed), not the model's" in out["error"]["message"]
 
 
 def test_inline_output_and_image_queries(app_url):
@@ -362,7 +378,7 @@ def test_retriever_replicas_share_one_copy_of_the_shards(app_url):
                 and a["Name"] == host_name(str(root / "index"), options)]
     owned = [a for a in actors if a["ActorClassName"] == "RetrieverShards"
              and (a["OwnerAddress"]["IPAddress"], a["OwnerAddress"]["Port"]) == (where["IPAddress"], where["Port"])]
-    assert len(owned) == 2
+    assert len(owned) == sum(d["actors"] for d in described["databases"].values())  # art's 2, and any other's
 
 
 def test_generator_replica_killed_under_load(app_url):
