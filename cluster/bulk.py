@@ -1,16 +1,17 @@
-"""Bulk generation on Ray Data: prompts -> CLIP query -> retrieval -> sampling -> PNG -> storage.
+"""Bulk generation on Ray Data: prompts -> CLIP query -> retrieval -> sampling -> PNG/JPEG/WebP -> storage.
 
 Every image has a deterministic key (a hash of its prompt or query image, database, seed, sampler
 settings and model), so a re-run after a crash or a kill regenerates only what is missing and never
-duplicates: each sampling batch writes its PNGs, then a manifest part `OUT/_parts/<hash>.parquet`;
+duplicates: each sampling batch writes its images, then a manifest part `OUT/_parts/<hash>.parquet`;
 items whose key appears in a part are done. The run ends by merging the parts into
 `OUT/manifest.parquet`, writing `OUT/errors.parquet` (row numbers and reasons) and `OUT/index.html`.
 
 With `output_format="webdataset"` a batch's images go into one tar, `OUT/shards/<hash>.tar`, in the
-WebDataset layout (`<sample>.png`, `<sample>.json` with its record, `<sample>.txt` with its prompt), which
-training pipelines and `rdm embed` read as they are. The batch's part is written first and names the tar;
-a part whose tar is missing (a crash between the two writes) is not done, so `OUT/shards/` only ever holds
-complete tars that the manifest names. A job keeps the format it started with (`OUT/job.json`).
+WebDataset layout (`<sample>.png` -- or `.jpg`, `.webp` with `image_format` jpeg or webp --, `<sample>.json` with
+its record, `<sample>.txt` with its prompt), which training pipelines and `rdm embed` read as they are. The
+batch's part is written first and names the tar; a part whose tar is missing (a crash between the two writes) is
+not done, so `OUT/shards/` only ever holds complete tars that the manifest names. A job keeps the output format and
+image encoding it started with (`OUT/job.json`).
 
 A job retrieves from the index versions that were published when it first ran, recorded in `OUT/job.json`:
 a resumed job keeps them even after a rebuild publishes new ones, so one output never mixes versions
@@ -48,12 +49,14 @@ from cluster.storage import ObjectStore, join, open_store
 from cluster.watchdog import COMPILE_GRACE_S, STALLS_DIR, StallWatch, check_stalls, clear_stalls, end_on_stall
 from rdm.config import RDMConfig
 from rdm.errors import InputError, RDMError
+from rdm.images import IMAGE_FORMATS, ImageFormat
 
 logger = logging.getLogger(__name__)
 PARTS = "_parts"
 SHARDS = "shards"
 JOB_STATE = "job.json"
 OUTPUT_FORMATS = ("png", "webdataset")
+IMAGE_EXTENSIONS = {extension for _, extension, _ in IMAGE_FORMATS.values()}
 
 
 @dataclass(frozen=True)
@@ -78,11 +81,16 @@ class BulkSettings:
     height: int | None = None  # pixels; None: the model's image size
     width: int | None = None
     output_format: str = "png"  # png: an object per image; webdataset: a tar per batch (OUTPUT_FORMATS)
+    image_format: str = "png"  # how each image is encoded: png, jpeg or webp (rdm.images.ImageFormat)
+    image_quality: int | None = None  # jpeg or webp quality (None: 90)
     compile_cache: str | None = None  # with compile: where samplers share compiled code (cluster.compile_cache)
     retriever_options: dict = field(default_factory=lambda: {"num_cpus": 0.05})  # cluster.retriever.RetrieverOptions
     index_versions: dict = field(default_factory=dict)  # {database: version or "current"}: pins over job.json's
     stall_timeout_s: float | None = 600.0  # a sampler without a sampling step for this long ends (cluster.watchdog)
     allow_clip_mismatch: bool = False  # retrieve from databases embedded by another CLIP than the model's
+
+    def encoding(self) -> ImageFormat:
+        return ImageFormat(self.image_format, self.image_quality)
 
     def inference_options(self):
         from rdm.acceleration import InferenceOptions
@@ -105,7 +113,7 @@ def expand(rows: list[PromptRow], settings: BulkSettings, model_id: str,
            size: tuple[int, int] | None = None) -> list[dict]:
     """One item per image, with its seed and deterministic output key (`size`: the (height, width) when it
     is not the model's own square size, which keys made before sizes could be chosen did not name)."""
-    items, options = [], settings.inference_options()
+    items, options, extension = [], settings.inference_options(), settings.encoding().extension
     for row in rows:
         first = row.seed if row.seed is not None else settings.base_seed + 1000 * row.row
         # the row's own num_neighbors and guidance_scale, else the job's (a row without a database has none)
@@ -125,7 +133,7 @@ def expand(rows: list[PromptRow], settings: BulkSettings, model_id: str,
             digest = hashlib.sha256(ident.encode()).hexdigest()[:32]
             items.append({"row": row.row, "prompt": row.prompt or "", "image": row.image or "",
                           "database": row.database or "", "seed": seed, "num_neighbors": k, "guidance_scale": scale,
-                          "key": f"images/{digest[:2]}/{digest}.png"})
+                          "key": f"images/{digest[:2]}/{digest}.{extension}"})
     return items
 
 
@@ -237,17 +245,31 @@ def _job_state(store) -> dict:
 
 
 def keep_output_format(settings: BulkSettings, store, *, record: bool = True) -> None:
-    """Record the job's output format on its first run; a resumed job asked for another is an InputError
-    (its images would be split between PNG files and tars). Jobs recorded before formats existed wrote PNGs."""
+    """Record the job's output format and image encoding on its first run; a resumed job asked for others is an
+    InputError (its images would be split between PNG files and tars, or between encodings). Jobs recorded
+    before formats existed wrote PNG files."""
     if settings.output_format not in OUTPUT_FORMATS:
         raise InputError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {settings.output_format!r}")
+    encoding = settings.encoding()
+    wanted = {"output_format": settings.output_format, "image_format": {"name": encoding.name,
+                                                                        "quality": encoding.quality}}
     state = _job_state(store)
-    started = state.get("output_format", "png" if state or store.list(PARTS) else None)
-    if started is not None and started != settings.output_format:
-        raise InputError(f"{store.uri} holds a job that writes {started} output; it cannot go on as "
-                         f"{settings.output_format} (write to a new output, or keep {started})")
-    if record and state.get("output_format") != settings.output_format:
-        store.write_bytes(JOB_STATE, json.dumps({**state, "output_format": settings.output_format}, indent=1).encode())
+    begun = bool(state) or bool(store.list(PARTS))
+    for name, value in wanted.items():
+        started = state.get(name, {"output_format": "png", "image_format": {"name": "png", "quality": None}}[name]
+                            if begun else None)
+        if started is not None and started != value:
+            raise InputError(f"{store.uri} holds a job that writes {_describe(started)} output; it cannot go on as "
+                             f"{_describe(value)} (write to a new output, or keep {_describe(started)})")
+    if record and any(state.get(name) != value for name, value in wanted.items()):
+        store.write_bytes(JOB_STATE, json.dumps({**state, **wanted}, indent=1).encode())
+
+
+def _describe(value) -> str:
+    """An output format (`png`) or image encoding ({"name": "jpeg", "quality": 90}) as words."""
+    if isinstance(value, dict):
+        return value["name"] + (f" quality {value['quality']}" if value.get("quality") is not None else "") + " images"
+    return value
 
 
 class Retrieve:
@@ -325,6 +347,7 @@ class BulkSampler:
                                               device=device)
             self.compile_cache.load()
         self.params = SamplerParams(s.sampler, s.num_steps, s.guidance_scale, s.eta)
+        self.encoding = s.encoding()
         image_size = self.pipeline.model.config.image_size
         self.size = (s.height or image_size, s.width or image_size)
         # PNG encoding (Pillow releases the GIL) and object writes run on threads, in parallel; sequential
@@ -341,20 +364,20 @@ class BulkSampler:
         for row in rows:
             if not row["error"]:
                 groups[(_array(row["context"]).shape, float(row["guidance_scale"]))].append(row)
-        pngs: dict[str, bytes] = {}
+        encoded: dict[str, bytes] = {}
         for members in groups.values():
             images = self._model.submit(self._sample, members).result()
             writes = [self._writers.submit(self._encode if tar else self._store_image, row, pixels)
                       for row, pixels in zip(members, images, strict=True)]
             wait(writes)  # every write has ended before the manifest part names any of them
             for row, write in zip(members, writes, strict=True):
-                png = write.result()  # the first failure fails the batch, as a sequential loop would
+                data = write.result()  # the first failure fails the batch, as a sequential loop would
                 if tar is not None:
-                    pngs[str(row["key"])] = png
+                    encoded[str(row["key"])] = data
         records = [self._record(r, tar) for r in rows]
         self.store.write_bytes(join(PARTS, f"{part}.parquet"), _parquet(pa.Table.from_pylist(records)))
         if tar is not None:  # after its part: a part whose tar is missing is not done (_read_parts)
-            self.store.write_bytes(tar, webdataset_tar(records, pngs))
+            self.store.write_bytes(tar, webdataset_tar(records, encoded))
         failed = sum(1 for r in records if r["error"])
         self.metrics.add(self.metrics.images, len(records) - failed)
         self.metrics.add(self.metrics.failed, failed)
@@ -388,16 +411,14 @@ class BulkSampler:
         return images
 
     def _encode(self, row: dict, pixels: np.ndarray) -> bytes:
-        from rdm.pipeline import encode_png
-
-        png = encode_png(pixels)
-        row["sha256"] = hashlib.sha256(png).hexdigest()
-        return png
+        data = self.encoding.encode(pixels)
+        row["sha256"] = hashlib.sha256(data).hexdigest()
+        return data
 
     def _store_image(self, row: dict, pixels: np.ndarray) -> bytes:
-        png = self._encode(row, pixels)
-        self.store.write_bytes(str(row["key"]), png)
-        return png
+        data = self._encode(row, pixels)
+        self.store.write_bytes(str(row["key"]), data)
+        return data
 
     def _record(self, row: dict, tar: str | None) -> dict:
         s = self.settings
@@ -429,9 +450,10 @@ def sample_name(key: str) -> str:
     return key.rsplit("/", 1)[-1].rsplit(".", 1)[0]
 
 
-def webdataset_tar(records: list[dict], pngs: dict[str, bytes]) -> bytes:
-    """One tar of the records' images in the WebDataset layout: `<sample>.png`, `<sample>.json` (the
-    record) and `<sample>.txt` (the prompt, a caption to `rdm embed`); the same bytes for the same batch."""
+def webdataset_tar(records: list[dict], images: dict[str, bytes]) -> bytes:
+    """One tar of the records' images in the WebDataset layout: `<sample>.png` (`.jpg`, `.webp`: the key's
+    extension), `<sample>.json` (the record) and `<sample>.txt` (the prompt, a caption to `rdm embed`); the
+    same bytes for the same batch."""
     import tarfile
 
     buffer = io.BytesIO()
@@ -439,9 +461,9 @@ def webdataset_tar(records: list[dict], pngs: dict[str, bytes]) -> bytes:
         for record in records:
             if record["error"]:
                 continue
-            sample = sample_name(record["key"])
+            sample, extension = sample_name(record["key"]), record["key"].rpartition(".")[2]
             meta = {k: v for k, v in record.items() if k not in ("error", "uri")}
-            for name, data in ((f"{sample}.png", pngs[record["key"]]),
+            for name, data in ((f"{sample}.{extension}", images[record["key"]]),
                                (f"{sample}.json", json.dumps(meta, sort_keys=True).encode()),
                                (f"{sample}.txt", record["prompt"].encode())):
                 info = tarfile.TarInfo(name)
@@ -687,7 +709,7 @@ def tar_thumbnails(store, records: list[dict]) -> dict[str, str]:
             with tarfile.open(fileobj=io.BytesIO(store.read_bytes(tar))) as archive:
                 for member in archive:
                     sample, _, extension = member.name.rpartition(".")
-                    if extension != "png" or sample not in samples:
+                    if extension not in IMAGE_EXTENSIONS or sample not in samples:
                         continue
                     image = Image.open(archive.extractfile(member)).convert("RGB")
                     image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))

@@ -33,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-format", choices=("png", "webdataset"), default="png",
                         help="png: one object per image; webdataset: one tar per batch under OUT/shards/ "
                              "(<sample>.png/.json/.txt), as training pipelines and rdm embed read them")
+    parser.add_argument("--image-format", choices=("png", "jpeg", "webp"), default="png",
+                        help="how each image is encoded (default png, lossless; jpeg and webp take a fraction of "
+                             "the bytes, jpeg of the encoding time too); a job keeps the one it started with")
+    parser.add_argument("--image-quality", type=int, metavar="Q",
+                        help="jpeg or webp quality, 1..100 (default 90)")
     parser.add_argument("--height", type=int, help="pixels (default: the model's image size)")
     parser.add_argument("--width", type=int, help="pixels (default: the model's image size)")
     parser.add_argument("--num-samplers", type=int, default=1, help="sampler actors (one GPU each when present)")
@@ -83,7 +88,7 @@ def describe_plan(job, settings) -> str:
              + "".join(f"\n  row {e['row']}: {e['error']}" for e in job.row_errors[:10])
              + (f"\n  ... and {len(job.row_errors) - 10} more" if len(job.row_errors) > 10 else ""),
              f"images: {job.images} asked for, {job.done} already done, {job.pending} to generate "
-             f"({job.size[0]} x {job.size[1]}, {settings.sampler} {settings.num_steps} steps)"]
+             f"({job.size[0]} x {job.size[1]} {settings.encoding().name}, {settings.sampler} {settings.num_steps} steps)"]
     if job.versions:
         lines.append("databases: " + ", ".join(f"{db} version {v}" for db, v in sorted(job.versions.items())))
     if job.unknown_databases:
@@ -130,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                             compile_cache=args.compile_cache, retriever_options=retriever_options.model_dump(),
                             index_versions=index_versions, height=args.height, width=args.width,
                             output_format=args.output_format, stall_timeout_s=args.stall_timeout_s or None,
-                            allow_clip_mismatch=args.allow_clip_mismatch)
+                            allow_clip_mismatch=args.allow_clip_mismatch, image_format=args.image_format,
+                            image_quality=args.image_quality)
+    settings.encoding()  # a quality png does not take, or out of 1..100: exit 2 before Ray starts
     chosen_size(settings)  # a size the model cannot sample fails here, not in every sampler actor
     if args.dry_run:
         from cluster.bulk import plan

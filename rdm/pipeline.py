@@ -121,11 +121,9 @@ def pad_rows(x: Tensor, padding: int) -> Tensor:
 
 def encode_png(image: np.ndarray | Image.Image) -> bytes:
     """PNG bytes of a uint8 [H, W, 3] array or a PIL image (lossless: same pixels, same bytes)."""
-    import io
+    from rdm.images import ImageFormat
 
-    buffer = io.BytesIO()
-    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return ImageFormat("png").encode(image)
 
 
 class Pipeline:

@@ -63,10 +63,11 @@ from cluster.serve.schemas import (
 from cluster.storage import open_store
 from cluster.watchdog import COMPILE_GRACE_S, STALLED_EXIT, StallWatch
 from rdm.errors import ConfigError, InputError, RDMError, SamplingStopped
-from rdm.images import decode_rgb, to_model_range
-from rdm.pipeline import check_image_size, encode_png
+from rdm.images import IMAGE_FORMATS, ImageFormat, decode_rgb, to_model_range
+from rdm.pipeline import check_image_size
 
 logger = logging.getLogger("ray.serve")
+OUTPUT_MEDIA_TYPES = {extension: media_type for _, extension, media_type in IMAGE_FORMATS.values()}
 ALLOWANCE_TIMEOUT_S = 2.0  # past it, an Ingress replica counts a request's images on its own
 
 
@@ -397,15 +398,18 @@ class Generator:
     def _deliver(self, item: dict, pixels: np.ndarray, batch_size: int, elapsed: float) -> dict:
         if abandoned(item):  # its caller went away while the batch sampled: nobody reads it
             raise SamplingStopped("not delivered: its caller had gone")
-        png = encode_png(pixels)
-        out = {"seed": item["seed"], "batch_size": batch_size, "sampling_s": elapsed}
+        image_format = ImageFormat(item.get("format", "png"), item.get("quality"))
+        data = image_format.encode(pixels)
+        out = {"seed": item["seed"], "batch_size": batch_size, "sampling_s": elapsed,
+               "media_type": image_format.media_type}
         if item["output"] == "inline":
-            return out | {"data": base64.b64encode(png).decode()}
-        key = image_key(item["request_id"], item["seed"])
+            return out | {"data": base64.b64encode(data).decode()}
+        key = image_key(item["request_id"], item["seed"], image_format.extension)
         metadata = item["metadata"] | {"seed": item["seed"], "height": item["height"], "width": item["width"],
+                                       "format": image_format.name, "quality": image_format.quality,
                                        "model": self.model_name, "model_hash": self.model_hash,
                                        "inference": self.inference}
-        write_image(self.store, key, png, metadata)
+        write_image(self.store, key, data, metadata)
         return out | {"url": image_url(self.store, key, expires_s=self.url_expires_s)}
 
 
@@ -719,10 +723,11 @@ class Ingress:
 
     @app.get("/v1/outputs/{key:path}", include_in_schema=False)
     def outputs(self, key: str, request: Request) -> Response:
-        if not key.startswith("images/") or ".." in key.split("/") or not key.endswith(".png"):
+        media_type = OUTPUT_MEDIA_TYPES.get(key.rpartition(".")[2])
+        if not key.startswith("images/") or ".." in key.split("/") or media_type is None:
             raise HTTPException(404, "no such output")
         try:
-            return Response(self.store.read_bytes(key), media_type="image/png")
+            return Response(self.store.read_bytes(key), media_type=media_type)
         except ObjectNotFoundError as err:
             raise HTTPException(404, "no such output") from err
 
@@ -929,13 +934,15 @@ class Ingress:
                     "eta": body.eta, "request_id": request_id, "client": client}
         items = [{"request_id": request_id, "context": context, "seed": seed + i, "sampler": body.sampler,
                   "num_steps": body.num_steps, "guidance_scale": body.guidance_scale, "eta": body.eta,
-                  "height": body.height, "width": body.width, "output": body.output, "metadata": metadata}
+                  "height": body.height, "width": body.width, "output": body.output, "format": body.format,
+                  "quality": body.quality, "metadata": metadata}
                  for i in range(body.num_images)]
         results = await gather_or_cancel([self.generator.generate.remote(item) for item in items])
         done = time.perf_counter()
         return GenerateResponse(
             request_id=request_id,
-            images=[GeneratedImage(seed=r["seed"], url=r.get("url"), data=r.get("data")) for r in results],
+            images=[GeneratedImage(seed=r["seed"], url=r.get("url"), data=r.get("data"), media_type=r["media_type"])
+                    for r in results],
             neighbors=[NeighborOut(**n) for n in metadata["neighbors"]],
             timings={"embed_s": embedded - started, "retrieval_s": retrieved - embedded, "sampling_s": done - retrieved,
                      "total_s": done - started, "batch_size": float(max(r["batch_size"] for r in results))},

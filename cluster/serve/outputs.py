@@ -1,4 +1,5 @@
-"""Where generated images go: deterministic keys spread over prefixes, PNG plus a metadata JSON."""
+"""Where generated images go: deterministic keys spread over prefixes, the image (PNG, JPEG or WebP) plus a
+metadata JSON."""
 
 from __future__ import annotations
 
@@ -8,16 +9,17 @@ import json
 from cluster.storage import ObjectStore, S3Store
 
 
-def image_key(request_id: str, seed: int) -> str:
-    """`images/<2 hex>/<request_id>/<seed>.png`: deterministic, and spread over 256 prefixes."""
+def image_key(request_id: str, seed: int, extension: str = "png") -> str:
+    """`images/<2 hex>/<request_id>/<seed>.<extension>`: deterministic, and spread over 256 prefixes."""
     spread = hashlib.sha1(request_id.encode()).hexdigest()[:2]
-    return f"images/{spread}/{request_id}/{seed}.png"
+    return f"images/{spread}/{request_id}/{seed}.{extension}"
 
 
-def write_image(store: ObjectStore, key: str, png: bytes, metadata: dict) -> None:
-    """Metadata first, then the image: an image that exists always has its metadata."""
-    store.write_bytes(key.removesuffix(".png") + ".json", json.dumps(metadata, indent=1).encode())
-    store.write_bytes(key, png)
+def write_image(store: ObjectStore, key: str, data: bytes, metadata: dict) -> None:
+    """Metadata first (`<seed>.json` beside `<seed>.<extension>`), then the image: an image that exists always
+    has its metadata."""
+    store.write_bytes(key.rpartition(".")[0] + ".json", json.dumps(metadata, indent=1).encode())
+    store.write_bytes(key, data)
 
 
 def image_url(store: ObjectStore, key: str, *, expires_s: int) -> str:

@@ -64,9 +64,13 @@ class GenerateRequest(Query):
     width: int | None = Field(None, ge=8, le=MAX_SIDE,
                               description="pixels; the model's size when omitted; one of the app's image_sizes")
     output: Literal["url", "inline"] = "url"
+    format: Literal["png", "jpeg", "webp"] = Field("png", description="png (lossless), or jpeg / webp at quality")
+    quality: int | None = Field(None, ge=1, le=100, description="jpeg or webp quality (default 90); not for png")
 
     @model_validator(mode="after")
     def _check(self) -> GenerateRequest:
+        if self.quality is not None and self.format == "png":
+            raise ValueError("'quality' applies to jpeg and webp; png is lossless")
         if self.eta and self.sampler != "ddim":
             raise ValueError(f"'eta' applies to the ddim sampler only; {self.sampler} needs eta=0")
         if self.neighbor_images is not None:
@@ -81,7 +85,8 @@ class GenerateRequest(Query):
 class GeneratedImage(BaseModel):
     seed: int
     url: str | None = None
-    data: str | None = Field(None, description="base64 PNG when output=inline")
+    data: str | None = Field(None, description="the base64 image when output=inline")
+    media_type: str = Field("image/png", description="image/png, image/jpeg or image/webp, as the request's format")
 
 
 class NeighborOut(BaseModel):

@@ -347,3 +347,63 @@ def test_a_slow_bulk_batch_that_moves_on_is_not_a_stall(tmp_path, ended):
     finally:
         slow.remove()
     assert time.monotonic() - started > 3 * 1.0 and codes == []
+
+
+@pytest.mark.parametrize("output_format", ["png", "webdataset"])
+def test_images_are_encoded_as_the_job_asks_and_keyed_by_their_extension(tmp_path, output_format):
+    """image_format=jpeg|webp: each image object (or tar member) is `<key>.jpg` / `.webp` holding those bytes,
+    recorded with their sha256; the keys `expand` makes carry the extension; the tar's contact-sheet thumbnails
+    read them."""
+    import hashlib
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from cluster.bulk import SHARDS, _read_parts, expand, tar_thumbnails
+    from cluster.prompts import PromptRow
+    from cluster.storage import open_store
+
+    for image_format, extension, pillow in [("jpeg", "jpg", "JPEG"), ("webp", "webp", "WEBP")]:
+        out = tmp_path / image_format
+        settings = BulkSettings(num_steps=2, num_neighbors=0, output_format=output_format, image_format=image_format,
+                                image_quality=75)
+        (item,) = expand([PromptRow(1, "a boat", None, 1, None, None)], settings, "model-hash")
+        assert item["key"].endswith(f".{extension}")
+        rows = batch([1, 2])
+        rows["key"] = np.array([f"images/{seed}.{extension}" for seed in (1, 2)], dtype=object)
+        assert BulkSampler(asdict(settings), str(out), "model-hash")(rows)["error"] == ["", ""]
+        done, _ = _read_parts(open_store(str(out)))
+        if output_format == "png":
+            data = (out / f"images/1.{extension}").read_bytes()
+        else:
+            (tar,) = (out / SHARDS).iterdir()
+            with tarfile.open(tar) as archive:
+                assert sorted(archive.getnames()) == sorted(f"{s}.{x}" for s in (1, 2) for x in (extension, "json", "txt"))
+                data = archive.extractfile(f"1.{extension}").read()
+            thumbnails = tar_thumbnails(open_store(str(out)), list(done.values()))
+            assert sorted(thumbnails) == [f"{SHARDS}/{tar.name}#1", f"{SHARDS}/{tar.name}#2"]
+        image = Image.open(io.BytesIO(data))
+        assert image.format == pillow and image.size == (32, 32)
+        assert done[f"images/1.{extension}"]["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_a_job_keeps_the_image_encoding_it_started_with(tmp_path):
+    from cluster.bulk import keep_output_format
+    from cluster.storage import open_store
+    from rdm.errors import InputError
+
+    store = open_store(str(tmp_path / "new"))
+    keep_output_format(BulkSettings(image_format="jpeg"), store)
+    keep_output_format(BulkSettings(image_format="jpeg", image_quality=90), store)  # 90: the default
+    with pytest.raises(InputError, match="writes jpeg quality 90 images output; it cannot go on as jpeg quality 80"):
+        keep_output_format(BulkSettings(image_format="jpeg", image_quality=80), store)
+    with pytest.raises(InputError, match="it cannot go on as png images"):
+        keep_output_format(BulkSettings(), store)
+    older = open_store(str(tmp_path / "older"))  # a job from before encodings were recorded: PNG
+    older.write_bytes("job.json", json.dumps({"output_format": "png"}).encode())
+    keep_output_format(BulkSettings(), older)
+    with pytest.raises(InputError, match="writes png images output"):
+        keep_output_format(BulkSettings(image_format="webp"), older)
+    with pytest.raises(InputError, match="png is lossless"):
+        keep_output_format(BulkSettings(image_quality=50), store)

@@ -179,6 +179,20 @@ def test_inline_output_and_image_queries(app_url):
     assert status == 200 and len(out["neighbors"]) == 2
 
 
+def test_images_come_in_the_format_asked_for(app_url):
+    url, root = app_url
+    status, out = call(url, "/v1/generate", {"prompt": "a boat", "format": "jpeg", "quality": 80, "output": "inline",
+                                             "seed": 11, **FAST})
+    assert status == 200 and out["images"][0]["media_type"] == "image/jpeg", out
+    assert Image.open(io.BytesIO(base64.b64decode(out["images"][0]["data"]))).format == "JPEG"
+    status, out = call(url, "/v1/generate", {"prompt": "a boat", "format": "webp", "seed": 12, **FAST})
+    assert status == 200 and out["images"][0]["url"].endswith("/12.webp"), out
+    status, data, headers = call(url, out["images"][0]["url"], with_headers=True)
+    assert status == 200 and headers["content-type"] == "image/webp" and Image.open(io.BytesIO(data)).format == "WEBP"
+    meta = json.loads(next((root / "out").rglob(f"{out['request_id']}/12.json")).read_text())
+    assert (meta["format"], meta["quality"]) == ("webp", 90)
+
+
 def test_a_served_size_is_sampled_at_that_size_and_another_is_a_422(app_url):
     """The app serves the model's 32 x 32 and, from its config's image_sizes, 24 x 40 (height x width); a
     size it does not serve is refused naming those it does, before its query is embedded or retrieved."""
@@ -323,6 +337,8 @@ def test_client_keys_are_attributed_and_take_effect_without_a_redeploy(app_url):
     ({"prompt": "a", "database": "art", "neighbor_images": ["aGk="]}, 422, "body"),
     ({"prompt": "a", "neighbor_images": ["aGk=", "aGk="], "num_neighbors": 3}, 422, "body"),
     ({"prompt": "a", "neighbor_images": []}, 422, "neighbor_images"),
+    ({"prompt": "a", "quality": 50}, 422, "png is lossless"),
+    ({"prompt": "a", "format": "gif"}, 422, "format"),
 ])
 def test_invalid_requests_get_4xx_naming_the_field(app_url, body, status, field):
     url, _ = app_url

@@ -16,7 +16,7 @@ def test_a_dry_run_reports_the_plan_and_writes_nothing(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "dry run: nothing generated or written" in text
     assert "prompt rows: 2 usable, 1 failed\n  row 3: unknown field(s) colour" in text
-    assert "images: 4 asked for, 0 already done, 4 to generate (32 x 32, dpmpp_2m 7 steps)" in text
+    assert "images: 4 asked for, 0 already done, 4 to generate (32 x 32 png, dpmpp_2m 7 steps)" in text
     assert "not in the index (their rows will fail): ink" in text  # no --index: no database exists
     assert not out.exists()
     # a job that ran before: its rate gives the time; another output format than its own is refused as a run would
