@@ -23,7 +23,8 @@ from jobs.common import (
 )
 from rdm.errors import InputError
 from rdm.factory import load_clip_for, load_model, model_config
-from rdm.pipeline import Pipeline, SamplerParams, check_image_size, check_seed, encode_png
+from rdm.images import ImageFormat
+from rdm.pipeline import Pipeline, SamplerParams, check_image_size, check_seed
 from rdm.retrieval import ExactRetriever
 from rdm.sampling import SAMPLERS
 
@@ -49,6 +50,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--height", type=int, help="pixels (default: the model's image size)")
     parser.add_argument("--width", type=int, help="pixels (default: the model's image size)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--image-format", choices=("png", "jpeg", "webp"), default="png")
+    parser.add_argument("--image-quality", type=int, metavar="Q", help="jpeg or webp quality, 1..100 (default 90)")
     parser.add_argument("--clip-weights", help="open_clip weights file, a path or s3:// (offline use)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_inference_args(parser)
@@ -76,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"--num-images and --batch-size must be >= 1, got {args.num_images}, {args.batch_size}")
     prompts = read_prompts(args)
     params = SamplerParams(args.sampler, args.num_steps, args.guidance_scale, args.eta)
+    encoding = ImageFormat(args.image_format, args.image_quality)
     model_file = local_path(args.model)  # an s3:// checkpoint: its cached local copy
     config = model_config(model_file)  # sizes and seeds are checked before the model loads (minutes for RDM-768)
     check_image_size(config, args.height or config.image_size, args.width or config.image_size)
@@ -97,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                                    seeds=[s for *_, s in batch], params=params,
                                    height=args.height, width=args.width)
         for row, ((i, j, prompt, seed), image) in enumerate(zip(batch, result.images, strict=True)):
-            name = f"{i:04d}_{j:02d}_s{seed}.png"
-            write_atomic(args.out / name, encode_png(image))
+            name = f"{i:04d}_{j:02d}_s{seed}.{encoding.extension}"
+            write_atomic(args.out / name, encoding.encode(image))
             records.append({"file": name, "prompt": prompt, "seed": seed, **asdict(params),
                             "neighbors": [] if result.neighbors is None else result.neighbors.ids[row]})
         if cache is not None:

@@ -32,6 +32,10 @@ def test_sample_writes_pngs_and_an_index(tmp_path):
     for record in index["images"]:
         assert Image.open(out / record["file"]).size == (32, 32)
     assert not list(out.glob(".*tmp"))
+    code = rdm(["sample", "--prompt", "a boat", "--num-steps", "2", "--image-format", "webp", "--image-quality", "70",
+                "--out", str(tmp_path / "webp")])
+    (record,) = json.loads((tmp_path / "webp" / "index.json").read_text())["images"]
+    assert code == 0 and record["file"].endswith(".webp") and Image.open(tmp_path / "webp" / record["file"]).format == "WEBP"
 
 
 def test_sample_reads_the_model_and_clip_weights_from_s3(fake_s3, tmp_path, monkeypatch, capsys):
@@ -62,6 +66,8 @@ def test_sample_reads_the_model_and_clip_weights_from_s3(fake_s3, tmp_path, monk
     (["sample", "--prompt", "x", "--model", "missing.safetensors"], "does not exist"),
     (["sample", "--prompt", "x", "--model", "no-such-model"], "neither a checkpoint"),
     (["sample", "--prompt", "x", "--kernel-tuning", "conv1x1-mm"], "needs compile"),
+    (["sample", "--prompt", "x", "--image-quality", "80"], "png is lossless"),
+    (["sample", "--prompt", "x", "--image-format", "jpeg", "--image-quality", "0"], "1..100"),
     (["sample", "--prompt", "x", "--precision", "bf16", "--attention", "cudnn"], "'cudnn' does not run on cpu"),
     (["sample", "--prompt", "x", "--compile", "default", "--compile-cache", "gs://b/c"], "unsupported URI scheme"),
 ])
@@ -245,6 +251,8 @@ def test_generate_refuses_a_size_the_model_cannot_sample_before_starting_ray(tmp
     monkeypatch.setattr(cluster.runtime, "connect", lambda: pytest.fail("Ray was started"))
     code = rdm(["generate", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"), "--height", "36"])
     assert code == 2 and "multiples of 8, got 36 and 32" in capsys.readouterr().err
+    code = rdm(["generate", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"), "--image-quality", "80"])
+    assert code == 2 and "png is lossless" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("options, message", [('{"shards_per_actor": 0}', "shards_per_actor"),
