@@ -531,6 +531,9 @@ def test_web_page_generates_in_headless_chromium(app_url, tmp_path):
         page.fill("#token", TOKEN)
         page.dispatch_event("#token", "change")  # the database list reloads with the token; its first is picked
         page.wait_for_selector("#database option:nth-child(2)", state="attached", timeout=10_000)
+        page.click("#neighbors")  # the database's neighbours of the prompt, at the slider's k (4)
+        page.wait_for_function("document.querySelectorAll('#neighbor-list li').length === 4", timeout=30_000)
+        listed = page.eval_on_selector_all("#neighbor-list li", "items => items.map(i => i.textContent)")
         page.click("#generate")
         page.wait_for_selector("#gallery img", timeout=60_000)
         page.wait_for_function("document.querySelectorAll('#gallery img').length >= 2", timeout=60_000)
@@ -555,6 +558,7 @@ def test_web_page_generates_in_headless_chromium(app_url, tmp_path):
         caption = page.text_content("#gallery .neighbors")
         browser.close()
     assert "bearer token" in refused
+    assert all(re.fullmatch(r"0\.\d{3} art\d+ \(corpus/art\d+\.png\)", item) for item in listed), listed
     assert "image(s)" in status and natural == 32
     assert sizes == ["32 x 32", "24 x 40"] and other == [40, 24]
     assert "neighbours: neighbor_images[0] (" in caption
