@@ -72,6 +72,7 @@ class BulkSettings:
     base_seed: int = 0
     batch_size: int = 8
     num_samplers: int = 1
+    query_encoders: int | None = None  # most CLIP query-encoder actors (CPU) at once; None: one per sampler
     sampler_num_cpus: float = 0.5
     precision: str = "fp32"  # rdm.acceleration.InferenceOptions: fp32 | bf16-autocast | bf16
     channels_last: bool = False
@@ -158,7 +159,13 @@ def _array(data: bytes) -> np.ndarray:
 
 class QueryEncoder:
     """CLIP text (or, for rows with an image URI, CLIP image) embedding of each item's query. It gets the
-    model's config (`RDMConfig` as a dict), not the model: it loads the CLIP alone, not the UNet's weights."""
+    model's config (`RDMConfig` as a dict), not the model: it loads the CLIP alone, not the UNet's weights.
+
+    A query is embedded once per batch however many of its items (a row's images) the batch holds, and alone:
+    a batched CLIP call would give other float rounding for other batch compositions, and so a resumed job or
+    the Serve app other images for the same prompt and seed. On CPU, RDM-768's CLIP ViT-L/14 text tower takes
+    about 0.14 s a prompt on one thread (`bench/query_encoder.py`), so the job runs up to `query_encoders`
+    of these actors (Ray Data adds them while their queue grows)."""
 
     def __init__(self, config: dict, clip_weights: str | None) -> None:
         from rdm.config import RDMConfig, from_dict
@@ -177,12 +184,15 @@ class QueryEncoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = _rows(batch)
+        embedded: dict[tuple[str, str], tuple[bytes, str]] = {}  # (prompt, image) -> (query, error)
         for row in rows:
-            row["query"], row["error"] = b"", ""
-            try:
-                row["query"] = _array_bytes(self._embed(row))
-            except (RDMError, OSError, ValueError) as err:
-                row["error"] = f"{type(err).__name__}: {getattr(err, 'cause', None) or err}"
+            query = (str(row["prompt"]), str(row["image"]))
+            if query not in embedded:
+                try:
+                    embedded[query] = (_array_bytes(self._embed(row)), "")
+                except (RDMError, OSError, ValueError) as err:
+                    embedded[query] = (b"", f"{type(err).__name__}: {getattr(err, 'cause', None) or err}")
+            row["query"], row["error"] = embedded[query]
         return _columns(rows)
 
 
@@ -558,6 +568,15 @@ class _Run:
                    [i for i in items if i["key"] not in done])
 
 
+def query_encoders(settings: BulkSettings) -> int:
+    """How many CLIP query encoders the job may run at once: `query_encoders`, else one per sampler (a CPU
+    encoder embeds about 7 prompts a second with ViT-L/14, a GPU sampler makes 5.5 RDM-768 images a second)."""
+    count = settings.num_samplers if settings.query_encoders is None else settings.query_encoders
+    if count < 1:
+        raise InputError(f"query_encoders must be >= 1, got {count}")
+    return count
+
+
 def check_databases_clip(settings: BulkSettings, config: RDMConfig, versions: dict[str, str]) -> None:
     """An IncompatibleDatabaseError, before anything runs, where a database the job retrieves from (at its
     pinned version) was embedded by another CLIP than the model's: its images would be conditioned on
@@ -610,7 +629,8 @@ def _generate(prompts_uri: str, out_uri: str, settings: BulkSettings, progress, 
             ds = ray.data.from_items(pending)
             ds = ds.map_batches(QueryEncoder, fn_constructor_kwargs={"config": asdict(config),
                                                                      "clip_weights": settings.clip_weights},
-                                batch_size=32, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
+                                batch_size=32, num_cpus=0.25,
+                                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=query_encoders(settings)))
             ds = ds.map_batches(Retrieve, fn_constructor_kwargs={"index_uri": settings.index_uri,
                                                                  "retriever_options": settings.retriever_options,
                                                                  "versions": versions},

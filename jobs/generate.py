@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--width", type=int, help="pixels (default: the model's image size)")
     parser.add_argument("--num-samplers", type=int, default=1, help="sampler actors (one GPU each when present)")
     parser.add_argument("--sampler-num-cpus", type=float, default=0.5)
+    parser.add_argument("--query-encoders", type=int, metavar="N",
+                        help="most CLIP query-encoder actors at once (0.25 CPU each; Ray Data starts more as their "
+                             "queue grows; default: one per sampler): a CPU embeds about 7 RDM-768 prompts a second")
     parser.add_argument("--retriever-options", default='{"num_cpus": 0.05}', metavar="JSON",
                         help="the sharded retriever's actors, as in a Serve config's retriever_options "
                              "(cluster.retriever.RetrieverOptions; default %(default)s)")
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     from tqdm import tqdm
 
-    from cluster.bulk import BulkSettings, chosen_size, generate
+    from cluster.bulk import BulkSettings, chosen_size, generate, query_encoders
     from cluster.retriever import RetrieverOptions
     from cluster.runtime import connect
     from rdm.pipeline import SamplerParams
@@ -129,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                             num_neighbors=args.num_neighbors, sampler=args.sampler, num_steps=args.num_steps,
                             guidance_scale=args.guidance_scale, eta=args.eta, base_seed=args.seed,
                             batch_size=args.batch_size, num_samplers=args.num_samplers,
+                            query_encoders=args.query_encoders,
                             sampler_num_cpus=args.sampler_num_cpus, precision=args.precision,
                             channels_last=args.channels_last, compile=args.compile,
                             kernel_tuning=args.kernel_tuning, attention=args.attention,
@@ -138,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                             allow_clip_mismatch=args.allow_clip_mismatch, image_format=args.image_format,
                             image_quality=args.image_quality)
     settings.encoding()  # a quality png does not take, or out of 1..100: exit 2 before Ray starts
+    query_encoders(settings)
     chosen_size(settings)  # a size the model cannot sample fails here, not in every sampler actor
     if args.dry_run:
         from cluster.bulk import plan

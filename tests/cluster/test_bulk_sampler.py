@@ -137,6 +137,29 @@ def test_image_queries_are_clip_image_embeddings_and_bad_or_huge_images_are_row_
     assert out["error"][3].startswith("ImageTooLargeError: image: 8000 x 8000 pixels")
 
 
+def test_a_query_is_embedded_once_per_batch_and_alone(tmp_path):
+    """A row's images share one CLIP call per batch (a prompt's 4 images: 1 call, not 4), each call embeds one
+    query alone (so its bytes do not depend on the batch), and a failed query fails each of its items."""
+    from cluster.bulk import QueryEncoder, query_encoders
+    from rdm.config import get_config
+    from rdm.errors import InputError
+
+    encoder = QueryEncoder(asdict(get_config("tiny")), None)
+    calls, encode_text = [], encoder.clip.encode_text
+    encoder.clip.encode_text = lambda prompts: calls.append(list(prompts)) or encode_text(prompts)
+    prompts = ["a boat"] * 4 + ["a tree"] * 2 + ["", ""]
+    images = [""] * 6 + [str(tmp_path / "missing.png")] * 2
+    batch = {"prompt": np.array(prompts, dtype=object), "image": np.array(images, dtype=object)}
+    out = encoder(batch)
+    assert calls == [["a boat"], ["a tree"]]
+    alone = QueryEncoder(asdict(get_config("tiny")), None)
+    assert out["query"][:6] == [bytes(_array_bytes(alone._embed({"prompt": p, "image": ""}))) for p in prompts[:6]]
+    assert out["query"][6:] == [b"", b""] and out["error"][6] == out["error"][7] and out["error"][6]
+    assert query_encoders(BulkSettings(num_samplers=3)) == 3 and query_encoders(BulkSettings(query_encoders=5)) == 5
+    with pytest.raises(InputError, match="query_encoders must be >= 1"):
+        query_encoders(BulkSettings(query_encoders=0))
+
+
 def test_webdataset_output_is_one_tar_per_batch_that_rdm_embed_reads(tmp_path):
     """output_format=webdataset: a batch's images go into OUT/shards/<part>.tar as <sample>.png/.json/.txt
     (an errored row has none), the part names each image as tar#sample; a part whose tar is missing (a
