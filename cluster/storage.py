@@ -211,7 +211,7 @@ class S3Store:
         return self._call(key, "get_object", Key=self._key(key))["Body"].read()
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        self._call(key, "put_object", Key=self._key(key), Body=data)
+        self._call(key, "put_object", Key=self._key(key), Body=data, **_content_type(key))
 
     def exists(self, key: str) -> bool:
         try:
@@ -244,7 +244,7 @@ class S3Store:
     def create(self, key: str, data: bytes) -> str | None:
         """Write `key` only if it does not exist (`If-None-Match: *`); its ETag, or None if it exists."""
         try:
-            return self._call(key, "put_object", Key=self._key(key), Body=data, IfNoneMatch="*")["ETag"]
+            return self._call(key, "put_object", Key=self._key(key), Body=data, IfNoneMatch="*", **_content_type(key))["ETag"]
         except _PreconditionFailed:
             return None
 
@@ -256,7 +256,7 @@ class S3Store:
     def replace_if(self, key: str, data: bytes, tag: str) -> str | None:
         """Overwrite `key` only if its ETag is still `tag` (`If-Match`); the new ETag, or None."""
         try:
-            return self._call(key, "put_object", Key=self._key(key), Body=data, IfMatch=tag)["ETag"]
+            return self._call(key, "put_object", Key=self._key(key), Body=data, IfMatch=tag, **_content_type(key))["ETag"]
         except (_PreconditionFailed, ObjectNotFoundError):
             return None
 
@@ -278,11 +278,21 @@ class S3Store:
         """Copy the file `path` to the object `key` (with user `metadata`), in parallel parts for large files;
         the object appears whole when the upload completes, or not at all."""
         self._call(key, "upload_file", Key=self._key(key), Filename=str(path), Config=_transfer_config(),
-                   ExtraArgs={"Metadata": dict(metadata or {})})
+                   ExtraArgs={"Metadata": dict(metadata or {}), **_content_type(key)})
 
     def presigned_url(self, key: str, expires_s: int = 3600) -> str:
         return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": self._key(key)},
                                                   ExpiresIn=expires_s)
+
+
+def _content_type(key: str) -> dict[str, str]:
+    """The object's `ContentType` from its name (`image/png`, `text/html`, `application/json`, ...), so that a
+    presigned URL or a bucket browser shows a generated image or a job's contact sheet instead of downloading
+    it; nothing for names without a known type (S3 then records binary/octet-stream)."""
+    import mimetypes
+
+    kind, _ = mimetypes.guess_type(key)
+    return {"ContentType": kind} if kind else {}
 
 
 def _transfer_config():

@@ -293,3 +293,22 @@ def test_the_inputs_digest_names_the_embedding_files_and_the_settings(tmp_path):
     assert first != inputs_digest(store, where=None, index_spec=None, num_shards=None)
     store.delete("embeddings/b.parquet")  # a corpus file removed: its embeddings pruned
     assert first != inputs_digest(store, where=None, index_spec=None, num_shards=None)
+
+
+def test_a_build_that_would_change_a_databases_clip_is_refused_before_it_starts(tmp_path):
+    """Embeddings of another CLIP than the current version's would make every model that retrieves from the
+    database refuse it (or compare its queries with neighbours of another space): refused before any work
+    (no Ray needed to see it), unless allowed; embeddings that record no CLIP, or a first version, pass."""
+    from cluster.index.build import build_index
+    from cluster.storage import open_store
+
+    index, emb = open_store(str(tmp_path / "index")), open_store(str(tmp_path / "emb"))
+    publish(index, Manifest(database="ink", version="v1", count=0, dim=8, index_spec="Flat", nprobe=1, shards=(),
+                            clip_model="tiny", clip_hash="aaaa"))
+    emb.write_bytes("embeddings/part-0.parquet", b"not read before the check")
+    emb.write_bytes("embed.json", json.dumps({"clip": "ViT-B-32:openai", "clip_hash": "bbbb", "dim": 8}).encode())
+    with pytest.raises(IndexBuildError) as err:
+        build_index(emb.uri, index.uri, "ink")
+    assert "current version v1 was embedded with CLIP tiny (aaaa); these embeddings with ViT-B-32:openai (bbbb)" \
+        in str(err.value) and "--allow-clip-change" in str(err.value)
+    assert sorted(index.list("ink")) == ["ink/CURRENT", "ink/versions/v1/manifest.json"]  # nothing built

@@ -110,3 +110,25 @@ def test_create_works_on_a_folder_without_hard_links(tmp_path, monkeypatch):
     store = LocalStore(tmp_path)
     assert store.create("db/LOCK", b"one") is not None and store.create("db/LOCK", b"two") is None
     assert store.read_bytes("db/LOCK") == b"one" and store.list("db") == ["db/LOCK"]
+
+
+def test_s3_objects_carry_the_content_type_of_their_name(fake_s3, tmp_path):
+    """A presigned URL of a generated image or a job's contact sheet opens in a browser: every write names the
+    object's type (S3 otherwise records binary/octet-stream)."""
+    import boto3
+
+    store = open_store("s3://rdm-unit/typed")
+    store.write_bytes("a.png", b"x")
+    store.write_bytes("b.jpg", b"x")
+    store.write_bytes("c.webp", b"x")
+    store.write_bytes("index.html", b"x")
+    store.create("d.json", b"{}")
+    store.replace_if("d.json", b"{}", store.read_tagged("d.json")[1])
+    store.write_bytes("e.parquet", b"x")
+    (tmp_path / "model.txt").write_bytes(b"x")
+    store.upload("f.txt", tmp_path / "model.txt")
+    client = boto3.client("s3", region_name="us-east-1")
+    types = {key: client.head_object(Bucket="rdm-unit", Key=f"typed/{key}")["ContentType"]
+             for key in ("a.png", "b.jpg", "c.webp", "index.html", "d.json", "e.parquet", "f.txt")}
+    assert types == {"a.png": "image/png", "b.jpg": "image/jpeg", "c.webp": "image/webp", "index.html": "text/html",
+                     "d.json": "application/json", "e.parquet": "binary/octet-stream", "f.txt": "text/plain"}

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 from testkit import metric_total, removable_worker_node, scrape, unit, write_embeddings
 
 from cluster.bulk import BulkSettings, generate, plan
@@ -111,9 +112,17 @@ def test_rows_sweep_their_own_neighbours_and_guidance_in_one_job(index_uri, make
         {"prompt": "a boat", "database": "ink", "seed": 7},
         {"prompt": "a boat", "database": "ink", "num_neighbors": 0, "seed": 7},
         {"prompt": "a boat", "database": "ink", "num_neighbors": 25}]))  # out of range: that row fails alone
-    result = generate(f"{out.uri}/prompts.jsonl", out.uri, BulkSettings(index_uri=index_uri, **SETTINGS))
+    # as JPEG (kept from the job's first run)
+    result = generate(f"{out.uri}/prompts.jsonl", out.uri, BulkSettings(index_uri=index_uri, **SETTINGS,
+                                                                         image_format="jpeg"))
     assert (result.images, result.errors) == (3, 1)
     rows = sorted(manifest(out), key=lambda r: r["row"])
+    for r in rows:  # the objects name their type on SeaweedFS as on S3: a presigned URL opens in a browser
+        data = out.read_bytes(r["uri"])
+        assert r["uri"].endswith(".jpg") and hashlib.sha256(data).hexdigest() == r["sha256"] and data[:2] == b"\xff\xd8"
+    head = out.client.head_object
+    assert head(Bucket=out.bucket, Key=out._key(rows[0]["uri"]))["ContentType"] == "image/jpeg"
+    assert head(Bucket=out.bucket, Key=out._key("index.html"))["ContentType"] == "text/html"
     assert [(r["num_neighbors"], len(r["neighbor_ids"]), r["guidance_scale"]) for r in rows] == [
         (1, 1, 1.0), (3, 3, 5.0), (0, 0, 5.0)]
     assert rows[0]["neighbor_ids"][0] == rows[1]["neighbor_ids"][0]  # the same query's nearest
@@ -174,6 +183,13 @@ def test_killed_driver_then_rerun_generates_only_the_missing(index_uri, make_buc
         time.sleep(0.1)
     proc.kill()
     proc.wait()
+    # its actors die with it, but a batch they were writing may land meanwhile: count once they have gone
+    dead = {j["JobID"] for j in ray._private.state.jobs() if j["DriverPid"] == proc.pid}
+    assert dead, "the killed driver's Ray job was not found"
+    deadline = time.monotonic() + 60
+    while any(a["JobID"] in dead and a["State"] != "DEAD" for a in ray._private.state.actors().values()):
+        assert time.monotonic() < deadline, "the killed driver's actors outlived it by 60 s"
+        time.sleep(0.5)
     parts_before = len(out.list("_parts"))
     assert parts_before >= 1 and not out.exists("manifest.parquet")
     # the killed driver could not say so: its run still reads as running, until it stops reporting
@@ -212,7 +228,6 @@ def test_a_sampler_that_ends_its_process_is_started_again_and_its_batch_run_agai
     """What a stalled bulk sampler relies on (cluster.watchdog): Ray Data's actor pool, configured as the
     job's sampler stage, starts an actor whose process ended again and runs its batch again, and the
     dataset completes with every row once."""
-    import ray
     from ray import cloudpickle
 
     from cluster.bulk import SAMPLER_CALLS_IN_FLIGHT
