@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
                        help="index only the rows whose COLUMN equals VALUE, e.g. style=ukiyo-e (repeatable): one "
                             "style's database out of a corpus embedded once")
+        p.add_argument("--allow-clip-change", action="store_true",
+                       help="publish embeddings of another CLIP encoder than the database's current version (refused "
+                            "by default, before anything is built: the models that retrieve from it would refuse it)")
         p.add_argument("--no-reserve-memory", dest="reserve_memory", action="store_false",
                        help="shard tasks reserve no Ray memory and shards are not cut to fit any node")
         p.add_argument("--node-memory-gib", type=float,
@@ -137,7 +140,8 @@ def run_build(args: argparse.Namespace) -> None:
         manifest = build_index(args.embeddings, args.out, args.database, num_shards=args.shards,
                                index_spec=args.index_spec, recall_k=args.recall_k, target_recall=args.target_recall,
                                where=where, train_num_cpus=args.train_cpus, reserve_memory=args.reserve_memory,
-                               node_memory_gib=args.node_memory_gib, progress=bar)
+                               node_memory_gib=args.node_memory_gib, progress=bar,
+                               allow_clip_change=args.allow_clip_change)
     print(f"published {manifest.database} {manifest.version}: {manifest.count} vectors in {len(manifest.shards)} "
           f"shards, {manifest.index_spec}, recall@{manifest.recall['k']}={manifest.recall['recall']:.3f} "
           f"(nprobe {manifest.nprobe}), {manifest.build_time_s:.1f}s")
@@ -172,6 +176,21 @@ def unchanged_version(args: argparse.Namespace, embeddings: str):
     digest = inputs_digest(open_store(embeddings), where=parse_where(args.where), index_spec=args.index_spec,
                            num_shards=args.shards) if current is not None else None
     return current if current is not None and current.inputs == digest else None
+
+
+def check_rebuild_clip(args: argparse.Namespace) -> None:
+    """Before anything is embedded: a rebuild whose --clip (and --clip-weights) is not the CLIP that made the
+    database's current version would embed the whole corpus only for the build to refuse it
+    (`cluster.index.build.check_same_clip`); --allow-clip-change lets it through."""
+    if args.allow_clip_change:
+        return
+    from cluster.artifacts import local_path
+    from cluster.index.build import check_same_clip
+    from cluster.storage import open_store
+    from rdm.factory import clip_hash
+
+    made_by = clip_hash(args.clip, weights=local_path(args.clip_weights))
+    check_same_clip(open_store(args.index), args.database, {"clip": args.clip, "clip_hash": made_by})
 
 
 def plan_rebuild(args: argparse.Namespace) -> None:
@@ -209,7 +228,7 @@ def run_rebuild(args: argparse.Namespace) -> None:
         return
     manifest = build_index(embeddings, args.index, args.database, num_shards=args.shards, index_spec=args.index_spec,
                            min_recall=args.min_recall, where=where, reserve_memory=args.reserve_memory,
-                           node_memory_gib=args.node_memory_gib)
+                           node_memory_gib=args.node_memory_gib, allow_clip_change=args.allow_clip_change)
     print(f"published {manifest.database} {manifest.version}: {manifest.count} vectors, "
           f"recall@{manifest.recall['k']}={manifest.recall['recall']:.3f}")
     if args.serve_url:
@@ -385,9 +404,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("versions", "rollback", "prune"):  # object storage only: no Ray
         {"versions": run_versions, "rollback": run_rollback, "prune": run_prune}[args.command](args)
         return EXIT_OK
-    if args.command == "rebuild" and args.dry_run:
-        plan_rebuild(args)
-        return EXIT_OK
+    if args.command == "rebuild":
+        check_rebuild_clip(args)  # before Ray starts or anything is embedded
+        if args.dry_run:
+            plan_rebuild(args)
+            return EXIT_OK
     connect()
     {"build": run_build, "rebuild": run_rebuild, "query": run_query}[args.command](args)
     return EXIT_OK

@@ -26,8 +26,16 @@ import pyarrow.parquet as pq
 
 from cluster import runtime
 from cluster.embedding import EMBEDDINGS_DIR
-from cluster.errors import EmptyCorpusError, IndexBuildError
-from cluster.index.manifest import Manifest, ShardInfo, check_database_name, new_version, publish, sha256
+from cluster.errors import EmptyCorpusError, IndexBuildError, UnknownDatabaseError
+from cluster.index.manifest import (
+    Manifest,
+    ShardInfo,
+    check_database_name,
+    load_manifest,
+    new_version,
+    publish,
+    sha256,
+)
 from cluster.index.merge import merge_topk
 from cluster.index.shard import IndexShard, make_index, serialize
 from cluster.index.spec import choose_index_spec, nlist_of, training_size
@@ -274,11 +282,28 @@ def inputs_digest(emb_store, *, where: dict[str, str] | None, index_spec: str | 
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def check_same_clip(index_store, database: str, embed_info: dict) -> None:
+    """An IndexBuildError where `embed_info` (an embedding output's `embed.json`) names another CLIP encoder than
+    the one that made `database`'s current version; nothing where either records none or there is no version."""
+    made_by = embed_info.get("clip_hash", "")
+    try:
+        current = load_manifest(index_store, database)
+    except UnknownDatabaseError:
+        return
+    if made_by and current.clip_hash and made_by != current.clip_hash:
+        raise IndexBuildError(
+            f"{database}: its current version {current.version} was embedded with CLIP {current.clip_model} "
+            f"({current.clip_hash}); these embeddings with {embed_info.get('clip', '?')} ({made_by}). Published, they "
+            "would change the space the database's queries must be embedded in: the models that retrieve from it "
+            "would refuse it. Build it under another database name, or pass --allow-clip-change when those models "
+            "move to the new CLIP")
+
+
 def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shards: int | None = None,
                 index_spec: str | None = None, recall_k: int = 20, target_recall: float = 0.95,
                 num_queries: int = 100, shard_num_cpus: float = 0.5, train_num_cpus: float = 0.5, seed: int = 0,
                 min_recall: float | None = None, where: dict[str, str] | None = None, reserve_memory: bool = True,
-                node_memory_gib: float | None = None, progress=None) -> Manifest:
+                node_memory_gib: float | None = None, progress=None, allow_clip_change: bool = False) -> Manifest:
     """Build and publish a new version of `database` from `embeddings_uri` (the output of `rdm embed`).
 
     The quantizer trains in one task of `train_num_cpus` CPUs (that many FAISS threads, at least one).
@@ -290,7 +315,9 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
     an autoscaler that adds larger nodes than the live ones, `node_memory_gib` names the largest node's Ray
     memory (GiB): the shards are cut for it and the tasks still reserve their memory, so the autoscaler
     starts nodes that hold them (without one, a task larger than every live node waits). With
-    `reserve_memory` off the tasks reserve nothing and the shards are cut for no node."""
+    `reserve_memory` off the tasks reserve nothing and the shards are cut for no node. Embeddings made by another
+    CLIP encoder than the database's current version are an IndexBuildError before anything is built (every model
+    that retrieves from the database would refuse the new version), unless `allow_clip_change`."""
     import json
 
     import ray
@@ -306,6 +333,8 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
     if not keys:
         raise EmptyCorpusError(f"no embeddings under {emb_store.uri}/{EMBEDDINGS_DIR}; run `rdm embed` first")
     embed_info = json.loads(emb_store.read_bytes("embed.json")) if emb_store.exists("embed.json") else {}
+    if not allow_clip_change:
+        check_same_clip(index_store, database, embed_info)
     scan = ray.remote(scan_file).options(num_cpus=shard_num_cpus)
     scanned = ray.get([scan.remote(emb_store, k, where) for k in keys])
     counts, file_rows = [c for c, _, _, _ in scanned], [n for _, _, _, n in scanned]

@@ -3,6 +3,8 @@ anything."""
 
 import json
 
+import pytest
+
 from jobs.cli import main as rdm
 
 
@@ -47,3 +49,32 @@ def test_an_embedding_dry_run_counts_the_shards_to_embed_and_writes_nothing(tmp_
     (out / "embed.json").write_text(json.dumps({"clip": "ViT-B-32", "clip_hash": "x", "dim": 512, "dtype": "float32"}))
     assert rdm(["embed", "--corpus", str(corpus), "--out", str(out), "--dry-run"]) == 2  # as a run would refuse
     assert "holds embeddings made with" in capsys.readouterr().err
+
+
+def test_a_rebuild_with_another_clip_is_refused_before_it_embeds(tmp_path, capsys, monkeypatch):
+    """`rdm index rebuild --clip X` for a database another CLIP made: refused up front (a run would embed the
+    whole corpus before the build refused it), unless --allow-clip-change; the dry run says the same."""
+    from PIL import Image
+
+    from cluster.index.manifest import Manifest, publish
+    from cluster.storage import open_store
+    from rdm.factory import clip_hash
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    Image.new("RGB", (8, 8)).save(corpus / "a.png")
+    index = open_store(str(tmp_path / "index"))
+    publish(index, Manifest(database="ink", version="v1", count=0, dim=8, index_spec="Flat", nprobe=1, shards=(),
+                            clip_model="ViT-B-32:openai", clip_hash="feedfeedfeedfeed"))
+    args = ["index", "rebuild", "ink", "--corpus", str(corpus), "--index", index.uri]
+    import cluster.runtime
+
+    monkeypatch.setattr(cluster.runtime, "connect", lambda: pytest.fail("Ray was started"))
+    for extra in (["--dry-run"], []):  # the run stops before Ray starts
+        assert rdm([*args, *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"embedded with CLIP ViT-B-32:openai (feedfeedfeedfeed); these embeddings with tiny ({clip_hash('tiny')})" \
+            in err and "--allow-clip-change" in err
+    assert rdm([*args, "--dry-run", "--allow-clip-change"]) == 0
+    assert "a rebuild would embed what changed" in capsys.readouterr().out
+    assert sorted(index.list()) == ["ink/CURRENT", "ink/versions/v1/manifest.json"]
