@@ -69,6 +69,7 @@ from rdm.pipeline import check_image_size
 logger = logging.getLogger("ray.serve")
 OUTPUT_MEDIA_TYPES = {extension: media_type for _, extension, media_type in IMAGE_FORMATS.values()}
 ALLOWANCE_TIMEOUT_S = 2.0  # past it, an Ingress replica counts a request's images on its own
+MODEL_INFO_TIMEOUT_S = 2.0  # past it, /v1/databases answers without saying which databases match the model
 
 
 
@@ -715,7 +716,11 @@ class Ingress:
     async def databases(self, request: Request) -> dict:
         self._authorize(request)
         databases = await self.retriever.databases.remote()
-        clip = (await self._model_info()).get("clip_hash")
+        try:
+            clip = (await asyncio.wait_for(self._model_info(), MODEL_INFO_TIMEOUT_S)).get("clip_hash")
+        except Exception as err:  # noqa: BLE001 - the list does not wait on a busy model: matches_model unknown
+            logger.warning("databases: the model's CLIP is unknown for now (%s)", type(err).__name__)
+            clip = None
         for database in databases:  # None: unknown (a local database, or embeddings that record no CLIP)
             made_by = database.get("clip_hash")
             database["matches_model"] = None if not (made_by and clip) else made_by == clip

@@ -279,6 +279,13 @@ def test_the_neighbors_route_answers_the_search_and_takes_no_allowance(database_
     assert ingress.limiter.remaining("") == 8  # no images taken
     listed = asyncio.run(ingress.databases(None))["databases"]
     assert [d["matches_model"] for d in listed] == [{"c1": True, "": None, "c2": False}[database_clip], None]
+
+    async def busy():
+        raise RuntimeError("the Generator is busy")
+
+    fresh = cls.__new__(cls)  # a model that does not answer yet: the list still comes, without the match
+    fresh._info, fresh.auth, fresh.generator, fresh.retriever = None, ingress.auth, handle(info=busy), ingress.retriever
+    assert [d["matches_model"] for d in asyncio.run(fresh.databases(None))["databases"]] == [None, None]
     if status == 409:
         error = json.loads(out.body)["error"]
         assert (out.status_code, error["type"], error["field"]) == (409, "incompatible_database", "database")
