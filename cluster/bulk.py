@@ -269,17 +269,18 @@ def keep_output_format(settings: BulkSettings, store, *, record: bool = True) ->
         started = state.get(name, {"output_format": "png", "image_format": {"name": "png", "quality": None}}[name]
                             if begun else None)
         if started is not None and started != value:
-            raise InputError(f"{store.uri} holds a job that writes {_describe(started)} output; it cannot go on as "
+            raise InputError(f"{store.uri} holds a job that writes {_describe(started)}; it cannot go on as "
                              f"{_describe(value)} (write to a new output, or keep {_describe(started)})")
     if record and any(state.get(name) != value for name, value in wanted.items()):
         store.write_bytes(JOB_STATE, json.dumps({**state, **wanted}, indent=1).encode())
 
 
 def _describe(value) -> str:
-    """An output format (`png`) or image encoding ({"name": "jpeg", "quality": 90}) as words."""
+    """An output format (`png`: "png output") or image encoding ({"name": "jpeg", "quality": 90}: "jpeg quality 90
+    images") as words."""
     if isinstance(value, dict):
         return value["name"] + (f" quality {value['quality']}" if value.get("quality") is not None else "") + " images"
-    return value
+    return f"{value} output"
 
 
 class Retrieve:

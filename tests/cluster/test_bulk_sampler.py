@@ -419,14 +419,14 @@ def test_a_job_keeps_the_image_encoding_it_started_with(tmp_path):
     store = open_store(str(tmp_path / "new"))
     keep_output_format(BulkSettings(image_format="jpeg"), store)
     keep_output_format(BulkSettings(image_format="jpeg", image_quality=90), store)  # 90: the default
-    with pytest.raises(InputError, match="writes jpeg quality 90 images output; it cannot go on as jpeg quality 80"):
+    with pytest.raises(InputError, match="writes jpeg quality 90 images; it cannot go on as jpeg quality 80 images"):
         keep_output_format(BulkSettings(image_format="jpeg", image_quality=80), store)
     with pytest.raises(InputError, match="it cannot go on as png images"):
         keep_output_format(BulkSettings(), store)
     older = open_store(str(tmp_path / "older"))  # a job from before encodings were recorded: PNG
     older.write_bytes("job.json", json.dumps({"output_format": "png"}).encode())
     keep_output_format(BulkSettings(), older)
-    with pytest.raises(InputError, match="writes png images output"):
+    with pytest.raises(InputError, match="writes png images; it cannot go on as webp quality 90 images"):
         keep_output_format(BulkSettings(image_format="webp"), older)
     with pytest.raises(InputError, match="png is lossless"):
         keep_output_format(BulkSettings(image_quality=50), store)
