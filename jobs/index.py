@@ -382,7 +382,8 @@ def embed_queries(args: argparse.Namespace) -> tuple[np.ndarray, list[str]]:
         check_clip(load_manifest(open_store(args.index), args.database), clip_hash_at(config, args.clip_weights),
                    config.clip.model_name)
     clip = load_clip_for(config, weights=local_path(args.clip_weights))
-    embeddings = [clip.encode_text(prompts[i:i + 64]).numpy() for i in range(0, len(prompts), 64)]
+    # one prompt a call, as a generation embeds its query: a batched call rounds differently
+    embeddings = [clip.encode_text([prompt]).numpy() for prompt in prompts]
     for uri in args.image:
         parent, _, name = uri.rpartition("/")
         try:
