@@ -375,6 +375,8 @@ def embed_queries(args: argparse.Namespace) -> tuple[np.ndarray, list[str]]:
             prompts += [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as err:
             raise InputError(f"cannot read --prompts {args.prompts}: {err}") from err
+    if not prompts and not args.image:
+        raise InputError(f"no queries: --prompts {args.prompts} holds no lines")
     config = model_config_at(args.model)
     if config.clip is None:
         raise InputError(f"model {args.model} has no CLIP encoder to embed the queries with; use --queries")
