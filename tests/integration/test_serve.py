@@ -545,11 +545,13 @@ def test_web_page_generates_in_headless_chromium(app_url, tmp_path):
         page.wait_for_selector("#size option:nth-child(2)", state="attached", timeout=10_000)  # loaded with the token
         sizes = page.eval_on_selector_all("#size option", "options => options.map(o => o.textContent)")
         page.select_option("#size", "24,40")  # the app's other size: the newest images come first
+        page.select_option("#format", "jpeg")
         page.click("#generate")
         page.wait_for_function("document.querySelectorAll('#gallery img').length >= 4", timeout=60_000)
         page.wait_for_function("document.querySelector('#gallery img').complete", timeout=10_000)
         other = page.evaluate("[document.querySelector('#gallery img').naturalWidth, "
                               "document.querySelector('#gallery img').naturalHeight]")
+        jpeg = page.evaluate("document.querySelector('#gallery img').src.startsWith('data:image/jpeg;base64,')")
         style = tmp_path / "style.png"
         Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(style)
         page.set_input_files("#style", [str(style)])  # the user's own image as the one neighbour
@@ -560,7 +562,7 @@ def test_web_page_generates_in_headless_chromium(app_url, tmp_path):
     assert "bearer token" in refused
     assert all(re.fullmatch(r"0\.\d{3} art\d+ \(corpus/art\d+\.png\)", item) for item in listed), listed
     assert "image(s)" in status and natural == 32
-    assert sizes == ["32 x 32", "24 x 40"] and other == [40, 24]
+    assert sizes == ["32 x 32", "24 x 40"] and other == [40, 24] and jpeg
     assert "neighbours: neighbor_images[0] (" in caption
     assert re.search(r"neighbours: art\d+\.png \(", from_database), from_database  # named by their corpus files
     pixels = np.asarray(Image.open(shot).convert("RGB"))
