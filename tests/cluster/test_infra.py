@@ -286,3 +286,33 @@ def test_grafana_jobs_dashboard_plots_every_job_series():
         assert f"ray_{name}_total" in exprs, name
     for name in histograms:
         assert f"ray_{name}_bucket" in exprs, name
+
+
+def test_alerting_rules_parse_and_watch_only_series_we_export():
+    """infra/prometheus/rdm-alerts.yaml: every rule is valid PromQL (parsed by promql-parser), says how severe and
+    what to do, and reads only series our deployments and jobs export (a renamed metric would leave an alert
+    silent forever)."""
+    import re
+
+    import promql_parser
+    import yaml
+
+    from cluster import job_metrics
+    from cluster.serve import deployments
+
+    rules = [r for g in yaml.safe_load((ROOT / "infra" / "prometheus" / "rdm-alerts.yaml").read_text())["groups"]
+             for r in g["rules"]]
+    sources = Path(deployments.__file__).read_text() + Path(job_metrics.__file__).read_text()
+    counters = set(re.findall(r'(?:metrics\.Counter|_counter)\("(rdm_\w+)"', sources))
+    histograms = set(re.findall(r'Histogram\("(rdm_\w+)"', sources))
+    exported = {f"ray_{n}_total" for n in counters} | {f"ray_{n}_{s}" for n in histograms
+                                                       for s in ("bucket", "sum", "count")}
+    assert len(rules) >= 8 and len({r["alert"] for r in rules}) == len(rules)
+    for rule in rules:
+        promql_parser.parse(rule["expr"])  # raises on a syntax error
+        assert rule["labels"]["severity"] in ("page", "warning") and rule["annotations"]["summary"], rule["alert"]
+        used = set(re.findall(r"\bray_rdm_\w+", rule["expr"]))
+        assert used and used <= exported, (rule["alert"], used - exported)
+    with pytest.raises(ValueError):
+        promql_parser.parse("sum(rate(ray_rdm_requests_total[5m])")  # the parser does refuse bad PromQL
+
