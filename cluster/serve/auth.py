@@ -147,19 +147,28 @@ class RateLimiter:
     then `per_minute / 60` images a second. `limits` overrides `default` (None: unlimited) by client name.
     The app's one `Allowances` replica holds the limiter every Ingress replica takes from."""
 
-    def __init__(self, default: int | None, limits: dict[str, int] | None = None, clock=time.monotonic) -> None:
+    def __init__(self, default: int | None, limits: dict[str, int] | None = None, clock=time.monotonic, *,
+                 share: float = 1.0, floor: int = 0) -> None:
         self.default, self.limits, self.clock = default, dict(limits or {}), clock
+        # `share` of each allowance (one of N Ingress replicas counting apart: 1/N), never below `floor` images
+        self.share, self.floor = share, floor
         self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, when)
         self._lock = threading.Lock()
         self.changes = 0  # counts takes and refunds: a saved state taken before the last one is stale
 
     def limit(self, client: str) -> int | None:
+        """The client's allowance: images per minute (None: unlimited)."""
         return self.limits.get(client, self.default)
+
+    def _capacity(self, client: str) -> float | None:
+        """The images this limiter gives the client a minute: its `share` of the allowance, at least `floor`."""
+        limit = self.limit(client)
+        return None if limit is None else max(float(self.floor), limit * self.share)
 
     def wait_s(self, client: str, images: int) -> float:
         """0 and the images taken from the client's allowance, or the seconds until they would fit (nothing
         taken). A request larger than a whole minute's allowance never fits: its wait is infinite."""
-        limit = self.limit(client)
+        limit = self._capacity(client)
         if limit is None:
             return 0.0
         if images > limit:
@@ -176,20 +185,20 @@ class RateLimiter:
 
     def remaining(self, client: str) -> int | None:
         """Whole images the client may ask for now (None: unlimited); takes nothing."""
-        limit = self.limit(client)
+        limit = self._capacity(client)
         if limit is None:
             return None
         with self._lock:
             return int(self._tokens(client, limit, self.clock()))
 
-    def _tokens(self, client: str, limit: int, now: float) -> float:
+    def _tokens(self, client: str, limit: float, now: float) -> float:
         """The client's images in hand at `now` (refilled since its last use, up to a minute's worth)."""
         tokens, when = self._buckets.get(client, (float(limit), now))
         return min(float(limit), tokens + (now - when) * limit / 60.0)
 
     def refund(self, client: str, images: int) -> None:
         """Give back what `wait_s` took for a request that got no images (refused, failed or abandoned)."""
-        limit = self.limit(client)
+        limit = self._capacity(client)
         if limit is None:
             return
         with self._lock:
@@ -203,21 +212,22 @@ class RateLimiter:
         now, held = self.clock(), {}
         with self._lock:
             for client in self._buckets:
-                limit = self.limit(client)
+                limit = self._capacity(client)
                 if limit is not None and (tokens := self._tokens(client, limit, now)) < limit:
                     held[client] = tokens
         return held
 
     def restore(self, held: dict[str, float], elapsed_s: float) -> None:
-        """Take up `export()`ed buckets, refilled for the `elapsed_s` since (a client's limit may have changed
-        meanwhile: capped at the current one; one no longer limited is left out)."""
+        """Take up `export()`ed buckets (of a whole allowance: this limiter takes its `share` of each), refilled
+        for the `elapsed_s` since (a client's limit may have changed meanwhile: capped at the current one; one no
+        longer limited is left out)."""
         now = self.clock()
         with self._lock:
             for client, tokens in held.items():
-                limit = self.limit(client)
+                limit = self._capacity(client)
                 if limit is not None:
                     refill = max(0.0, elapsed_s) * limit / 60.0
-                    self._buckets[client] = (min(float(limit), max(0.0, tokens) + refill), now)
+                    self._buckets[client] = (min(limit, max(0.0, tokens) * self.share + refill), now)
 
 
 ALLOWANCES_STATE = "_state/allowances-{app}.json"  # in the app's output store

@@ -52,6 +52,7 @@ from cluster.serve.auth import (
 from cluster.serve.batching import ModelBatcher
 from cluster.serve.outputs import image_key, image_url, write_image
 from cluster.serve.schemas import (
+    MAX_IMAGES,
     AppArgs,
     GeneratedImage,
     GenerateRequest,
@@ -95,6 +96,19 @@ def _app_name() -> str:
         return serve.get_replica_context().app_name
     except RayServeException:
         return "app"
+
+
+def _running_replicas() -> int:
+    """How many replicas of this replica's deployment are running (by the Serve controller; 1 where it cannot
+    say, or outside a replica)."""
+    try:
+        context = serve.get_replica_context()
+        application = serve.status().applications[context.app_name]
+        running = application.deployments[context.deployment].replica_states.get("RUNNING", 0)
+    except Exception as err:  # noqa: BLE001 - counted as alone: what it did before it could ask
+        logger.warning("cannot tell how many replicas run (%s: %s); counting as the only one", type(err).__name__, err)
+        return 1
+    return max(1, int(running))
 
 
 def served_size(sizes: list[tuple[int, int]], height: int | None, width: int | None) -> tuple[int, int]:
@@ -809,13 +823,21 @@ class Ingress:
                 return *taken, True
         return self.limiter.wait_s(client, images), self.limiter.limit(client), self.limiter.remaining(client), False
 
+    def _replica_count(self) -> int:
+        """How many Ingress replicas run (`_running_replicas`)."""
+        return _running_replicas()
+
     def _count_from_saved(self) -> None:
         """While the Allowances replica does not answer, this replica counts on buckets of its own: they start
-        from the ones that replica last saved (at most a second old), not from a full minute per client."""
-        limiter = RateLimiter(self.limiter.default, self.limiter.limits)
+        from the ones that replica last saved (at most a second old), not from a full minute per client, and
+        hold this replica's share of them (1/N of each allowance and of what was left, N the app's running
+        Ingress replicas, which count apart meanwhile; never less than one request's images)."""
+        replicas = self._replica_count()
+        limiter = RateLimiter(self.limiter.default, self.limiter.limits, share=1.0 / replicas, floor=MAX_IMAGES)
         restored = SavedAllowances(self.store, ALLOWANCES_STATE.format(app=_app_name())).load(limiter)
         self.limiter = limiter
-        logger.info("counting allowances here from the %d saved buckets short of a full minute", restored)
+        logger.info("counting allowances here, as 1 of %d Ingress replicas, from the %d saved buckets short of a "
+                    "full minute", replicas, restored)
 
     def _refund(self, client: str, images: int, shared: bool) -> None:
         """Gives images back where `_take` took them (`shared`: the app's Allowances), without waiting (the

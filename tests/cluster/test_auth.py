@@ -359,6 +359,30 @@ def test_an_ingress_counting_alone_starts_from_the_buckets_the_allowances_replic
     assert ingress._alone and ingress.limiter.remaining("") == 0
 
 
+def test_ingress_replicas_counting_alone_share_what_was_left(tmp_path):
+    """N Ingress replicas that count alone during an outage each take 1/N of what the app had left and of the
+    allowance (together the app's, not N times it), never less than one request's images; replicas it cannot
+    count are taken as one."""
+    from cluster.serve import deployments
+    from cluster.serve.auth import SavedAllowances
+    from cluster.storage import LocalStore
+
+    store = LocalStore(tmp_path)
+    limiter = RateLimiter(24, {"big": 120})
+    assert limiter.wait_s("", 12) == 0 and limiter.wait_s("big", 60) == 0  # the app had 12 and 60 left
+    SavedAllowances(store, deployments.ALLOWANCES_STATE.format(app="app")).save(limiter)
+    ingress = _ingress(_Handle(None), store=store)
+    ingress.limiter = RateLimiter(24, {"big": 120})  # the app's allowances, as AppArgs gives them
+    ingress._replica_count = lambda: 3  # (Serve's ingress wrapper copies the module's globals: no monkeypatch)
+    ingress._count_from_saved()
+    assert ingress.limiter.remaining("big") == 20 and ingress.limiter.limit("big") == 120  # 60 / 3; the header's
+    assert ingress.limiter.remaining("") == 4  # 12 / 3, in a bucket of 8 (24 / 3)
+    assert ingress.limiter.wait_s("", 8) > 0 and ingress.limiter.wait_s("", 4) == 0
+    assert ingress.limiter.wait_s("", 9) == float("inf")  # a bucket of 8: a request of 9 never fits here
+    assert RateLimiter(8, share=1 / 3, floor=8).remaining("") == 8  # 8 / 3 < one request: the floor
+    assert deployments._running_replicas() == 1  # outside a replica: cannot tell
+
+
 @pytest.mark.parametrize("options, ok", [({}, True), ({"num_replicas": 1}, True), ({"num_replicas": 2}, False),
                                          ({"autoscaling_config": {"min_replicas": 1, "max_replicas": 2}}, False)])
 def test_the_allowances_deployment_runs_one_replica(options, ok):

@@ -397,6 +397,25 @@ def test_retriever_replicas_share_one_copy_of_the_shards(app_url):
     assert len(owned) == sum(d["actors"] for d in described["databases"].values())  # art's 2, and any other's
 
 
+def test_a_replica_counts_the_running_replicas_of_its_deployment(app_url):
+    """What an Ingress replica counting allowances alone divides them by (`_running_replicas`): asked of the
+    Serve controller from inside a replica."""
+    from ray import serve
+
+    @serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0.01})
+    class Counted:
+        def __call__(self) -> int:
+            from cluster.serve.deployments import _running_replicas
+
+            return _running_replicas()
+
+    handle = serve.run(Counted.bind(), name="counted", route_prefix="/counted")
+    try:
+        assert handle.remote().result(timeout_s=60) == 2
+    finally:
+        serve.delete("counted")
+
+
 def test_generator_replica_killed_under_load(app_url):
     """Kill the only Generator replica mid-load: failures are bounded 5xx JSON, and the service recovers."""
     import ray
