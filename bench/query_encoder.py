@@ -32,12 +32,13 @@ def items(images_per_prompt: int, count: int = 32) -> dict[str, np.ndarray]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clip", default="ViT-L-14", help="open_clip architecture (random weights)")
+    parser.add_argument("--clip", default="ViT-L-14",
+                        help="a 768-wide open_clip architecture, as RDM-768's context takes (random weights)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     config = get_config("rdm-768")
-    clip = dataclasses.replace(config.clip, model_name=args.clip, pretrained=None)
+    clip = dataclasses.replace(config.clip, model_name=args.clip, pretrained=None)  # random weights
     encoder = QueryEncoder(dataclasses.asdict(dataclasses.replace(config, clip=clip)), None)
     rows = []
     for per_prompt in (1, 4):
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         before, now = [], []
         for _ in range(args.repeats):
             started = time.perf_counter()
-            each = [_array_bytes(encoder._embed(row)) for row in _rows(batch)]  # one CLIP call per item
+            each = [_array_bytes(encoder.embed(row["prompt"], row["image"])) for row in _rows(batch)]  # a call per item
             before.append(time.perf_counter() - started)
             started = time.perf_counter()
             out = encoder(batch)

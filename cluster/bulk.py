@@ -173,12 +173,14 @@ class QueryEncoder:
 
         self.clip = load_clip_for(from_dict(RDMConfig, config), weights=local_path(clip_weights))
 
-    def _embed(self, row: dict) -> np.ndarray:
-        if not row["image"]:
-            return self.clip.encode_text([row["prompt"]])[0].numpy()
+    def embed(self, prompt: str, image: str = "") -> np.ndarray:
+        """The query [D]: the CLIP image embedding of the image at URI `image` where one is given, else the CLIP
+        text embedding of `prompt`; one query a CLIP call."""
+        if not image:
+            return self.clip.encode_text([prompt])[0].numpy()
         from rdm.images import decode_rgb, to_model_range
 
-        parent, _, name = str(row["image"]).rpartition("/")
+        parent, _, name = str(image).rpartition("/")
         pixels = decode_rgb(open_store(parent or ".").read_bytes(name))
         return self.clip.encode_image(to_model_range(pixels))[0].numpy()
 
@@ -189,7 +191,7 @@ class QueryEncoder:
             query = (str(row["prompt"]), str(row["image"]))
             if query not in embedded:
                 try:
-                    embedded[query] = (_array_bytes(self._embed(row)), "")
+                    embedded[query] = (_array_bytes(self.embed(*query)), "")
                 except (RDMError, OSError, ValueError) as err:
                     embedded[query] = (b"", f"{type(err).__name__}: {getattr(err, 'cause', None) or err}")
             row["query"], row["error"] = embedded[query]

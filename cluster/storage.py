@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import mimetypes
 import os
 import tempfile
 from pathlib import Path
@@ -289,8 +290,6 @@ def _content_type(key: str) -> dict[str, str]:
     """The object's `ContentType` from its name (`image/png`, `text/html`, `application/json`, ...), so that a
     presigned URL or a bucket browser shows a generated image or a job's contact sheet instead of downloading
     it; nothing for names without a known type (S3 then records binary/octet-stream)."""
-    import mimetypes
-
     kind, _ = mimetypes.guess_type(key)
     return {"ContentType": kind} if kind else {}
 

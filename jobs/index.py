@@ -361,13 +361,15 @@ def run_query(args: argparse.Namespace) -> None:
 
 def embed_queries(args: argparse.Namespace) -> tuple[np.ndarray, list[str]]:
     """The CLIP embeddings [B, D] of `--prompt`s, `--prompts`' lines and `--image`s, embedded by the model's CLIP
-    as a generation's queries are, and their labels (the prompt, or the image's URI). The database's current
-    version must have been embedded by that CLIP (`--allow-clip-mismatch`: queried anyway)."""
-    from cluster.artifacts import clip_hash_at, local_path, model_config_at
+    as a bulk generation embeds its queries (`cluster.bulk.QueryEncoder`), and their labels (the prompt, or the
+    image's URI). The database's current version must have been embedded by that CLIP (`--allow-clip-mismatch`:
+    queried anyway)."""
+    from dataclasses import asdict
+
+    from cluster.artifacts import clip_hash_at, model_config_at
+    from cluster.bulk import QueryEncoder
     from cluster.index.manifest import check_clip, load_manifest
     from cluster.storage import open_store
-    from rdm.factory import load_clip_for
-    from rdm.images import decode_rgb, to_model_range
 
     prompts = list(args.prompt)
     if args.prompts is not None:
@@ -383,18 +385,14 @@ def embed_queries(args: argparse.Namespace) -> tuple[np.ndarray, list[str]]:
     if not args.allow_clip_mismatch:
         check_clip(load_manifest(open_store(args.index), args.database), clip_hash_at(config, args.clip_weights),
                    config.clip.model_name)
-    clip = load_clip_for(config, weights=local_path(args.clip_weights))
-    # one prompt a call, as a generation embeds its query: a batched call rounds differently
-    embeddings = [clip.encode_text([prompt]).numpy() for prompt in prompts]
+    encoder = QueryEncoder(asdict(config), args.clip_weights)
+    embeddings = [encoder.embed(prompt) for prompt in prompts]
     for uri in args.image:
-        parent, _, name = uri.rpartition("/")
         try:
-            data = open_store(parent or ".").read_bytes(name)
+            embeddings.append(encoder.embed("", uri))
         except OSError as err:
             raise InputError(f"cannot read --image {uri}: {err}") from err
-        pixels = decode_rgb(data)
-        embeddings.append(clip.encode_image(to_model_range(pixels)).numpy())
-    return np.concatenate(embeddings), prompts + list(args.image)
+    return np.stack(embeddings), prompts + list(args.image)
 
 
 @exit_codes

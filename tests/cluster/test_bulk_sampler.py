@@ -153,7 +153,7 @@ def test_a_query_is_embedded_once_per_batch_and_alone(tmp_path):
     out = encoder(batch)
     assert calls == [["a boat"], ["a tree"]]
     alone = QueryEncoder(asdict(get_config("tiny")), None)
-    assert out["query"][:6] == [bytes(_array_bytes(alone._embed({"prompt": p, "image": ""}))) for p in prompts[:6]]
+    assert out["query"][:6] == [_array_bytes(alone.embed(p)) for p in prompts[:6]]
     assert out["query"][6:] == [b"", b""] and out["error"][6] == out["error"][7] and out["error"][6]
     assert query_encoders(BulkSettings(num_samplers=3)) == 3 and query_encoders(BulkSettings(query_encoders=5)) == 5
     with pytest.raises(InputError, match="query_encoders must be >= 1"):
