@@ -269,6 +269,8 @@ def describe(info) -> dict:
             "count": manifest.count if manifest else None, "shards": len(manifest.shards) if manifest else None,
             "index_spec": manifest.index_spec if manifest else None,
             "recall": manifest.recall.get("recall") if manifest else None,
+            "clip": (manifest.clip_model or None) if manifest else None,
+            "clip_hash": (manifest.clip_hash or None) if manifest else None,
             "size_bytes": info.size_bytes, "files": info.num_files}
 
 
@@ -284,13 +286,14 @@ def run_versions(args: argparse.Namespace) -> None:
             print(json.dumps(row))
         return
     print(f"{'version':<25} {'status':<10} {'created (UTC)':<19} {'last current (UTC)':<19} {'vectors':>10} "
-          f"{'shards':>6} {'index':<14} {'recall':>6} {'MB':>9}")
+          f"{'shards':>6} {'index':<14} {'recall':>6} {'MB':>9}  CLIP")
     for r in rows:
         recall = "-" if r["recall"] is None else f"{r['recall']:.3f}"
         size = "-" if r["size_bytes"] is None else f"{r['size_bytes'] / 1e6:.1f}"
         last = "now" if r["status"] == "current" else r["last_current"] or "-"
         print(f"{r['version']:<25} {r['status']:<10} {r['created'] or '-':<19} {last:<19} {r['count'] or '-':>10} "
-              f"{r['shards'] or '-':>6} {r['index_spec'] or '-':<14} {recall:>6} {size:>9}")
+              f"{r['shards'] or '-':>6} {r['index_spec'] or '-':<14} {recall:>6} {size:>9}  "
+              f"{r['clip'] or '-'}{' (' + r['clip_hash'] + ')' if r['clip_hash'] else ''}")
 
 
 def run_rollback(args: argparse.Namespace) -> None:

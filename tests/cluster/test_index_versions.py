@@ -20,7 +20,8 @@ def version_at(hours_ago: float) -> str:
     return (NOW - timedelta(hours=hours_ago)).strftime("v%Y%m%dT%H%M%S%fZ")
 
 
-def write_version(store, database: str, version: str, *, count: int = 10, published: bool = True) -> None:
+def write_version(store, database: str, version: str, *, count: int = 10, published: bool = True,
+                  clip: tuple[str, str] = ("", "")) -> None:
     """A version's two shards as `build_index` lays them out; `published` writes the manifest and flips
     CURRENT (as `publish` does, as if the build had taken no time), else the files only (a failed or
     running build)."""
@@ -33,7 +34,8 @@ def write_version(store, database: str, version: str, *, count: int = 10, publis
         shards.append(ShardInfo(shard_id, count // 2, files, {name: 100 for name in files}))
     if published:
         publish(store, Manifest(database=database, version=version, count=count, dim=16, index_spec="Flat",
-                                nprobe=1, shards=tuple(shards), recall={"k": 5, "recall": 1.0}),
+                                nprobe=1, shards=tuple(shards), recall={"k": 5, "recall": 1.0}, clip_model=clip[0],
+                                clip_hash=clip[1]),
                 now=datetime.strptime(version, "v%Y%m%dT%H%M%S%fZ").replace(tzinfo=timezone.utc))
 
 
@@ -134,15 +136,17 @@ def test_cli_lists_rolls_back_and_prunes(tmp_path, capsys):
     store = open_store(str(tmp_path / "index"))
     first, second = version_at(50), version_at(40)
     write_version(store, "art", first)
-    write_version(store, "art", second)
+    write_version(store, "art", second, clip=("ViT-L-14:openai", "0123456789abcdef"))
     index = str(tmp_path / "index")
     assert index_main(["versions", "art", "--index", index, "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["version"], r["status"], r["count"], r["size_bytes"]) for r in rows] == [
         (first, "published", 10, 400), (second, "current", 10, 400)]
     assert [r["last_current"] for r in rows] == [(NOW - timedelta(hours=40)).strftime("%Y-%m-%d %H:%M:%S"), None]
+    assert [(r["clip"], r["clip_hash"]) for r in rows] == [(None, None), ("ViT-L-14:openai", "0123456789abcdef")]
     assert index_main(["versions", "art", "--index", index]) == 0
-    assert second in capsys.readouterr().out
+    listed = capsys.readouterr().out.splitlines()
+    assert second in listed[2] and listed[2].endswith("  ViT-L-14:openai (0123456789abcdef)") and listed[1].endswith("  -")
     assert index_main(["rollback", "art", "--index", index]) == 0
     assert f"{second} -> {first}" in capsys.readouterr().out
     assert index_main(["rollback", "art", "--index", index, "--to", "nope"]) == 2
