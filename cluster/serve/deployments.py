@@ -7,6 +7,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -40,7 +41,7 @@ from cluster.errors import (
     ShardUnavailableError,
     UnknownDatabaseError,
 )
-from cluster.index.manifest import clip_mismatch
+from cluster.index.manifest import check_clip, clip_mismatch, load_manifest
 from cluster.serve.auth import (
     ALLOWANCES_STATE,
     TOKEN_ENV,
@@ -486,6 +487,8 @@ class Retriever:
         if self.pool is not None and refresh_interval_s > 0:
             threading.Thread(target=self._poll, args=(refresh_interval_s,), daemon=True).start()
         self.local = {name: ExactRetriever.from_file(path) for name, path in local_databases.items()}
+        self.index = open_store(index_uri) if index_uri else None
+        self._clip_checked: set[str] = set()  # databases whose CLIP was checked before their actors started
         self.m_latency = metrics.Histogram("rdm_retrieval_seconds", description="retrieval latency",
                                            boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5])
         self.m_batch = metrics.Histogram("rdm_retrieval_batch_size", description="queries per retrieval batch",
@@ -502,25 +505,34 @@ class Retriever:
                  for n, r in self.local.items()]
         return found + (self.pool.databases() if self.pool else [])
 
-    def resolve(self, database: str):
-        """(retriever, version) of a database name."""
+    def resolve(self, database: str, clip: dict | None = None):
+        """(retriever, version) of a database name. With `clip` (the model's CLIP: {"hash", "name"}), a
+        published database is checked against it before its actors start (`check_clip`; once: a version swapped
+        in later is checked by the Ingress, on each search's result)."""
         if database in self.local:
             return self.local[database], "local"
         if self.pool is not None:
+            if clip is not None and database not in self._clip_checked:
+                check_clip(load_manifest(self.index, database), clip["hash"], clip["name"])
+                self._clip_checked.add(database)
             retriever = self.pool.get(database)
             return retriever, retriever.version
         raise UnknownDatabaseError(f"unknown database {database!r}; known: {', '.join(self.local) or 'none'}")
 
-    async def search(self, database: str, query: np.ndarray, num_neighbors: int) -> dict:
-        result = await self._search_batch((database, query, num_neighbors))
+    async def search(self, database: str, query: np.ndarray, num_neighbors: int, clip: dict | None = None) -> dict:
+        """The database's `num_neighbors` nearest to `query`; `clip`: the model's CLIP, which a database's
+        embeddings must come from (see `resolve`; None: not checked)."""
+        result = await self._search_batch((database, query, num_neighbors, clip))
         if isinstance(result, Exception):
             raise result
         return result
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _search_batch(self, items: list[tuple[str, np.ndarray, int]]) -> list:
+    async def _search_batch(self, items: list[tuple[str, np.ndarray, int, dict | None]]) -> list:
         started = time.perf_counter()
-        results = await asyncio.to_thread(search_batch, self.resolve, items)
+        clip = next((c for *_, c in items if c is not None), None)  # one app, one model: the same for every item
+        results = await asyncio.to_thread(search_batch, functools.partial(self.resolve, clip=clip),
+                                          [(database, query, k) for database, query, k, _ in items])
         elapsed = time.perf_counter() - started
         self.m_batch.observe(len(items))
         for _ in items:
@@ -910,6 +922,14 @@ class Ingress:
     async def _served_sizes(self) -> list[tuple[int, int]]:
         return [tuple(size) for size in (await self._model_info())["image_sizes"]]
 
+    async def _model_clip(self) -> dict | None:
+        """The model's CLIP as the Retriever checks a database against it before its first search ({"hash",
+        "name"}; None where the app allows a mismatch or the model's CLIP is unknown)."""
+        info = await self._model_info()
+        if self.args.allow_clip_mismatch or not info.get("clip_hash"):
+            return None
+        return {"hash": info["clip_hash"], "name": info.get("clip") or ""}
+
     async def _check_clip(self, database: str, found: dict) -> None:
         """An IncompatibleDatabaseError (409) where the database's version was embedded by another CLIP than the
         model's (unless the app sets allow_clip_mismatch): images conditioned on it would not follow its style."""
@@ -925,7 +945,7 @@ class Ingress:
         started = time.perf_counter()
         query = await self.generator.embed.remote(body.prompt, body.image)
         embedded = time.perf_counter()
-        found = await self.retriever.search.remote(body.database, query, body.num_neighbors)
+        found = await self.retriever.search.remote(body.database, query, body.num_neighbors, await self._model_clip())
         await self._check_clip(body.database, found)
         done = time.perf_counter()
         return NeighborsResponse(
@@ -945,7 +965,8 @@ class Ingress:
             found = {"ids": [f"neighbor_images[{i}]" for i in range(len(embeddings))], "scores": embeddings @ query,
                      "embeddings": embeddings, "version": None, "degraded": False}
         elif body.database is not None and body.num_neighbors > 0:
-            found = await self.retriever.search.remote(body.database, query, body.num_neighbors)
+            found = await self.retriever.search.remote(body.database, query, body.num_neighbors,
+                                                       await self._model_clip())
             await self._check_clip(body.database, found)
         retrieved = time.perf_counter()
         neighbors = found["embeddings"] if found else np.zeros((0, len(query)), np.float32)

@@ -75,3 +75,24 @@ def test_a_bulk_job_refuses_a_database_of_another_clip_before_recording_anything
     assert rdm(args) == 0 and "databases: ink version v2" in capsys.readouterr().out
     run = _Run.prepare(str(prompts), str(out), settings, record=True)
     assert run.versions == {"ink": "v2"} and json.loads((out / "job.json").read_text())["index_versions"] == {"ink": "v2"}
+
+
+def test_the_serve_retriever_checks_a_database_before_its_actors_start(tmp_path):
+    """The app's Retriever reads a published database's manifest before its first search starts the shard
+    actors: a database of another CLIP is refused without loading it (once checked, not read again)."""
+    from cluster.serve import deployments
+
+    index = open_store(str(tmp_path / "index"))
+    publish(index, manifest("aaaa"))
+    cls = deployments.Retriever.func_or_class
+    retriever, started = cls.__new__(cls), []
+    retriever.local, retriever.index, retriever._clip_checked = {}, index, set()
+    retriever.pool = type("Pool", (), {"get": lambda self, database: started.append(database)
+                                       or type("Started", (), {"version": "v1"})()})()
+    with pytest.raises(IncompatibleDatabaseError, match="embedded with CLIP ViT-B-32 \\(aaaa\\), not the model's tiny"):
+        retriever.resolve("ink", clip={"hash": "bbbb", "name": "tiny"})
+    assert started == []  # its actors never started
+    assert retriever.resolve("ink", clip={"hash": "aaaa", "name": "tiny"})[1] == "v1" and started == ["ink"]
+    (index.root / "ink" / "CURRENT").unlink()  # checked once: its manifest is not read again
+    assert retriever.resolve("ink", clip={"hash": "aaaa", "name": "tiny"})[1] == "v1"
+    assert retriever.resolve("ink")[1] == "v1"  # no clip (allow_clip_mismatch): not checked

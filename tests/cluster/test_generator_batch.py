@@ -260,8 +260,8 @@ def test_the_neighbors_route_answers_the_search_and_takes_no_allowance(database_
         calls.append(("embed", prompt, image))
         return np.ones(4, np.float32)
 
-    async def search(database, query, k):
-        calls.append(("search", database, query.tolist(), k))
+    async def search(database, query, k, clip):  # clip: the model's, which the Retriever checks before starting
+        calls.append(("search", database, query.tolist(), k, clip))
         return {"ids": ["a", "b"], "scores": [0.9, 0.5], "sources": ["x.png", None], "version": "v3",
                 "degraded": False, "embeddings": np.zeros((2, 4), np.float32), "clip_model": "ViT-B-32",
                 "clip_hash": database_clip}
@@ -275,7 +275,8 @@ def test_the_neighbors_route_answers_the_search_and_takes_no_allowance(database_
     ingress.generator = handle(embed=embed, info=info)
     ingress.retriever = handle(search=search, databases=databases)
     out = asyncio.run(ingress.neighbors(NeighborsRequest(prompt="a boat", database="art", num_neighbors=2), None))
-    assert calls == [("embed", "a boat", None), ("search", "art", [1.0] * 4, 2)]
+    model_clip = None if allow else {"hash": "c1", "name": "tiny"}
+    assert calls == [("embed", "a boat", None), ("search", "art", [1.0] * 4, 2, model_clip)]
     assert ingress.limiter.remaining("") == 8  # no images taken
     listed = asyncio.run(ingress.databases(None))["databases"]
     assert [d["matches_model"] for d in listed] == [{"c1": True, "": None, "c2": False}[database_clip], None]
