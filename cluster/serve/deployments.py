@@ -695,6 +695,9 @@ class Allowances:
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=128)
 @serve.ingress(app)
 class Ingress:
+    # an attribute, so that tests can shorten it (the class's methods see a copy of this module's globals)
+    allowance_timeout_s = ALLOWANCE_TIMEOUT_S
+
     def __init__(self, generator: DeploymentHandle, retriever: DeploymentHandle, args: dict,
                  allowances: DeploymentHandle | None = None) -> None:
         self.args = AppArgs(**args)
@@ -819,7 +822,7 @@ class Ingress:
         if self.allowances is not None:
             response = self.allowances.take.remote(client, images)
             try:
-                taken = await asyncio.wait_for(_awaited(response), ALLOWANCE_TIMEOUT_S)
+                taken = await asyncio.wait_for(_awaited(response), self.allowance_timeout_s)
             except asyncio.CancelledError:
                 response.cancel()
                 raise
@@ -860,7 +863,7 @@ class Ingress:
 
         async def send() -> None:
             try:
-                await asyncio.wait_for(_awaited(self.allowances.refund.remote(client, images)), ALLOWANCE_TIMEOUT_S)
+                await asyncio.wait_for(_awaited(self.allowances.refund.remote(client, images)), self.allowance_timeout_s)
             except Exception as err:  # noqa: BLE001
                 logger.warning("refund of %d images to %r failed (%s)", images, client, type(err).__name__)
 

@@ -314,13 +314,13 @@ def test_every_ingress_replica_takes_from_the_apps_one_allowance():
     assert first.limiter.wait_s("", 8) == 0.0  # the replicas' own buckets were never used
 
 
-def test_an_ingress_counts_alone_while_the_allowances_replica_does_not_answer(monkeypatch, caplog):
+def test_an_ingress_counts_alone_while_the_allowances_replica_does_not_answer(caplog):
     from cluster.serve import deployments
     from cluster.serve.schemas import GenerateRequest
 
-    monkeypatch.setattr(deployments, "ALLOWANCE_TIMEOUT_S", 0.05)
     handle = _Handle(deployments.Allowances.func_or_class(8, {}), hang=True)
     ingress = _ingress(handle)
+    ingress.allowance_timeout_s = 0.05
 
     async def scenario():
         failed = await ingress.generate(GenerateRequest(prompt="bad", num_images=8), None, Response())
@@ -334,17 +334,17 @@ def test_an_ingress_counts_alone_while_the_allowances_replica_does_not_answer(mo
     assert "allowances unreachable (TimeoutError" in caplog.text
 
 
-def test_an_ingress_counting_alone_starts_from_the_buckets_the_allowances_replica_saved(tmp_path, monkeypatch):
+def test_an_ingress_counting_alone_starts_from_the_buckets_the_allowances_replica_saved(tmp_path):
     """An outage of the Allowances replica does not hand every client a full minute on every Ingress replica:
     counting alone starts from the buckets that replica last saved (and again at the next outage)."""
     from cluster.serve import deployments
     from cluster.serve.schemas import GenerateRequest
     from cluster.storage import LocalStore
 
-    monkeypatch.setattr(deployments, "ALLOWANCE_TIMEOUT_S", 0.05)
     shared = deployments.Allowances.func_or_class(8, {}, str(tmp_path), save_interval_s=3600)
     handle = _Handle(shared)
     ingress = _ingress(handle, store=LocalStore(tmp_path))
+    ingress.allowance_timeout_s = 0.05
 
     async def scenario():
         assert await ingress.generate(GenerateRequest(prompt="a boat", num_images=6), None, Response()) == {"ok": 6}
