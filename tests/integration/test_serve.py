@@ -161,8 +161,9 @@ def test_neighbors_are_the_ones_generate_conditions_on(app_url):
 def test_a_database_embedded_by_another_clip_is_a_409_naming_both(app_url):
     url, _ = app_url
     status, listed = call(url, "/v1/databases")
-    assert status == 200 and {d["name"]: d["matches_model"] for d in listed["databases"]} == {"art": None,
-                                                                                              "other-clip": False}
+    matches = {d["name"]: d["matches_model"] for d in listed["databases"]}
+    assert status == 200 and matches["other-clip"] is False
+    assert matches["art"] in (None, True)  # embeddings that record no CLIP; the tiny CLIP's once rebuilt
     for path, extra in [("/v1/neighbors", {}), ("/v1/generate", FAST)]:
         status, out = call(url, path, {"prompt": "a boat", "database": "other-clip", **extra})
         assert status == 409 and out["error"]["type"] == "incompatible_database", out
