@@ -165,7 +165,7 @@ class RateLimiter:
         limit = self.limit(client)
         return None if limit is None else max(float(self.floor), limit * self.share)
 
-    def wait_s(self, client: str, images: int) -> float:
+    def wait_s(self, client: str, images: float) -> float:
         """0 and the images taken from the client's allowance, or the seconds until they would fit (nothing
         taken). A request larger than a whole minute's allowance never fits: its wait is infinite."""
         limit = self._capacity(client)
@@ -196,7 +196,7 @@ class RateLimiter:
         tokens, when = self._buckets.get(client, (float(limit), now))
         return min(float(limit), tokens + (now - when) * limit / 60.0)
 
-    def refund(self, client: str, images: int) -> None:
+    def refund(self, client: str, images: float) -> None:
         """Give back what `wait_s` took for a request that got no images (refused, failed or abandoned)."""
         limit = self._capacity(client)
         if limit is None:

@@ -15,7 +15,7 @@ import secrets
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from importlib import resources
 
@@ -683,12 +683,12 @@ class Allowances:
             with contextlib.suppress(Exception):
                 self.saved.save(self.limiter)
 
-    async def take(self, client: str, images: int) -> tuple[float, int | None, int | None]:
+    async def take(self, client: str, images: float) -> tuple[float, int | None, int | None]:
         """(0 and the images taken, or the seconds until they fit; the client's images per minute; the
         images it may ask for after this request)."""
         return self.limiter.wait_s(client, images), self.limiter.limit(client), self.limiter.remaining(client)
 
-    async def refund(self, client: str, images: int) -> None:
+    async def refund(self, client: str, images: float) -> None:
         self.limiter.refund(client, images)
 
 
@@ -784,38 +784,49 @@ class Ingress:
 
     @app.post("/v1/generate", response_model=GenerateResponse)
     async def generate(self, body: GenerateRequest, request: Request, reply: Response):
-        """Images for one request. Where the client has an allowance, every answer says how much:
-        `RateLimit-Limit` (images per minute) and `RateLimit-Remaining` (images it may ask for now)."""
+        """Images for one request, each taken from the client's allowance."""
         client = self._authorize(request)
         request_id = secrets.token_hex(12)
-        wait_s, limit, remaining, shared = await self._take(client, body.num_images)
+        return await self._allowed("generate", client, body.num_images, request_id, reply,
+                                   lambda: self._generate(body, request_id, client=client))
+
+    @app.post("/v1/neighbors", response_model=NeighborsResponse)
+    async def neighbors(self, body: NeighborsRequest, request: Request, reply: Response):
+        """The neighbours a database gives a prompt or image -- those /v1/generate conditions on for the same
+        query, database and `num_neighbors` -- without sampling: for choosing and checking style databases. It
+        takes `neighbor_query_cost` images from the client's allowance (one CLIP embedding and one search)."""
+        client = self._authorize(request)
+        request_id = secrets.token_hex(12)
+        return await self._allowed("neighbors", client, self.args.neighbor_query_cost, request_id, reply,
+                                   lambda: self._neighbors(body, request_id))
+
+    async def _allowed(self, route: str, client: str, cost: float, request_id: str, reply: Response,
+                       work: Callable[[], Coroutine]):
+        """`work`'s answer, for `cost` images of the client's allowance: a 429 + Retry-After past it, and the
+        images given back where the request gets no answer (refused, failed or abandoned). Where the client has
+        an allowance, every answer says how much: `RateLimit-Limit` (images per minute) and
+        `RateLimit-Remaining` (whole images it may ask for now)."""
+        if cost <= 0:
+            return await self._answer(route, work(), request_id, client)
+        wait_s, limit, remaining, shared = await self._take(client, cost)
         headers = {} if limit is None else {"RateLimit-Limit": str(limit), "RateLimit-Remaining": str(remaining)}
         if wait_s > 0:
             refused = _rate_limited(client, limit, wait_s, request_id)
             refused.headers.update(headers)
-            return self._count(refused, "generate", client)
+            return self._count(refused, route, client)
         try:
-            response = await self._answer("generate", self._generate(body, request_id, client=client), request_id, client)
+            response = await self._answer(route, work(), request_id, client)
         except asyncio.CancelledError:
-            self._refund(client, body.num_images, shared)  # a request that gets no images gives its allowance back
+            self._refund(client, cost, shared)
             raise
         if isinstance(response, JSONResponse):
-            self._refund(client, body.num_images, shared)
+            self._refund(client, cost, shared)
             response.headers.update(headers)
         else:
             reply.headers.update(headers)
         return response
 
-    @app.post("/v1/neighbors", response_model=NeighborsResponse)
-    async def neighbors(self, body: NeighborsRequest, request: Request):
-        """The neighbours a database gives a prompt or image -- those /v1/generate conditions on for the same
-        query, database and `num_neighbors` -- without sampling: for choosing and checking style databases. It
-        takes no images from the client's allowance (one CLIP embedding and one search)."""
-        client = self._authorize(request)
-        request_id = secrets.token_hex(12)
-        return await self._answer("neighbors", self._neighbors(body, request_id), request_id, client)
-
-    async def _take(self, client: str, images: int) -> tuple[float, int | None, int | None, bool]:
+    async def _take(self, client: str, images: float) -> tuple[float, int | None, int | None, bool]:
         """`Allowances.take` for the whole app; this replica's own buckets while that replica cannot be
         reached within ALLOWANCE_TIMEOUT_S (a request is not refused because its allowance cannot be counted).
         (wait_s, limit, images remaining, whether the app's Allowances counted it)."""
@@ -854,7 +865,7 @@ class Ingress:
         logger.info("counting allowances here, as 1 of %d Ingress replicas, from the %d saved buckets short of a "
                     "full minute", replicas, restored)
 
-    def _refund(self, client: str, images: int, shared: bool) -> None:
+    def _refund(self, client: str, images: float, shared: bool) -> None:
         """Gives images back where `_take` took them (`shared`: the app's Allowances), without waiting (the
         request has ended; a refund that fails is logged: the client's allowance refills within a minute)."""
         if not shared:

@@ -148,6 +148,10 @@ class AppArgs(BaseModel):
             if limit < MAX_IMAGES:
                 raise ValueError(f"{client}: {limit} images per minute is less than one request's {MAX_IMAGES}")
         return limits
+    neighbor_query_cost: float = Field(0.1, ge=0, le=MAX_IMAGES,
+                                       description="images a POST /v1/neighbors takes from the client's allowance "
+                                       "(one CLIP embedding and a search, on the Generator's queue like an image's); "
+                                       "0: free")
     allow_clip_mismatch: bool = Field(False, description="serve databases whose versions were embedded by another "
                                       "CLIP than the model's (else a request for one is a 409 incompatible_database)")
     max_body_bytes: int = Field(12 * 1024 * 1024, ge=1024)

@@ -3,6 +3,7 @@
 import asyncio
 import json
 import logging
+import math
 import os
 
 import pytest
@@ -233,6 +234,36 @@ def test_the_ingress_answers_a_client_past_its_allowance_with_429_and_retry_afte
     never = deployments._rate_limited("team-a", 8, float("inf"), "r1")
     assert never.status_code == 429 and "retry-after" not in never.headers
     assert "which this request alone exceeds" in json.loads(never.body)["error"]["message"]
+
+
+@pytest.mark.parametrize("cost, answered", [(1.0, 8), (0.5, 16), (0.0, 20)])
+def test_neighbours_queries_take_their_cost_from_the_same_allowance(cost, answered):
+    """`POST /v1/neighbors` costs `neighbor_query_cost` images of the client's allowance (each is a CLIP
+    embedding on the Generator's queue): past it, 429 + Retry-After, as for images; 0 leaves them unlimited."""
+    import asyncio
+    import json
+
+    from cluster.serve import deployments
+    from cluster.serve.schemas import AppArgs, NeighborsRequest
+
+    cls = deployments.Ingress.func_or_class
+    ingress = cls.__new__(cls)
+    ingress.auth, ingress.allowances = Authenticator(None, None), None
+    ingress.limiter = RateLimiter(8, clock=lambda: 0.0)  # no refill while the test runs
+    ingress.args, ingress._pending = AppArgs(neighbor_query_cost=cost), set()
+    ingress.m_requests = type("Counter", (), {"inc": lambda self, tags: None})()
+
+    async def neighbors(body, request_id):
+        return {"ok": True}
+
+    ingress._neighbors = neighbors
+    answers = [asyncio.run(ingress.neighbors(NeighborsRequest(prompt="a boat", database="art"), None, Response()))
+               for _ in range(20)]
+    assert sum(answer == {"ok": True} for answer in answers) == answered
+    if answered < 20:
+        refused = answers[answered]
+        assert refused.status_code == 429 and json.loads(refused.body)["error"]["type"] == "rate_limited"
+        assert int(refused.headers["retry-after"]) == math.ceil(cost * 60 / 8)
 
 
 class _Handle:

@@ -212,7 +212,10 @@ def test_the_ingress_answers_each_failure_with_its_status_and_no_internals(error
 
     cls = deployments.Ingress.func_or_class
     ingress = cls.__new__(cls)  # the route's own error mapping, without Serve
-    ingress.auth, ingress.limiter, ingress.allowances = Authenticator(None, None), RateLimiter(None), None
+    from cluster.serve.schemas import AppArgs
+
+    ingress.auth, ingress.limiter, ingress.allowances = Authenticator(None, None), RateLimiter(8), None
+    ingress.args, ingress._pending = AppArgs(), set()
     counted = []
     ingress.m_requests = type("Counter", (), {"inc": lambda self, tags: counted.append(tags)})()
 
@@ -224,9 +227,10 @@ def test_the_ingress_answers_each_failure_with_its_status_and_no_internals(error
         response = asyncio.run(ingress.generate(GenerateRequest(prompt="a boat"), None, Response()))
     else:
         ingress._neighbors = failing
-        response = asyncio.run(ingress.neighbors(NeighborsRequest(prompt="a boat", database="art"), None))
+        response = asyncio.run(ingress.neighbors(NeighborsRequest(prompt="a boat", database="art"), None, Response()))
     body = json.loads(response.body)["error"]
     assert response.status_code == status and body["type"] == kind and body["request_id"]
+    assert ingress.limiter.remaining("") == 8  # a request that gets no answer gives its allowance back
     assert "secret" not in body["message"] and "Traceback" not in body["message"]
     assert counted == [{"route": route, "status": str(status), "client": ""}]
 
@@ -238,9 +242,9 @@ def handle(**methods):
 
 @pytest.mark.parametrize("database_clip, allow, status", [
     ("c1", False, 200), ("", False, 200), ("c2", False, 409), ("c2", True, 200)])
-def test_the_neighbors_route_answers_the_search_and_takes_no_allowance(database_clip, allow, status):
+def test_the_neighbors_route_answers_the_search_for_a_tenth_of_an_image(database_clip, allow, status):
     """`POST /v1/neighbors`: the query's embedding searched in the database at k, answered as /v1/generate
-    answers neighbours (id, score, source), and nothing taken from the client's image allowance; a database
+    answers neighbours (id, score, source), for `neighbor_query_cost` (0.1) of the client's allowance; a database
     embedded by another CLIP than the model's is a 409 unless the app allows it (unknown: served)."""
     import asyncio
     import json
@@ -252,7 +256,7 @@ def test_the_neighbors_route_answers_the_search_and_takes_no_allowance(database_
     cls = deployments.Ingress.func_or_class
     ingress = cls.__new__(cls)
     ingress.auth, ingress.limiter, ingress.allowances = Authenticator(None, None), RateLimiter(8), None
-    ingress.args, ingress._info = AppArgs(allow_clip_mismatch=allow), None
+    ingress.args, ingress._info, ingress._pending = AppArgs(allow_clip_mismatch=allow), None, set()
     ingress.m_requests = type("Counter", (), {"inc": lambda self, tags: None})()
     calls = []
 
@@ -274,10 +278,16 @@ def test_the_neighbors_route_answers_the_search_and_takes_no_allowance(database_
 
     ingress.generator = handle(embed=embed, info=info)
     ingress.retriever = handle(search=search, databases=databases)
-    out = asyncio.run(ingress.neighbors(NeighborsRequest(prompt="a boat", database="art", num_neighbors=2), None))
+    reply = Response()
+    out = asyncio.run(ingress.neighbors(NeighborsRequest(prompt="a boat", database="art", num_neighbors=2), None,
+                                        reply))
     model_clip = None if allow else {"hash": "c1", "name": "tiny"}
     assert calls == [("embed", "a boat", None), ("search", "art", [1.0] * 4, 2, model_clip)]
-    assert ingress.limiter.remaining("") == 8  # no images taken
+    if status == 200:  # a tenth of an image taken: 7.9 in hand, 7 whole ones to ask for
+        assert ingress.limiter.remaining("") == 7 and ingress.limiter._buckets[""][0] == pytest.approx(7.9)
+        assert (reply.headers["ratelimit-limit"], reply.headers["ratelimit-remaining"]) == ("8", "7")
+    else:  # refused: given back
+        assert ingress.limiter.remaining("") == 8
     listed = asyncio.run(ingress.databases(None))["databases"]
     assert [d["matches_model"] for d in listed] == [{"c1": True, "": None, "c2": False}[database_clip], None]
 
