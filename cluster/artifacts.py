@@ -119,6 +119,26 @@ def content_hash(model: str | Path) -> str:
     return model_hash(local_path(model))
 
 
+def clip_fingerprint_at(config, clip_weights: str | None):
+    """A function giving `rdm.clip.fingerprint` of the CLIP encoder a model of `config` loads with `clip_weights`
+    (a path, s3:// or None): loaded, on the CPU, at its first call only (where a database's CLIP hash differs from
+    the model's and the two are compared by what they embed); None for a model without CLIP."""
+    if config.clip is None:
+        return None
+    made: list[str] = []
+
+    def make() -> str:
+        if not made:
+            from rdm.clip import fingerprint
+            from rdm.factory import load_clip_for
+
+            logger.info("loading the model's CLIP to compare it with a database's by their outputs")
+            made.append(fingerprint(load_clip_for(config, weights=local_path(clip_weights))))
+        return made[0]
+
+    return make
+
+
 def clip_hash_at(config, clip_weights: str | None) -> str | None:
     """`rdm.factory.encoder_hash` of the CLIP encoder a model of `config` (an RDMConfig) loads with
     `clip_weights` (a path, s3:// or None): the one its databases' manifests must record. An `s3://` file's is

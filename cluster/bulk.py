@@ -586,7 +586,7 @@ def check_databases_clip(settings: BulkSettings, config: RDMConfig, versions: di
     neighbours the model's queries cannot be compared with (`cluster.index.manifest.check_clip`)."""
     if not versions:
         return
-    from cluster.artifacts import clip_hash_at
+    from cluster.artifacts import clip_fingerprint_at, clip_hash_at
     from cluster.errors import IncompatibleDatabaseError
     from cluster.index.manifest import check_clip
 
@@ -595,10 +595,10 @@ def check_databases_clip(settings: BulkSettings, config: RDMConfig, versions: di
         logger.warning("the model's CLIP weights %s carry no sha256 metadata: not checking that the databases "
                        "were embedded with them", settings.clip_weights)
         return
-    index = open_store(settings.index_uri)
+    index, fingerprint = open_store(settings.index_uri), clip_fingerprint_at(config, settings.clip_weights)
     for database, version in sorted(versions.items()):
         try:
-            check_clip(load_manifest(index, database, version), clip_hash, config.clip.model_name)
+            check_clip(load_manifest(index, database, version), clip_hash, config.clip.model_name, fingerprint)
         except IncompatibleDatabaseError as err:
             raise IncompatibleDatabaseError(f"{err}. A job that ran before keeps the versions it started with: "
                                             f"after a rebuild, pass --index-version {database}=current") from None

@@ -410,6 +410,15 @@ class EmbedPlan:
         return self.new + self.changed
 
 
+def clip_fingerprint(clip: str, clip_weights: str | None) -> str:
+    """`rdm.clip.fingerprint` of the CLIP `clip` and `clip_weights` name (loaded here, on the CPU: once per
+    embedding output; an output whose CLIP hash matches keeps the one it recorded)."""
+    from rdm.clip import fingerprint
+    from rdm.factory import load_clip_spec
+
+    return fingerprint(load_clip_spec(clip, weights=local_path(clip_weights)))
+
+
 def _embedding_settings(out: ObjectStore, clip: str, clip_weights: str | None, dtype: str):
     """(CLIP config, the settings recorded in `embed.json`, the output's recorded ones or None); a ConfigError
     where the output was made with other settings (its embeddings would not compare with new ones)."""
@@ -547,7 +556,11 @@ def _embed_corpus(corpus_uri: str, out_uri: str, lock: JobLock, *, clip: str, cl
             reused = embedded - sum(int(r["fresh"]) for r in results)
             errors = sum(int(r["errors"]) for r in results)
         lock.check()
-        out.write_bytes("embed.json", json.dumps(info | {"corpus": corpus.uri}, indent=1).encode())
+        # what this CLIP makes of fixed probes: an index built from these embeddings records it, so that the same
+        # weights named otherwise (a pretrained tag, another file) are told apart from other weights
+        fingerprint = (previous or {}).get("clip_fingerprint") or clip_fingerprint(clip, clip_weights)
+        out.write_bytes("embed.json", json.dumps(info | {"corpus": corpus.uri, "clip_fingerprint": fingerprint},
+                                                 indent=1).encode())
     return EmbedResult(len(shards), len(shards) - len(pending), embedded, errors, config.embed_dim, clip, changed,
                        reused, relocated)
 

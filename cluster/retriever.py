@@ -417,11 +417,12 @@ class RetrieverPool:
 
 
 def published_databases(index_uri: str) -> list[dict]:
-    """[{name, version, count, clip_model, clip_hash}] of every database published under `index_uri` (the CLIP
-    that made its current version's embeddings: None where they record none)."""
+    """[{name, version, count, clip_model, clip_hash, clip_fingerprint}] of every database published under
+    `index_uri` (the CLIP that made its current version's embeddings: None where they record none)."""
     from cluster.index.manifest import list_databases
 
     store = open_store(index_uri)
     return [{"name": name, "version": (m := load_manifest(store, name)).version, "count": m.count,
-             "clip_model": m.clip_model or None, "clip_hash": m.clip_hash or None}
+             "clip_model": m.clip_model or None, "clip_hash": m.clip_hash or None,
+             "clip_fingerprint": m.clip_fingerprint or None}
             for name in list_databases(store)]

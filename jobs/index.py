@@ -185,12 +185,14 @@ def check_rebuild_clip(args: argparse.Namespace) -> None:
     if args.allow_clip_change:
         return
     from cluster.artifacts import local_path
+    from cluster.embedding import clip_fingerprint
     from cluster.index.build import check_same_clip
     from cluster.storage import open_store
     from rdm.factory import clip_hash
 
     made_by = clip_hash(args.clip, weights=local_path(args.clip_weights))
-    check_same_clip(open_store(args.index), args.database, {"clip": args.clip, "clip_hash": made_by})
+    check_same_clip(open_store(args.index), args.database, {"clip": args.clip, "clip_hash": made_by},
+                    lambda: clip_fingerprint(args.clip, args.clip_weights))  # loaded only where the hashes differ
 
 
 def plan_rebuild(args: argparse.Namespace) -> None:
@@ -369,7 +371,7 @@ def embed_queries(args: argparse.Namespace) -> tuple[np.ndarray, list[str]]:
     queried anyway)."""
     from dataclasses import asdict
 
-    from cluster.artifacts import clip_hash_at, model_config_at
+    from cluster.artifacts import clip_fingerprint_at, clip_hash_at, model_config_at
     from cluster.bulk import QueryEncoder
     from cluster.index.manifest import check_clip, load_manifest
     from cluster.storage import open_store
@@ -387,7 +389,7 @@ def embed_queries(args: argparse.Namespace) -> tuple[np.ndarray, list[str]]:
         raise InputError(f"model {args.model} has no CLIP encoder to embed the queries with; use --queries")
     if not args.allow_clip_mismatch:
         check_clip(load_manifest(open_store(args.index), args.database), clip_hash_at(config, args.clip_weights),
-                   config.clip.model_name)
+                   config.clip.model_name, clip_fingerprint_at(config, args.clip_weights))
     encoder = QueryEncoder(asdict(config), args.clip_weights)
     embeddings = [encoder.embed(prompt) for prompt in prompts]
     for uri in args.image:

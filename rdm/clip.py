@@ -124,3 +124,50 @@ def load_clip(config: ClipConfig, *, weights: str | Path | None = None, seed: in
         raise ConfigError(f"CLIP {config.model_name} embeds to {embed_dim} dims, config says {config.embed_dim}")
     tokenizer = open_clip.get_tokenizer(config.model_name)
     return ClipEncoder(model.eval().requires_grad_(False), tokenizer, config)
+
+
+FINGERPRINT_PROMPTS = ("a photograph of a lighthouse at dusk", "an oil painting of a harbour",
+                       "a woodblock print of a great wave")
+FINGERPRINT_MIN_COSINE = 0.99
+"""Two encoders agree where every probe's embeddings have at least this cosine similarity: the same weights on
+another device or in another precision stay above 0.999, other weights of the same architecture fall far below."""
+
+
+def _probe_image(size: int = 64) -> Tensor:
+    """A fixed, smooth colour pattern in [-1, 1], [1, 3, size, size] (made, not random: the same everywhere)."""
+    y, x = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    return torch.stack([torch.sin(3.0 * x), torch.cos(2.0 * y), x * y])[None]
+
+
+@torch.no_grad()
+def fingerprint(encoder: ClipEncoder) -> str:
+    """What `encoder` makes of fixed probes (three prompts and one image), as "<dim>:<base64 float16 rows>": the
+    same weights give the same fingerprint within float error on any device or in any precision, whatever named
+    them (a pretrained tag, a weights file, another file of the same weights). `same_encoder` compares two."""
+    import base64
+
+    rows = torch.cat([encoder.encode_text(list(FINGERPRINT_PROMPTS)), encoder.encode_image(_probe_image())])
+    data = rows.detach().cpu().to(torch.float16).numpy().tobytes()
+    return f"{rows.shape[1]}:{base64.b64encode(data).decode()}"
+
+
+def _fingerprint_rows(value: str) -> Tensor:
+    import base64
+
+    import numpy as np
+
+    try:
+        dim, _, data = value.partition(":")
+        rows = np.frombuffer(base64.b64decode(data, validate=True), np.float16).reshape(-1, int(dim))
+    except ValueError as err:
+        raise ConfigError(f"not a CLIP fingerprint: {value[:40]!r}...") from err
+    return torch.from_numpy(rows.astype(np.float32))
+
+
+def same_encoder(a: str, b: str, min_cosine: float = FINGERPRINT_MIN_COSINE) -> bool:
+    """Whether two `fingerprint`s come from encoders that embed alike (same width and probes, and every probe's
+    embeddings at least `min_cosine` apart)."""
+    x, y = _fingerprint_rows(a), _fingerprint_rows(b)
+    if x.shape != y.shape:
+        return False
+    return bool((F.cosine_similarity(x, y, dim=-1) >= min_cosine).all())

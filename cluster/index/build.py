@@ -28,12 +28,14 @@ from cluster import runtime
 from cluster.embedding import EMBEDDINGS_DIR
 from cluster.errors import EmptyCorpusError, IndexBuildError, UnknownDatabaseError
 from cluster.index.manifest import (
+    Fingerprint,
     Manifest,
     ShardInfo,
     check_database_name,
     load_manifest,
     new_version,
     publish,
+    same_outputs,
     sha256,
 )
 from cluster.index.merge import merge_topk
@@ -282,15 +284,21 @@ def inputs_digest(emb_store, *, where: dict[str, str] | None, index_spec: str | 
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def check_same_clip(index_store, database: str, embed_info: dict) -> None:
+def check_same_clip(index_store, database: str, embed_info: dict, fingerprint: Fingerprint = None) -> None:
     """An IndexBuildError where `embed_info` (an embedding output's `embed.json`) names another CLIP encoder than
-    the one that made `database`'s current version; nothing where either records none or there is no version."""
+    the one that made `database`'s current version; nothing where either records none or there is no version, or
+    where the two embed alike (their fingerprints agree: the same weights named otherwise). `fingerprint`: the new
+    embeddings' encoder's, where `embed_info` records none (a function that makes it may load the encoder)."""
     made_by = embed_info.get("clip_hash", "")
     try:
         current = load_manifest(index_store, database)
     except UnknownDatabaseError:
         return
     if made_by and current.clip_hash and made_by != current.clip_hash:
+        if same_outputs(current.clip_fingerprint, embed_info.get("clip_fingerprint") or fingerprint):
+            logger.info("%s: the new embeddings' CLIP %s (%s) embeds as the current version's %s (%s) does",
+                        database, embed_info.get("clip", "?"), made_by, current.clip_model, current.clip_hash)
+            return
         raise IndexBuildError(
             f"{database}: its current version {current.version} was embedded with CLIP {current.clip_model} "
             f"({current.clip_hash}); these embeddings with {embed_info.get('clip', '?')} ({made_by}). Published, they "
@@ -402,6 +410,7 @@ def build_index(embeddings_uri: str, index_uri: str, database: str, *, num_shard
                         sources=all(r["sources"] for r in results),
                         shards=tuple(ShardInfo(r["shard_id"], r["count"], r["files"], r["sizes"]) for r in results),
                         clip_model=embed_info.get("clip", ""), clip_hash=embed_info.get("clip_hash", ""),
+                        clip_fingerprint=embed_info.get("clip_fingerprint", ""),
                         embedding_dtype=ARROW_DTYPES.get(scanned[0][2], scanned[0][2]),
                         build_time_s=round(time.perf_counter() - started, 3),
                         recall={"k": k, "recall": recall, "nprobe": nprobe, "num_queries": len(queries)},

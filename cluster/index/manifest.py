@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 from cluster.errors import CorruptShardError, IndexVersionError, ObjectNotFoundError, UnknownDatabaseError
 from cluster.storage import ObjectStore, join
 
+logger = logging.getLogger(__name__)
 DATABASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -54,6 +57,7 @@ class Manifest:
     shards: tuple[ShardInfo, ...]
     clip_model: str = ""
     clip_hash: str = ""  # rdm.factory.clip_hash of the encoder that made the embeddings ("" if unknown)
+    clip_fingerprint: str = ""  # rdm.clip.fingerprint of that encoder: what it makes of fixed probes ("" if unknown)
     metric: str = "inner_product"
     embedding_dtype: str = "float32"
     build_time_s: float = 0.0
@@ -173,29 +177,52 @@ def list_databases(store: ObjectStore) -> list[str]:
     return sorted(key.split("/")[0] for key in store.list() if key.count("/") == 1 and key.endswith("/CURRENT"))
 
 
-def check_clip(manifest: Manifest, clip_hash: str | None, clip_name: str = "") -> None:
+Fingerprint = str | Callable[[], str | None] | None
+"""The checking side's `rdm.clip.fingerprint`: the value, a function that makes it (called only where the hashes
+differ and the other side recorded one: it may load the encoder), or None (unknown)."""
+
+
+def check_clip(manifest: Manifest, clip_hash: str | None, clip_name: str = "",
+               fingerprint: Fingerprint = None) -> None:
     """An IncompatibleDatabaseError where `manifest`'s embeddings were made by a CLIP encoder other than the one
     `clip_hash` names (`rdm.factory.encoder_hash`); nothing where either is unknown ("" or None: a version built
-    from embeddings that record none, a model whose CLIP's weights cannot be hashed without a download)."""
+    from embeddings that record none, a model whose CLIP's weights cannot be hashed without a download), or where
+    the hashes differ but both encoders embed alike (`same_outputs`: the same weights named otherwise)."""
     error = clip_mismatch(manifest.database, manifest.version, manifest.clip_model, manifest.clip_hash, clip_hash,
-                          clip_name)
+                          clip_name, manifest.clip_fingerprint, fingerprint)
     if error is not None:
         raise error
 
 
+def same_outputs(recorded: str, fingerprint: Fingerprint) -> bool:
+    """Whether the encoder a `recorded` fingerprint came from embeds as the one `fingerprint` gives does (False
+    where either is unknown)."""
+    if not recorded or fingerprint is None:
+        return False
+    from rdm.clip import same_encoder
+
+    ours = fingerprint() if callable(fingerprint) else fingerprint
+    return bool(ours) and same_encoder(recorded, ours)
+
+
 def clip_mismatch(database: str, version: str, made_by: str, made_by_hash: str, clip_hash: str | None,
-                  clip_name: str = ""):
+                  clip_name: str = "", made_by_fingerprint: str = "", fingerprint: Fingerprint = None):
     """`check_clip`'s error (None where the encoders match or either is unknown), from a version's recorded CLIP
-    (`made_by`, `made_by_hash`)."""
+    (`made_by`, `made_by_hash`, `made_by_fingerprint`)."""
     if not made_by_hash or not clip_hash or made_by_hash == clip_hash:
+        return None
+    if same_outputs(made_by_fingerprint, fingerprint):
+        logger.info("database %r version %s: CLIP %s (%s) and the model's %s (%s) are named differently but embed "
+                    "alike (their fingerprints agree)", database, version, made_by, made_by_hash, clip_name, clip_hash)
         return None
     from cluster.errors import IncompatibleDatabaseError
 
     theirs = f"{made_by} ({made_by_hash})" if made_by else made_by_hash
     ours = f"{clip_name} ({clip_hash})" if clip_name else clip_hash
+    unknown = "" if made_by_fingerprint else (" (the version records no fingerprint of its CLIP's outputs, which "
+                                              "would tell the same weights named otherwise)")
     return IncompatibleDatabaseError(
-        f"database {database!r} version {version} was embedded with CLIP {theirs}, not the model's {ours}: its "
-        "neighbours are not comparable with the model's queries. Rebuild it with the model's CLIP (rdm index rebuild "
-        "... --clip and --clip-weights as the model's), or allow the mismatch (--allow-clip-mismatch, "
-        "allow_clip_mismatch) where both name the same weights (a pretrained tag and its downloaded file hash "
-        "differently)")
+        f"database {database!r} version {version} was embedded with CLIP {theirs}, not the model's {ours}{unknown}: "
+        "its neighbours are not comparable with the model's queries. Rebuild it with the model's CLIP (rdm index "
+        "rebuild ... --clip and --clip-weights as the model's), or allow the mismatch (--allow-clip-mismatch, "
+        "allow_clip_mismatch) where both are the same weights")

@@ -41,7 +41,7 @@ from cluster.errors import (
     ShardUnavailableError,
     UnknownDatabaseError,
 )
-from cluster.index.manifest import check_clip, clip_mismatch, load_manifest
+from cluster.index.manifest import check_clip, clip_mismatch, load_manifest, same_outputs
 from cluster.serve.auth import (
     ALLOWANCES_STATE,
     TOKEN_ENV,
@@ -136,6 +136,7 @@ class Generator:
         from cluster.artifacts import local_path
         from cluster.compile_cache import CompileCache
         from rdm.acceleration import InferenceOptions
+        from rdm.clip import fingerprint
         from rdm.factory import encoder_hash, load_clip_for, load_model, model_hash
         from rdm.pipeline import Pipeline
 
@@ -153,6 +154,8 @@ class Generator:
         with self.stalls.busy():
             self.pipeline = Pipeline(rdm_model.to(device), clip.to(device) if clip else None,
                                      options=InferenceOptions(**(inference or {})))
+            # what it makes of fixed probes: tells a database embedded by the same weights named otherwise
+            self.clip_fingerprint = fingerprint(self.pipeline.clip) if clip else None
         self.model_name, self.model_hash = model, model_hash(model_file)
         self.inference = dataclasses.asdict(self.pipeline.options)  # precision etc.: other numerics, other images
         self.store, self.url_expires_s = open_store(output_uri), url_expires_s
@@ -239,7 +242,7 @@ class Generator:
         return {"name": self.model_name, "hash": self.model_hash, "image_size": config.image_size,
                 "image_sizes": [list(size) for size in self.image_sizes],
                 "context_dim": config.unet.context_dim, "clip": config.clip.model_name if config.clip else None,
-                "clip_hash": self.clip_hash, "inference": self.inference}
+                "clip_hash": self.clip_hash, "clip_fingerprint": self.clip_fingerprint, "inference": self.inference}
 
     def embed(self, prompt: str | None, image_b64: str | None) -> np.ndarray:
         """The query embedding [D]: CLIP text of the prompt, or CLIP image of a base64 PNG/JPEG."""
@@ -448,7 +451,8 @@ def search_batch(resolve, items: list[tuple[str, np.ndarray, int]]) -> list:
 
     `resolve(database)` -> (rdm.Retriever, version) or raises. Returns, per item in order, a dict
     {ids, scores, embeddings, sources (None when the database does not record them), version, degraded, and for a
-    published database the CLIP its version was embedded with: clip_model, clip_hash} or the exception its group
+    published database the CLIP its version was embedded with: clip_model, clip_hash, clip_fingerprint} or the
+    exception its group
     raised."""
     groups: dict[tuple[str, int], list[int]] = defaultdict(list)
     for i, (database, _, k) in enumerate(items):
@@ -464,7 +468,8 @@ def search_batch(resolve, items: list[tuple[str, np.ndarray, int]]) -> list:
             for i in members:
                 results[i] = err
             continue
-        clip = {"clip_model": manifest.clip_model, "clip_hash": manifest.clip_hash} if manifest else {}
+        clip = {"clip_model": manifest.clip_model, "clip_hash": manifest.clip_hash,
+                "clip_fingerprint": manifest.clip_fingerprint} if manifest else {}
         for row, i in enumerate(members):
             results[i] = {"ids": found.ids[row], "scores": found.scores[row].tolist(),
                           "embeddings": found.embeddings[row].numpy(), "version": version, "degraded": found.degraded,
@@ -506,14 +511,14 @@ class Retriever:
         return found + (self.pool.databases() if self.pool else [])
 
     def resolve(self, database: str, clip: dict | None = None):
-        """(retriever, version) of a database name. With `clip` (the model's CLIP: {"hash", "name"}), a
+        """(retriever, version) of a database name. With `clip` (the model's CLIP: {"hash", "name", "fingerprint"}), a
         published database is checked against it before its actors start (`check_clip`; once: a version swapped
         in later is checked by the Ingress, on each search's result)."""
         if database in self.local:
             return self.local[database], "local"
         if self.pool is not None:
             if clip is not None and database not in self._clip_checked:
-                check_clip(load_manifest(self.index, database), clip["hash"], clip["name"])
+                check_clip(load_manifest(self.index, database), clip["hash"], clip["name"], clip.get("fingerprint"))
                 self._clip_checked.add(database)
             retriever = self.pool.get(database)
             return retriever, retriever.version
@@ -739,20 +744,24 @@ class Ingress:
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
         self._authorize(request)
-        return {"models": [await self.generator.info.remote()]}
+        info = await self.generator.info.remote()
+        info.pop("clip_fingerprint", None)  # for comparing databases here, not for callers
+        return {"models": [info]}
 
     @app.get("/v1/databases")
     async def databases(self, request: Request) -> dict:
         self._authorize(request)
         databases = await self.retriever.databases.remote()
         try:
-            clip = (await asyncio.wait_for(self._model_info(), MODEL_INFO_TIMEOUT_S)).get("clip_hash")
+            info = await asyncio.wait_for(self._model_info(), MODEL_INFO_TIMEOUT_S)
         except Exception as err:  # noqa: BLE001 - the list does not wait on a busy model: matches_model unknown
             logger.warning("databases: the model's CLIP is unknown for now (%s)", type(err).__name__)
-            clip = None
+            info = {}
+        clip = info.get("clip_hash")
         for database in databases:  # None: unknown (a local database, or embeddings that record no CLIP)
-            made_by = database.get("clip_hash")
-            database["matches_model"] = None if not (made_by and clip) else made_by == clip
+            made_by, recorded = database.get("clip_hash"), database.pop("clip_fingerprint", None)
+            database["matches_model"] = None if not (made_by and clip) else (
+                made_by == clip or same_outputs(recorded, info.get("clip_fingerprint")))
         return {"databases": databases}
 
     @app.get("/v1/outputs/{key:path}", include_in_schema=False)
@@ -942,7 +951,7 @@ class Ingress:
         info = await self._model_info()
         if self.args.allow_clip_mismatch or not info.get("clip_hash"):
             return None
-        return {"hash": info["clip_hash"], "name": info.get("clip") or ""}
+        return {"hash": info["clip_hash"], "name": info.get("clip") or "", "fingerprint": info.get("clip_fingerprint")}
 
     async def _check_clip(self, database: str, found: dict) -> None:
         """An IncompatibleDatabaseError (409) where the database's version was embedded by another CLIP than the
@@ -951,7 +960,8 @@ class Ingress:
             return
         info = await self._model_info()
         error = clip_mismatch(database, found["version"], found.get("clip_model", ""), found["clip_hash"],
-                              info.get("clip_hash"), info.get("clip") or "")
+                              info.get("clip_hash"), info.get("clip") or "", found.get("clip_fingerprint", ""),
+                              info.get("clip_fingerprint"))
         if error is not None:
             raise error
 

@@ -96,3 +96,84 @@ def test_the_serve_retriever_checks_a_database_before_its_actors_start(tmp_path)
     (index.root / "ink" / "CURRENT").unlink()  # checked once: its manifest is not read again
     assert retriever.resolve("ink", clip={"hash": "aaaa", "name": "tiny"})[1] == "v1"
     assert retriever.resolve("ink")[1] == "v1"  # no clip (allow_clip_mismatch): not checked
+
+
+@pytest.fixture(scope="module")
+def tiny_weights_elsewhere(tmp_path_factory):
+    """The tiny model's CLIP weights in another file (another format: another hash), and their fingerprint."""
+    import torch
+
+    from rdm.clip import fingerprint
+    from rdm.factory import load_clip_for
+
+    clip = load_clip_for(model_config("tiny"))
+    path = tmp_path_factory.mktemp("clip") / "tiny-clip.pt"
+    torch.save(clip.model.state_dict(), path)
+    return path, fingerprint(clip)
+
+
+def fingerprinted(clip_hash: str, fingerprint: str, version: str = "v1") -> Manifest:
+    from dataclasses import replace
+
+    return replace(manifest(clip_hash, "tiny", version), clip_fingerprint=fingerprint)
+
+
+def test_the_same_weights_named_otherwise_pass_by_their_fingerprints(tiny_weights_elsewhere):
+    """Hashes that differ are compared by what the encoders make of the probes (a pretrained tag against its
+    downloaded file, a file converted): the same weights pass, other weights and unrecorded outputs are refused;
+    the model's fingerprint is made only where the hashes differ."""
+    _, ours = tiny_weights_elsewhere
+    other = other_weights()
+    made = []
+
+    def lazily() -> str:
+        made.append(1)
+        return ours
+
+    check_clip(fingerprinted("aaaa", ours), "aaaa", "tiny", lazily)
+    assert made == []  # same hash: not made
+    check_clip(fingerprinted("aaaa", ours), "bbbb", "tiny", lazily)
+    assert made == [1]
+    with pytest.raises(IncompatibleDatabaseError) as err:
+        check_clip(fingerprinted("aaaa", other), "bbbb", "tiny", ours)
+    assert "records no fingerprint" not in str(err.value)
+    with pytest.raises(IncompatibleDatabaseError, match="records no fingerprint"):
+        check_clip(manifest("aaaa"), "bbbb", "tiny", ours)
+    with pytest.raises(IncompatibleDatabaseError):
+        check_clip(fingerprinted("aaaa", ours), "bbbb", "tiny", None)  # the model's unknown
+
+
+def other_weights() -> str:
+    """The fingerprint of a tiny CLIP of other (random) weights."""
+    from rdm.clip import fingerprint, load_clip
+
+    return fingerprint(load_clip(model_config("tiny").clip, seed=7))
+
+
+def test_a_bulk_job_takes_a_database_of_the_same_weights_in_another_file(tmp_path, tiny_weights_elsewhere):
+    """The bulk job's driver, seeing a database whose CLIP hash is not its model's, loads the model's CLIP once to
+    compare fingerprints: the tiny CLIP's weights in a .pt file take a database embedded from the shipped file."""
+    path, ours = tiny_weights_elsewhere
+    index = open_store(str(tmp_path / "index"))
+    publish(index, fingerprinted(clip_hash("tiny"), ours))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a tree", "database": "ink"}\n')
+    settings = BulkSettings(index_uri=str(tmp_path / "index"), clip_weights=str(path))
+    run = _Run.prepare(str(prompts), str(tmp_path / "out"), settings, record=True)
+    assert run.versions == {"ink": "v1"}
+    publish(index, manifest(clip_hash("tiny"), "tiny", version="v2"))  # no fingerprint recorded: cannot tell
+    with pytest.raises(IncompatibleDatabaseError, match="records no fingerprint"):
+        _Run.prepare(str(prompts), str(tmp_path / "again"), settings, record=True)
+
+
+def test_an_index_build_of_the_same_weights_named_otherwise_is_not_a_clip_change(tmp_path, tiny_weights_elsewhere):
+    from cluster.errors import IndexBuildError
+    from cluster.index.build import check_same_clip
+
+    _, ours = tiny_weights_elsewhere
+    index = open_store(str(tmp_path / "index"))
+    publish(index, fingerprinted("aaaa", ours))
+    check_same_clip(index, "ink", {"clip": "tiny", "clip_hash": "bbbb", "clip_fingerprint": ours})
+    check_same_clip(index, "ink", {"clip": "tiny", "clip_hash": "bbbb"}, lambda: ours)  # made on demand (rebuild)
+    with pytest.raises(IndexBuildError, match="--allow-clip-change"):
+        check_same_clip(index, "ink", {"clip": "tiny", "clip_hash": "bbbb", "clip_fingerprint": other_weights()})

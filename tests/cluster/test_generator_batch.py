@@ -1,10 +1,12 @@
 """The Generator's batch function, called directly (no Serve): one sampling call per group, images
 written in parallel, and a failed write or a failed group fails only its own items."""
 
+import base64
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 from fastapi import Response
@@ -235,17 +237,21 @@ def test_the_ingress_answers_each_failure_with_its_status_and_no_internals(error
     assert counted == [{"route": route, "status": str(status), "client": ""}]
 
 
+FINGERPRINT = "2:" + base64.b64encode(np.array([[1, 0], [0, 1]], np.float16).tobytes()).decode()  # a made-up CLIP's
+
+
 def handle(**methods):
     """A stand-in DeploymentHandle whose `method.remote(...)` awaits the given coroutine function."""
     return type("Handle", (), {name: type("Method", (), {"remote": staticmethod(fn)})() for name, fn in methods.items()})()
 
 
 @pytest.mark.parametrize("database_clip, allow, status", [
-    ("c1", False, 200), ("", False, 200), ("c2", False, 409), ("c2", True, 200)])
+    ("c1", False, 200), ("", False, 200), ("c2", False, 409), ("c2", True, 200), ("c3", False, 200)])
 def test_the_neighbors_route_answers_the_search_for_a_tenth_of_an_image(database_clip, allow, status):
     """`POST /v1/neighbors`: the query's embedding searched in the database at k, answered as /v1/generate
     answers neighbours (id, score, source), for `neighbor_query_cost` (0.1) of the client's allowance; a database
-    embedded by another CLIP than the model's is a 409 unless the app allows it (unknown: served)."""
+    embedded by another CLIP than the model's is a 409 unless the app allows it (unknown: served; c3: another
+    hash, but a fingerprint that agrees with the model's: the same weights named otherwise, served)."""
     import asyncio
     import json
 
@@ -258,7 +264,7 @@ def test_the_neighbors_route_answers_the_search_for_a_tenth_of_an_image(database
     ingress.auth, ingress.limiter, ingress.allowances = Authenticator(None, None), RateLimiter(8), None
     ingress.args, ingress._info, ingress._pending = AppArgs(allow_clip_mismatch=allow), None, set()
     ingress.m_requests = type("Counter", (), {"inc": lambda self, tags: None})()
-    calls = []
+    calls, recorded = [], FINGERPRINT if database_clip == "c3" else ""
 
     async def embed(prompt, image):
         calls.append(("embed", prompt, image))
@@ -268,20 +274,21 @@ def test_the_neighbors_route_answers_the_search_for_a_tenth_of_an_image(database
         calls.append(("search", database, query.tolist(), k, clip))
         return {"ids": ["a", "b"], "scores": [0.9, 0.5], "sources": ["x.png", None], "version": "v3",
                 "degraded": False, "embeddings": np.zeros((2, 4), np.float32), "clip_model": "ViT-B-32",
-                "clip_hash": database_clip}
+                "clip_hash": database_clip, "clip_fingerprint": recorded}
 
     async def info():
-        return {"clip": "tiny", "clip_hash": "c1", "image_sizes": [[32, 32]]}
+        return {"clip": "tiny", "clip_hash": "c1", "clip_fingerprint": FINGERPRINT, "image_sizes": [[32, 32]]}
 
     async def databases():
-        return [{"name": "art", "clip_hash": database_clip or None}, {"name": "local", "clip_hash": None}]
+        return [{"name": "art", "clip_hash": database_clip or None, "clip_fingerprint": recorded or None},
+                {"name": "local", "clip_hash": None}]
 
     ingress.generator = handle(embed=embed, info=info)
     ingress.retriever = handle(search=search, databases=databases)
     reply = Response()
     out = asyncio.run(ingress.neighbors(NeighborsRequest(prompt="a boat", database="art", num_neighbors=2), None,
                                         reply))
-    model_clip = None if allow else {"hash": "c1", "name": "tiny"}
+    model_clip = None if allow else {"hash": "c1", "name": "tiny", "fingerprint": FINGERPRINT}
     assert calls == [("embed", "a boat", None), ("search", "art", [1.0] * 4, 2, model_clip)]
     if status == 200:  # a tenth of an image taken: 7.9 in hand, 7 whole ones to ask for
         assert ingress.limiter.remaining("") == 7 and ingress.limiter._buckets[""][0] == pytest.approx(7.9)
@@ -289,7 +296,8 @@ def test_the_neighbors_route_answers_the_search_for_a_tenth_of_an_image(database
     else:  # refused: given back
         assert ingress.limiter.remaining("") == 8
     listed = asyncio.run(ingress.databases(None))["databases"]
-    assert [d["matches_model"] for d in listed] == [{"c1": True, "": None, "c2": False}[database_clip], None]
+    assert [d["matches_model"] for d in listed] == [{"c1": True, "": None, "c2": False, "c3": True}[database_clip], None]
+    assert all("clip_fingerprint" not in d for d in listed)  # compared here, not sent
 
     async def busy():
         raise RuntimeError("the Generator is busy")

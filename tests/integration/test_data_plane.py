@@ -31,8 +31,9 @@ from cluster.index.build import build_index
 from cluster.index.manifest import list_databases, load_manifest
 from cluster.retriever import RetrieverPool, ShardedRetriever
 from cluster.storage import open_store
+from rdm.clip import fingerprint, same_encoder
 from rdm.errors import InputError, ShapeError
-from rdm.factory import clip_hash
+from rdm.factory import clip_hash, load_clip_for, model_config
 from rdm.retrieval import ExactRetriever
 
 pytestmark = pytest.mark.integration
@@ -93,8 +94,14 @@ def test_embed_counts_errors_and_matches_in_process_clip(embedded, s3_corpus, ra
 
 def test_embed_rerun_skips_written_shards(embedded, s3_corpus):
     out, first = embedded
+    store = open_store(out)
+    made = json.loads(store.read_bytes("embed.json"))
+    assert same_encoder(made["clip_fingerprint"], fingerprint(load_clip_for(model_config("tiny"))))
+    del made["clip_fingerprint"]  # an output embedded before fingerprints were recorded
+    store.write_bytes("embed.json", json.dumps(made).encode())
     again = embed_corpus(s3_corpus, out, clip="tiny", shard_size=4, actor_num_cpus=0.5)
     assert (again.shards_skipped, again.embedded) == (first.shards_total, 0)
+    assert "clip_fingerprint" in json.loads(store.read_bytes("embed.json"))  # added, nothing embedded
 
 
 def test_a_corpus_file_rewritten_in_place_is_embedded_again(ray_cluster, make_bucket):
@@ -252,6 +259,8 @@ def test_sharded_exact_index_equals_one_flat_index(embedded, make_bucket):
     manifest = build_index(out, index_uri, "art", num_shards=3)
     assert (manifest.count, len(manifest.shards), manifest.index_spec) == (27, 3, "Flat")
     assert manifest.recall["recall"] == 1.0 and manifest.clip_model == "tiny" and manifest.clip_hash == clip_hash("tiny")
+    # the embedding job's fingerprint of its CLIP, published with the version: the model's CLIP agrees with it
+    assert same_encoder(manifest.clip_fingerprint, fingerprint(load_clip_for(model_config("tiny"))))
     store = open_store(out)
     tables = [pq.read_table(io.BytesIO(store.read_bytes(k))) for k in store.list("embeddings")]
     ids = np.array(sum((t.column("id").to_pylist() for t in tables), []), dtype=object)

@@ -51,3 +51,25 @@ def test_pretrained_tag_offline_fails_clearly(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(CheckpointError, match="Offline, pass a local weights file"):
         load_clip(ClipConfig("RN50", "openai", 1024))
+
+
+def test_a_fingerprint_tells_the_same_weights_under_another_name_from_other_weights(tiny_clip, tmp_path):
+    """`fingerprint`: what an encoder makes of fixed probes. The same weights from another file (another hash)
+    and in bfloat16 agree; other weights of the same architecture, or another width, do not."""
+    from rdm.clip import fingerprint, same_encoder
+    from rdm.factory import file_hash, shipped_weights
+
+    ours = fingerprint(tiny_clip)
+    assert ours == fingerprint(tiny_clip) and ours.startswith("64:")  # deterministic: no random probe
+    other_file = tmp_path / "tiny-clip.pt"  # the same weights in another format: another file hash
+    torch.save(tiny_clip.model.state_dict(), other_file)
+    assert file_hash(other_file) != file_hash(shipped_weights("tiny"))
+    reloaded = load_clip(tiny_clip.config, weights=other_file)
+    assert same_encoder(ours, fingerprint(reloaded))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert same_encoder(ours, fingerprint(tiny_clip))
+    assert not same_encoder(ours, fingerprint(load_clip(tiny_clip.config, seed=1)))  # other weights, same shape
+    width, _, rows = ours.partition(":")
+    assert not same_encoder(ours, f"32:{rows}")  # another width
+    with pytest.raises(ConfigError, match="not a CLIP fingerprint"):
+        same_encoder(ours, "64:not base64!")
