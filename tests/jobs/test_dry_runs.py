@@ -78,3 +78,11 @@ def test_a_rebuild_with_another_clip_is_refused_before_it_embeds(tmp_path, capsy
     assert rdm([*args, "--dry-run", "--allow-clip-change"]) == 0
     assert "a rebuild would embed what changed" in capsys.readouterr().out
     assert sorted(index.list()) == ["ink/CURRENT", "ink/versions/v1/manifest.json"]
+    # the same weights named otherwise: a version whose recorded fingerprint the rebuild's CLIP agrees with
+    from rdm.clip import fingerprint
+    from rdm.factory import load_clip_for, model_config
+
+    publish(index, Manifest(database="ink", version="v2", count=0, dim=8, index_spec="Flat", nprobe=1, shards=(),
+                            clip_model="tiny-as-a-tag", clip_hash="feedfeedfeedfeed",
+                            clip_fingerprint=fingerprint(load_clip_for(model_config("tiny")))))
+    assert rdm([*args, "--dry-run"]) == 0
