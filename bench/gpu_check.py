@@ -63,7 +63,9 @@ MODES = {"fp32 eager": InferenceOptions(),
              "bf16", channels_last=True, compile="max-autotune-no-cudagraphs"),
          **{f"bf16 + channels_last + compile + {backend} attention": InferenceOptions(
              "bf16", channels_last=True, compile="default", attention=backend)
-            for backend in ("flash", "cudnn", "efficient", "flex")}}
+            for backend in ("flash", "cudnn", "efficient", "flex")},
+         "bf16 + channels_last + compile + coordinate descent + shared guidance": InferenceOptions(
+             "bf16", channels_last=True, compile="default", kernel_tuning="coordinate-descent", shared_guidance=True)}
 FASTEST = "bf16 + channels_last + compile + fastest attention"
 """A mode resolved at run time: the attention kernel the attention table found fastest (skipped when that
 is torch's own pick, "auto", or when the table did not run)."""
@@ -108,10 +110,13 @@ def eps_pair(pipeline: Pipeline, context: torch.Tensor, size: int) -> tuple[torc
     UNet call on the batch the sampler sends (unconditional and conditional halves)."""
     x = SeededNoise(range(context.shape[0]), pipeline.latent_shape(size, size), device=pipeline.device).draw()
     context = context.to(pipeline.device)
-    t = torch.full((2 * x.shape[0],), PROBE_T, dtype=torch.int64, device=pipeline.device)
+    t = torch.full((x.shape[0],), PROBE_T, dtype=torch.int64, device=pipeline.device)
     with pipeline.modules.autocast(pipeline.device):
-        eps_u, eps_c = pipeline.modules.unet(torch.cat([x, x]), t, torch.cat([null_context(context), context])).chunk(2)
-        eps_u, eps_c = eps_u.float(), eps_c.float()
+        if pipeline.modules.options.shared_guidance:  # the UNet splits the rows itself
+            eps = pipeline.modules.unet(x, t, context, null_first=True)
+        else:
+            eps = pipeline.modules.unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null_context(context), context]))
+        eps_u, eps_c = eps.float().chunk(2)
     return eps_c, eps_u + GUIDANCE * (eps_c - eps_u)
 
 

@@ -79,6 +79,7 @@ class BulkSettings:
     compile: str | None = None
     kernel_tuning: str = "none"
     attention: str = "auto"
+    shared_guidance: bool = False
     height: int | None = None  # pixels; None: the model's image size
     width: int | None = None
     output_format: str = "png"  # png: an object per image; webdataset: a tar per batch (OUTPUT_FORMATS)
@@ -96,7 +97,8 @@ class BulkSettings:
     def inference_options(self):
         from rdm.acceleration import InferenceOptions
 
-        return InferenceOptions(self.precision, self.channels_last, self.compile, self.kernel_tuning, self.attention)
+        return InferenceOptions(self.precision, self.channels_last, self.compile, self.kernel_tuning, self.attention,
+                                self.shared_guidance)
 
 
 def chosen_size(settings: BulkSettings, config: RDMConfig | None = None) -> tuple[int, int] | None:
@@ -129,7 +131,8 @@ def expand(rows: list[PromptRow], settings: BulkSettings, model_id: str,
             if not options.is_reference:  # other numerics, other images: other keys
                 fields.append([options.precision, options.channels_last, options.compile]
                               + ([options.attention, options.kernel_tuning]
-                                 if (options.attention, options.kernel_tuning) != ("auto", "none") else []))
+                                 if (options.attention, options.kernel_tuning) != ("auto", "none") else [])
+                              + (["shared-guidance"] if options.shared_guidance else []))
             ident = json.dumps(fields)
             digest = hashlib.sha256(ident.encode()).hexdigest()[:32]
             items.append({"row": row.row, "prompt": row.prompt or "", "image": row.image or "",
@@ -445,7 +448,7 @@ class BulkSampler:
                 "eta": s.eta, "height": self.size[0], "width": self.size[1],
                 "num_neighbors": int(row["num_neighbors"]), "model": s.model, "model_hash": self.model_id,
                 "precision": s.precision, "channels_last": s.channels_last, "compile": s.compile or "",
-                "attention": s.attention, "kernel_tuning": s.kernel_tuning,
+                "attention": s.attention, "kernel_tuning": s.kernel_tuning, "shared_guidance": s.shared_guidance,
                 "error": str(row["error"])}
 
 

@@ -76,7 +76,8 @@ def parse_pairs(items: list[str], option: str, key: str, value: str, *, value_re
 
 
 def add_inference_args(parser) -> None:
-    """--precision, --channels-last, --compile, --kernel-tuning, --attention: `rdm.acceleration.InferenceOptions`
+    """--precision, --channels-last, --compile, --kernel-tuning, --attention, --shared-guidance:
+    `rdm.acceleration.InferenceOptions`
     on the command line; and --compile-cache."""
     from rdm.acceleration import ATTENTION_KERNELS, COMPILE_MODES, KERNEL_TUNINGS, PRECISIONS
 
@@ -88,6 +89,9 @@ def add_inference_args(parser) -> None:
                         help="Inductor kernel tuning (with --compile)")
     parser.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto",
                         help="the UNet's attention kernel: an SDPA kernel (auto: torch picks) or flex (with --compile)")
+    parser.add_argument("--shared-guidance", action="store_true",
+                        help="guided batches compute what their conditional and unconditional halves share once "
+                             "(the same math, fewer FLOPs; see rdm.acceleration)")
     parser.add_argument("--compile-cache", metavar="URI",
                         help="with --compile: folder or s3:// URI of shared torch.compile artifacts, loaded before "
                              "compiling and written after (see cluster.compile_cache)")
@@ -109,4 +113,5 @@ def open_compile_cache(args, options, model: str, device):
 def inference_options(args):
     from rdm.acceleration import InferenceOptions
 
-    return InferenceOptions(args.precision, args.channels_last, args.compile, args.kernel_tuning, args.attention)
+    return InferenceOptions(args.precision, args.channels_last, args.compile, args.kernel_tuning, args.attention,
+                            args.shared_guidance)

@@ -72,6 +72,12 @@ class CrossAttention(nn.Module):
                 out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).flatten(2))
 
+    def null_output(self, like: Tensor) -> Tensor:
+        """[1, 1, query_dim]: what this cross-attention gives any query over a null (all-zero) context. Its keys
+        and values are zero (`to_k` and `to_v` have no bias), so attention averages zeros and `to_out` leaves
+        its bias, computed here as `to_out` of zeros (the dtype the full path's output has, as under autocast)."""
+        return self.to_out(like.new_zeros(1, 1, self.to_out[0].in_features))
+
 
 class GEGLU(nn.Module):
     """Gated GELU (Shazeer 2020): proj gives [x, gate]; returns x * gelu(gate), exact erf GELU."""
@@ -107,9 +113,18 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, *, null_rows: int = 0, split: bool = False) -> Tensor:
+        """`null_rows`: the batch's first rows take a null (all-zero) context, and `context` holds only the other
+        rows' (their cross-attention is `attn2.null_output`). `split`: every row goes on twice, first with a null
+        context and then with its own (returns 2B rows; self-attention, which comes first, runs once for both)."""
         x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context) + x
+        if split:
+            null_rows, x = x.shape[0], torch.cat([x, x])
+        if null_rows:
+            x = torch.cat([x[:null_rows] + self.attn2.null_output(x),
+                           self.attn2(self.norm2(x[null_rows:]), context) + x[null_rows:]])
+        else:
+            x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 
 
@@ -132,9 +147,13 @@ class SpatialTransformer(nn.Module):
         for p in self.proj_out.parameters():  # zero init of the residual branch, as the reference
             nn.init.zeros_(p)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, *, null_rows: int = 0, split: bool = False) -> Tensor:
+        """`null_rows` and `split` as `BasicTransformerBlock` takes them (split: 2B rows out of B, the first B
+        with a null context)."""
         b, _, h, w = x.shape
         tokens = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
-        for block in self.transformer_blocks:
-            tokens = block(tokens, context)
-        return self.proj_out(tokens.transpose(1, 2).reshape(b, -1, h, w)) + x
+        for i, block in enumerate(self.transformer_blocks):  # split: the first block splits, the rest go on
+            tokens = block(tokens, context, null_rows=b if split and i else null_rows, split=split and not i)
+        if split:
+            x = torch.cat([x, x])
+        return self.proj_out(tokens.transpose(1, 2).reshape(x.shape[0], -1, h, w)) + x

@@ -207,7 +207,8 @@ class Pipeline:
             seeds = list(seeds) + [seeds[-1]] * padding
         noise = SeededNoise(seeds, self.latent_shape(height, width), device=self.device)
         context = pad_rows(context.to(self.device), padding)
-        eps_model = GuidedEps(self.modules.unet, context, null_context(context), params.guidance_scale)
+        eps_model = GuidedEps(self.modules.unet, context, null_context(context), params.guidance_scale,
+                              shared=self.modules.options.shared_guidance)
         rows = list(range(n))  # the batch's row of each real (not padding) row running now
         size = n + padding
 

@@ -46,25 +46,32 @@ class GuidedEps:
     """Classifier-free guidance: eps_u + s (eps_c - eps_u), conditional and unconditional in one batch.
 
     The batch is cat([x, x]) with context cat([null_context, context]) (unconditional first, as the
-    reference). With guidance_scale == 1 it makes a single conditional call.
+    reference). With guidance_scale == 1 it makes a single conditional call. `shared` (an inference option,
+    for a UNet that takes `null_first`, where the null context is all zeros): the UNet gets x and the
+    context once and computes what the two halves share once (`rdm.unet.UNet.forward`).
     """
 
-    def __init__(self, unet: nn.Module, context: Tensor, null_context: Tensor, guidance_scale: float) -> None:
+    def __init__(self, unet: nn.Module, context: Tensor, null_context: Tensor, guidance_scale: float,
+                 shared: bool = False) -> None:
         if not math.isfinite(guidance_scale):
             raise InputError(f"guidance_scale must be finite, got {guidance_scale}")
         self.unet = unet
         self.context, self.null_context = context, null_context
         self.guidance_scale = guidance_scale
-        self.both = torch.cat([null_context, context]) if guidance_scale != 1.0 else None
+        self.shared = shared and guidance_scale != 1.0 and not bool(null_context.any())
+        self.both = torch.cat([null_context, context]) if guidance_scale != 1.0 and not self.shared else None
 
     def select(self, rows: Tensor) -> GuidedEps:
         """The same guidance for the given rows of the batch only."""
-        return GuidedEps(self.unet, self.context[rows], self.null_context[rows], self.guidance_scale)
+        return GuidedEps(self.unet, self.context[rows], self.null_context[rows], self.guidance_scale, self.shared)
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        if self.both is None:
+        if self.shared:
+            eps_u, eps_c = self.unet(x, t, self.context, null_first=True).chunk(2)
+        elif self.both is None:
             return self.unet(x, t, self.context)
-        eps_u, eps_c = self.unet(torch.cat([x, x]), torch.cat([t, t]), self.both).chunk(2)
+        else:
+            eps_u, eps_c = self.unet(torch.cat([x, x]), torch.cat([t, t]), self.both).chunk(2)
         return eps_u + self.guidance_scale * (eps_c - eps_u)
 
 

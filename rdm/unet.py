@@ -92,12 +92,17 @@ class Upsample(nn.Module):
 class TimestepEmbedSequential(nn.Sequential):
     """Passes the timestep embedding to ResBlocks and the context to SpatialTransformers."""
 
-    def forward(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor, *,  # type: ignore[override]
+                null_rows: int = 0, split: bool = False) -> Tensor:
+        """`null_rows`, `split`: see `UNet.forward`'s `null_first`; with `split`, the first SpatialTransformer
+        splits the rows (the layers after it take 2B rows, the first B with a null context)."""
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, null_rows=null_rows, split=split)
+                if split:
+                    split, null_rows, emb = False, emb.shape[0], torch.cat([emb, emb])
             else:
                 x = layer(x)
         return x
@@ -150,17 +155,27 @@ class UNet(nn.Module):
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(),
                                  zero_(nn.Conv2d(mc, config.out_channels, 3, padding=1)))
 
-    def forward(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, context: Tensor, *, null_first: bool = False) -> Tensor:
+        """eps [B, C, H, W]. With `null_first` (classifier-free guidance), [2B, C, H, W]: each row's eps with a
+        null (all-zero) context, then with its context -- what `forward(cat([x, x]), cat([t, t]), cat([zeros,
+        context]))` gives, in less work: the layers before the first cross-attention, which do not see the
+        context, run once for both halves, and the null half's cross-attentions are their output bias (over
+        zero keys and values, attention averages zeros)."""
         if context.ndim != 3 or context.shape[-1] != self.config.context_dim or context.shape[0] != x.shape[0]:
             raise ShapeError(f"context must be [B={x.shape[0]}, M, {self.config.context_dim}], "
                              f"got {tuple(context.shape)}")
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
         context = context.to(x.dtype)
-        h, skips = x, []
+        b = x.shape[0]
+        h, skips, null_rows = x, [], 0  # null_rows: B once the rows are split (the null half first)
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = block(h, emb, context, null_rows=null_rows, split=null_first and not null_rows)
+            if null_first and not null_rows and h.shape[0] > b:  # split here: the rest runs on both halves
+                null_rows, emb, skips = b, torch.cat([emb, emb]), [torch.cat([s, s]) for s in skips]
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = self.middle_block(h, emb, context, null_rows=null_rows, split=null_first and not null_rows)
+        if null_first and not null_rows:  # split in the middle block (it always holds a SpatialTransformer)
+            null_rows, emb, skips = b, torch.cat([emb, emb]), [torch.cat([s, s]) for s in skips]
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, null_rows=null_rows)
         return self.out(h)

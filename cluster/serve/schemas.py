@@ -176,6 +176,8 @@ class AppArgs(BaseModel):
         "none", description="Inductor kernel tuning, with compile (see rdm.acceleration)")
     attention: Literal["auto", "flash", "cudnn", "efficient", "math", "flex"] = Field(
         "auto", description="the UNet's attention kernel: an SDPA kernel (auto: torch picks) or flex (with compile)")
+    shared_guidance: bool = Field(False, description="guided batches compute what their conditional and "
+                                  "unconditional halves share once (the same math, fewer FLOPs; see rdm.acceleration)")
     warm_up: bool = Field(True, description="with compile: compile each padded batch size up to the Generator's "
                                             "max_batch_size before serving")
     compile_cache: str | None = Field(

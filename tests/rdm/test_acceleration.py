@@ -154,9 +154,9 @@ class RecordingUnet:
     def __init__(self, unet):
         self.unet, self.batches = unet, []
 
-    def __call__(self, x, t, context):
+    def __call__(self, x, t, context, **kwargs):
         self.batches.append(x.shape[0])
-        return self.unet(x, t, context)
+        return self.unet(x, t, context, **kwargs)
 
 
 def test_a_compiled_pipeline_pads_batches_and_drops_the_padding(lively_tiny_model, monkeypatch):
@@ -279,3 +279,68 @@ def test_a_compiled_batch_that_ran_whole_can_be_narrowed_to_later(lively_tiny_mo
     pipeline.sample_images(context[:4], [1, 2, 3, 4], unguided, height=32, width=32)
     assert pipeline.warmed_sizes == {(32, 32, False): {4}}
     assert pipeline._narrowed_size(3, 8, (32, 32, False)) == 4 and pipeline._narrowed_size(3, 8, (32, 32, True)) is None
+
+
+@pytest.mark.parametrize("attention_resolutions, depth", [((2,), 1), ((1, 2), 2), ((4,), 1)])
+def test_shared_guidance_is_the_guided_batchs_math(attention_resolutions, depth):
+    """`UNet(x, t, context, null_first=True)` is `UNet(cat([x, x]), cat([t, t]), cat([zeros, context]))`: the
+    rows split at the first cross-attention (in the first block, a later one, or only in the middle block),
+    the null half's cross-attentions being their output bias."""
+    from rdm.config import UNetConfig
+    from rdm.unet import UNet
+
+    config = UNetConfig(in_channels=4, out_channels=4, model_channels=32, num_res_blocks=1, channel_mult=(1, 2, 2),
+                        attention_resolutions=attention_resolutions, num_head_channels=16, context_dim=64,
+                        transformer_depth=depth)
+    generator = torch.Generator().manual_seed(3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet(config).eval()
+    with torch.no_grad():
+        for p in unet.parameters():  # every layer live, the zero-initialised residual outputs too
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+        x = torch.randn(3, 4, 16, 16, generator=generator)
+        t, context = torch.tensor([10, 500, 900]), torch.randn(3, 5, 64, generator=generator)
+        both = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([torch.zeros_like(context), context]))
+        torch.testing.assert_close(unet(x, t, context, null_first=True), both, rtol=1e-5, atol=1e-5)
+        assert (unet(x, t, context) - both[3:]).abs().max() < 1e-5  # the conditional half is the plain call
+
+
+def test_a_shared_guidance_pipeline_samples_the_same_images_from_half_the_unet_rows(lively_tiny_model):
+    """With `shared_guidance` a guided batch of 3 is 3 UNet rows a step, not 6, and its images are the
+    reference path's; without guidance (scale 1), or with a null context that is not all zeros, nothing changes."""
+    from rdm.sampling import GuidedEps
+
+    context = build_context(torch.nn.functional.normalize(torch.randn(3, 64, generator=torch.Generator().manual_seed(2)),
+                                                          dim=-1))
+    params = SamplerParams("ddim", 3, 3.0)
+    reference = Pipeline(copy.deepcopy(lively_tiny_model))
+    shared = Pipeline(copy.deepcopy(lively_tiny_model), options=InferenceOptions(shared_guidance=True))
+    shared.modules.unet = recorder = RecordingUnet(shared.modules.unet)
+    latents = shared.sample_latents(context, [1, 2, 3], params, height=32, width=32)
+    assert recorder.batches == [3, 3, 3]
+    expected = reference.sample_latents(context, [1, 2, 3], params, height=32, width=32)
+    torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-5)  # fused projections, fewer rows
+    assert np.abs(shared.decode(latents).astype(int) - reference.decode(expected).astype(int)).max() <= 1
+    shared.sample_latents(context, [1, 2, 3], SamplerParams("ddim", 1, 1.0), height=32, width=32)
+    assert recorder.batches[3:] == [3]
+    assert not GuidedEps(lively_tiny_model.unet, context, torch.ones_like(context), 3.0, shared=True).shared
+
+
+@pytest.mark.slow
+def test_a_compiled_shared_guidance_pipeline_warms_up_the_graphs_it_runs(lively_tiny_model):
+    """Compiled, shared guidance runs the graphs its warm-up compiled (no recompilation) and gives the eager
+    reference's images."""
+    options = InferenceOptions(compile="default", shared_guidance=True)
+    pipeline = Pipeline(copy.deepcopy(lively_tiny_model), options=options)
+    reference = Pipeline(copy.deepcopy(lively_tiny_model))
+    pipeline.warm_up([4], num_neighbors=2, guidance_scale=2.0, height=32, width=32)
+    generator = torch.Generator().manual_seed(5)
+    query = torch.nn.functional.normalize(torch.randn(3, 64, generator=generator), dim=-1)
+    context = build_context(query, torch.nn.functional.normalize(torch.randn(3, 2, 64, generator=generator), dim=-1))
+    params = SamplerParams("dpmpp_2m", 2, 2.0)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        images = pipeline.decode(pipeline.sample_latents(context, [0, 1, 2], params, height=32, width=32))
+    expected = reference.decode(reference.sample_latents(context, [0, 1, 2], params, height=32, width=32))
+    assert np.abs(images.astype(int) - expected.astype(int)).max() <= 2

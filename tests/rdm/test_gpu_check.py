@@ -85,3 +85,27 @@ def test_attention_table_cells_survive_unmeasurable_and_failed_kernels(gpu_check
     assert gpu_check.ms_cells({"auto": 0.00123, "cudnn": float("inf")}) == "1.23 | n/a"
     assert gpu_check.tflops(1e12, 0.5) == "2"
     assert gpu_check.tflops(1e12, 0.0) == gpu_check.tflops(1e12, float("inf")) == "n/a"
+
+
+def test_the_eps_check_runs_a_shared_guidance_mode_as_it_samples(gpu_check, lively_tiny_model):
+    """A shared-guidance mode's eps comes from the UNet call its sampler makes (x and the context once, split in
+    the UNet), and equals the plain guided batch's."""
+    import copy
+
+    import torch
+
+    from rdm.acceleration import InferenceOptions
+    from rdm.conditioning import build_context
+    from rdm.pipeline import Pipeline
+
+    context = build_context(torch.nn.functional.normalize(torch.randn(2, 64, generator=torch.Generator().manual_seed(1)),
+                                                          dim=-1))
+    plain = Pipeline(copy.deepcopy(lively_tiny_model))
+    shared = Pipeline(copy.deepcopy(lively_tiny_model), options=InferenceOptions(shared_guidance=True))
+    calls = []
+    unet = shared.modules.unet
+    shared.modules.unet = lambda x, t, context, **kwargs: calls.append((x.shape[0], kwargs)) or unet(x, t, context, **kwargs)
+    for got, expected in zip(gpu_check.eps_pair(shared, context, 32), gpu_check.eps_pair(plain, context, 32), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert calls == [(2, {"null_first": True})]
+    assert "bf16 + channels_last + compile + coordinate descent + shared guidance" in gpu_check.MODES
