@@ -4,7 +4,9 @@ Every image has a deterministic key (a hash of its prompt or query image, databa
 settings and model), so a re-run after a crash or a kill regenerates only what is missing and never
 duplicates: each sampling batch writes its images, then a manifest part `OUT/_parts/<hash>.parquet`;
 items whose key appears in a part are done. The run ends by merging the parts into
-`OUT/manifest.parquet`, writing `OUT/errors.parquet` (row numbers and reasons) and `OUT/index.html`.
+`OUT/manifest.parquet`, writing `OUT/errors.parquet` (row numbers and reasons) and `OUT/index.html`, and
+compacting the parts into one (`compact_parts`), so that the next run of a job of many batches reads one
+object rather than one per batch.
 
 With `output_format="webdataset"` a batch's images go into one tar, `OUT/shards/<hash>.tar`, in the
 WebDataset layout (`<sample>.png` -- or `.jpg`, `.webp` with `image_format` jpeg or webp --, `<sample>.json` with
@@ -20,6 +22,7 @@ unless told to (`index_versions`, `rdm generate --index-version DB=VERSION|curre
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import heapq
@@ -27,6 +30,7 @@ import html
 import io
 import json
 import logging
+import os
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -488,21 +492,61 @@ def webdataset_tar(records: list[dict], images: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
+PART_READERS = 16  # parts read at once (one GET each on S3)
+COMPACTED = "compacted-"  # the name's start of a part that folds many (`compact_parts`)
+
+
 def _read_parts(store) -> tuple[dict[str, dict], dict[str, dict]]:
     """(done, failed): the manifest records of every written part, by output key. A record that names a
     tar that is not there (its batch crashed between its part and its tar) is neither."""
-    done: dict[str, dict] = {}
-    failed: dict[str, dict] = {}
-    tars = None
-    for key in store.list(PARTS):
-        for record in pq.read_table(io.BytesIO(store.read_bytes(key))).to_pylist():
-            tar = record["uri"].partition("#")[0] if "#" in record["uri"] else None
-            if tar is not None:
-                tars = set(store.list(SHARDS)) if tars is None else tars
-                if tar not in tars:
-                    continue
-            (failed if record["error"] else done)[record["key"]] = record
+    done, failed, _ = _read_parts_listed(store)
     return done, failed
+
+
+def _read_parts_listed(store, attempts: int = 3) -> tuple[dict[str, dict], dict[str, dict], list[str]]:
+    """`_read_parts` and the part keys it read, PART_READERS at a time. A part deleted between the listing and
+    its read (a run compacting the parts while a dry run, which takes no lock, reads them) means reading them
+    again, from a new listing."""
+    for _ in range(attempts):
+        keys = store.list(PARTS)
+        try:
+            with ThreadPoolExecutor(max_workers=PART_READERS, thread_name_prefix="rdm-parts") as pool:
+                tables = list(pool.map(lambda key: pq.read_table(io.BytesIO(store.read_bytes(key))), keys))
+        except ObjectNotFoundError:
+            logger.info("a part went while its listing was read (compacted meanwhile): reading them again")
+            continue
+        done: dict[str, dict] = {}
+        failed: dict[str, dict] = {}
+        tars = None
+        for table in tables:
+            for record in table.to_pylist():
+                tar = record["uri"].partition("#")[0] if "#" in record["uri"] else None
+                if tar is not None:
+                    tars = set(store.list(SHARDS)) if tars is None else tars
+                    if tar not in tars:
+                        continue
+                (failed if record["error"] else done)[record["key"]] = record
+        return done, failed, keys
+    raise StorageError(f"{store.uri}/{PARTS}", f"its parts kept changing while read ({attempts} listings)")
+
+
+def compact_parts(store, done: dict[str, dict], failed: dict[str, dict], read: list[str]) -> int:
+    """Fold the parts `read` (whose records are `done` and `failed`, as `_read_parts_listed` gave them) into one
+    part, so that the next run of a job of many batches reads one object, not one per batch. The new part is
+    written whole first, then the ones it folds are deleted: a crash between leaves records twice, which read
+    as once. Parts written meanwhile (by a dead run's samplers) are not touched. Returns the parts folded
+    (0: there was at most one)."""
+    if len(read) <= 1:
+        return 0
+    records = [*done.values(), *(r for k, r in failed.items() if k not in done)]  # a failure retried since: done
+    columns = list(dict.fromkeys(name for r in records for name in r))  # parts from older runs may lack some
+    table = pa.Table.from_pylist([{name: r.get(name) for name in columns} for r in records])
+    name = f"{COMPACTED}{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}-{os.urandom(4).hex()}.parquet"
+    store.write_bytes(join(PARTS, name), _parquet(table))
+    for key in read:
+        with contextlib.suppress(ObjectNotFoundError):
+            store.delete(key)
+    return len(read)
 
 
 @dataclass(frozen=True)
@@ -655,7 +699,7 @@ def _generate(prompts_uri: str, out_uri: str, settings: BulkSettings, progress, 
                 if progress is not None:
                     progress.update(ok)
         lock.check()
-        done, failed_parts = _read_parts(store)
+        done, failed_parts, read = _read_parts_listed(store)
         wanted = {i["key"] for i in items}
         records = [r for k, r in sorted(done.items()) if k in wanted]
         failed = wanted - set(done)
@@ -663,6 +707,12 @@ def _generate(prompts_uri: str, out_uri: str, settings: BulkSettings, progress, 
             if key in failed:
                 item_errors.append({"row": part["row"], "error": part["error"]})
         _write_outputs(store, records, row_errors + item_errors)
+        try:  # the next run reads one part, not one per batch; a failure here costs only that
+            folded = compact_parts(store, done, failed_parts, read)
+            if folded:
+                logger.info("%d manifest parts compacted into one", folded)
+        except (StorageError, OSError, pa.ArrowException) as err:
+            logger.warning("could not compact the manifest parts (the next run reads them one by one): %s", err)
         result = BulkResult(images=len(records), generated=len([i for i in pending if i["key"] in done]),
                             skipped=len(items) - len(pending), errors=len(row_errors) + len(item_errors),
                             seconds=time.perf_counter() - clock)

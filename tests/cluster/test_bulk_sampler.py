@@ -430,3 +430,72 @@ def test_a_job_keeps_the_image_encoding_it_started_with(tmp_path):
         keep_output_format(BulkSettings(image_format="webp"), older)
     with pytest.raises(InputError, match="png is lossless"):
         keep_output_format(BulkSettings(image_quality=50), store)
+
+
+def _write_part(store, name: str, records: list[dict]) -> None:
+    import pyarrow as pa
+
+    from cluster.bulk import PARTS, _parquet
+
+    store.write_bytes(f"{PARTS}/{name}.parquet", _parquet(pa.Table.from_pylist(records)))
+
+
+def _record(key: str, error: str = "", **extra) -> dict:
+    return {"row": int(key[1:]), "key": key, "uri": f"images/{key}.png", "seed": 0, "error": error, **extra}
+
+
+def test_a_run_compacts_its_manifest_parts_into_one_that_reads_the_same(tmp_path):
+    """The parts of many batches fold into one part (the next run reads one object): the same done and failed
+    records (a failure retried since counts as done; parts of older runs that lack a column keep theirs), the
+    folded parts gone, a part written after the reading left alone; a crash before the folded parts were
+    deleted reads the same."""
+    from cluster.bulk import COMPACTED, PARTS, _read_parts, _read_parts_listed, compact_parts
+    from cluster.storage import open_store
+
+    store = open_store(str(tmp_path))
+    _write_part(store, "a", [_record("k1", neighbor_sources=["x.png"]), _record("k2", error="InputError: bad")])
+    _write_part(store, "b", [_record("k2", neighbor_sources=[]), _record("k3", error="RuntimeError: boom")])
+    _write_part(store, "c", [_record("k4")])  # an older run's part: no neighbor_sources column
+    done, failed, read = _read_parts_listed(store)
+    before = _read_parts(store)
+    _write_part(store, "late", [_record("k5")])  # a dead run's sampler, after the reading
+    assert compact_parts(store, done, failed, read) == 3
+    parts = store.list(PARTS)
+    assert len(parts) == 2 and parts[0].startswith(f"{PARTS}/{COMPACTED}") and parts[1] == f"{PARTS}/late.parquet"
+    store.delete(f"{PARTS}/late.parquet")
+    after = _read_parts(store)
+    assert sorted(after[0]) == sorted(before[0]) == ["k1", "k2", "k4"] and list(after[1]) == ["k3"]
+    assert after[0]["k1"]["neighbor_sources"] == ["x.png"] and after[0]["k4"]["neighbor_sources"] is None
+    assert {k: r["uri"] for k, r in after[0].items()} == {k: r["uri"] for k, r in before[0].items()}
+    _write_part(store, "a", [_record("k1", neighbor_sources=["x.png"])])  # a crash before a folded part went
+    assert sorted(_read_parts(store)[0]) == ["k1", "k2", "k4"]
+    done, failed, read = _read_parts_listed(store)
+    assert compact_parts(store, done, failed, read) == 2 and len(store.list(PARTS)) == 1
+    assert compact_parts(store, *_read_parts_listed(store)) == 0  # one part: nothing to fold
+
+
+def test_parts_compacted_while_a_dry_run_reads_them_are_read_again(tmp_path):
+    """A dry run reads the parts without the job's lock: a part deleted between its listing and its read
+    (a run compacting them) means a new listing, not a failure or a short count."""
+    from cluster.bulk import _read_parts_listed, compact_parts
+    from cluster.errors import ObjectNotFoundError, StorageError
+    from cluster.storage import open_store
+
+    store = open_store(str(tmp_path))
+    _write_part(store, "a", [_record("k1")])
+    _write_part(store, "b", [_record("k2")])
+    real_read, reads = store.read_bytes, []
+
+    def compacting_meanwhile(key):
+        if not reads:  # the first read: a run compacts the parts just now
+            reads.append(key)
+            compact_parts(store, *_read_parts_listed(store))
+            raise ObjectNotFoundError(key, "compacted meanwhile")
+        return real_read(key)
+
+    store.read_bytes = compacting_meanwhile
+    done, _, read = _read_parts_listed(store)
+    assert sorted(done) == ["k1", "k2"] and len(read) == 1
+    store.read_bytes = lambda key: (_ for _ in ()).throw(ObjectNotFoundError(key, "gone"))
+    with pytest.raises(StorageError, match="kept changing"):
+        _read_parts_listed(store)

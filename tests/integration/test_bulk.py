@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
 from testkit import metric_total, removable_worker_node, scrape, unit, write_embeddings
 
-from cluster.bulk import BulkSettings, generate, plan
+from cluster.bulk import BulkSettings, _parquet, generate, plan
 from cluster.errors import JobLockedError
 from cluster.index.build import build_index
 from cluster.storage import open_store
@@ -68,11 +69,15 @@ def test_bulk_job_writes_every_image_once_and_resumes(index_uri, make_bucket, s3
     errors = pq.read_table(io.BytesIO(out.read_bytes("errors.parquet"))).to_pylist()
     assert errors[0]["row"] == 6 and "missing" in errors[0]["error"]
     assert b"<img" in out.read_bytes("index.html")
-    # a crash that lost some outputs: only those are generated again, with the same bytes
-    lost = sorted(k for k in out.list("_parts"))[:1]
-    lost_rows = [r for r in pq.read_table(io.BytesIO(out.read_bytes(lost[0]))).to_pylist() if not r["error"]]
-    for key in lost:
-        out.delete(key)
+    # the run compacted its batches' manifest parts into one
+    (part,) = out.list("_parts")
+    assert part.startswith("_parts/compacted-")
+    records = pq.read_table(io.BytesIO(out.read_bytes(part))).to_pylist()
+    assert sorted(r["key"] for r in records if not r["error"]) == sorted(r["key"] for r in rows)
+    # a crash that lost some outputs (their records and images): only those are generated again, the same bytes
+    lost_rows = [r for r in records if not r["error"]][:3]
+    kept = [r for r in records if r not in lost_rows]
+    out.write_bytes(part, _parquet(pa.Table.from_pylist(kept)))
     for r in lost_rows:
         out.delete(r["key"])
     again = generate(prompts, out.uri, settings)
