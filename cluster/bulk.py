@@ -637,15 +637,18 @@ def check_databases_clip(settings: BulkSettings, config: RDMConfig, versions: di
     from cluster.errors import IncompatibleDatabaseError
     from cluster.index.manifest import check_clip
 
-    clip_hash = clip_hash_at(config, settings.clip_weights)
-    if clip_hash is None:
-        logger.warning("the model's CLIP weights %s carry no sha256 metadata: not checking that the databases "
-                       "were embedded with them", settings.clip_weights)
+    if config.clip is None:
         return
+    clip_hash = clip_hash_at(config, settings.clip_weights)
     index, fingerprint = open_store(settings.index_uri), clip_fingerprint_at(config, settings.clip_weights)
     for database, version in sorted(versions.items()):
-        try:
-            check_clip(load_manifest(index, database, version), clip_hash, config.clip.model_name, fingerprint)
+        manifest = load_manifest(index, database, version)
+        if clip_hash is None and manifest.clip_hash and not manifest.clip_fingerprint:
+            logger.warning("the model's CLIP weights %s carry no sha256 metadata and %s version %s records no CLIP "
+                           "fingerprint: not checking that it was embedded with them", settings.clip_weights,
+                           database, version)
+        try:  # a CLIP without sha256 metadata: compared by its fingerprint (downloaded and loaded here for that)
+            check_clip(manifest, clip_hash, config.clip.model_name, fingerprint)
         except IncompatibleDatabaseError as err:
             raise IncompatibleDatabaseError(f"{err}. A job that ran before keeps the versions it started with: "
                                             f"after a rebuild, pass --index-version {database}=current") from None

@@ -185,9 +185,10 @@ differ and the other side recorded one: it may load the encoder), or None (unkno
 def check_clip(manifest: Manifest, clip_hash: str | None, clip_name: str = "",
                fingerprint: Fingerprint = None) -> None:
     """An IncompatibleDatabaseError where `manifest`'s embeddings were made by a CLIP encoder other than the one
-    `clip_hash` names (`rdm.factory.encoder_hash`); nothing where either is unknown ("" or None: a version built
-    from embeddings that record none, a model whose CLIP's weights cannot be hashed without a download), or where
-    the hashes differ but both encoders embed alike (`same_outputs`: the same weights named otherwise)."""
+    `clip_hash` names (`rdm.factory.encoder_hash`); nothing where the hashes differ but both encoders embed alike
+    (`same_outputs`: the same weights named otherwise), or where the version records no CLIP. A model's CLIP whose
+    hash is unknown (None: weights that cannot be hashed without a download) is compared by its `fingerprint`
+    alone, where the version records one (else nothing)."""
     error = clip_mismatch(manifest.database, manifest.version, manifest.clip_model, manifest.clip_hash, clip_hash,
                           clip_name, manifest.clip_fingerprint, fingerprint)
     if error is not None:
@@ -209,8 +210,10 @@ def clip_mismatch(database: str, version: str, made_by: str, made_by_hash: str, 
                   clip_name: str = "", made_by_fingerprint: str = "", fingerprint: Fingerprint = None):
     """`check_clip`'s error (None where the encoders match or either is unknown), from a version's recorded CLIP
     (`made_by`, `made_by_hash`, `made_by_fingerprint`)."""
-    if not made_by_hash or not clip_hash or made_by_hash == clip_hash:
+    if not made_by_hash or made_by_hash == clip_hash:
         return None
+    if not clip_hash and not (made_by_fingerprint and fingerprint is not None):
+        return None  # the model's encoder is unknown, and cannot be compared by its outputs either
     if same_outputs(made_by_fingerprint, fingerprint):
         logger.info("database %r version %s: CLIP %s (%s) and the model's %s (%s) are named differently but embed "
                     "alike (their fingerprints agree)", database, version, made_by, made_by_hash, clip_name, clip_hash)
@@ -218,7 +221,7 @@ def clip_mismatch(database: str, version: str, made_by: str, made_by_hash: str, 
     from cluster.errors import IncompatibleDatabaseError
 
     theirs = f"{made_by} ({made_by_hash})" if made_by else made_by_hash
-    ours = f"{clip_name} ({clip_hash})" if clip_name else clip_hash
+    ours = f"{clip_name} ({clip_hash or 'hash unknown'})" if clip_name else (clip_hash or "(hash unknown)")
     unknown = "" if made_by_fingerprint else (" (the version records no fingerprint of its CLIP's outputs, which "
                                               "would tell the same weights named otherwise)")
     return IncompatibleDatabaseError(

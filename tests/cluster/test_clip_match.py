@@ -177,3 +177,28 @@ def test_an_index_build_of_the_same_weights_named_otherwise_is_not_a_clip_change
     check_same_clip(index, "ink", {"clip": "tiny", "clip_hash": "bbbb"}, lambda: ours)  # made on demand (rebuild)
     with pytest.raises(IndexBuildError, match="--allow-clip-change"):
         check_same_clip(index, "ink", {"clip": "tiny", "clip_hash": "bbbb", "clip_fingerprint": other_weights()})
+
+
+def test_an_s3_clip_without_sha256_is_checked_by_its_fingerprint(fake_s3, monkeypatch, tmp_path, caplog,
+                                                                  tiny_weights_elsewhere):
+    """The model's CLIP weights on S3 without sha256 metadata have no hash without a download: a bulk job's
+    driver then downloads and loads them once to compare fingerprints where the database's version records one
+    (other weights are refused), and passes, saying so, a version that records none."""
+    from cluster.bulk import check_databases_clip
+
+    monkeypatch.setenv(artifacts.CACHE_ENV, str(tmp_path / "cache"))
+    path, ours = tiny_weights_elsewhere
+    boto3.client("s3", region_name="us-east-1").put_object(Bucket="rdm-unit", Key="clip.pt", Body=path.read_bytes())
+    index = open_store(str(tmp_path / "index"))
+    settings = BulkSettings(index_uri=index.uri, clip_weights="s3://rdm-unit/clip.pt")
+    config = model_config("tiny")
+    publish(index, fingerprinted("aaaa", ours))
+    check_databases_clip(settings, config, {"ink": "v1"})
+    assert (tmp_path / "cache").exists()  # downloaded, to be compared by what it embeds
+    publish(index, fingerprinted("aaaa", other_weights(), version="v2"))
+    with pytest.raises(IncompatibleDatabaseError, match="not the model's rdm-tiny-clip \\(hash unknown\\)"):
+        check_databases_clip(settings, config, {"ink": "v2"})
+    publish(index, manifest("aaaa", version="v3"))
+    with caplog.at_level("WARNING"):
+        check_databases_clip(settings, config, {"ink": "v3"})
+    assert "records no CLIP fingerprint: not checking" in caplog.text
