@@ -44,7 +44,7 @@ from cluster.lease import JOB_LOCK_WAIT_S, JobLock
 from cluster.progress import JobProgress
 from cluster.storage import ObjectStore, join, open_store
 from cluster.watchdog import StallWatch, check_stalls, clear_stalls, end_on_stall
-from rdm.errors import ConfigError, InputError
+from rdm.errors import ConfigError, InputError, RDMError
 from rdm.images import MAX_IMAGE_PIXELS, decode_rgb, to_model_range
 
 logger = logging.getLogger(__name__)
@@ -419,6 +419,19 @@ def clip_fingerprint(clip: str, clip_weights: str | None) -> str:
     return fingerprint(load_clip_spec(clip, weights=local_path(clip_weights)))
 
 
+def _recorded_fingerprint(previous: dict | None, clip: str, clip_weights: str | None) -> str:
+    """The output's CLIP fingerprint: the one it recorded, else made now; "" (logged) where the CLIP cannot be
+    loaded here: the fingerprint is a help for matching databases to models, not worth failing an embedded run."""
+    if (previous or {}).get("clip_fingerprint"):
+        return previous["clip_fingerprint"]
+    try:
+        return clip_fingerprint(clip, clip_weights)
+    except (RDMError, StorageError, OSError, RuntimeError) as err:
+        logger.warning("no CLIP fingerprint recorded (%s: %s): builds from these embeddings are matched to models "
+                       "by the CLIP's hash only", type(err).__name__, err)
+        return ""
+
+
 def _embedding_settings(out: ObjectStore, clip: str, clip_weights: str | None, dtype: str):
     """(CLIP config, the settings recorded in `embed.json`, the output's recorded ones or None); a ConfigError
     where the output was made with other settings (its embeddings would not compare with new ones)."""
@@ -558,7 +571,7 @@ def _embed_corpus(corpus_uri: str, out_uri: str, lock: JobLock, *, clip: str, cl
         lock.check()
         # what this CLIP makes of fixed probes: an index built from these embeddings records it, so that the same
         # weights named otherwise (a pretrained tag, another file) are told apart from other weights
-        fingerprint = (previous or {}).get("clip_fingerprint") or clip_fingerprint(clip, clip_weights)
+        fingerprint = _recorded_fingerprint(previous, clip, clip_weights)
         out.write_bytes("embed.json", json.dumps(info | {"corpus": corpus.uri, "clip_fingerprint": fingerprint},
                                                  indent=1).encode())
     return EmbedResult(len(shards), len(shards) - len(pending), embedded, errors, config.embed_dim, clip, changed,

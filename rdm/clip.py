@@ -166,7 +166,7 @@ def _fingerprint_rows(value: str) -> Tensor:
 
 def same_encoder(a: str, b: str, min_cosine: float = FINGERPRINT_MIN_COSINE) -> bool:
     """Whether two `fingerprint`s come from encoders that embed alike (same width and probes, and every probe's
-    embeddings at least `min_cosine` apart)."""
+    embeddings at a cosine similarity of at least `min_cosine`)."""
     x, y = _fingerprint_rows(a), _fingerprint_rows(b)
     if x.shape != y.shape:
         return False

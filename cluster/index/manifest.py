@@ -201,9 +201,14 @@ def same_outputs(recorded: str, fingerprint: Fingerprint) -> bool:
     if not recorded or fingerprint is None:
         return False
     from rdm.clip import same_encoder
+    from rdm.errors import ConfigError
 
     ours = fingerprint() if callable(fingerprint) else fingerprint
-    return bool(ours) and same_encoder(recorded, ours)
+    try:
+        return bool(ours) and same_encoder(recorded, ours)
+    except ConfigError as err:  # a damaged record: as if none (the hashes decide)
+        logger.warning("a CLIP fingerprint cannot be read (%s): not compared", err)
+        return False
 
 
 def clip_mismatch(database: str, version: str, made_by: str, made_by_hash: str, clip_hash: str | None,

@@ -202,3 +202,21 @@ def test_an_s3_clip_without_sha256_is_checked_by_its_fingerprint(fake_s3, monkey
     with caplog.at_level("WARNING"):
         check_databases_clip(settings, config, {"ink": "v3"})
     assert "records no CLIP fingerprint: not checking" in caplog.text
+
+
+def test_a_damaged_fingerprint_is_no_fingerprint(tiny_weights_elsewhere, caplog):
+    """A version whose recorded fingerprint does not read is checked by the CLIP hashes alone (refused where they
+    differ), not failed on."""
+    _, ours = tiny_weights_elsewhere
+    check_clip(fingerprinted("aaaa", "64:not base64!"), "aaaa", "tiny", ours)
+    with pytest.raises(IncompatibleDatabaseError):
+        check_clip(fingerprinted("aaaa", "64:not base64!"), "bbbb", "tiny", ours)
+    assert "cannot be read" in caplog.text
+
+
+def test_an_embedding_run_that_cannot_load_its_clip_here_records_no_fingerprint(caplog):
+    from cluster.embedding import _recorded_fingerprint
+
+    assert _recorded_fingerprint({"clip_fingerprint": "64:abc"}, "tiny", None) == "64:abc"  # kept, not made again
+    assert _recorded_fingerprint(None, "tiny", "/nonexistent/clip.pt") == ""
+    assert "no CLIP fingerprint recorded (CheckpointError" in caplog.text
