@@ -130,6 +130,8 @@ def expand(rows: list[PromptRow], settings: BulkSettings, model_id: str,
             seed = first + j
             fields = [row.prompt, row.image, row.database, seed, k, settings.sampler, settings.num_steps, scale,
                       settings.eta, model_id]
+            if row.negative_prompt is not None:  # keys of rows without one stay as they were
+                fields.append({"negative_prompt": row.negative_prompt})
             if size is not None:
                 fields.append({"size": list(size)})
             if not options.is_reference:  # other numerics, other images: other keys
@@ -140,6 +142,7 @@ def expand(rows: list[PromptRow], settings: BulkSettings, model_id: str,
             ident = json.dumps(fields)
             digest = hashlib.sha256(ident.encode()).hexdigest()[:32]
             items.append({"row": row.row, "prompt": row.prompt or "", "image": row.image or "",
+                          "negative_prompt": row.negative_prompt or "",
                           "database": row.database or "", "seed": seed, "num_neighbors": k, "guidance_scale": scale,
                           "key": f"images/{digest[:2]}/{digest}.{extension}"})
     return items
@@ -202,6 +205,15 @@ class QueryEncoder:
                 except (RDMError, OSError, ValueError) as err:
                     embedded[query] = (b"", f"{type(err).__name__}: {getattr(err, 'cause', None) or err}")
             row["query"], row["error"] = embedded[query]
+            row["negative"] = b""
+            negative = str(row.get("negative_prompt") or "")
+            if negative and not row["error"]:  # embedded as a prompt is, once per batch
+                if (negative, "") not in embedded:
+                    try:
+                        embedded[(negative, "")] = (_array_bytes(self.embed(negative)), "")
+                    except (RDMError, OSError, ValueError) as err:
+                        embedded[(negative, "")] = (b"", f"negative_prompt: {type(err).__name__}: {err}")
+                row["negative"], row["error"] = embedded[(negative, "")]
         return _columns(rows)
 
 
@@ -405,10 +417,12 @@ class BulkSampler:
 
     def _sample(self, members: list[dict]) -> np.ndarray:
         """On the model thread: the images of rows that share a context shape and guidance scale."""
-        from rdm.conditioning import build_context
+        from rdm.conditioning import build_context, negative_context
 
         contexts = torch.from_numpy(np.stack([_array(r["context"]) for r in members]))
         context = build_context(contexts[:, 0], contexts[:, 1:])
+        negative = negative_context(context, [torch.from_numpy(_array(r["negative"])) if r.get("negative") else None
+                                              for r in members])
         height, width = self.size
         params = dataclasses.replace(self.params, guidance_scale=float(members[0]["guidance_scale"]))
         # halved on out-of-memory; compiled, a smaller group (rows with errors, a block's last rows, another k)
@@ -423,7 +437,7 @@ class BulkSampler:
 
             images = self.pipeline.sample_images(context, [int(r["seed"]) for r in members], params,
                                                  height=height, width=width, pad_to=self.settings.batch_size,
-                                                 wanted=wanted)
+                                                 wanted=wanted, negative=negative)
         self.metrics.observe(self.metrics.sampling, time.perf_counter() - started)
         self.metrics.add(self.metrics.out_of_memory, self.pipeline.out_of_memory_splits - splits)
         if self.compile_cache is not None:
@@ -444,7 +458,8 @@ class BulkSampler:
         s = self.settings
         uri = f"{tar}#{sample_name(str(row['key']))}" if tar and not row["error"] else str(row["key"])
         return {"row": int(row["row"]), "prompt": str(row["prompt"]), "image": str(row["image"]),
-                "database": str(row["database"]), "seed": int(row["seed"]), "key": str(row["key"]),
+                "negative_prompt": str(row.get("negative_prompt") or ""), "database": str(row["database"]),
+                "seed": int(row["seed"]), "key": str(row["key"]),
                 "uri": uri, "sha256": row.get("sha256", ""), "index_version": str(row["index_version"]),
                 "neighbor_ids": json.loads(row["neighbor_ids"]), "neighbor_scores": json.loads(row["neighbor_scores"]),
                 "neighbor_sources": json.loads(row["neighbor_sources"]),

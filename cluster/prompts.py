@@ -1,8 +1,9 @@
 """Reading prompt files for bulk generation: txt (one prompt per line), csv, jsonl or parquet, local or s3://.
 
 Rows that cannot be used are returned as errors with their 1-based row numbers; they never stop a job. Besides
-the prompt (or a query `image`), a row may name its `database`, `num_images` and `seed`, and override the job's
-`num_neighbors` and `guidance_scale` (a sweep over the RDM's two style knobs in one job).
+the prompt (or a query `image`), a row may name its `database`, `num_images`, `seed` and `negative_prompt` (what
+guidance steers its images away from), and override the job's `num_neighbors` and `guidance_scale` (a sweep over
+the RDM's two style knobs in one job).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from cluster.storage import open_store
 from rdm.errors import InputError
 from rdm.retrieval import check_num_neighbors
 
-COLUMNS = ("prompt", "database", "num_images", "seed", "image", "num_neighbors", "guidance_scale")
+COLUMNS = ("prompt", "database", "num_images", "seed", "image", "num_neighbors", "guidance_scale", "negative_prompt")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class PromptRow:
     image: str | None
     num_neighbors: int | None = None  # None: the job's
     guidance_scale: float | None = None  # None: the job's
+    negative_prompt: str | None = None  # what guidance steers the row's images away from (None: the null context)
 
 
 def _raw_rows(name: str, data: bytes) -> list[tuple[int, object]]:
@@ -76,7 +78,11 @@ def _parse(row: int, raw: object, default_images: int) -> PromptRow:
         raise InputError(f"num_images must be in 1..64, got {num_images}")
     if seed is not None and not 0 <= seed < 2**62:
         raise InputError(f"seed must be in 0..2**62, got {seed}")
-    return PromptRow(row, prompt, raw.get("database") or None, num_images, seed, image, *_overrides(raw))
+    negative = raw.get("negative_prompt")
+    if not _missing(negative) and not isinstance(negative, str):
+        raise InputError(f"negative_prompt must be text, got {negative!r}")
+    negative = negative.strip() if isinstance(negative, str) and negative.strip() else None
+    return PromptRow(row, prompt, raw.get("database") or None, num_images, seed, image, *_overrides(raw), negative)
 
 
 def _missing(value: object) -> bool:

@@ -45,6 +45,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim")
     parser.add_argument("--num-steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=5.0)
+    parser.add_argument("--negative-prompt", metavar="TEXT",
+                        help="what guidance steers every image away from, in place of the null context")
     parser.add_argument("--eta", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0, help="image j of prompt i uses seed + i * num_images + j")
     parser.add_argument("--height", type=int, help="pixels (default: the model's image size)")
@@ -79,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"--num-images and --batch-size must be >= 1, got {args.num_images}, {args.batch_size}")
     prompts = read_prompts(args)
     params = SamplerParams(args.sampler, args.num_steps, args.guidance_scale, args.eta)
+    if args.negative_prompt is not None and (not args.negative_prompt.strip() or args.guidance_scale == 1.0):
+        raise InputError("--negative-prompt must not be blank, and steers guidance: it needs a --guidance-scale "
+                         "other than 1")
     encoding = ImageFormat(args.image_format, args.image_quality)
     model_file = local_path(args.model)  # an s3:// checkpoint: its cached local copy
     config = model_config(model_file)  # sizes and seeds are checked before the model loads (minutes for RDM-768)
@@ -99,11 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         batch = jobs[start:start + args.batch_size]
         result = pipeline.generate([p for _, _, p, _ in batch], num_neighbors=num_neighbors,
                                    seeds=[s for *_, s in batch], params=params,
-                                   height=args.height, width=args.width)
+                                   height=args.height, width=args.width,
+                                   negative_prompts=None if args.negative_prompt is None
+                                   else [args.negative_prompt] * len(batch))
         for row, ((i, j, prompt, seed), image) in enumerate(zip(batch, result.images, strict=True)):
             name = f"{i:04d}_{j:02d}_s{seed}.{encoding.extension}"
             write_atomic(args.out / name, encoding.encode(image))
-            records.append({"file": name, "prompt": prompt, "seed": seed, **asdict(params),
+            records.append({"file": name, "prompt": prompt, "negative_prompt": args.negative_prompt, "seed": seed,
+                            **asdict(params),
                             "neighbors": [] if result.neighbors is None else result.neighbors.ids[row]})
         if cache is not None:
             cache.save_if_new()

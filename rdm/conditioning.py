@@ -1,6 +1,9 @@
-"""Retrieval conditioning: the cross-attention context [query ; k neighbors] and its null twin."""
+"""Retrieval conditioning: the cross-attention context [query ; k neighbors], its null twin, and the
+negative context a negative prompt puts in the null one's place."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,3 +38,24 @@ def build_context(query: Tensor, neighbors: Tensor | None = None) -> Tensor:
 def null_context(context: Tensor) -> Tensor:
     """Unconditional context for classifier-free guidance: zeros of the same shape (the reference's uc)."""
     return torch.zeros_like(context)
+
+
+def negative_context(context: Tensor, negatives: Sequence[Tensor | None]) -> Tensor | None:
+    """The contexts classifier-free guidance steers away from, one row per context row [B, M, D]: a row's
+    negative prompt embedding [D] (L2-normalised) in each of its M tokens -- attention over M equal keys gives
+    that one token's value, so it conditions as a context of the negative prompt alone --, or zeros (the null
+    context) for a row without one. None where no row has one (the reference's guidance)."""
+    if len(negatives) != context.shape[0]:
+        raise ShapeError(f"{len(negatives)} negative prompts for {context.shape[0]} contexts")
+    if all(n is None for n in negatives):
+        return None
+    null = null_context(context)
+    for row, negative in enumerate(negatives):
+        if negative is not None:
+            negative = torch.as_tensor(negative, dtype=torch.float32, device=context.device)
+            if negative.shape != (context.shape[-1],):
+                raise ShapeError(f"negative prompt embedding {row} must be [{context.shape[-1]}], "
+                                 f"got {tuple(negative.shape)}")
+            check_finite("negative prompt embedding", negative)
+            null[row] = F.normalize(negative, dim=-1).to(null.dtype)
+    return null

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from rdm.acceleration import InferenceOptions, prepare
 from rdm.clip import ClipEncoder
-from rdm.conditioning import build_context, null_context
+from rdm.conditioning import build_context, negative_context, null_context
 from rdm.config import RDMConfig
 from rdm.errors import InputError, SamplingStopped, ShapeError
 from rdm.model import RDM
@@ -189,9 +189,12 @@ class Pipeline:
 
     @torch.no_grad()
     def sample_latents(self, context: Tensor, seeds: Sequence[int], params: SamplerParams, *,
-                       height: int, width: int, pad_to: int = 0, wanted: Wanted | None = None) -> Tensor:
+                       height: int, width: int, pad_to: int = 0, wanted: Wanted | None = None,
+                       negative: Tensor | None = None) -> Tensor:
         """Latents [B, C, h, w] for contexts [B, M, D] and one seed per sample. `pad_to`: with compiled
-        modules, run at least that batch size (see `sample_images`).
+        modules, run at least that batch size (see `sample_images`). `negative` [B, M, D]: the contexts
+        guidance steers away from in place of the null one (`rdm.conditioning.negative_context`: negative
+        prompts); None: the null context, as the reference.
 
         `wanted`: asked before the first step and after each (on the host: it waits for no device work).
         Once no row is wanted, `SamplingStopped` is raised; once fewer rows are wanted and a smaller batch
@@ -201,13 +204,16 @@ class Pipeline:
         n = context.shape[0]
         if len(seeds) != n:
             raise ShapeError(f"{len(seeds)} seeds for {n} contexts")
+        if negative is not None and negative.shape != context.shape:
+            raise ShapeError(f"negative contexts {tuple(negative.shape)} do not match the contexts {tuple(context.shape)}")
         shape = self._shape(context, params, height, width, pad_to)
         padding = self.modules.batch_size(n, pad_to) - n  # compiled modules: repeat the last row, drop it after
         if padding:
             seeds = list(seeds) + [seeds[-1]] * padding
         noise = SeededNoise(seeds, self.latent_shape(height, width), device=self.device)
         context = pad_rows(context.to(self.device), padding)
-        eps_model = GuidedEps(self.modules.unet, context, null_context(context), params.guidance_scale,
+        null = null_context(context) if negative is None else pad_rows(negative.to(self.device, context.dtype), padding)
+        eps_model = GuidedEps(self.modules.unet, context, null, params.guidance_scale,
                               shared=self.modules.options.shared_guidance)
         rows = list(range(n))  # the batch's row of each real (not padding) row running now
         size = n + padding
@@ -260,7 +266,8 @@ class Pipeline:
         return to_uint8(images[:n])
 
     def sample_images(self, context: Tensor, seeds: Sequence[int], params: SamplerParams, *, height: int,
-                      width: int, pad_to: int = 0, wanted: Wanted | None = None) -> np.ndarray:
+                      width: int, pad_to: int = 0, wanted: Wanted | None = None,
+                      negative: Tensor | None = None) -> np.ndarray:
         """uint8 images [B, H, W, 3]: `sample_latents`, then `decode`, each run again as two halves, and so on
         down to single images, when it runs the accelerator out of memory (each image depends only on its own
         context and seed, so they are the same images; a decode that does not fit does not sample again). A
@@ -269,6 +276,8 @@ class Pipeline:
         `pad_to` (compiled modules only): pad a smaller batch up to that size, one already compiled, instead
         of compiling its own padded size (minutes for RDM-768, against one batch's seconds); the halves of
         a batch out of memory are not padded back up.
+
+        `negative`: contexts guidance steers away from (see `sample_latents`).
 
         `wanted`: asked between sampling steps and before the decode (see `sample_latents`): a server stops
         sampling the images whose callers have gone, and the whole batch (`SamplingStopped`) once all have.
@@ -285,7 +294,8 @@ class Pipeline:
         def sample_part(rows: slice) -> Tensor:
             try:
                 return self.sample_latents(context[rows], seeds[rows], params, height=height, width=width,
-                                           pad_to=pad(rows), wanted=None if wanted is None else lambda: wanted()[rows])
+                                           pad_to=pad(rows), wanted=None if wanted is None else lambda: wanted()[rows],
+                                           negative=None if negative is None else negative[rows])
             except SamplingStopped:
                 if rows.stop - rows.start == n or not any(wanted()):
                     raise
@@ -355,8 +365,10 @@ class Pipeline:
     def generate(self, prompts: Sequence[str] | None = None, *, query: Tensor | None = None,
                  neighbors: Tensor | None = None, num_neighbors: int = 0, seeds: Sequence[int],
                  params: SamplerParams = SamplerParams(), height: int | None = None,
-                 width: int | None = None) -> Generation:
-        """One image per (prompt or query row, seed). Neighbors: given [B, k, D], else retrieved."""
+                 width: int | None = None, negative_prompts: Sequence[str | None] | None = None) -> Generation:
+        """One image per (prompt or query row, seed). Neighbors: given [B, k, D], else retrieved.
+        `negative_prompts` (one per row, None for none): what guidance steers each image away from, in place of
+        the null context (`rdm.conditioning.negative_context`)."""
         if (prompts is None) == (query is None):
             raise InputError("pass exactly one of prompts and query embeddings")
         query = self.encode_prompts(prompts) if prompts is not None else query
@@ -367,7 +379,17 @@ class Pipeline:
             found = self.retrieve(query, num_neighbors)
             neighbors = None if found is None else found.embeddings
         context = build_context(query, neighbors)
+        negative = None
+        if negative_prompts is not None:
+            if len(negative_prompts) != query.shape[0]:
+                raise InputError(f"need one negative prompt (or None) per sample: {len(negative_prompts)} for "
+                                 f"{query.shape[0]} queries")
+            given = [i for i, p in enumerate(negative_prompts) if p is not None]
+            embedded = dict(zip(given, self.encode_prompts([negative_prompts[i] for i in given]), strict=True)) \
+                if given else {}
+            negative = negative_context(context, [embedded.get(i) for i in range(len(negative_prompts))])
         size = self.model.config.image_size
-        pixels = self.sample_images(context, seeds, params, height=height or size, width=width or size)
+        pixels = self.sample_images(context, seeds, params, height=height or size, width=width or size,
+                                    negative=negative)
         images = [Image.fromarray(a) for a in pixels]
         return Generation(images=images, seeds=list(seeds), neighbors=found)

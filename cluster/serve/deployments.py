@@ -299,6 +299,7 @@ class Generator:
         batch samples while they run (PNG encoding of 32 768-px images takes about as long as 10% of their
         sampling on a GPU), and waits only before handing over its own images, so that at most one batch's
         deliveries are outstanding."""
+        from rdm.conditioning import negative_context
         from rdm.pipeline import SamplerParams
 
         groups: dict[tuple, list[int]] = defaultdict(list)
@@ -314,6 +315,8 @@ class Generator:
             contexts = torch.from_numpy(np.stack([items[i]["context"] for i in members])).float()
             splits, dropped = self.pipeline.out_of_memory_splits, self.pipeline.rows_dropped
             try:
+                # a row's negative prompt in place of its null context (None: no row has one)
+                negative = negative_context(contexts, [items[i].get("negative") for i in members])
                 params = SamplerParams(sampler, steps, scale, eta)
                 compiles = self.pipeline.compiles(contexts, params, height=height, width=width)
                 with self.stalls.busy(COMPILE_GRACE_S if compiles else None) as progress:
@@ -322,7 +325,8 @@ class Generator:
                         return [not abandoned(items[i]) for i in members]
 
                     pixels = self.pipeline.sample_images(contexts, [items[i]["seed"] for i in members], params,
-                                                         height=height, width=width, wanted=wanted)
+                                                         height=height, width=width, wanted=wanted,
+                                                         negative=negative)
             except SamplingStopped as error:
                 self.m_stopped.inc(len(members))
                 for i in members:
@@ -908,7 +912,8 @@ class Ingress:
                                client)
         except InputError as err:
             message = _message(err)
-            field = next((f for f in ("prompt", "neighbor_images", "image", "height") if f in message), None)
+            field = next((f for f in ("negative_prompt", "prompt", "neighbor_images", "image", "height")
+                          if f in message), None)
             return self._count(_error(422, "invalid_input", message, field, request_id), route, client)
         except ShardUnavailableError as err:
             return self._count(_error(503, "shard_unavailable", _message(err), None, request_id), route, client)
@@ -982,6 +987,12 @@ class Ingress:
         # An unserved size is refused before the query is embedded and retrieved (the Generator checks again).
         served_size(await self._served_sizes(), body.height, body.width)
         query = await self.generator.embed.remote(body.prompt, body.image)
+        negative = None
+        if body.negative_prompt is not None:
+            try:
+                negative = await self.generator.embed.remote(body.negative_prompt, None)
+            except InputError as err:  # too long for CLIP: named as the negative prompt's
+                raise InputError(f"negative_prompt: {_message(err)}") from None
         embedded = time.perf_counter()
         found = None
         if body.neighbor_images is not None:  # the caller's own neighbours: no retrieval
@@ -1000,11 +1011,13 @@ class Ingress:
         context = build_context(torch.tensor(query)[None], torch.tensor(neighbors)[None])[0].numpy()
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         neighbor_list = _neighbor_list(found) if found else []
-        metadata = {"prompt": body.prompt, "database": body.database, "index_version": found and found["version"],
+        metadata = {"prompt": body.prompt, "negative_prompt": body.negative_prompt, "database": body.database,
+                    "index_version": found and found["version"],
                     "neighbors": neighbor_list,
                     "sampler": body.sampler, "num_steps": body.num_steps, "guidance_scale": body.guidance_scale,
                     "eta": body.eta, "request_id": request_id, "client": client}
-        items = [{"request_id": request_id, "context": context, "seed": seed + i, "sampler": body.sampler,
+        items = [{"request_id": request_id, "context": context, "negative": negative, "seed": seed + i,
+                  "sampler": body.sampler,
                   "num_steps": body.num_steps, "guidance_scale": body.guidance_scale, "eta": body.eta,
                   "height": body.height, "width": body.width, "output": body.output, "format": body.format,
                   "quality": body.quality, "metadata": metadata}

@@ -57,6 +57,9 @@ class GenerateRequest(Query):
     num_steps: int = Field(50, ge=1, le=500)
     sampler: Literal["ddim", "plms", "dpmpp_2m"] = "ddim"
     guidance_scale: float = Field(5.0, ge=0.0, le=50.0, allow_inf_nan=False)
+    negative_prompt: str | None = Field(None, min_length=1, max_length=2000,
+                                        description="what guidance steers the images away from, in place of the "
+                                                    "null context (needs guidance_scale other than 1)")
     eta: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="image i uses seed + i; random when omitted")
     height: int | None = Field(None, ge=8, le=MAX_SIDE,
@@ -71,6 +74,11 @@ class GenerateRequest(Query):
     def _check(self) -> GenerateRequest:
         if self.quality is not None and self.format == "png":
             raise ValueError("'quality' applies to jpeg and webp; png is lossless")
+        if self.negative_prompt is not None:
+            if not self.negative_prompt.strip():
+                raise ValueError("'negative_prompt' must not be blank")
+            if self.guidance_scale == 1.0:
+                raise ValueError("'negative_prompt' steers guidance: it needs a guidance_scale other than 1")
         if self.eta and self.sampler != "ddim":
             raise ValueError(f"'eta' applies to the ddim sampler only; {self.sampler} needs eta=0")
         if self.neighbor_images is not None:

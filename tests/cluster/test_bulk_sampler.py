@@ -499,3 +499,37 @@ def test_parts_compacted_while_a_dry_run_reads_them_are_read_again(tmp_path):
     store.read_bytes = lambda key: (_ for _ in ()).throw(ObjectNotFoundError(key, "gone"))
     with pytest.raises(StorageError, match="kept changing"):
         _read_parts_listed(store)
+
+
+def test_a_rows_negative_prompt_is_embedded_and_steers_its_image_alone(tmp_path):
+    """The query stage embeds a row's negative prompt as it embeds prompts (once per batch, alone); the sampler
+    puts it in place of the row's null context: that row's image changes, the others' stay, and its record
+    names it."""
+    from cluster.bulk import QueryEncoder, _array
+    from rdm.config import get_config
+
+    encoder = QueryEncoder(asdict(get_config("tiny")), None)
+    out = encoder({"prompt": np.array(["a boat", "a boat", "a tree"], dtype=object),
+                   "image": np.array(["", "", ""], dtype=object),
+                   "negative_prompt": np.array(["", "a red house", "a red house"], dtype=object)})
+    assert out["negative"][0] == b"" and out["negative"][1] == out["negative"][2] != b""
+    np.testing.assert_array_equal(_array(out["negative"][1]), encoder.embed("a red house"))
+    settings = asdict(BulkSettings(num_steps=2, num_neighbors=0, output_format="webdataset"))
+    plain = BulkSampler(settings, str(tmp_path / "plain"), "model-hash")
+    steered = BulkSampler(settings, str(tmp_path / "steered"), "model-hash")
+    rows = batch([1, 2])
+    negatives = {"negative_prompt": np.array(["", "a red house"], dtype=object),
+                 "negative": np.array([b"", out["negative"][1]], dtype=object)}
+    plain(rows)
+    steered(rows | negatives)
+
+    def members(root):
+        import tarfile
+
+        (tar,) = (root / "shards").iterdir()
+        with tarfile.open(tar) as archive:
+            return {name: archive.extractfile(name).read() for name in archive.getnames()}
+
+    a, b = members(tmp_path / "plain"), members(tmp_path / "steered")
+    assert a["1.png"] == b["1.png"] and a["2.png"] != b["2.png"]
+    assert json.loads(b["2.json"])["negative_prompt"] == "a red house" and json.loads(b["1.json"])["negative_prompt"] == ""

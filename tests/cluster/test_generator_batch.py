@@ -604,3 +604,14 @@ def test_the_ingress_answers_a_failed_replica_with_503_and_retry_after():
     ingress._generate = died
     response = asyncio.run(ingress.generate(GenerateRequest(prompt="a boat"), None, Response()))
     assert response.status_code == 503 and json.loads(response.body)["error"]["type"] == "replica_failed"
+
+
+def test_an_items_negative_prompt_steers_its_image_alone_in_a_shared_batch(generator):
+    """Items with and without a negative prompt embedding batch together: the item with one gets another image,
+    the other the same bytes as in a batch where no item has one."""
+    negative = torch.nn.functional.normalize(torch.randn(64, generator=torch.Generator().manual_seed(9)), dim=-1)
+    inline = {"output": "inline"}
+    plain = settled(generator._run_batch([item(1) | inline, item(2) | inline]))
+    mixed = settled(generator._run_batch([item(1) | inline, item(2) | inline | {"negative": negative.numpy()}]))
+    assert [r["batch_size"] for r in mixed] == [2, 2]  # one sampling batch
+    assert mixed[0]["data"] == plain[0]["data"] and mixed[1]["data"] != plain[1]["data"]

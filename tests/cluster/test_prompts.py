@@ -94,3 +94,20 @@ def test_a_row_may_set_its_own_neighbours_and_guidance(tmp_path):
                                          f'"guidance_scale": 5, "seed": {items[0]["seed"]}}}\n')
     same, _ = read_prompts(str(tmp_path / "same.jsonl"))  # the job's values, spelt out: the same image
     assert expand(same, BulkSettings(num_neighbors=4, guidance_scale=5.0), "hash")[0]["key"] == items[0]["key"]
+
+
+def test_a_row_may_name_a_negative_prompt_which_is_part_of_its_key(tmp_path):
+    """`negative_prompt` per row: blank is none (a csv's empty cell), anything but text is a row error; a row
+    with one gets another key, a row without keeps the key it always had."""
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a boat", "seed": 1}\n'
+                                      '{"prompt": "a boat", "seed": 1, "negative_prompt": " a red house "}\n'
+                                      '{"prompt": "a boat", "seed": 1, "negative_prompt": ""}\n'
+                                      '{"prompt": "a boat", "seed": 1, "negative_prompt": 3}\n')
+    rows, errors = read_prompts(str(tmp_path / "p.jsonl"))
+    assert [r.negative_prompt for r in rows] == [None, "a red house", None]
+    assert errors == [{"row": 4, "error": "negative_prompt must be text, got 3"}]
+    items = expand(rows, BulkSettings(), "hash")
+    assert items[0]["key"] == items[2]["key"] != items[1]["key"]
+    assert [i["negative_prompt"] for i in items] == ["", "a red house", ""]
+    before = expand(read_prompts(str(tmp_path / "p.jsonl"))[0][:1], BulkSettings(), "hash")[0]["key"]
+    assert before == items[0]["key"]

@@ -116,12 +116,15 @@ def test_rows_sweep_their_own_neighbours_and_guidance_in_one_job(index_uri, make
         {"prompt": "a boat", "database": "ink", "num_neighbors": 1, "guidance_scale": 1, "seed": 7},
         {"prompt": "a boat", "database": "ink", "seed": 7},
         {"prompt": "a boat", "database": "ink", "num_neighbors": 0, "seed": 7},
-        {"prompt": "a boat", "database": "ink", "num_neighbors": 25}]))  # out of range: that row fails alone
+        {"prompt": "a boat", "database": "ink", "num_neighbors": 25},  # out of range: that row fails alone
+        {"prompt": "a boat", "database": "ink", "seed": 7, "negative_prompt": "a red house"}]))
     # as JPEG (kept from the job's first run)
     result = generate(f"{out.uri}/prompts.jsonl", out.uri, BulkSettings(index_uri=index_uri, **SETTINGS,
                                                                          image_format="jpeg"))
-    assert (result.images, result.errors) == (3, 1)
-    rows = sorted(manifest(out), key=lambda r: r["row"])
+    assert (result.images, result.errors) == (4, 1)
+    *rows, steered = sorted(manifest(out), key=lambda r: r["row"])
+    assert steered["negative_prompt"] == "a red house" and rows[1]["negative_prompt"] == ""
+    assert steered["neighbor_ids"] == rows[1]["neighbor_ids"] and steered["sha256"] != rows[1]["sha256"]
     for r in rows:  # the objects name their type on SeaweedFS as on S3: a presigned URL opens in a browser
         data = out.read_bytes(r["uri"])
         assert r["uri"].endswith(".jpg") and hashlib.sha256(data).hexdigest() == r["sha256"] and data[:2] == b"\xff\xd8"

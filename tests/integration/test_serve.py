@@ -129,7 +129,16 @@ def test_generate_writes_images_and_metadata(app_url):
     assert meta["index_version"] == out["index_version"] and meta["model_hash"] == model_hash("tiny")
     assert (meta["height"], meta["width"]) == (32, 32)
     assert meta["inference"] == {"precision": "fp32", "channels_last": False, "compile": None, "kernel_tuning": "none",
-                                 "attention": "auto"}
+                                 "attention": "auto", "shared_guidance": False}
+    assert meta["negative_prompt"] is None
+    # a negative prompt steers the same seed's image elsewhere, and is recorded with it
+    status, steered = call(url, "/v1/generate", {"prompt": "a boat", "database": "art", "num_neighbors": 3,
+                                                 "seed": 7, "negative_prompt": "a red house", **FAST})
+    assert status == 200, steered
+    meta = json.loads(next((root / "out" / "images").glob(f"*/{steered['request_id']}/7.json")).read_text())
+    assert meta["negative_prompt"] == "a red house" and meta["prompt"] == "a boat"
+    status, steered_png = call(url, steered["images"][0]["url"])
+    assert status == 200 and steered_png != png
 
 
 def test_neighbors_are_the_ones_generate_conditions_on(app_url):
@@ -340,6 +349,9 @@ def test_client_keys_are_attributed_and_take_effect_without_a_redeploy(app_url):
     ({"prompt": "a", "neighbor_images": []}, 422, "neighbor_images"),
     ({"prompt": "a", "quality": 50}, 422, "png is lossless"),
     ({"prompt": "a", "format": "gif"}, 422, "format"),
+    ({"prompt": "a", "negative_prompt": " "}, 422, "negative_prompt"),
+    ({"prompt": "a", "negative_prompt": "b", "guidance_scale": 1.0}, 422, "negative_prompt"),
+    ({"prompt": "a", "negative_prompt": "word " * 100}, 422, "negative_prompt"),
 ])
 def test_invalid_requests_get_4xx_naming_the_field(app_url, body, status, field):
     url, _ = app_url
@@ -543,6 +555,8 @@ def test_web_page_generates_in_headless_chromium(app_url, tmp_path):
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--no-first-run", "--disable-sync"])
         page = browser.new_page()
+        sent = []  # the bodies the page posts to /v1/generate
+        page.on("request", lambda r: sent.append(r.post_data) if r.url.endswith("/v1/generate") else None)
         page.goto(url + "/")
         page.fill("#steps", "3")
         page.fill("#token", "wrong-token")
@@ -567,6 +581,7 @@ def test_web_page_generates_in_headless_chromium(app_url, tmp_path):
         sizes = page.eval_on_selector_all("#size option", "options => options.map(o => o.textContent)")
         page.select_option("#size", "24,40")  # the app's other size: the newest images come first
         page.select_option("#format", "jpeg")
+        page.fill("#negative", "a red house")
         page.click("#generate")
         page.wait_for_function("document.querySelectorAll('#gallery img').length >= 4", timeout=60_000)
         page.wait_for_function("document.querySelector('#gallery img').complete", timeout=10_000)
@@ -584,6 +599,8 @@ def test_web_page_generates_in_headless_chromium(app_url, tmp_path):
     assert all(re.fullmatch(r"0\.\d{3} art\d+ \(corpus/art\d+\.png\)", item) for item in listed), listed
     assert "image(s)" in status and natural == 32
     assert sizes == ["32 x 32", "24 x 40"] and other == [40, 24] and jpeg
+    bodies = [json.loads(body) for body in sent]
+    assert "negative_prompt" not in bodies[1] and bodies[2]["negative_prompt"] == "a red house"
     assert "neighbours: neighbor_images[0] (" in caption
     assert re.search(r"neighbours: art\d+\.png \(", from_database), from_database  # named by their corpus files
     pixels = np.asarray(Image.open(shot).convert("RGB"))

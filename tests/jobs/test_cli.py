@@ -36,6 +36,12 @@ def test_sample_writes_pngs_and_an_index(tmp_path):
                 "--out", str(tmp_path / "webp")])
     (record,) = json.loads((tmp_path / "webp" / "index.json").read_text())["images"]
     assert code == 0 and record["file"].endswith(".webp") and Image.open(tmp_path / "webp" / record["file"]).format == "WEBP"
+    # a negative prompt: the same seed, another image, recorded in the index
+    code = rdm(["sample", "--prompt", "a boat", "--num-steps", "3", "--database", str(db), "--num-neighbors", "3",
+                "--seed", "10", "--negative-prompt", "a red house", "--out", str(tmp_path / "neg")])
+    (steered, *_) = json.loads((tmp_path / "neg" / "index.json").read_text())["images"]
+    assert code == 0 and steered["negative_prompt"] == "a red house" and index["images"][0]["negative_prompt"] is None
+    assert (tmp_path / "neg" / steered["file"]).read_bytes() != (out / index["images"][0]["file"]).read_bytes()
 
 
 def test_sample_reads_the_model_and_clip_weights_from_s3(fake_s3, tmp_path, monkeypatch, capsys):
@@ -70,6 +76,7 @@ def test_sample_reads_the_model_and_clip_weights_from_s3(fake_s3, tmp_path, monk
     (["sample", "--prompt", "x", "--image-format", "jpeg", "--image-quality", "0"], "1..100"),
     (["sample", "--prompt", "x", "--precision", "bf16", "--attention", "cudnn"], "'cudnn' does not run on cpu"),
     (["sample", "--prompt", "x", "--compile", "default", "--compile-cache", "gs://b/c"], "unsupported URI scheme"),
+    (["sample", "--prompt", "x", "--negative-prompt", "y", "--guidance-scale", "1"], "needs a --guidance-scale"),
 ])
 def test_sample_bad_input_exit_2(tmp_path, capsys, argv, message):
     np.save(tmp_path / "db.npy", np.ones((30, 64), np.float32))

@@ -238,3 +238,53 @@ def test_a_compiled_pipeline_narrows_only_to_a_batch_size_it_warmed_up():
                            warmed_sizes={(32, 32, True): {1, 2, 4, 8}})
     assert Pipeline._narrowed_size(stub, 3, 8, (32, 32, False)) is None  # unguided: other UNet shapes
     assert Pipeline._narrowed_size(stub, 3, 8, (24, 40, True)) is None  # another image size
+
+
+def test_negative_context_puts_each_rows_negative_in_every_token():
+    from rdm.conditioning import build_context, negative_context
+
+    context = build_context(torch.nn.functional.normalize(torch.randn(3, 8), dim=-1), torch.randn(3, 2, 8))
+    assert negative_context(context, [None, None, None]) is None  # the reference's null context
+    negative = negative_context(context, [None, 2 * torch.ones(8), None])
+    assert negative.shape == context.shape and not negative[[0, 2]].any()
+    torch.testing.assert_close(negative[1], torch.full((3, 8), 8 ** -0.5))  # normalised, in each of its 3 tokens
+    with pytest.raises(ShapeError, match="2 negative prompts for 3 contexts"):
+        negative_context(context, [None, None])
+    with pytest.raises(ShapeError, match="must be \\[8\\]"):
+        negative_context(context, [torch.ones(4), None, None])
+
+
+def test_a_negative_prompt_steers_its_image_alone(pipeline, lively_tiny_model):
+    """A negative prompt replaces its row's null context in guidance (the others' images stay the reference's,
+    bit for bit); as M copies of one token it conditions as the one token would; shared guidance, which needs the
+    null context, runs such a batch the plain way with the same images."""
+    import copy
+
+    from rdm.acceleration import InferenceOptions
+    from rdm.conditioning import build_context, negative_context
+
+    prompts, seeds = ["a boat", "a red house"], [3, 4]
+    plain = pipeline.generate(prompts, seeds=seeds, num_neighbors=2, params=FAST)
+    steered = pipeline.generate(prompts, seeds=seeds, num_neighbors=2, params=FAST,
+                                negative_prompts=[None, "a blue house at night"])
+    assert steered.images[0].tobytes() == plain.images[0].tobytes()
+    assert steered.images[1].tobytes() != plain.images[1].tobytes()
+    unguided = SamplerParams(num_steps=4, guidance_scale=1.0)  # no guidance: nothing to steer
+    assert pipeline.generate(prompts, seeds=seeds, num_neighbors=2, params=unguided,
+                             negative_prompts=["a tree", "a tree"]).images[1].tobytes() == \
+        pipeline.generate(prompts, seeds=seeds, num_neighbors=2, params=unguided).images[1].tobytes()
+    unet, generator = lively_tiny_model.unet, torch.Generator().manual_seed(1)
+    token = torch.nn.functional.normalize(torch.randn(2, 64, generator=generator), dim=-1)
+    x, t = torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([100, 700])
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t, negative_context(torch.zeros(2, 5, 64), list(token))),
+                                   unet(x, t, token[:, None]), rtol=1e-5, atol=1e-5)
+    context = build_context(pipeline.encode_prompts(prompts))
+    negative = negative_context(context, [None, pipeline.encode_prompts(["a tree"])[0]])
+    shared = Pipeline(copy.deepcopy(lively_tiny_model), options=InferenceOptions(shared_guidance=True))
+    torch.testing.assert_close(
+        shared.sample_latents(context, seeds, FAST, height=32, width=32, negative=negative),
+        Pipeline(copy.deepcopy(lively_tiny_model)).sample_latents(context, seeds, FAST, height=32, width=32,
+                                                                  negative=negative), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ShapeError, match="negative contexts"):
+        pipeline.sample_latents(context, seeds, FAST, height=32, width=32, negative=negative[:1])
