@@ -197,6 +197,7 @@ class QueryEncoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = _rows(batch)
         embedded: dict[tuple[str, str], tuple[bytes, str]] = {}  # (prompt, image) -> (query, error)
+        negatives: dict[str, tuple[bytes, str]] = {}  # negative prompt -> (embedding, error)
         for row in rows:
             query = (str(row["prompt"]), str(row["image"]))
             if query not in embedded:
@@ -208,12 +209,12 @@ class QueryEncoder:
             row["negative"] = b""
             negative = str(row.get("negative_prompt") or "")
             if negative and not row["error"]:  # embedded as a prompt is, once per batch
-                if (negative, "") not in embedded:
+                if negative not in negatives:
                     try:
-                        embedded[(negative, "")] = (_array_bytes(self.embed(negative)), "")
+                        negatives[negative] = (_array_bytes(self.embed(negative)), "")
                     except (RDMError, OSError, ValueError) as err:
-                        embedded[(negative, "")] = (b"", f"negative_prompt: {type(err).__name__}: {err}")
-                row["negative"], row["error"] = embedded[(negative, "")]
+                        negatives[negative] = (b"", f"negative_prompt: {type(err).__name__}: {err}")
+                row["negative"], row["error"] = negatives[negative]
         return _columns(rows)
 
 

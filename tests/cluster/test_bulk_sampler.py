@@ -514,6 +514,9 @@ def test_a_rows_negative_prompt_is_embedded_and_steers_its_image_alone(tmp_path)
                    "negative_prompt": np.array(["", "a red house", "a red house"], dtype=object)})
     assert out["negative"][0] == b"" and out["negative"][1] == out["negative"][2] != b""
     np.testing.assert_array_equal(_array(out["negative"][1]), encoder.embed("a red house"))
+    too_long = encoder({"prompt": np.array(["a boat"], dtype=object), "image": np.array([""], dtype=object),
+                        "negative_prompt": np.array(["word " * 100], dtype=object)})
+    assert too_long["error"][0].startswith("negative_prompt: PromptTooLongError") and too_long["negative"] == [b""]
     settings = asdict(BulkSettings(num_steps=2, num_neighbors=0, output_format="webdataset"))
     plain = BulkSampler(settings, str(tmp_path / "plain"), "model-hash")
     steered = BulkSampler(settings, str(tmp_path / "steered"), "model-hash")
