@@ -4,7 +4,8 @@ job's output).
 A lock is an object created only if absent (a conditional write, `ObjectStore.create`) naming its holder and
 when its lease ends. The holder renews the lease as it goes; a lock whose lease has ended belongs to a process
 that died or stalled, and the next taker takes it over with a conditional replace, so two takers cannot both
-win, and the stalled holder finds at its next renewal that it lost the lock. A live lock makes another taker
+win, and the stalled holder finds at its next renewal that it lost the lock. A taker on the holder's host (and
+PID namespace) whose process is gone takes the lock over at once, without waiting for the lease. A live lock makes another taker
 fail with the lock's error type naming the holder: at once, or after waiting up to `wait_s` for it.
 `cluster.index.lock` (rollbacks and prunes of a database) and `JobLock` (one driver per job output) use it.
 """
@@ -35,6 +36,31 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _pid_namespace() -> str | None:
+    """This process's PID namespace ("pid:[4026531836]"; None where /proc does not say): a holder's pid means
+    the same process only to a taker on the same host in the same namespace (containers may share a host name)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def holder_is_gone(holder: dict) -> bool:
+    """Whether a lock's holder is a process of this host and PID namespace that no longer runs (a driver killed
+    or out of memory: its lock would otherwise stay until its lease lapses). False wherever it cannot be told:
+    another host or namespace, or a holder that did not record its namespace."""
+    namespace = _pid_namespace()
+    if namespace is None or holder.get("pidns") != namespace or holder.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, KeyError, TypeError):  # runs as another user, or unreadable: alive
+        return False
+    return False
+
+
 class StoreLock:
     """`subject`'s lock in `store` under `key`, taken for `operation`; `error` is what a live lock held by
     another, or a lost one, raises, and `advice` what its message tells the user about it."""
@@ -50,7 +76,7 @@ class StoreLock:
 
     def _body(self, acquired: datetime, now: datetime) -> bytes:
         return json.dumps({"owner": self.owner, "operation": self.operation, "host": socket.gethostname(),
-                           "pid": os.getpid(), "acquired": acquired.strftime(TIME_FORMAT),
+                           "pid": os.getpid(), "pidns": _pid_namespace(), "acquired": acquired.strftime(TIME_FORMAT),
                            "expires": (now + timedelta(seconds=self.lease_s)).strftime(TIME_FORMAT)}).encode()
 
     def acquire(self, wait_s: float = 0.0) -> None:
@@ -83,7 +109,10 @@ class StoreLock:
                 continue
             holder = json.loads(data)
             expires = datetime.strptime(holder["expires"], TIME_FORMAT).replace(tzinfo=timezone.utc)
-            if expires > now:
+            if expires > now and holder_is_gone(holder):
+                logger.warning("%s: its lock's holder, %s (pid %s on this host), is gone: taking its lock over",
+                               self.subject, holder["operation"], holder["pid"])
+            elif expires > now:
                 raise self.error(
                     f"{self.subject} is locked by {holder['operation']} (host {holder['host']}, pid {holder['pid']}) "
                     f"since {holder['acquired']}, lease until {holder['expires']}: {self.advice}; try again once it "

@@ -79,3 +79,33 @@ def test_the_wait_is_checked_on_the_command_line(capsys):
     assert "--wait-lock-s must be in 0..86400" in capsys.readouterr().err
     assert rdm(["embed", "--corpus", "c", "--out", "o", "--wait-lock-s", "100000"]) == 2
     assert "--wait-lock-s must be in 0..86400" in capsys.readouterr().err
+
+
+def test_a_lock_whose_holder_on_this_host_is_gone_is_taken_over_at_once(tmp_path):
+    """A driver killed on this host (SIGKILL: no release) leaves a lock with most of its lease to run: a run on
+    the same host and PID namespace sees its process is gone and takes the lock over at once; a live holder, or
+    one of another host, still holds it."""
+    import signal
+    import subprocess
+    import sys
+
+    store = LocalStore(tmp_path)
+    code = ("import time, sys; from cluster.lease import JobLock; from cluster.storage import LocalStore; "
+            f"JobLock(LocalStore({str(tmp_path)!r}), 'rdm generate', lease_s=3600).acquire(); "
+            "print('held', flush=True); time.sleep(3600)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(JobLockedError, match=rf"pid {holder.pid}"):  # alive: its lock stands
+            JobLock(store, "rdm generate").hold(wait_s=0)
+        recorded = json.loads(store.read_bytes(JOB_LOCK))
+        store.write_bytes(JOB_LOCK, json.dumps(recorded | {"host": "another-host"}).encode())
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(30)
+        with pytest.raises(JobLockedError, match="host another-host"):  # gone, but not from here: cannot tell
+            JobLock(store, "rdm generate").hold(wait_s=0)
+        store.write_bytes(JOB_LOCK, json.dumps(recorded).encode())
+        with JobLock(store, "rdm embed").hold(wait_s=0):  # gone from this host: taken over at once
+            assert json.loads(store.read_bytes(JOB_LOCK))["operation"] == "rdm embed"
+    finally:
+        holder.kill()
