@@ -39,6 +39,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -116,11 +117,26 @@ def chosen_size(settings: BulkSettings, config: RDMConfig | None = None) -> tupl
     return None if size == (config.image_size, config.image_size) else size
 
 
+ITEM_SCHEMA = pa.schema([("row", pa.int64()), ("prompt", pa.string()), ("image", pa.string()),
+                         ("negative_prompt", pa.string()), ("database", pa.string()), ("seed", pa.int64()),
+                         ("num_neighbors", pa.int64()), ("guidance_scale", pa.float64()), ("key", pa.string())])
+ITEM_CHUNK = 65_536  # items built as Python values at a time before they go into the table
+
+
 def expand(rows: list[PromptRow], settings: BulkSettings, model_id: str,
-           size: tuple[int, int] | None = None) -> list[dict]:
-    """One item per image, with its seed and deterministic output key (`size`: the (height, width) when it
-    is not the model's own square size, which keys made before sizes could be chosen did not name)."""
-    items, options, extension = [], settings.inference_options(), settings.encoding().extension
+           size: tuple[int, int] | None = None) -> pa.Table:
+    """One item per image (ITEM_SCHEMA), with its seed and deterministic output key (`size`: the (height, width)
+    when it is not the model's own square size, which keys made before sizes could be chosen did not name). A
+    table, not Python objects: a driver holds every image of its job (about 150 bytes each, not 1 KB)."""
+    options, extension = settings.inference_options(), settings.encoding().extension
+    chunks: list[pa.Table] = []
+    columns: dict[str, list] = {name: [] for name in ITEM_SCHEMA.names}
+
+    def flush() -> None:
+        chunks.append(pa.table(columns, schema=ITEM_SCHEMA))
+        for values in columns.values():
+            values.clear()
+
     for row in rows:
         first = row.seed if row.seed is not None else settings.base_seed + 1000 * row.row
         # the row's own num_neighbors and guidance_scale, else the job's (a row without a database has none)
@@ -139,13 +155,17 @@ def expand(rows: list[PromptRow], settings: BulkSettings, model_id: str,
                               + ([options.attention, options.kernel_tuning]
                                  if (options.attention, options.kernel_tuning) != ("auto", "none") else [])
                               + (["shared-guidance"] if options.shared_guidance else []))
-            ident = json.dumps(fields)
-            digest = hashlib.sha256(ident.encode()).hexdigest()[:32]
-            items.append({"row": row.row, "prompt": row.prompt or "", "image": row.image or "",
-                          "negative_prompt": row.negative_prompt or "",
-                          "database": row.database or "", "seed": seed, "num_neighbors": k, "guidance_scale": scale,
-                          "key": f"images/{digest[:2]}/{digest}.{extension}"})
-    return items
+            digest = hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:32]
+            for name, value in (("row", row.row), ("prompt", row.prompt or ""), ("image", row.image or ""),
+                                ("negative_prompt", row.negative_prompt or ""), ("database", row.database or ""),
+                                ("seed", seed), ("num_neighbors", k), ("guidance_scale", scale),
+                                ("key", f"images/{digest[:2]}/{digest}.{extension}")):
+                columns[name].append(value)
+            if len(columns["key"]) >= ITEM_CHUNK:
+                flush()
+    if columns["key"] or not chunks:
+        flush()
+    return pa.concat_tables(chunks)
 
 
 def _rows(batch: dict[str, np.ndarray]) -> list[dict]:
@@ -512,53 +532,82 @@ PART_READERS = 16  # parts read at once (one GET each on S3)
 COMPACTED = "compacted-"  # the name's start of a part that folds many (`compact_parts`)
 
 
-def _read_parts(store) -> tuple[dict[str, dict], dict[str, dict]]:
-    """(done, failed): the manifest records of every written part, by output key. A record that names a
-    tar that is not there (its batch crashed between its part and its tar) is neither."""
-    done, failed, _ = _read_parts_listed(store)
-    return done, failed
+RECORDS_NONE = pa.schema([("row", pa.int64()), ("key", pa.string()), ("uri", pa.string()), ("error", pa.string())])
 
 
-def _read_parts_listed(store, attempts: int = 3) -> tuple[dict[str, dict], dict[str, dict], list[str]]:
-    """`_read_parts` and the part keys it read, PART_READERS at a time. A part deleted between the listing and
-    its read (a run compacting the parts while a dry run, which takes no lock, reads them) means reading them
-    again, from a new listing."""
+def read_records(store, columns: list[str] | None = None, attempts: int = 3) -> tuple[pa.Table, list[str]]:
+    """(records, parts): the manifest record of every output key a part records, one per key, sorted by key --
+    a done record over a failed one (a failure retried since), the part read last among equals --, and the part
+    keys read, PART_READERS at a time. A record that names a tar that is not there (its batch crashed between
+    its part and its tar) is not one. A table, not Python objects: a job's driver holds every record.
+    `columns`: only those (with `key`, `uri` and `error`, which tell what is done), else all.
+
+    A part deleted between the listing and its read (a run compacting the parts while a dry run, which takes no
+    lock, reads them) means reading them again, from a new listing."""
     for _ in range(attempts):
         keys = store.list(PARTS)
         try:
             with ThreadPoolExecutor(max_workers=PART_READERS, thread_name_prefix="rdm-parts") as pool:
-                tables = list(pool.map(lambda key: pq.read_table(io.BytesIO(store.read_bytes(key))), keys))
+                tables = list(pool.map(lambda key: _read_part(store, key, columns), keys))
         except ObjectNotFoundError:
             logger.info("a part went while its listing was read (compacted meanwhile): reading them again")
             continue
-        done: dict[str, dict] = {}
-        failed: dict[str, dict] = {}
-        tars = None
-        for table in tables:
-            for record in table.to_pylist():
-                tar = record["uri"].partition("#")[0] if "#" in record["uri"] else None
-                if tar is not None:
-                    tars = set(store.list(SHARDS)) if tars is None else tars
-                    if tar not in tars:
-                        continue
-                (failed if record["error"] else done)[record["key"]] = record
-        return done, failed, keys
+        # parts of older runs lack some columns (null there); an all-failed batch's lists are of nulls
+        records = pa.concat_tables(tables, promote_options="permissive") if tables else RECORDS_NONE.empty_table()
+        return _one_per_key(_with_tars(store, records)), keys
     raise StorageError(f"{store.uri}/{PARTS}", f"its parts kept changing while read ({attempts} listings)")
 
 
-def compact_parts(store, done: dict[str, dict], failed: dict[str, dict], read: list[str]) -> int:
-    """Fold the parts `read` (whose records are `done` and `failed`, as `_read_parts_listed` gave them) into one
-    part, so that the next run of a job of many batches reads one object, not one per batch. The new part is
-    written whole first, then the ones it folds are deleted: a crash between leaves records twice, which read
-    as once. Parts written meanwhile (by a dead run's samplers) are not touched. Returns the parts folded
-    (0: there was at most one)."""
+def _read_part(store, key: str, columns: list[str] | None) -> pa.Table:
+    if columns is None:
+        return pq.read_table(io.BytesIO(store.read_bytes(key)))
+    wanted = set(columns) | {"key", "uri", "error"}
+    part = pq.ParquetFile(io.BytesIO(store.read_bytes(key)))
+    return part.read(columns=[name for name in part.schema_arrow.names if name in wanted])
+
+
+def _with_tars(store, records: pa.Table) -> pa.Table:
+    """The records whose image is an object, or inside a tar that is there."""
+    in_tar = pc.match_substring(records["uri"], "#")
+    if not pc.any(in_tar).as_py():
+        return records
+    tars = pc.list_element(pc.split_pattern(records["uri"], "#", max_splits=1), 0)
+    there = pc.is_in(tars, value_set=pa.array(store.list(SHARDS), pa.string()))
+    return records.filter(pc.or_(pc.invert(in_tar), there))
+
+
+def _one_per_key(records: pa.Table) -> pa.Table:
+    if records.num_rows == 0:
+        return records
+    order = pc.sort_indices(pa.table({"key": records["key"], "done": pc.equal(records["error"], ""),
+                                      "at": np.arange(records.num_rows)}),
+                            sort_keys=[("key", "ascending"), ("done", "descending"), ("at", "descending")])
+    keys = records["key"].take(order).combine_chunks()
+    first = np.ones(records.num_rows, bool)
+    first[1:] = pc.not_equal(keys[1:], keys[:-1]).to_numpy(zero_copy_only=False)
+    return records.take(order.filter(first))  # one copy, of the rows kept
+
+
+def is_done(records: pa.Table) -> pa.ChunkedArray:
+    return pc.equal(records["error"], "")
+
+
+def _read_parts(store) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(done, failed): `read_records` as {key: record} (for a job of a few images: tests, tools)."""
+    records = read_records(store)[0].to_pylist()
+    return ({r["key"]: r for r in records if not r["error"]}, {r["key"]: r for r in records if r["error"]})
+
+
+def compact_parts(store, records: pa.Table, read: list[str]) -> int:
+    """Fold the parts `read` (whose records are `records`, as `read_records` gave them) into one part, so that
+    the next run of a job of many batches reads one object, not one per batch. The new part is written whole
+    first, then the ones it folds are deleted: a crash between leaves records twice, which read as once. Parts
+    written meanwhile (by a dead run's samplers) are not touched. Returns the parts folded (0: there was at
+    most one)."""
     if len(read) <= 1:
         return 0
-    records = [*done.values(), *(r for k, r in failed.items() if k not in done)]  # a failure retried since: done
-    columns = list(dict.fromkeys(name for r in records for name in r))  # parts from older runs may lack some
-    table = pa.Table.from_pylist([{name: r.get(name) for name in columns} for r in records])
     name = f"{COMPACTED}{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}-{os.urandom(4).hex()}.parquet"
-    store.write_bytes(join(PARTS, name), _parquet(table))
+    store.write_bytes(join(PARTS, name), _parquet(records))
     for key in read:
         with contextlib.suppress(ObjectNotFoundError):
             store.delete(key)
@@ -592,8 +641,8 @@ def plan(prompts_uri: str, out_uri: str, settings: BulkSettings) -> JobPlan:
     job = _Run.prepare(prompts_uri, out_uri, settings, record=False)
     named = sorted({r.database for r in job.rows if r.database})
     rates = [r["images_per_s"] for r in _job_state(job.store).get("runs", []) if r.get("generated")]
-    return JobPlan(rows=len(job.rows), row_errors=job.row_errors, images=len(job.items),
-                   done=len(job.items) - len(job.pending), versions=job.versions,
+    return JobPlan(rows=len(job.rows), row_errors=job.row_errors, images=job.items.num_rows,
+                   done=job.items.num_rows - job.pending.num_rows, versions=job.versions,
                    unknown_databases=[d for d in named if d not in job.versions] if settings.index_uri else named,
                    size=job.size or (job.config.image_size, job.config.image_size),
                    last_images_per_s=rates[-1] if rates else None)
@@ -608,10 +657,10 @@ class _Run:
     config: RDMConfig
     model_id: str
     size: tuple[int, int] | None
-    items: list[dict]
+    items: pa.Table  # ITEM_SCHEMA, one per image asked for
     store: ObjectStore
     versions: dict[str, str]
-    pending: list[dict]
+    pending: pa.Table  # the items not done
 
     @classmethod
     def prepare(cls, prompts_uri: str, out_uri: str, settings: BulkSettings, *, record: bool) -> _Run:
@@ -629,9 +678,10 @@ class _Run:
             check_databases_clip(settings, config, versions)
         if record:
             record_index_versions(store, versions)
-        done, _ = _read_parts(store)
+        records, _ = read_records(store, columns=[])  # what is done; not the records
+        done = records.filter(is_done(records))["key"]
         return cls(rows, row_errors, config, model_id, size, items, store, versions,
-                   [i for i in items if i["key"] not in done])
+                   items.filter(pc.invert(_keys_in(items, done))))
 
 
 def query_encoders(settings: BulkSettings) -> int:
@@ -685,17 +735,17 @@ def _generate(prompts_uri: str, out_uri: str, settings: BulkSettings, progress, 
 
     started, clock = datetime.now(timezone.utc), time.perf_counter()
     job = _Run.prepare(prompts_uri, out_uri, settings, record=True)
-    row_errors, config, model_id, items, store, versions, pending = (
-        job.row_errors, job.config, job.model_id, job.items, job.store, job.versions, job.pending)
+    config, model_id, store, versions, pending = job.config, job.model_id, job.store, job.versions, job.pending
     clear_stalls(store)
-    logger.info("%d images requested, %d already done, %d to generate", len(items), len(items) - len(pending),
-                len(pending))
+    requested, done_before = job.items.num_rows, job.items.num_rows - pending.num_rows
+    logger.info("%d images requested, %d already done, %d to generate", requested, done_before, pending.num_rows)
     # OUT/progress.json: for `rdm status OUT` while the run goes on
-    with JobProgress(store, requested=len(items), done_before=len(items) - len(pending)) as tally:
-        item_errors: list[dict] = []
-        if pending:
+    with JobProgress(store, requested=requested, done_before=done_before) as tally:
+        if pending.num_rows:
             gpu = ray.cluster_resources().get("GPU", 0) > 0
-            ds = ray.data.from_items(pending)
+            # blocks as from_items would cut them: each feeds one query encoder's task
+            blocks = min(pending.num_rows, ray.data.DataContext.get_current().read_op_min_num_blocks)
+            ds = ray.data.from_arrow(pending, override_num_blocks=blocks)
             ds = ds.map_batches(QueryEncoder, fn_constructor_kwargs={"config": asdict(config),
                                                                      "clip_weights": settings.clip_weights},
                                 batch_size=32, num_cpus=0.25,
@@ -718,23 +768,7 @@ def _generate(prompts_uri: str, out_uri: str, settings: BulkSettings, progress, 
                 if progress is not None:
                     progress.update(ok)
         lock.check()
-        done, failed_parts, read = _read_parts_listed(store)
-        wanted = {i["key"] for i in items}
-        records = [r for k, r in sorted(done.items()) if k in wanted]
-        failed = wanted - set(done)
-        for key, part in failed_parts.items():
-            if key in failed:
-                item_errors.append({"row": part["row"], "error": part["error"]})
-        _write_outputs(store, records, row_errors + item_errors)
-        try:  # the next run reads one part, not one per batch; a failure here costs only that
-            folded = compact_parts(store, done, failed_parts, read)
-            if folded:
-                logger.info("%d manifest parts compacted into one", folded)
-        except (StorageError, OSError, pa.ArrowException) as err:
-            logger.warning("could not compact the manifest parts (the next run reads them one by one): %s", err)
-        result = BulkResult(images=len(records), generated=len([i for i in pending if i["key"] in done]),
-                            skipped=len(items) - len(pending), errors=len(row_errors) + len(item_errors),
-                            seconds=time.perf_counter() - clock)
+        result = finish_run(job, clock)
         resources = ray.cluster_resources()
         record_run(store, {"started": started.isoformat(timespec="seconds"), "seconds": round(result.seconds, 1),
                            "generated": result.generated, "skipped": result.skipped, "errors": result.errors,
@@ -744,6 +778,37 @@ def _generate(prompts_uri: str, out_uri: str, settings: BulkSettings, progress, 
                            "stalls": len(store.list(STALLS_DIR + "/")),  # samplers that ended on a stalled accelerator
                            "model_hash": model_id, "inference": asdict(settings.inference_options())})
         return result
+
+
+def _keys_in(table: pa.Table, keys: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray:
+    """Whether each of the table's rows has one of `keys`."""
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks() if keys.num_chunks else pa.array([], pa.string())
+    return pc.is_in(table["key"], value_set=keys)
+
+
+def finish_run(job: _Run, started: float) -> BulkResult:
+    """The end of a run: the parts merged into manifest.parquet (the job's images done, by key), errors.parquet
+    (its prompt rows' errors and the failures of images not done) and index.html, then compacted into one part
+    (`compact_parts`). `started`: the run's `time.perf_counter()` at its start."""
+    store = job.store
+    recorded, read = read_records(store)
+    wanted = recorded.filter(_keys_in(recorded, job.items["key"]))
+    done = is_done(wanted)
+    records, failed = wanted.filter(done), wanted.filter(pc.invert(done))  # failed: not done since
+    item_errors = failed.select(["row", "error"]).to_pylist()
+    _write_outputs(store, records, job.row_errors + item_errors)
+    del wanted, failed
+    try:  # the next run reads one part, not one per batch; a failure here costs only that
+        folded = compact_parts(store, recorded, read)
+        if folded:
+            logger.info("%d manifest parts compacted into one", folded)
+    except (StorageError, OSError, pa.ArrowException) as err:
+        logger.warning("could not compact the manifest parts (the next run reads them one by one): %s", err)
+    generated = pc.sum(_keys_in(job.pending, records["key"])).as_py() or 0
+    return BulkResult(images=records.num_rows, generated=generated, skipped=job.items.num_rows - job.pending.num_rows,
+                      errors=len(job.row_errors) + len(item_errors),
+                      seconds=time.perf_counter() - started)
 
 
 RUNS_KEPT = 100  # job.json keeps the last runs' records
@@ -765,24 +830,37 @@ def _parquet(table: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
-def _write_outputs(store, records: list[dict], errors: list[dict]) -> None:
-    # records of parts written before neighbour sources were recorded have none
-    rows = [{"neighbor_sources": [], **{k: v for k, v in r.items() if k != "error"}} for r in records]
-    manifest = pa.Table.from_pylist(rows) if rows else pa.table({"key": pa.array([], pa.string())})
+def _write_outputs(store, records: pa.Table, errors: list[dict]) -> None:
+    """manifest.parquet (`records`, as `read_records` gives them), errors.parquet and index.html."""
+    manifest = records.drop_columns(["error"])
+    if manifest.num_rows == 0:
+        manifest = pa.table({"key": pa.array([], pa.string())})
+    elif "neighbor_sources" not in manifest.column_names:  # parts written before sources were recorded
+        manifest = manifest.append_column("neighbor_sources", pa.array([[]] * manifest.num_rows, pa.list_(pa.string())))
+    else:  # a job whose parts from before sources were recorded mix with newer ones: null there
+        sources = manifest["neighbor_sources"]
+        if pa.types.is_null(sources.type.value_type):
+            sources = sources.cast(pa.list_(pa.string()))
+        manifest = manifest.set_column(manifest.column_names.index("neighbor_sources"), "neighbor_sources",
+                                       pc.fill_null(sources, pa.scalar([], sources.type)))
     store.write_bytes("manifest.parquet", _parquet(manifest))
     store.write_bytes("errors.parquet", _parquet(pa.Table.from_pylist(sorted(errors, key=lambda e: e["row"]),
                                                                       schema=ERROR_SCHEMA)))
-    thumbnails = tar_thumbnails(store, first_images(records))
-    store.write_bytes("index.html", contact_sheet(records, errors, thumbnails=thumbnails).encode())
+    shown = first_images(records)
+    thumbnails = tar_thumbnails(store, shown)
+    store.write_bytes("index.html", contact_sheet(shown, records.num_rows, errors, thumbnails=thumbnails).encode())
 
 
 CONTACT_SHEET_MAX = 1000  # figures (and failed rows) index.html shows; manifest.parquet and errors.parquet hold all
 THUMBNAIL_SIZE = 128  # pixels, the longer side of a tar member's thumbnail
 
 
-def first_images(records: list[dict], limit: int = CONTACT_SHEET_MAX) -> list[dict]:
+def first_images(records: pa.Table, limit: int = CONTACT_SHEET_MAX) -> list[dict]:
     """The `limit` records a contact sheet shows: the first by row (and seed)."""
-    return heapq.nsmallest(limit, records, key=lambda r: (r["row"], r["seed"]))
+    if records.num_rows == 0:
+        return []
+    order = pc.sort_indices(records.select(["row", "seed"]), sort_keys=[("row", "ascending"), ("seed", "ascending")])
+    return records.take(order[:limit]).select(["row", "seed", "prompt", "image", "database", "uri"]).to_pylist()
 
 
 def tar_thumbnails(store, records: list[dict]) -> dict[str, str]:
@@ -816,11 +894,11 @@ def tar_thumbnails(store, records: list[dict]) -> dict[str, str]:
     return thumbnails
 
 
-def contact_sheet(records: list[dict], errors: list[dict], limit: int = CONTACT_SHEET_MAX,
+def contact_sheet(shown: list[dict], images: int, errors: list[dict], limit: int = CONTACT_SHEET_MAX,
                   thumbnails: dict[str, str] | None = None) -> str:
-    """The first `limit` images by row with their prompts -- an image inside a tar by its `thumbnails` entry
-    (a data: URI, see `tar_thumbnails`), else by its tar and sample name -- and the first `limit` failed
-    rows: a page a browser opens for a job of millions of images."""
+    """The job's first images (`shown`, from `first_images`; `images` in all) with their prompts -- an image
+    inside a tar by its `thumbnails` entry (a data: URI, see `tar_thumbnails`), else by its tar and sample name
+    -- and the first `limit` failed rows: a page a browser opens for a job of millions of images."""
     thumbnails = thumbnails or {}
 
     def picture(uri: str) -> str:
@@ -833,7 +911,6 @@ def contact_sheet(records: list[dict], errors: list[dict], limit: int = CONTACT_
     def more(shown: int, total: int, where: str) -> str:
         return f"<p>showing the first {shown} of {total}; {where} lists all</p>" if total > shown else ""
 
-    shown = first_images(records, limit)
     cells = "\n".join(
         f'<figure>{picture(r["uri"])}<figcaption>'
         f'{html.escape(r["prompt"] or r["image"])}<br>{html.escape(r["database"] or "text only")} · seed {r["seed"]}'
@@ -842,6 +919,6 @@ def contact_sheet(records: list[dict], errors: list[dict], limit: int = CONTACT_
     failed = "".join(f"<li>row {e['row']}: {html.escape(e['error'])}</li>" for e in first_errors)
     return ("<!doctype html><meta charset='utf-8'><title>rdm generate</title><style>body{font-family:sans-serif}"
             "figure{display:inline-block;margin:6px;width:140px;font-size:11px}img{image-rendering:pixelated}</style>"
-            f"<h1>{len(records)} images</h1>{more(len(shown), len(records), 'manifest.parquet')}{cells}"
+            f"<h1>{images} images</h1>{more(len(shown), images, 'manifest.parquet')}{cells}"
             + (f"<h2>{len(errors)} rows failed</h2>{more(len(first_errors), len(errors), 'errors.parquet')}"
                f"<ul>{failed}</ul>" if errors else ""))

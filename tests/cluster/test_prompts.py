@@ -1,8 +1,13 @@
 import pytest
 
-from cluster.bulk import BulkSettings, expand
+from cluster import bulk
+from cluster.bulk import BulkSettings
 from cluster.prompts import read_prompts
 from rdm.errors import InputError
+
+
+def expand(*args) -> list[dict]:
+    return bulk.expand(*args).to_pylist()
 
 
 @pytest.mark.parametrize("name, text", [
@@ -111,3 +116,18 @@ def test_a_row_may_name_a_negative_prompt_which_is_part_of_its_key(tmp_path):
     assert [i["negative_prompt"] for i in items] == ["", "a red house", ""]
     before = expand(read_prompts(str(tmp_path / "p.jsonl"))[0][:1], BulkSettings(), "hash")[0]["key"]
     assert before == items[0]["key"]
+
+
+def test_items_are_a_table_built_in_chunks_that_give_the_same_items(tmp_path, monkeypatch):
+    """A job's items (one per image, what its driver holds) are an Arrow table of ITEM_SCHEMA, built
+    ITEM_CHUNK items at a time: the chunks join into the items one pass gives."""
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a boat", "num_images": 3}\n{"image": "q.png", "database": "ink"}\n'
+                                      '{"prompt": "a tree", "num_images": 2, "negative_prompt": "fog"}\n')
+    rows, _ = read_prompts(str(tmp_path / "p.jsonl"))
+    whole = bulk.expand(rows, BulkSettings(), "hash")
+    assert whole.schema == bulk.ITEM_SCHEMA and whole.num_rows == 6
+    monkeypatch.setattr(bulk, "ITEM_CHUNK", 2)
+    chunked = bulk.expand(rows, BulkSettings(), "hash")
+    assert chunked.column("key").num_chunks == 3 and chunked.to_pylist() == whole.to_pylist()
+    assert [(i["row"], i["image"], i["database"], i["num_neighbors"], i["negative_prompt"])
+            for i in whole.to_pylist()][2:4] == [(1, "", "", 0, ""), (2, "q.png", "ink", 4, "")]
