@@ -15,6 +15,7 @@ worktree) in the same run: the ratio is the change's.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
@@ -74,6 +75,7 @@ def child(step: str, folder: str) -> dict:
 def make_job(folder: Path, images: int, per_row: int, parts: int) -> None:
     """prompts.jsonl and out/_parts: 90% of the images done, in one compacted part and `parts` batch parts."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
     from bulk_parts import record
 
     import cluster.bulk as bulk
@@ -92,7 +94,9 @@ def make_job(folder: Path, images: int, per_row: int, parts: int) -> None:
             for i, item in enumerate(items[: images * 9 // 10])]
     store, batch = open_store(str(folder / "out")), 32
     split = len(done) - parts * batch
-    store.write_bytes(f"{bulk.PARTS}/{bulk.COMPACTED}0.parquet", bulk._parquet(pa.Table.from_pylist(done[:split])))
+    compacted = io.BytesIO()  # row groups as this tree's compaction writes them (older code read any the same)
+    pq.write_table(pa.Table.from_pylist(done[:split]), compacted, row_group_size=getattr(bulk, "PART_ROW_GROUP", None))
+    store.write_bytes(f"{bulk.PARTS}/{bulk.COMPACTED}0.parquet", compacted.getvalue())
     for p, start in enumerate(range(split, len(done), batch)):
         store.write_bytes(f"{bulk.PARTS}/{p:08x}.parquet", bulk._parquet(pa.Table.from_pylist(done[start:start + batch])))
 

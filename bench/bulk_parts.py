@@ -3,8 +3,9 @@ batch) to tell which images are done, before it starts, and again at its end.
 
 A job of `--images` images in batches of `--batch` leaves one part per batch; the run that ends compacts them
 into one (`cluster.bulk.compact_parts`). Measured here: reading the parts one by one (the baseline: how a run
-read them before), as a run reads them now (`read_records`, 16 at a time) before compaction, and after it, on a
-local folder and on S3 (moto's in-process server: per-request work, no network), and the compaction itself.
+read them before: every column), as a run reads them now (`locate_records`: 16 at a time, only the columns that
+tell what is done) before compaction, and after it, on a local folder and on S3 (moto's in-process server:
+per-request work, no network), and the compaction itself.
 The records are as a job writes them (a prompt, its key and URI, 10 neighbour ids, scores and sources).
 
     python bench/bulk_parts.py [--images 20000] [--batch 32]
@@ -24,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from common import cpu_line, markdown_table
 
-from cluster.bulk import PARTS, _parquet, compact_parts, read_records
+from cluster.bulk import PARTS, _parquet, compact_parts, locate_records
 from cluster.storage import open_store
 
 
@@ -56,10 +57,10 @@ def measure(store, images: int, batch: int) -> list:
     parts = len(store.list(PARTS))
     _, sequential_s = timed(lambda: [pq.read_table(io.BytesIO(store.read_bytes(k))).to_pylist()
                                      for k in store.list(PARTS)])  # as a run read them before: one at a time
-    (before, _), read_s = timed(lambda: read_records(store))
-    folded, compact_s = timed(lambda: compact_parts(store, *read_records(store)))
-    (after, _), compacted_s = timed(lambda: read_records(store))
-    assert folded == parts and after.num_rows == before.num_rows == images, (folded, after.num_rows)
+    before, read_s = timed(lambda: locate_records(store))
+    folded, compact_s = timed(lambda: compact_parts(store, locate_records(store)))
+    after, compacted_s = timed(lambda: locate_records(store))
+    assert folded == parts and after.state.num_rows == before.state.num_rows == images, (folded, after.state.num_rows)
     return [parts, f"{sequential_s:.2f}", f"{read_s:.2f}", f"{compacted_s:.2f}", f"{sequential_s / compacted_s:.1f}x",
             f"{compact_s:.2f}"]
 

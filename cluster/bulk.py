@@ -6,7 +6,8 @@ duplicates: each sampling batch writes its images, then a manifest part `OUT/_pa
 items whose key appears in a part are done. The run ends by merging the parts into
 `OUT/manifest.parquet`, writing `OUT/errors.parquet` (row numbers and reasons) and `OUT/index.html`, and
 compacting the parts into one (`compact_parts`), so that the next run of a job of many batches reads one
-object rather than one per batch.
+object rather than one per batch. The driver holds its job's items and a few columns of each record as Arrow
+tables (`locate_records`), never every record: the end of a run streams the records a row group at a time.
 
 With `output_format="webdataset"` a batch's images go into one tar, `OUT/shards/<hash>.tar`, in the
 WebDataset layout (`<sample>.png` -- or `.jpg`, `.webp` with `image_format` jpeg or webp --, `<sample>.json` with
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import heapq
 import html
@@ -31,6 +33,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -530,40 +533,69 @@ def webdataset_tar(records: list[dict], images: dict[str, bytes]) -> bytes:
 
 PART_READERS = 16  # parts read at once (one GET each on S3)
 COMPACTED = "compacted-"  # the name's start of a part that folds many (`compact_parts`)
+PART_ROW_GROUP = 16_384  # records per row group of a compacted part: its readers decode one group at a time
+STATE_COLUMNS = ("key", "uri", "error", "row", "seed")  # of a record: what tells what is done and orders the sheet
+STATE_NONE = pa.schema([("key", pa.string()), ("uri", pa.string()), ("error", pa.string()), ("row", pa.int64()),
+                        ("seed", pa.int64()), ("part", pa.int32()), ("at", pa.int64())])
 
 
-RECORDS_NONE = pa.schema([("row", pa.int64()), ("key", pa.string()), ("uri", pa.string()), ("error", pa.string())])
+@dataclass(frozen=True)
+class Located:
+    """Where the record of each output key is, without the records (`locate_records`): `state` has STATE_COLUMNS
+    (`uri` dropped once tars are checked) and, for the record that counts, `part` (an index into `parts`) and `at`
+    (its row there); one row per key, sorted by key. `schema`: the records' columns, unified over the parts (older
+    ones lack some)."""
+
+    state: pa.Table
+    parts: list[str]
+    schema: pa.Schema
 
 
-def read_records(store, columns: list[str] | None = None, attempts: int = 3) -> tuple[pa.Table, list[str]]:
-    """(records, parts): the manifest record of every output key a part records, one per key, sorted by key --
-    a done record over a failed one (a failure retried since), the part read last among equals --, and the part
-    keys read, PART_READERS at a time. A record that names a tar that is not there (its batch crashed between
-    its part and its tar) is not one. A table, not Python objects: a job's driver holds every record.
-    `columns`: only those (with `key`, `uri` and `error`, which tell what is done), else all.
+def locate_records(store, scratch: str | None = None, attempts: int = 3) -> Located:
+    """Which record counts for each output key a part records -- a done one over a failed one (a failure retried
+    since), the part read last among equals --, reading only STATE_COLUMNS of each part, PART_READERS at a time.
+    A record that names a tar that is not there (its batch crashed between its part and its tar) is not one.
+    `scratch`: a folder where compacted parts are copied once (`_open_part`).
 
-    A part deleted between the listing and its read (a run compacting the parts while a dry run, which takes no
-    lock, reads them) means reading them again, from a new listing."""
+    A table of a few columns, not Python objects: a job's driver holds it for every image of the job. A part
+    deleted between the listing and its read (a run compacting the parts while a dry run, which takes no lock,
+    reads them) means reading them again, from a new listing."""
     for _ in range(attempts):
         keys = store.list(PARTS)
         try:
             with ThreadPoolExecutor(max_workers=PART_READERS, thread_name_prefix="rdm-parts") as pool:
-                tables = list(pool.map(lambda key: _read_part(store, key, columns), keys))
+                found = list(pool.map(functools.partial(_part_state, store, scratch=scratch), keys, range(len(keys))))
         except ObjectNotFoundError:
             logger.info("a part went while its listing was read (compacted meanwhile): reading them again")
             continue
+        if not found:
+            return Located(STATE_NONE.empty_table().drop_columns(["uri"]), [], pa.schema(list(STATE_NONE)[:5]))
         # parts of older runs lack some columns (null there); an all-failed batch's lists are of nulls
-        records = pa.concat_tables(tables, promote_options="permissive") if tables else RECORDS_NONE.empty_table()
-        return _one_per_key(_with_tars(store, records)), keys
+        state = pa.concat_tables([table for table, _ in found], promote_options="permissive")
+        schema = pa.unify_schemas([schema for _, schema in found], promote_options="permissive")
+        return Located(_one_per_key(_with_tars(store, state)).drop_columns(["uri"]), keys, schema)
     raise StorageError(f"{store.uri}/{PARTS}", f"its parts kept changing while read ({attempts} listings)")
 
 
-def _read_part(store, key: str, columns: list[str] | None) -> pa.Table:
-    if columns is None:
-        return pq.read_table(io.BytesIO(store.read_bytes(key)))
-    wanted = set(columns) | {"key", "uri", "error"}
-    part = pq.ParquetFile(io.BytesIO(store.read_bytes(key)))
-    return part.read(columns=[name for name in part.schema_arrow.names if name in wanted])
+def _open_part(store, key: str, scratch: str | None) -> pq.ParquetFile:
+    """A part to read: a compacted one (every record of a job) copied to a file in `scratch` once and read
+    from there a row group at a time, a batch's (or any, without `scratch`) from memory."""
+    name = key.rpartition("/")[2]
+    if scratch is None or not name.startswith(COMPACTED):
+        return pq.ParquetFile(io.BytesIO(store.read_bytes(key)))
+    path = os.path.join(scratch, name)
+    if not os.path.exists(path):
+        store.download(key, path + ".part")
+        os.replace(path + ".part", path)
+    return pq.ParquetFile(path)
+
+
+def _part_state(store, key: str, index: int, scratch: str | None) -> tuple[pa.Table, pa.Schema]:
+    part = _open_part(store, key, scratch)
+    state = part.read(columns=[name for name in STATE_COLUMNS if name in part.schema_arrow.names])
+    rows = state.num_rows
+    state = state.append_column("part", pa.array(np.full(rows, index, np.int32)))
+    return state.append_column("at", pa.array(np.arange(rows, dtype=np.int64))), part.schema_arrow
 
 
 def _with_tars(store, records: pa.Table) -> pa.Table:
@@ -579,39 +611,106 @@ def _with_tars(store, records: pa.Table) -> pa.Table:
 def _one_per_key(records: pa.Table) -> pa.Table:
     if records.num_rows == 0:
         return records
-    order = pc.sort_indices(pa.table({"key": records["key"], "done": pc.equal(records["error"], ""),
+    order = pc.sort_indices(pa.table({"key": records["key"], "done": is_done(records),
                                       "at": np.arange(records.num_rows)}),
                             sort_keys=[("key", "ascending"), ("done", "descending"), ("at", "descending")])
     keys = records["key"].take(order).combine_chunks()
     first = np.ones(records.num_rows, bool)
     first[1:] = pc.not_equal(keys[1:], keys[:-1]).to_numpy(zero_copy_only=False)
-    return records.take(order.filter(first))  # one copy, of the rows kept
+    return records.take(order.filter(first))
 
 
 def is_done(records: pa.Table) -> pa.ChunkedArray:
     return pc.equal(records["error"], "")
 
 
-def _read_parts(store) -> tuple[dict[str, dict], dict[str, dict]]:
-    """(done, failed): `read_records` as {key: record} (for a job of a few images: tests, tools)."""
-    records = read_records(store)[0].to_pylist()
-    return ({r["key"]: r for r in records if not r["error"]}, {r["key"]: r for r in records if r["error"]})
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with `schema`'s columns: those it lacks as nulls, the others cast (a list of nulls to strings)."""
+    columns = [(table[f.name] if table[f.name].type == f.type else table[f.name].cast(f.type))
+               if f.name in table.column_names else pa.nulls(table.num_rows, f.type) for f in schema]
+    return pa.table(columns, schema=schema)
 
 
-def compact_parts(store, records: pa.Table, read: list[str]) -> int:
-    """Fold the parts `read` (whose records are `records`, as `read_records` gave them) into one part, so that
-    the next run of a job of many batches reads one object, not one per batch. The new part is written whole
-    first, then the ones it folds are deleted: a crash between leaves records twice, which read as once. Parts
-    written meanwhile (by a dead run's samplers) are not touched. Returns the parts folded (0: there was at
-    most one)."""
-    if len(read) <= 1:
-        return 0
-    name = f"{COMPACTED}{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}-{os.urandom(4).hex()}.parquet"
-    store.write_bytes(join(PARTS, name), _parquet(records))
-    for key in read:
+def _counted_records(store, located: Located, scratch: str | None):
+    """(records, rows): the records that count (`located`), part by part (PART_READERS read at a time) and row
+    group by row group, in `located.schema`, each with the indices of its rows in `located.state`. Never more
+    than a row group of a part's records at once."""
+    part_of, at = located.state["part"].to_numpy(), located.state["at"].to_numpy()
+    order = np.lexsort((at, part_of))
+    bounds = np.searchsorted(part_of[order], np.arange(len(located.parts) + 1))
+    with ThreadPoolExecutor(max_workers=PART_READERS, thread_name_prefix="rdm-parts") as pool:
+        for start in range(0, len(located.parts), PART_READERS):
+            window = [i for i in range(start, min(start + PART_READERS, len(located.parts))) if bounds[i + 1] > bounds[i]]
+            opened = pool.map(lambda i: _open_part(store, located.parts[i], scratch), window)
+            for i, part in zip(window, list(opened), strict=True):
+                rows = order[bounds[i]:bounds[i + 1]]
+                offset = 0
+                for group in range(part.num_row_groups):
+                    size = part.metadata.row_group(group).num_rows
+                    lo, hi = np.searchsorted(at[rows], [offset, offset + size])
+                    if hi > lo:
+                        records = part.read_row_group(group).take(at[rows[lo:hi]] - offset)
+                        yield _conform(records, located.schema), rows[lo:hi]
+                    offset += size
+
+
+class _PartFile:
+    """A parquet file in a scratch folder written PART_ROW_GROUP records at a time, then uploaded whole."""
+
+    def __init__(self, path: str, schema: pa.Schema) -> None:
+        self.path, self.schema, self.pending, self.rows = path, schema, [], 0
+        self.writer = pq.ParquetWriter(path, schema)
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.pending.append(table)
+            self.rows += table.num_rows
+        if self.rows >= PART_ROW_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            self.writer.write_table(pa.concat_tables(self.pending), row_group_size=PART_ROW_GROUP)
+        self.pending, self.rows = [], 0
+
+    def close(self) -> str:
+        self._flush()
+        self.writer.close()
+        return self.path
+
+
+def _compacted_name() -> str:
+    return f"{COMPACTED}{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}-{os.urandom(4).hex()}.parquet"
+
+
+def _fold(store, located: Located, path: str) -> int:
+    """Upload the compacted part at `path` (the records that count of `located.parts`), then delete the parts it
+    folds: a crash between leaves records twice, which read as once."""
+    store.upload(join(PARTS, _compacted_name()), path)
+    for key in located.parts:
         with contextlib.suppress(ObjectNotFoundError):
             store.delete(key)
-    return len(read)
+    return len(located.parts)
+
+
+def compact_parts(store, located: Located) -> int:
+    """Fold the parts `located` read into one part (written whole first, then the folded ones deleted), so that
+    the next run of a job of many batches reads one object, not one per batch. Parts written meanwhile (by a
+    dead run's samplers) are not touched. Returns the parts folded (0: there was at most one)."""
+    if len(located.parts) <= 1:
+        return 0
+    with tempfile.TemporaryDirectory(prefix="rdm-compact-") as scratch:
+        out = _PartFile(os.path.join(scratch, "compacted.parquet"), located.schema)
+        for records, _ in _counted_records(store, located, scratch):
+            out.write(records)
+        return _fold(store, located, out.close())
+
+
+def _read_parts(store) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(done, failed): the records that count, by key, as Python objects (for a job of a few images: tests)."""
+    located = locate_records(store)
+    records = [r for table, _ in _counted_records(store, located, None) for r in table.to_pylist()]
+    return ({r["key"]: r for r in records if not r["error"]}, {r["key"]: r for r in records if r["error"]})
 
 
 @dataclass(frozen=True)
@@ -678,8 +777,9 @@ class _Run:
             check_databases_clip(settings, config, versions)
         if record:
             record_index_versions(store, versions)
-        records, _ = read_records(store, columns=[])  # what is done; not the records
-        done = records.filter(is_done(records))["key"]
+        with tempfile.TemporaryDirectory(prefix="rdm-plan-") as scratch:
+            state = locate_records(store, scratch).state
+        done = state.filter(is_done(state))["key"]
         return cls(rows, row_errors, config, model_id, size, items, store, versions,
                    items.filter(pc.invert(_keys_in(items, done))))
 
@@ -788,27 +888,49 @@ def _keys_in(table: pa.Table, keys: pa.ChunkedArray | pa.Array) -> pa.ChunkedArr
 
 
 def finish_run(job: _Run, started: float) -> BulkResult:
-    """The end of a run: the parts merged into manifest.parquet (the job's images done, by key), errors.parquet
-    (its prompt rows' errors and the failures of images not done) and index.html, then compacted into one part
-    (`compact_parts`). `started`: the run's `time.perf_counter()` at its start."""
+    """The end of a run, reading the parts once, a row group at a time: manifest.parquet (the job's images done,
+    in the order of the parts), errors.parquet (its prompt rows' errors and the failures of images not done
+    since) and index.html (the first images by row), and the parts compacted into one (`compact_parts`; a
+    failure there costs only that). The driver holds `locate_records`' few columns per image, not the records,
+    and writes the manifest and the compacted part through files in a scratch folder. `started`: the run's
+    `time.perf_counter()` at its start."""
     store = job.store
-    recorded, read = read_records(store)
-    wanted = recorded.filter(_keys_in(recorded, job.items["key"]))
-    done = is_done(wanted)
-    records, failed = wanted.filter(done), wanted.filter(pc.invert(done))  # failed: not done since
-    item_errors = failed.select(["row", "error"]).to_pylist()
-    _write_outputs(store, records, job.row_errors + item_errors)
-    del wanted, failed
-    try:  # the next run reads one part, not one per batch; a failure here costs only that
-        folded = compact_parts(store, recorded, read)
-        if folded:
-            logger.info("%d manifest parts compacted into one", folded)
-    except (StorageError, OSError, pa.ArrowException) as err:
-        logger.warning("could not compact the manifest parts (the next run reads them one by one): %s", err)
-    generated = pc.sum(_keys_in(job.pending, records["key"])).as_py() or 0
-    return BulkResult(images=records.num_rows, generated=generated, skipped=job.items.num_rows - job.pending.num_rows,
-                      errors=len(job.row_errors) + len(item_errors),
-                      seconds=time.perf_counter() - started)
+    with tempfile.TemporaryDirectory(prefix="rdm-finish-") as scratch:
+        located = locate_records(store, scratch)
+        state = located.state
+        wanted, done = _keys_in(state, job.items["key"]), is_done(state)
+        in_manifest = pc.and_(wanted, done)
+        errors = job.row_errors + state.filter(pc.and_(wanted, pc.invert(done))).select(["row", "error"]).to_pylist()
+        keep = in_manifest.to_numpy(zero_copy_only=False)
+        shown_at = first_shown(state, keep)
+        shown_as = np.full(state.num_rows, -1)
+        shown_as[shown_at] = np.arange(len(shown_at))
+        shown: list[dict] = [{}] * len(shown_at)
+        manifest = _PartFile(os.path.join(scratch, "manifest.parquet"), _manifest_schema(located.schema))
+        compacted = (_PartFile(os.path.join(scratch, "compacted.parquet"), located.schema)
+                     if len(located.parts) > 1 else None)
+        for records, rows in _counted_records(store, located, scratch):
+            if compacted is not None:
+                compacted.write(records)
+            manifest.write(_manifest_rows(records.filter(keep[rows]), manifest.schema))
+            picked = shown_as[rows] >= 0
+            if picked.any():
+                for n, record in zip(shown_as[rows][picked], records.filter(picked).select(SHOWN_COLUMNS).to_pylist(),
+                                     strict=True):
+                    shown[n] = record
+        store.upload("manifest.parquet", manifest.close())
+        store.write_bytes("errors.parquet", _parquet(pa.Table.from_pylist(sorted(errors, key=lambda e: e["row"]),
+                                                                          schema=ERROR_SCHEMA)))
+        thumbnails = tar_thumbnails(store, shown)
+        store.write_bytes("index.html", contact_sheet(shown, int(keep.sum()), errors, thumbnails=thumbnails).encode())
+        if compacted is not None:
+            try:  # the next run reads one part, not one per batch
+                logger.info("%d manifest parts compacted into one", _fold(store, located, compacted.close()))
+            except (StorageError, OSError, pa.ArrowException) as err:
+                logger.warning("could not compact the manifest parts (the next run reads them one by one): %s", err)
+    generated = pc.sum(_keys_in(job.pending, state.filter(in_manifest)["key"])).as_py() or 0
+    return BulkResult(images=int(keep.sum()), generated=generated, skipped=job.items.num_rows - job.pending.num_rows,
+                      errors=len(errors), seconds=time.perf_counter() - started)
 
 
 RUNS_KEPT = 100  # job.json keeps the last runs' records
@@ -822,6 +944,7 @@ def record_run(store, run: dict) -> None:
 
 
 ERROR_SCHEMA = pa.schema([("row", pa.int64()), ("error", pa.string())])
+SOURCES = pa.field("neighbor_sources", pa.list_(pa.string()))
 
 
 def _parquet(table: pa.Table) -> bytes:
@@ -830,37 +953,33 @@ def _parquet(table: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
-def _write_outputs(store, records: pa.Table, errors: list[dict]) -> None:
-    """manifest.parquet (`records`, as `read_records` gives them), errors.parquet and index.html."""
-    manifest = records.drop_columns(["error"])
-    if manifest.num_rows == 0:
-        manifest = pa.table({"key": pa.array([], pa.string())})
-    elif "neighbor_sources" not in manifest.column_names:  # parts written before sources were recorded
-        manifest = manifest.append_column("neighbor_sources", pa.array([[]] * manifest.num_rows, pa.list_(pa.string())))
-    else:  # a job whose parts from before sources were recorded mix with newer ones: null there
-        sources = manifest["neighbor_sources"]
-        if pa.types.is_null(sources.type.value_type):
-            sources = sources.cast(pa.list_(pa.string()))
-        manifest = manifest.set_column(manifest.column_names.index("neighbor_sources"), "neighbor_sources",
-                                       pc.fill_null(sources, pa.scalar([], sources.type)))
-    store.write_bytes("manifest.parquet", _parquet(manifest))
-    store.write_bytes("errors.parquet", _parquet(pa.Table.from_pylist(sorted(errors, key=lambda e: e["row"]),
-                                                                      schema=ERROR_SCHEMA)))
-    shown = first_images(records)
-    thumbnails = tar_thumbnails(store, shown)
-    store.write_bytes("index.html", contact_sheet(shown, records.num_rows, errors, thumbnails=thumbnails).encode())
+def _manifest_schema(schema: pa.Schema) -> pa.Schema:
+    """manifest.parquet's columns: the records' without `error`; `neighbor_sources` strings even where every part
+    was written before sources were recorded (or every record named none)."""
+    fields = [f for f in schema if f.name not in ("error", SOURCES.name)]
+    return pa.schema([*fields, SOURCES])
+
+
+def _manifest_rows(records: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Records as manifest.parquet has them: a record from before neighbour sources were recorded has none."""
+    rows = _conform(records, schema)
+    sources = pc.fill_null(rows[SOURCES.name], pa.scalar([], SOURCES.type))
+    return rows.set_column(rows.schema.get_field_index(SOURCES.name), SOURCES, sources)
 
 
 CONTACT_SHEET_MAX = 1000  # figures (and failed rows) index.html shows; manifest.parquet and errors.parquet hold all
+SHOWN_COLUMNS = ["row", "seed", "prompt", "image", "database", "uri"]  # of a record index.html shows
 THUMBNAIL_SIZE = 128  # pixels, the longer side of a tar member's thumbnail
 
 
-def first_images(records: pa.Table, limit: int = CONTACT_SHEET_MAX) -> list[dict]:
-    """The `limit` records a contact sheet shows: the first by row (and seed)."""
-    if records.num_rows == 0:
-        return []
-    order = pc.sort_indices(records.select(["row", "seed"]), sort_keys=[("row", "ascending"), ("seed", "ascending")])
-    return records.take(order[:limit]).select(["row", "seed", "prompt", "image", "database", "uri"]).to_pylist()
+def first_shown(records: pa.Table, among: np.ndarray, limit: int = CONTACT_SHEET_MAX) -> np.ndarray:
+    """The indices of the `limit` records a contact sheet shows: the first by row (and seed) of those `among`."""
+    candidates = np.flatnonzero(among)
+    if not len(candidates):
+        return candidates
+    order = pc.sort_indices(records.select(["row", "seed"]).take(candidates),
+                            sort_keys=[("row", "ascending"), ("seed", "ascending")])
+    return candidates[order.to_numpy()[:limit]]
 
 
 def tar_thumbnails(store, records: list[dict]) -> dict[str, str]:

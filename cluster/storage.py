@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import mimetypes
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -40,6 +41,8 @@ class ObjectStore(Protocol):
     def list(self, prefix: str = "") -> list[str]: ...
     def stamps(self, prefix: str = "") -> dict[str, str]: ...
     def delete(self, key: str) -> None: ...
+    def download(self, key: str, path: str | Path) -> None: ...
+    def upload(self, key: str, path: str | Path, metadata: dict[str, str] | None = None) -> None: ...
     def create(self, key: str, data: bytes) -> str | None: ...
     def read_tagged(self, key: str) -> tuple[bytes, str]: ...
     def replace_if(self, key: str, data: bytes, tag: str) -> str | None: ...
@@ -77,6 +80,35 @@ class LocalStore:
             os.replace(self._temporary(path, data), path)
         except OSError as err:
             raise StorageError(str(path), f"cannot write: {err}") from err
+
+    def download(self, key: str, path: str | Path) -> None:
+        """Copy the object to the file `path`."""
+        try:
+            shutil.copyfile(self._path(key), path)
+        except FileNotFoundError as err:
+            if not self._path(key).exists():
+                raise ObjectNotFoundError(str(self._path(key)), "does not exist") from err
+            raise StorageError(str(path), f"cannot write: {err}") from err
+        except OSError as err:
+            raise StorageError(str(self._path(key)), f"cannot copy to {path}: {err}") from err
+
+    def upload(self, key: str, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+        """Copy the file `path` to the object `key` (through a temporary file and a rename: whole or not at all;
+        files keep no `metadata`)."""
+        target, tmp = self._path(key), None
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as out, open(path, "rb") as source:
+                shutil.copyfileobj(source, out, 16 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, target)
+        except OSError as err:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            raise StorageError(str(target), f"cannot write: {err}") from err
 
     @staticmethod
     def _temporary(path: Path, data: bytes) -> str:

@@ -227,19 +227,20 @@ def test_the_contact_sheet_shows_the_first_images_and_errors_of_a_large_job():
     """A job of millions of images gets a page a browser opens: the first `limit` by row, and where the rest are."""
     import pyarrow as pa
 
-    from cluster.bulk import contact_sheet, first_images
+    from cluster.bulk import contact_sheet, first_shown
 
     records = pa.Table.from_pylist([
         {"row": row, "seed": seed, "uri": f"images/{row}-{seed}.png", "prompt": f"p{row}", "image": None,
          "database": "ink"} for row in range(30, -1, -1) for seed in (1, 0)])
     errors = [{"row": row, "error": "too long"} for row in range(100, 90, -1)]
-    page = contact_sheet(first_images(records, 5), records.num_rows, errors, limit=5)
+    shown = first_shown(records, np.ones(records.num_rows, bool), limit=5)
+    page = contact_sheet(records.take(shown).to_pylist(), records.num_rows, errors, limit=5)
     shown = [line.split('"')[1] for line in page.split("<img src=")[1:]]
     assert shown == ["images/0-0.png", "images/0-1.png", "images/1-0.png", "images/1-1.png", "images/2-0.png"]
     assert "<h1>62 images</h1><p>showing the first 5 of 62; manifest.parquet lists all</p>" in page
     assert "showing the first 5 of 10; errors.parquet lists all" in page and page.count("<li>row") == 5
     assert "<li>row 91:" in page and "<li>row 96:" not in page
-    small = contact_sheet(first_images(records[:3], 5), 3, [], limit=5)
+    small = contact_sheet(records.slice(0, 3).to_pylist(), 3, [], limit=5)
     assert small.count("<img") == 3 and "showing" not in small and "rows failed" not in small
 
 
@@ -452,18 +453,18 @@ def test_a_run_compacts_its_manifest_parts_into_one_that_reads_the_same(tmp_path
     records (a failure retried since counts as done; parts of older runs that lack a column keep theirs), the
     folded parts gone, a part written after the reading left alone; a crash before the folded parts were
     deleted reads the same."""
-    from cluster.bulk import COMPACTED, PARTS, _read_parts, compact_parts, read_records
+    from cluster.bulk import COMPACTED, PARTS, _read_parts, compact_parts, locate_records
     from cluster.storage import open_store
 
     store = open_store(str(tmp_path))
     _write_part(store, "a", [_record("k1", neighbor_sources=["x.png"]), _record("k2", error="InputError: bad")])
     _write_part(store, "b", [_record("k2", neighbor_sources=[]), _record("k3", error="RuntimeError: boom")])
     _write_part(store, "c", [_record("k4")])  # an older run's part: no neighbor_sources column
-    records, read = read_records(store)
-    assert records["key"].to_pylist() == ["k1", "k2", "k3", "k4"]  # one per key, a done one over a failed one
+    located = locate_records(store)
+    assert located.state["key"].to_pylist() == ["k1", "k2", "k3", "k4"]  # one per key, a done one over a failed one
     before = _read_parts(store)
     _write_part(store, "late", [_record("k5")])  # a dead run's sampler, after the reading
-    assert compact_parts(store, records, read) == 3
+    assert compact_parts(store, located) == 3
     parts = store.list(PARTS)
     assert len(parts) == 2 and parts[0].startswith(f"{PARTS}/{COMPACTED}") and parts[1] == f"{PARTS}/late.parquet"
     store.delete(f"{PARTS}/late.parquet")
@@ -473,21 +474,31 @@ def test_a_run_compacts_its_manifest_parts_into_one_that_reads_the_same(tmp_path
     assert {k: r["uri"] for k, r in after[0].items()} == {k: r["uri"] for k, r in before[0].items()}
     _write_part(store, "a", [_record("k1", neighbor_sources=["x.png"])])  # a crash before a folded part went
     assert sorted(_read_parts(store)[0]) == ["k1", "k2", "k4"]
-    assert compact_parts(store, *read_records(store)) == 2 and len(store.list(PARTS)) == 1
-    assert compact_parts(store, *read_records(store)) == 0  # one part: nothing to fold
+    assert compact_parts(store, locate_records(store)) == 2 and len(store.list(PARTS)) == 1
+    assert compact_parts(store, locate_records(store)) == 0  # one part: nothing to fold
 
 
-def test_the_end_of_a_run_merges_the_jobs_records_by_key_from_tables(tmp_path):
-    """`finish_run` (what a driver does after its samplers; it holds records as Arrow tables, not Python objects):
-    manifest.parquet has the job's done images by key -- a failure retried since is done, a record of an image
+@pytest.mark.parametrize("store_kind", ["local", "s3"])
+def test_the_end_of_a_run_streams_the_records_that_count_into_the_manifest(tmp_path, monkeypatch, request, store_kind):
+    """`finish_run` (what a driver does after its samplers), which holds a few columns per image, never the
+    records: manifest.parquet has the job's done images -- a failure retried since is done, a record of an image
     the job no longer asks for is left out, an older part's missing neighbour sources read as none --,
     errors.parquet the prompt rows' errors and the failures not retried, index.html the first images by row; the
-    parts fold into one, which reads the same."""
-    from cluster.bulk import _Run, finish_run, read_records
-
+    parts fold into one part of row groups, which the next run's end reads group by group into the same manifest
+    (moto for S3: the compacted part and the manifest go through files)."""
+    monkeypatch.setattr(bulk, "PART_ROW_GROUP", 2)
     (tmp_path / "p.jsonl").write_text('{"prompt": "a boat", "num_images": 3}\n{"prompt": ""}\n{"prompt": "a tree"}\n')
-    out = tmp_path / "out"
-    job = _Run.prepare(str(tmp_path / "p.jsonl"), str(out), BulkSettings(num_neighbors=0), record=True)
+    if store_kind == "s3":
+        request.getfixturevalue("fake_s3")
+    _check_finish(str(tmp_path / "p.jsonl"), "s3://rdm-unit/job" if store_kind == "s3" else str(tmp_path / "out"))
+
+
+def _check_finish(prompts: str, out: str) -> None:
+    import io
+
+    from cluster.bulk import COMPACTED, _Run, finish_run, locate_records
+
+    job = _Run.prepare(prompts, out, BulkSettings(num_neighbors=0), record=True)
     k = job.items["key"].to_pylist()  # rows 1, 1, 1, 3
     assert job.pending.num_rows == 4 and job.row_errors == [{"row": 2, "error": "empty prompt (and no image)"}]
     store = job.store
@@ -502,25 +513,40 @@ def test_the_end_of_a_run_merges_the_jobs_records_by_key_from_tables(tmp_path):
     _write_part(store, "d", [record("images/zz/gone.png", 9, 9)])  # an image the prompts no longer ask for
     result = finish_run(job, time.perf_counter())
     assert (result.images, result.generated, result.skipped, result.errors) == (3, 3, 0, 2)
-    manifest = pq.read_table(out / "manifest.parquet")
-    assert manifest["key"].to_pylist() == sorted(k[:3]) and "error" not in manifest.column_names
+
+    def read(name: str):
+        return pq.read_table(io.BytesIO(store.read_bytes(name)))
+
+    manifest = read("manifest.parquet")
+    assert manifest["key"].to_pylist() == k[:3] and "error" not in manifest.column_names  # in the parts' order
     sources = dict(zip(manifest["key"].to_pylist(), manifest["neighbor_sources"].to_pylist(), strict=True))
     assert sources == {k[0]: ["x.png"], k[1]: [], k[2]: []}
-    assert pq.read_table(out / "errors.parquet").to_pylist() == [
+    assert read("errors.parquet").to_pylist() == [
         {"row": 2, "error": "empty prompt (and no image)"}, {"row": 3, "error": "RuntimeError: boom"}]
-    page = (out / "index.html").read_text()
+    page = store.read_bytes("index.html").decode()
     assert "<h1>3 images</h1>" in page and page.index(k[0]) < page.index(k[1]) < page.index(k[2])
     assert "2 rows failed" in page
-    records, read = read_records(store)
-    assert len(read) == 1 and records["key"].to_pylist() == sorted([*k, "images/zz/gone.png"])
-    again = _Run.prepare(str(tmp_path / "p.jsonl"), str(out), BulkSettings(num_neighbors=0), record=False)
-    assert again.pending["key"].to_pylist() == [k[3]]
+    (part,) = store.list(bulk.PARTS)
+    assert part.rpartition("/")[2].startswith(COMPACTED)
+    compacted = pq.ParquetFile(io.BytesIO(store.read_bytes(part)))
+    assert compacted.num_row_groups == 3 and compacted.metadata.num_rows == 5  # PART_ROW_GROUP records a group
+    located = locate_records(store)
+    assert located.state["key"].to_pylist() == sorted([*k, "images/zz/gone.png"])
+    _write_part(store, "e", [record(k[3], 3, 3000)])  # the failed image, retried by a later run
+    again = _Run.prepare(prompts, out, BulkSettings(num_neighbors=0), record=False)
+    assert again.pending.num_rows == 0
+    result = finish_run(again, time.perf_counter())  # the compacted part, read a row group at a time
+    assert (result.images, result.generated, result.skipped, result.errors) == (4, 0, 4, 1)
+    second = read("manifest.parquet")
+    assert second["key"].to_pylist() == k and second.slice(0, 3).to_pylist() == manifest.to_pylist()
+    retried = {name: value for name, value in record(k[3], 3, 3000).items() if name != "error"}
+    assert second.slice(3).to_pylist() == [{**retried, "neighbor_sources": []}]
 
 
 def test_parts_compacted_while_a_dry_run_reads_them_are_read_again(tmp_path):
     """A dry run reads the parts without the job's lock: a part deleted between its listing and its read
     (a run compacting them) means a new listing, not a failure or a short count."""
-    from cluster.bulk import compact_parts, read_records
+    from cluster.bulk import compact_parts, locate_records
     from cluster.errors import ObjectNotFoundError, StorageError
     from cluster.storage import open_store
 
@@ -532,16 +558,16 @@ def test_parts_compacted_while_a_dry_run_reads_them_are_read_again(tmp_path):
     def compacting_meanwhile(key):
         if not reads:  # the first read: a run compacts the parts just now
             reads.append(key)
-            compact_parts(store, *read_records(store))
+            compact_parts(store, locate_records(store))
             raise ObjectNotFoundError(key, "compacted meanwhile")
         return real_read(key)
 
     store.read_bytes = compacting_meanwhile
-    records, read = read_records(store)
-    assert records["key"].to_pylist() == ["k1", "k2"] and len(read) == 1
+    located = locate_records(store)
+    assert located.state["key"].to_pylist() == ["k1", "k2"] and len(located.parts) == 1
     store.read_bytes = lambda key: (_ for _ in ()).throw(ObjectNotFoundError(key, "gone"))
     with pytest.raises(StorageError, match="kept changing"):
-        read_records(store)
+        locate_records(store)
 
 
 def test_a_rows_negative_prompt_is_embedded_and_steers_its_image_alone(tmp_path):

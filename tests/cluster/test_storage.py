@@ -4,7 +4,7 @@ from cluster.errors import ObjectNotFoundError, StorageCredentialsError, Storage
 from cluster.storage import LocalStore, S3Store, open_store
 
 
-def exercise(store):
+def exercise(store, tmp_path):
     store.write_bytes("a/b.bin", b"one")
     store.write_bytes("a/b.bin", b"two")
     store.write_bytes("c.txt", b"x")
@@ -19,19 +19,26 @@ def exercise(store):
     assert store.stamps()["a/b.bin"] != stamps["a/b.bin"] and store.stamps()["c.txt"] == stamps["c.txt"]
     store.delete("c.txt")
     assert store.list() == ["a/b.bin"]
+    (tmp_path / "up.bin").write_bytes(b"from a file")  # files in and out whole (S3: multipart for large ones)
+    store.upload("u/up.bin", tmp_path / "up.bin")
+    store.download("u/up.bin", tmp_path / "down.bin")
+    assert store.read_bytes("u/up.bin") == (tmp_path / "down.bin").read_bytes() == b"from a file"
+    with pytest.raises(ObjectNotFoundError):
+        store.download("missing", tmp_path / "nothing.bin")
+    store.delete("u/up.bin")
 
 
 def test_local_store(tmp_path):
     store = open_store(tmp_path / "root")
     assert isinstance(store, LocalStore)
-    exercise(store)
+    exercise(store, tmp_path)
     assert not list((tmp_path / "root").rglob(".*"))  # no temporary files left behind
 
 
-def test_s3_store(fake_s3):
+def test_s3_store(fake_s3, tmp_path):
     store = open_store("s3://rdm-unit/some/prefix")
     assert isinstance(store, S3Store) and store.uri == "s3://rdm-unit/some/prefix"
-    exercise(store)
+    exercise(store, tmp_path)
 
 
 def test_s3_store_pickles_without_its_client(fake_s3):
