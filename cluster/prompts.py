@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow.parquet as pq
@@ -23,7 +24,7 @@ from rdm.retrieval import check_num_neighbors
 COLUMNS = ("prompt", "database", "num_images", "seed", "image", "num_neighbors", "guidance_scale", "negative_prompt")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PromptRow:
     row: int  # 1-based line or row number
     prompt: str | None
@@ -36,24 +37,33 @@ class PromptRow:
     negative_prompt: str | None = None  # what guidance steers the row's images away from (None: the null context)
 
 
-def _raw_rows(name: str, data: bytes) -> list[tuple[int, object]]:
+def _raw_rows(name: str, data: bytes) -> Iterator[tuple[int, object]]:
+    """(row number, raw row or its parse error), one at a time: a file of millions of prompts is never held
+    as millions of Python objects besides the rows kept."""
     suffix = name.lower().rsplit(".", 1)[-1]
     if suffix == "txt":
-        return [(i, {"prompt": line}) for i, line in enumerate(data.decode("utf-8").splitlines(), 1)]
+        return ((i, {"prompt": line}) for i, line in enumerate(_lines(data), 1))
     if suffix == "jsonl":
-        rows: list[tuple[int, object]] = []
-        for i, line in enumerate(data.decode("utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((i, json.loads(line)))
-                except json.JSONDecodeError as err:
-                    rows.append((i, InputError(f"invalid JSON: {err.msg}")))
-        return rows
+        return ((i, _json_row(line)) for i, line in enumerate(_lines(data), 1) if line.strip())
     if suffix == "csv":
-        return list(enumerate(csv.DictReader(io.StringIO(data.decode("utf-8"))), 2))
+        return enumerate(csv.DictReader(io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", newline="")), 2)
     if suffix == "parquet":
-        return list(enumerate(pq.read_table(io.BytesIO(data)).to_pylist(), 1))
+        batches = pq.ParquetFile(io.BytesIO(data)).iter_batches(batch_size=65_536)
+        return enumerate((row for batch in batches for row in batch.to_pylist()), 1)
     raise InputError(f"prompts file {name!r}: use .txt, .csv, .jsonl or .parquet")
+
+
+def _lines(data: bytes) -> Iterator[str]:
+    """The lines `data.decode("utf-8").splitlines()` gives, decoded and split as they are read."""
+    for line in io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", newline=None):
+        yield from line.splitlines()  # also at the separators other than newlines that splitlines knows
+
+
+def _json_row(line: str) -> object:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        return InputError(f"invalid JSON: {err.msg}")
 
 
 def _parse(row: int, raw: object, default_images: int) -> PromptRow:
@@ -118,11 +128,14 @@ def read_prompts(uri: str, *, default_images: int = 1) -> tuple[list[PromptRow],
     parent, _, name = uri.rstrip("/").rpartition("/")
     data = open_store(parent or ".").read_bytes(name)
     good, errors = [], []
-    for row, raw in _raw_rows(name, data):
-        try:
-            good.append(_parse(row, raw, default_images))
-        except InputError as err:
-            errors.append({"row": row, "error": str(err)})
+    try:
+        for row, raw in _raw_rows(name, data):
+            try:
+                good.append(_parse(row, raw, default_images))
+            except InputError as err:
+                errors.append({"row": row, "error": str(err)})
+    except UnicodeDecodeError as err:
+        raise InputError(f"prompts file {uri} is not UTF-8 text ({err.reason})") from None
     if not good and not errors:
         raise InputError(f"prompts file {uri} is empty")
     return good, errors

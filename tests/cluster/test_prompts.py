@@ -131,3 +131,20 @@ def test_items_are_a_table_built_in_chunks_that_give_the_same_items(tmp_path, mo
     assert chunked.column("key").num_chunks == 3 and chunked.to_pylist() == whole.to_pylist()
     assert [(i["row"], i["image"], i["database"], i["num_neighbors"], i["negative_prompt"])
             for i in whole.to_pylist()][2:4] == [(1, "", "", 0, ""), (2, "q.png", "ink", 4, "")]
+
+
+@pytest.mark.parametrize("text", ["a\nb", "a\n\nb\n", "a\r\nb\rc", "x\x0c\ny", "a\u2028b\n\n", "", "\n", "a\x0c",
+                                  "é\n\x1cz", "a\r\n\r\n"])
+def test_lines_are_read_as_they_come_and_numbered_as_splitlines_numbers_them(text):
+    """A txt or jsonl prompts file is split as it is decoded, not held as a list of lines, into the lines
+    str.splitlines gives: a line's number -- which seeds its images, so names their keys -- stays as it was."""
+    from cluster.prompts import _lines
+
+    assert list(_lines(text.encode())) == text.splitlines()
+
+
+@pytest.mark.parametrize("name", ["p.txt", "p.jsonl", "p.csv"])
+def test_a_file_that_is_not_utf8_is_an_input_error(tmp_path, name):
+    (tmp_path / name).write_bytes(b"prompt\n\xff\xfe oops\n")
+    with pytest.raises(InputError, match="is not UTF-8 text"):
+        read_prompts(str(tmp_path / name))
