@@ -5,7 +5,8 @@ A job of `--images` images in batches of `--batch` leaves one part per batch; th
 into one (`cluster.bulk.compact_parts`). Measured here: reading the parts one by one (the baseline: how a run
 read them before: every column), as a run reads them now (`locate_records`: 16 at a time, only the columns that
 tell what is done) before compaction, and after it, on a local folder and on S3 (moto's in-process server:
-per-request work, no network), and the compaction itself.
+per-request work, no network), and the compaction itself, whose deletes of the folded parts are timed apart: one
+request each (before) against `delete_many` (S3: 1000 keys a request).
 The records are as a job writes them (a prompt, its key and URI, 10 neighbour ids, scores and sources).
 
     python bench/bulk_parts.py [--images 20000] [--batch 32]
@@ -61,8 +62,15 @@ def measure(store, images: int, batch: int) -> list:
     folded, compact_s = timed(lambda: compact_parts(store, locate_records(store)))
     after, compacted_s = timed(lambda: locate_records(store))
     assert folded == parts and after.state.num_rows == before.state.num_rows == images, (folded, after.state.num_rows)
+    compacted = store.list(PARTS)
+    write_parts(store, images, batch)  # the folded parts again, to time their deletes
+    folded_keys = [k for k in store.list(PARTS) if k not in compacted]
+    _, one_by_one_s = timed(lambda: [store.delete(k) for k in folded_keys])  # as a run deleted them before
+    write_parts(store, images, batch)
+    _, batched_s = timed(lambda: store.delete_many(folded_keys))
+    assert store.list(PARTS) == compacted
     return [parts, f"{sequential_s:.2f}", f"{read_s:.2f}", f"{compacted_s:.2f}", f"{sequential_s / compacted_s:.1f}x",
-            f"{compact_s:.2f}"]
+            f"{compact_s:.2f}", f"{one_by_one_s:.2f}", f"{batched_s:.3f}"]
 
 
 @contextlib.contextmanager
@@ -88,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     with moto_bucket() as uri:
         rows.append(["S3 (moto, in-process)", *measure(open_store(uri), args.images, args.batch)])
     print(markdown_table(["store", "parts", "read s, one by one (baseline: before)", "read s, 16 at a time",
-                          "read s, compacted", "speed-up", "compaction s"], rows))
+                          "read s, compacted", "speed-up", "compaction s", "deletes s, one by one (before)",
+                          "deletes s, batched"], rows))
     return 0
 
 

@@ -23,7 +23,6 @@ unless told to (`index_versions`, `rdm generate --index-version DB=VERSION|curre
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -687,9 +686,7 @@ def _fold(store, located: Located, path: str) -> int:
     """Upload the compacted part at `path` (the records that count of `located.parts`), then delete the parts it
     folds: a crash between leaves records twice, which read as once."""
     store.upload(join(PARTS, _compacted_name()), path)
-    for key in located.parts:
-        with contextlib.suppress(ObjectNotFoundError):
-            store.delete(key)
+    store.delete_many(located.parts)  # S3: a thousand to a request
     return len(located.parts)
 
 

@@ -41,6 +41,7 @@ class ObjectStore(Protocol):
     def list(self, prefix: str = "") -> list[str]: ...
     def stamps(self, prefix: str = "") -> dict[str, str]: ...
     def delete(self, key: str) -> None: ...
+    def delete_many(self, keys: list[str]) -> None: ...
     def download(self, key: str, path: str | Path) -> None: ...
     def upload(self, key: str, path: str | Path, metadata: dict[str, str] | None = None) -> None: ...
     def create(self, key: str, data: bytes) -> str | None: ...
@@ -196,6 +197,13 @@ class LocalStore:
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def delete_many(self, keys: list[str]) -> None:
+        for key in keys:
+            self.delete(key)
+
+
+DELETE_BATCH = 1000  # keys per S3 DeleteObjects request (S3's most)
+
 
 class S3Store:
     """Objects under `s3://bucket/prefix`. The boto3 client is created lazily in each process."""
@@ -273,6 +281,20 @@ class S3Store:
 
     def delete(self, key: str) -> None:
         self._call(key, "delete_object", Key=self._key(key))
+
+    def delete_many(self, keys: list[str]) -> None:
+        """Delete `keys` (a missing one is no error), DELETE_BATCH to a request: a job's thousands of parts in
+        seconds, not one round trip each."""
+        for start in range(0, len(keys), DELETE_BATCH):
+            chunk = keys[start:start + DELETE_BATCH]
+            answer = self._call(chunk[0], "delete_objects",
+                                Delete={"Objects": [{"Key": self._key(key)} for key in chunk], "Quiet": True})
+            errors = answer.get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise StorageError(f"s3://{self.bucket}/{first.get('Key', '')}",
+                                   f"S3 did not delete {len(errors)} of {len(chunk)} objects "
+                                   f"({first.get('Code', '')}: {first.get('Message', '')})")
 
     def create(self, key: str, data: bytes) -> str | None:
         """Write `key` only if it does not exist (`If-None-Match: *`); its ETag, or None if it exists."""

@@ -152,8 +152,9 @@ def prune(store: ObjectStore, database: str, *, keep: int = 2, min_age_s: float 
             prefix = join(database, "versions", info.version) + "/"
             keys = [key for key in store.list(prefix) if key.startswith(prefix)]
             manifest = prefix + "manifest.json"
-            for key in sorted(keys, key=lambda k: k != manifest):  # the manifest first
-                store.delete(key)
+            if manifest in keys:  # first: a version without its manifest is no version
+                store.delete(manifest)
+            store.delete_many([key for key in keys if key != manifest])
             if isinstance(store, LocalStore):  # a folder has no objects but its files: drop the empty shard folders
                 _remove_empty_dirs(store.root / prefix)
             lock.renew()

@@ -26,6 +26,12 @@ def exercise(store, tmp_path):
     with pytest.raises(ObjectNotFoundError):
         store.download("missing", tmp_path / "nothing.bin")
     store.delete("u/up.bin")
+    for name in ("m/1", "m/2", "m/3"):
+        store.write_bytes(name, b"x")
+    store.delete_many(["m/1", "m/3", "m/never-written"])  # a missing key is no error, as for delete
+    store.delete_many([])
+    assert store.list("m/") == ["m/2"]
+    store.delete("m/2")
 
 
 def test_local_store(tmp_path):
@@ -139,3 +145,22 @@ def test_s3_objects_carry_the_content_type_of_their_name(fake_s3, tmp_path):
              for key in ("a.png", "b.jpg", "c.webp", "index.html", "d.json", "e.parquet", "f.txt")}
     assert types == {"a.png": "image/png", "b.jpg": "image/jpeg", "c.webp": "image/webp", "index.html": "text/html",
                      "d.json": "application/json", "e.parquet": "binary/octet-stream", "f.txt": "text/plain"}
+
+
+def test_s3_deletes_many_keys_a_batch_to_a_request_and_reports_what_it_could_not(fake_s3, monkeypatch):
+    from cluster import storage
+
+    store = open_store("s3://rdm-unit/many")
+    for i in range(5):
+        store.write_bytes(f"k{i}", b"x")
+    calls = []
+    real = store.client.delete_objects
+    monkeypatch.setattr(store.client, "delete_objects", lambda **kw: calls.append(kw) or real(**kw))
+    monkeypatch.setattr(storage, "DELETE_BATCH", 2)
+    store.delete_many([f"k{i}" for i in range(5)])
+    assert store.list() == [] and [len(c["Delete"]["Objects"]) for c in calls] == [2, 2, 1]
+    assert calls[0]["Delete"]["Objects"][0] == {"Key": "many/k0"}
+    monkeypatch.setattr(store.client, "delete_objects", lambda **kw: {
+        "Errors": [{"Key": "many/k1", "Code": "AccessDenied", "Message": "Access Denied"}]})
+    with pytest.raises(StorageError, match="did not delete 1 of 2 objects \\(AccessDenied"):
+        store.delete_many(["k0", "k1"])
