@@ -897,7 +897,9 @@ def finish_run(job: _Run, started: float) -> BulkResult:
         state = located.state
         wanted, done = _keys_in(state, job.items["key"]), is_done(state)
         in_manifest = pc.and_(wanted, done)
-        errors = job.row_errors + state.filter(pc.and_(wanted, pc.invert(done))).select(["row", "error"]).to_pylist()
+        failed = state.filter(pc.and_(wanted, pc.invert(done))).select(["row", "error"])  # a table: maybe millions
+        errors = pa.concat_tables([pa.Table.from_pylist(job.row_errors, schema=ERROR_SCHEMA), failed.cast(ERROR_SCHEMA)])
+        errors = errors.take(pc.sort_indices(errors, sort_keys=[("row", "ascending")]))
         keep = in_manifest.to_numpy(zero_copy_only=False)
         shown_at = first_shown(state, keep)
         shown_as = np.full(state.num_rows, -1)
@@ -916,10 +918,11 @@ def finish_run(job: _Run, started: float) -> BulkResult:
                                      strict=True):
                     shown[n] = record
         store.upload("manifest.parquet", manifest.close())
-        store.write_bytes("errors.parquet", _parquet(pa.Table.from_pylist(sorted(errors, key=lambda e: e["row"]),
-                                                                          schema=ERROR_SCHEMA)))
+        store.write_bytes("errors.parquet", _parquet(errors))
         thumbnails = tar_thumbnails(store, shown)
-        store.write_bytes("index.html", contact_sheet(shown, int(keep.sum()), errors, thumbnails=thumbnails).encode())
+        page = contact_sheet(shown, int(keep.sum()), errors.slice(0, CONTACT_SHEET_MAX).to_pylist(), errors.num_rows,
+                             thumbnails=thumbnails)
+        store.write_bytes("index.html", page.encode())
         if compacted is not None:
             try:  # the next run reads one part, not one per batch
                 logger.info("%d manifest parts compacted into one", _fold(store, located, compacted.close()))
@@ -927,7 +930,7 @@ def finish_run(job: _Run, started: float) -> BulkResult:
                 logger.warning("could not compact the manifest parts (the next run reads them one by one): %s", err)
     generated = pc.sum(_keys_in(job.pending, state.filter(in_manifest)["key"])).as_py() or 0
     return BulkResult(images=int(keep.sum()), generated=generated, skipped=job.items.num_rows - job.pending.num_rows,
-                      errors=len(errors), seconds=time.perf_counter() - started)
+                      errors=errors.num_rows, seconds=time.perf_counter() - started)
 
 
 RUNS_KEPT = 100  # job.json keeps the last runs' records
@@ -1010,12 +1013,14 @@ def tar_thumbnails(store, records: list[dict]) -> dict[str, str]:
     return thumbnails
 
 
-def contact_sheet(shown: list[dict], images: int, errors: list[dict], limit: int = CONTACT_SHEET_MAX,
-                  thumbnails: dict[str, str] | None = None) -> str:
-    """The job's first images (`shown`, from `first_images`; `images` in all) with their prompts -- an image
+def contact_sheet(shown: list[dict], images: int, errors: list[dict], error_count: int | None = None,
+                  limit: int = CONTACT_SHEET_MAX, thumbnails: dict[str, str] | None = None) -> str:
+    """The job's first images (`shown`, by `first_shown`; `images` in all) with their prompts -- an image
     inside a tar by its `thumbnails` entry (a data: URI, see `tar_thumbnails`), else by its tar and sample name
-    -- and the first `limit` failed rows: a page a browser opens for a job of millions of images."""
+    -- and the first `limit` failed rows of `errors` (the first by row, or all; `error_count` in all, by default
+    as many as `errors`): a page a browser opens for a job of millions of images."""
     thumbnails = thumbnails or {}
+    error_count = len(errors) if error_count is None else error_count
 
     def picture(uri: str) -> str:
         if uri in thumbnails:
@@ -1036,5 +1041,5 @@ def contact_sheet(shown: list[dict], images: int, errors: list[dict], limit: int
     return ("<!doctype html><meta charset='utf-8'><title>rdm generate</title><style>body{font-family:sans-serif}"
             "figure{display:inline-block;margin:6px;width:140px;font-size:11px}img{image-rendering:pixelated}</style>"
             f"<h1>{images} images</h1>{more(len(shown), images, 'manifest.parquet')}{cells}"
-            + (f"<h2>{len(errors)} rows failed</h2>{more(len(first_errors), len(errors), 'errors.parquet')}"
+            + (f"<h2>{error_count} rows failed</h2>{more(len(first_errors), error_count, 'errors.parquet')}"
                f"<ul>{failed}</ul>" if errors else ""))

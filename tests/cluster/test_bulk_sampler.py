@@ -241,6 +241,8 @@ def test_the_contact_sheet_shows_the_first_images_and_errors_of_a_large_job():
     assert "showing the first 5 of 10; errors.parquet lists all" in page and page.count("<li>row") == 5
     assert "<li>row 91:" in page and "<li>row 96:" not in page
     small = contact_sheet(records.slice(0, 3).to_pylist(), 3, [], limit=5)
+    counted = contact_sheet([], 0, errors[-3:], error_count=2_000_000, limit=5)  # the first failures of millions
+    assert "<h2>2000000 rows failed</h2><p>showing the first 3 of 2000000" in counted
     assert small.count("<img") == 3 and "showing" not in small and "rows failed" not in small
 
 
