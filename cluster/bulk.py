@@ -129,7 +129,7 @@ def expand(rows: list[PromptRow], settings: BulkSettings, model_id: str,
            size: tuple[int, int] | None = None) -> pa.Table:
     """One item per image (ITEM_SCHEMA), with its seed and deterministic output key (`size`: the (height, width)
     when it is not the model's own square size, which keys made before sizes could be chosen did not name). A
-    table, not Python objects: a driver holds every image of its job (about 150 bytes each, not 1 KB)."""
+    table, not Python objects: a driver holds every image of its job (about 150 bytes an item; ~560 as a dict)."""
     options, extension = settings.inference_options(), settings.encoding().extension
     chunks: list[pa.Table] = []
     columns: dict[str, list] = {name: [] for name in ITEM_SCHEMA.names}
