@@ -533,15 +533,15 @@ def webdataset_tar(records: list[dict], images: dict[str, bytes]) -> bytes:
 PART_READERS = 16  # parts read at once (one GET each on S3)
 COMPACTED = "compacted-"  # the name's start of a part that folds many (`compact_parts`)
 PART_ROW_GROUP = 16_384  # records per row group of a compacted part: its readers decode one group at a time
-STATE_COLUMNS = ("key", "uri", "error", "row", "seed")  # of a record: what tells what is done and orders the sheet
-STATE_NONE = pa.schema([("key", pa.string()), ("uri", pa.string()), ("error", pa.string()), ("row", pa.int64()),
-                        ("seed", pa.int64()), ("part", pa.int32()), ("at", pa.int64())])
+# the columns of a record that tell what is done and order the contact sheet
+STATE_SCHEMA = pa.schema([("key", pa.string()), ("uri", pa.string()), ("error", pa.string()), ("row", pa.int64()),
+                          ("seed", pa.int64())])
 
 
 @dataclass(frozen=True)
 class Located:
-    """Where the record of each output key is, without the records (`locate_records`): `state` has STATE_COLUMNS
-    (`uri` dropped once tars are checked) and, for the record that counts, `part` (an index into `parts`) and `at`
+    """Where the record of each output key is, without the records (`locate_records`): `state` has STATE_SCHEMA's
+    columns (`uri` dropped once tars are checked) and, for the record that counts, `part` (an index into `parts`) and `at`
     (its row there); one row per key, sorted by key. `schema`: the records' columns, unified over the parts (older
     ones lack some)."""
 
@@ -552,7 +552,8 @@ class Located:
 
 def locate_records(store, scratch: str | None = None, attempts: int = 3) -> Located:
     """Which record counts for each output key a part records -- a done one over a failed one (a failure retried
-    since), the part read last among equals --, reading only STATE_COLUMNS of each part, PART_READERS at a time.
+    since), the part read last among equals --, reading only STATE_SCHEMA's columns of each part, PART_READERS at
+    a time.
     A record that names a tar that is not there (its batch crashed between its part and its tar) is not one.
     `scratch`: a folder where compacted parts are copied once (`_open_part`).
 
@@ -568,7 +569,7 @@ def locate_records(store, scratch: str | None = None, attempts: int = 3) -> Loca
             logger.info("a part went while its listing was read (compacted meanwhile): reading them again")
             continue
         if not found:
-            return Located(STATE_NONE.empty_table().drop_columns(["uri"]), [], pa.schema(list(STATE_NONE)[:5]))
+            return Located(_where(STATE_SCHEMA.empty_table(), 0).drop_columns(["uri"]), [], STATE_SCHEMA)
         # parts of older runs lack some columns (null there); an all-failed batch's lists are of nulls
         state = pa.concat_tables([table for table, _ in found], promote_options="permissive")
         schema = pa.unify_schemas([schema for _, schema in found], promote_options="permissive")
@@ -591,10 +592,15 @@ def _open_part(store, key: str, scratch: str | None) -> pq.ParquetFile:
 
 def _part_state(store, key: str, index: int, scratch: str | None) -> tuple[pa.Table, pa.Schema]:
     part = _open_part(store, key, scratch)
-    state = part.read(columns=[name for name in STATE_COLUMNS if name in part.schema_arrow.names])
+    state = part.read(columns=[name for name in STATE_SCHEMA.names if name in part.schema_arrow.names])
+    return _where(state, index), part.schema_arrow
+
+
+def _where(state: pa.Table, part: int) -> pa.Table:
+    """`state` (the records of part number `part`) with where each record is: `part` and its row, `at`."""
     rows = state.num_rows
-    state = state.append_column("part", pa.array(np.full(rows, index, np.int32)))
-    return state.append_column("at", pa.array(np.arange(rows, dtype=np.int64))), part.schema_arrow
+    state = state.append_column("part", pa.array(np.full(rows, part, np.int32)))
+    return state.append_column("at", pa.array(np.arange(rows, dtype=np.int64)))
 
 
 def _with_tars(store, records: pa.Table) -> pa.Table:
@@ -887,10 +893,10 @@ def _keys_in(table: pa.Table, keys: pa.ChunkedArray | pa.Array) -> pa.ChunkedArr
 def finish_run(job: _Run, started: float) -> BulkResult:
     """The end of a run, reading the parts once, a row group at a time: manifest.parquet (the job's images done,
     in the order of the parts), errors.parquet (its prompt rows' errors and the failures of images not done
-    since) and index.html (the first images by row), and the parts compacted into one (`compact_parts`; a
-    failure there costs only that). The driver holds `locate_records`' few columns per image, not the records,
-    and writes the manifest and the compacted part through files in a scratch folder. `started`: the run's
-    `time.perf_counter()` at its start."""
+    since) and index.html (the first images by row), and the parts compacted into one (as `compact_parts` does,
+    in the same pass; a failure there costs only that). The driver holds `locate_records`' few columns per
+    image, not the records, and writes the manifest and the compacted part through files in a scratch folder.
+    `started`: the run's `time.perf_counter()` at its start."""
     store = job.store
     with tempfile.TemporaryDirectory(prefix="rdm-finish-") as scratch:
         located = locate_records(store, scratch)
@@ -901,6 +907,7 @@ def finish_run(job: _Run, started: float) -> BulkResult:
         errors = pa.concat_tables([pa.Table.from_pylist(job.row_errors, schema=ERROR_SCHEMA), failed.cast(ERROR_SCHEMA)])
         errors = errors.take(pc.sort_indices(errors, sort_keys=[("row", "ascending")]))
         keep = in_manifest.to_numpy(zero_copy_only=False)
+        images = int(keep.sum())
         shown_at = first_shown(state, keep)
         shown_as = np.full(state.num_rows, -1)
         shown_as[shown_at] = np.arange(len(shown_at))
@@ -920,7 +927,7 @@ def finish_run(job: _Run, started: float) -> BulkResult:
         store.upload("manifest.parquet", manifest.close())
         store.write_bytes("errors.parquet", _parquet(errors))
         thumbnails = tar_thumbnails(store, shown)
-        page = contact_sheet(shown, int(keep.sum()), errors.slice(0, CONTACT_SHEET_MAX).to_pylist(), errors.num_rows,
+        page = contact_sheet(shown, images, errors.slice(0, CONTACT_SHEET_MAX).to_pylist(), errors.num_rows,
                              thumbnails=thumbnails)
         store.write_bytes("index.html", page.encode())
         if compacted is not None:
@@ -929,7 +936,7 @@ def finish_run(job: _Run, started: float) -> BulkResult:
             except (StorageError, OSError, pa.ArrowException) as err:
                 logger.warning("could not compact the manifest parts (the next run reads them one by one): %s", err)
     generated = pc.sum(_keys_in(job.pending, state.filter(in_manifest)["key"])).as_py() or 0
-    return BulkResult(images=int(keep.sum()), generated=generated, skipped=job.items.num_rows - job.pending.num_rows,
+    return BulkResult(images=images, generated=generated, skipped=job.items.num_rows - job.pending.num_rows,
                       errors=errors.num_rows, seconds=time.perf_counter() - started)
 
 
