@@ -109,3 +109,37 @@ def test_the_eps_check_runs_a_shared_guidance_mode_as_it_samples(gpu_check, live
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert calls == [(2, {"null_first": True})]
     assert "bf16 + channels_last + compile + coordinate descent + shared guidance" in gpu_check.MODES
+
+
+def test_a_mode_started_within_budget_keeps_its_rows_until_the_side_budget(gpu_check, tmp_path, monkeypatch, capsys):
+    """A long compile (max-autotune: minutes) must not lose the rows it paid for: --budget-s stops new modes,
+    --side-budget-s the rows and side checks. The compile is simulated by moving the script's clock 100 s."""
+    import time as real_time
+    from types import SimpleNamespace
+
+    offset = [0.0]
+    monkeypatch.setattr(gpu_check, "time", SimpleNamespace(perf_counter=lambda: real_time.perf_counter() + offset[0]))
+    real_eps_pair = gpu_check.eps_pair
+
+    def slow_eps_pair(pipeline, *args):
+        if not pipeline.modules.options.is_reference:
+            offset[0] += 100.0
+        return real_eps_pair(pipeline, *args)
+
+    monkeypatch.setattr(gpu_check, "eps_pair", slow_eps_pair)
+    out = tmp_path / "rows.json"
+    modes = "fp32 eager,bf16 + channels_last,bf16 autocast"
+    args = ["--smoke", "--no-attention-bench", "--modes", modes, "--repeats", "1", "--json", str(out), "--budget-s", "50"]
+    assert gpu_check.main([*args, "--side-budget-s", "1000"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mode"], "skipped" in r) for r in rows] == [
+        ("fp32 eager", False), ("fp32 eager", False), ("bf16 + channels_last", False), ("bf16 + channels_last", False),
+        ("bf16 autocast", True), ("bf16 autocast", True)]
+    assert "CLIP image embedding (tiny" in capsys.readouterr().out
+
+    assert gpu_check.main([*args, "--side-budget-s", "60"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r.get("skipped") for r in rows if r["mode"] == "bf16 + channels_last"] == ["past 60 s", "past 60 s"]
+    printed = capsys.readouterr().out
+    assert "CLIP image embedding: skipped (past 60 s)" in printed
+    assert "callers leaving mid-batch: skipped (past 60 s)" in printed
