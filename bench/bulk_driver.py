@@ -15,6 +15,7 @@ worktree) in the same run: the ratio is the change's.
 from __future__ import annotations
 
 import argparse
+import inspect
 import io
 import json
 import os
@@ -56,7 +57,10 @@ def child(step: str, folder: str) -> dict:
         seconds, done = time.perf_counter() - started, plan.done
     else:  # a run's driver, without Ray: what it reads before the samplers start, and its end after them
         base, started = _reset_peak(), time.perf_counter()
-        job = bulk._Run.prepare(prompts, out, settings, record=False)
+        kwargs = {}  # a run's start keeps the compacted part it reads for its end (since `_Run.scratch`)
+        if "scratch" in inspect.signature(bulk._Run.prepare).parameters:
+            kwargs["scratch"] = tempfile.mkdtemp(prefix="rdm-run-", dir=folder)
+        job = bulk._Run.prepare(prompts, out, settings, record=False, **kwargs)
         if hasattr(bulk, "finish_run"):
             done = bulk.finish_run(job, started).images
         else:  # the end of a run as the commits before finish_run did it (their `_generate`, lines as they were)
@@ -72,8 +76,9 @@ def child(step: str, folder: str) -> dict:
     return {"peak_bytes": _status("VmHWM") - base, "seconds": seconds, "done": done}
 
 
-def make_job(folder: Path, images: int, per_row: int, parts: int) -> None:
-    """prompts.jsonl and out/_parts: 90% of the images done, in one compacted part and `parts` batch parts."""
+def make_job(folder: Path, images: int, per_row: int, parts: int) -> int:
+    """prompts.jsonl and out/_parts: 90% of the images done, in one compacted part and `parts` batch parts.
+    Returns the compacted part's bytes."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from bulk_parts import record
@@ -99,6 +104,7 @@ def make_job(folder: Path, images: int, per_row: int, parts: int) -> None:
     store.write_bytes(f"{bulk.PARTS}/{bulk.COMPACTED}0.parquet", compacted.getvalue())
     for p, start in enumerate(range(split, len(done), batch)):
         store.write_bytes(f"{bulk.PARTS}/{p:08x}.parquet", bulk._parquet(pa.Table.from_pylist(done[start:start + batch])))
+    return compacted.getbuffer().nbytes
 
 
 def run_child(step: str, job: Path, code: Path) -> dict:
@@ -126,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         job = Path(folder) / "job"
         job.mkdir()
-        make_job(job, args.images, args.per_row, args.parts)
+        compacted_bytes = make_job(job, args.images, args.per_row, args.parts)
+        print(f"the compacted part: {compacted_bytes / 2**20:.1f} MiB\n")
         codes = {"this tree": REPO}
         if args.baseline_rev:
             worktree = Path(folder) / "baseline"

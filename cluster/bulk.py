@@ -763,10 +763,15 @@ class _Run:
     store: ObjectStore
     versions: dict[str, str]
     pending: pa.Table  # the items not done
+    scratch: str | None = None  # where the compacted parts read at the start were copied, for the end to read again
 
     @classmethod
-    def prepare(cls, prompts_uri: str, out_uri: str, settings: BulkSettings, *, record: bool) -> _Run:
-        """`record`: write the job's output format and pinned index versions (a run), or not (a dry run)."""
+    def prepare(cls, prompts_uri: str, out_uri: str, settings: BulkSettings, *, record: bool,
+                scratch: str | None = None) -> _Run:
+        """`record`: write the job's output format and pinned index versions (a run), or not (a dry run).
+        `scratch`: a folder that outlives the run's start, where the compacted parts it reads are kept so that
+        its end (`finish_run`) reads them from there instead of downloading them again; without it, a temporary
+        folder."""
         rows, row_errors = read_prompts(prompts_uri)
         # an s3:// model that carries its SHA-256 is not downloaded here (else this node's copy is hashed)
         config = model_config_at(settings.model)
@@ -780,11 +785,14 @@ class _Run:
             check_databases_clip(settings, config, versions)
         if record:
             record_index_versions(store, versions)
-        with tempfile.TemporaryDirectory(prefix="rdm-plan-") as scratch:
+        if scratch is None:
+            with tempfile.TemporaryDirectory(prefix="rdm-plan-") as temporary:
+                state = locate_records(store, temporary).state
+        else:
             state = locate_records(store, scratch).state
         done = state.filter(is_done(state))["key"]
         return cls(rows, row_errors, config, model_id, size, items, store, versions,
-                   items.filter(pc.invert(_keys_in(items, done))))
+                   items.filter(pc.invert(_keys_in(items, done))), scratch)
 
 
 def query_encoders(settings: BulkSettings) -> int:
@@ -829,15 +837,18 @@ def generate(prompts_uri: str, out_uri: str, settings: BulkSettings, *, progress
     in `job.json`'s `runs` (when, how long, what it generated, on what): a job's throughput and cost. One
     run at a time per output: a run holds `OUT/LOCK` (`cluster.lease.JobLock`), and another waits up to
     `wait_lock_s` for it, then fails with JobLockedError naming the holder."""
-    with JobLock(open_store(out_uri), "rdm generate").hold(wait_lock_s) as lock:
-        return _generate(prompts_uri, out_uri, settings, progress, lock)
+    with (JobLock(open_store(out_uri), "rdm generate").hold(wait_lock_s) as lock,
+          tempfile.TemporaryDirectory(prefix="rdm-run-") as scratch):
+        return _generate(prompts_uri, out_uri, settings, progress, lock, scratch)
 
 
-def _generate(prompts_uri: str, out_uri: str, settings: BulkSettings, progress, lock: JobLock) -> BulkResult:
+def _generate(prompts_uri: str, out_uri: str, settings: BulkSettings, progress, lock: JobLock,
+              scratch: str) -> BulkResult:
+    """`scratch`: the run's local folder (the compacted part, read at its start and its end, is downloaded once)."""
     import ray
 
     started, clock = datetime.now(timezone.utc), time.perf_counter()
-    job = _Run.prepare(prompts_uri, out_uri, settings, record=True)
+    job = _Run.prepare(prompts_uri, out_uri, settings, record=True, scratch=scratch)
     config, model_id, store, versions, pending = job.config, job.model_id, job.store, job.versions, job.pending
     clear_stalls(store)
     requested, done_before = job.items.num_rows, job.items.num_rows - pending.num_rows
@@ -896,10 +907,12 @@ def finish_run(job: _Run, started: float) -> BulkResult:
     since) and index.html (the first images by row), and the parts compacted into one (as `compact_parts` does,
     in the same pass; a failure there costs only that). The driver holds `locate_records`' few columns per
     image, not the records, and writes the manifest and the compacted part through files in a scratch folder.
+    A compacted part the run's start copied into `job.scratch` is read from there, not downloaded again.
     `started`: the run's `time.perf_counter()` at its start."""
     store = job.store
     with tempfile.TemporaryDirectory(prefix="rdm-finish-") as scratch:
-        located = locate_records(store, scratch)
+        parts_scratch = job.scratch or scratch
+        located = locate_records(store, parts_scratch)
         state = located.state
         wanted, done = _keys_in(state, job.items["key"]), is_done(state)
         in_manifest = pc.and_(wanted, done)
@@ -915,7 +928,7 @@ def finish_run(job: _Run, started: float) -> BulkResult:
         manifest = _PartFile(os.path.join(scratch, "manifest.parquet"), _manifest_schema(located.schema))
         compacted = (_PartFile(os.path.join(scratch, "compacted.parquet"), located.schema)
                      if len(located.parts) > 1 else None)
-        for records, rows in _counted_records(store, located, scratch):
+        for records, rows in _counted_records(store, located, parts_scratch):
             if compacted is not None:
                 compacted.write(records)
             manifest.write(_manifest_rows(records.filter(keep[rows]), manifest.schema))

@@ -1,6 +1,7 @@
 """The bulk job's sampler actor, called directly (no Ray) as Ray Data calls it: from two threads at once."""
 
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -543,6 +544,44 @@ def _check_finish(prompts: str, out: str) -> None:
     assert second["key"].to_pylist() == k and second.slice(0, 3).to_pylist() == manifest.to_pylist()
     retried = {name: value for name, value in record(k[3], 3, 3000).items() if name != "error"}
     assert second.slice(3).to_pylist() == [{**retried, "neighbor_sources": []}]
+
+
+def test_a_run_downloads_its_compacted_part_once(tmp_path):
+    """A run reads the compacted part at its start (what is done) and at its end (the records): with the run's
+    scratch folder, the end reads the copy the start made, and still sees the parts written meanwhile."""
+    from cluster.bulk import COMPACTED, _Run, finish_run
+    from cluster.storage import open_store
+
+    (tmp_path / "p.txt").write_text("a boat\na tree\na cat\n")
+    prompts, out, settings = str(tmp_path / "p.txt"), str(tmp_path / "out"), BulkSettings(num_neighbors=0)
+    first = _Run.prepare(prompts, out, settings, record=True)
+    k = first.items["key"].to_pylist()
+    def done(n: int) -> list[dict]:
+        return [{"row": n + 1, "key": k[n], "uri": k[n], "seed": 0, "prompt": "p", "image": "", "database": "", "error": ""}]
+
+    _write_part(first.store, "a", done(0))
+    _write_part(first.store, "b", done(1))
+    finish_run(first, time.perf_counter())  # compacts a and b
+
+    downloads = []
+    real_download = type(open_store(out)).download
+
+    def counting(self, key, path):
+        downloads.append(key.rpartition("/")[2])
+        return real_download(self, key, path)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(open_store(out)), "download", counting)
+        for scratch in (str(tmp_path / "scratch"), None):
+            downloads.clear()
+            if scratch:
+                os.makedirs(scratch)
+            job = _Run.prepare(prompts, out, settings, record=True, scratch=scratch)
+            assert job.pending["key"].to_pylist() == ([k[2]] if scratch else [])
+            if scratch:
+                _write_part(job.store, "c", done(2))  # this run's batch
+            assert finish_run(job, time.perf_counter()).images == 3
+            assert len(downloads) == (1 if scratch else 2) and all(name.startswith(COMPACTED) for name in downloads)
 
 
 def test_parts_compacted_while_a_dry_run_reads_them_are_read_again(tmp_path):
