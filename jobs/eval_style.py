@@ -6,10 +6,16 @@ database per style, `--where style=<s>`, and one of all styles); retrieval goes 
 retriever's Ray actors. Ray is the cluster named by RAY_ADDRESS, or a local one on loopback (with a remote
 cluster, DIR must be a folder its workers see too).
 
+It also measures how far a negative prompt steers images away from a style (prompt "a c", the all-styles
+database; no negative, the style's name, or "a c in the style of s" as the negative prompt): "all_styles",
+"away_name" and "away_prompt" are the fractions labelled with the style steered away from (lower is better;
+1/8 on average when a negative does nothing).
+
 Writes DIR/results.json (overall accuracies "retrieval", "prompt", "prompt_all_styles", "text_only",
-"content_retrieval", ..., a per-style table, the classifiers' accuracy on fresh corpus images and the
-settings), DIR/grid.png (rows: styles; column blocks: the methods, one sample per content) and, under
-DIR/databases, the corpus, embeddings and indexes the run used (replaced on every run).
+"content_retrieval", ..., the steering-away rates, a per-style table, the classifiers' accuracy on fresh
+corpus images and the settings), DIR/grid.png (rows: styles; column blocks: the methods, one sample per
+content), DIR/grid-away.png (the same for steering away) and, under DIR/databases, the corpus, embeddings and
+indexes the run used (replaced on every run).
 
     rdm eval-style --seed 1234 --out runs/eval [--samples-per-cell 8] [--model tiny]
 """
@@ -32,6 +38,7 @@ from PIL import Image, ImageDraw
 from jobs.common import exit_codes, setup_logging, write_atomic
 from rdm.evaluation.style_control import (
     ALL,
+    AWAY_METHODS,
     METHODS,
     StyleEvalSettings,
     database_start,
@@ -46,7 +53,7 @@ from rdm.toyart import STYLES
 logger = logging.getLogger(__name__)
 
 
-def labelled_grid(grid: np.ndarray, *, zoom: int = 2) -> Image.Image:
+def labelled_grid(grid: np.ndarray, *, zoom: int = 2, methods: tuple[str, ...] = METHODS) -> Image.Image:
     """The sample grid upscaled, with style names on the left and method names on top."""
     body = Image.fromarray(grid).resize((grid.shape[1] * zoom, grid.shape[0] * zoom), Image.Resampling.NEAREST)
     margin, header = 90, 16
@@ -56,8 +63,8 @@ def labelled_grid(grid: np.ndarray, *, zoom: int = 2) -> Image.Image:
     row_height = body.height / len(STYLES)
     for i, style in enumerate(STYLES):
         draw.text((4, header + i * row_height + row_height / 2 - 5), style, fill="black")
-    block = body.width / len(METHODS)
-    for j, method in enumerate(METHODS):
+    block = body.width / len(methods)
+    for j, method in enumerate(methods):
         draw.text((margin + j * block + 4, 2), method, fill="black")
     return canvas
 
@@ -163,10 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     results = {**outcome.results, "seed": args.seed, "model": str(args.model),
                "settings": dataclasses.asdict(settings), "elapsed_s": time.perf_counter() - start}
     write_atomic(args.out / "results.json", json.dumps(results, indent=2).encode())
-    buffer = io.BytesIO()
-    labelled_grid(grid_image(outcome.samples)).save(buffer, format="PNG")
-    write_atomic(args.out / "grid.png", buffer.getvalue())
+    for name, methods in (("grid.png", METHODS), ("grid-away.png", AWAY_METHODS)):
+        buffer = io.BytesIO()
+        labelled_grid(grid_image(outcome.samples, methods=methods), methods=methods).save(buffer, format="PNG")
+        write_atomic(args.out / name, buffer.getvalue())
     logger.info("style accuracy: retrieval %.3f, prompt %.3f, prompt_all_styles %.3f, text_only %.3f; "
-                "content (retrieval) %.3f; %.0f s", results["retrieval"], results["prompt"],
-                results["prompt_all_styles"], results["text_only"], results["content_retrieval"], results["elapsed_s"])
+                "content (retrieval) %.3f; steered-away style's rate: none %.3f, name %.3f, prompt %.3f; %.0f s",
+                results["retrieval"], results["prompt"], results["prompt_all_styles"], results["text_only"],
+                results["content_retrieval"], results["all_styles"], results["away_name"], results["away_prompt"],
+                results["elapsed_s"])
     return 0

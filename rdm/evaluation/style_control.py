@@ -11,6 +11,15 @@ For each style s and content c, with the same model, CLIP, sampler and seeds:
 Corpus-trained classifiers label the generated images; accuracy = fraction labelled with the intended
 style (or content). All corpus images come from the evaluation seed (fresh, not the training set).
 
+And whether a negative prompt steers images away from a style (AWAY_METHODS), for each s and c, prompt "a c"
+with the all-styles database:
+  all_styles         no negative prompt: the samples of a style's row do not depend on s;
+  away_name          negative prompt "s" (the style's name, as a user types it);
+  away_prompt        negative prompt "a c in the style of s" (the prompt with the style named).
+Their style score is the fraction labelled s, the style steered away from: lower is better, and for
+all_styles it averages 1/8 over the styles (each row's samples are labelled into one of the 8 styles alike),
+the rate a negative prompt that did nothing would keep.
+
 The databases are any `rdm.Retriever`s keyed by style index and ALL: `exact_databases` builds them in
 process; `rdm eval-style` builds them with the cluster's embed and index jobs.
 """
@@ -37,6 +46,7 @@ from rdm.training.data import to_tensor
 logger = logging.getLogger(__name__)
 
 METHODS = ("retrieval", "prompt", "prompt_all_styles", "text_only")
+AWAY_METHODS = ("all_styles", "away_name", "away_prompt")
 ALL = "all"
 """The databases key of the all-styles database (the others are style indices)."""
 
@@ -68,11 +78,12 @@ def corpus_split(seed: int, per_cell: int, start_per_cell: int) -> Split:
                  torch.tensor([STYLES.index(it.style) for it in items]))
 
 
-def method_plan(method: str, style: int, content: int) -> tuple[str, int | str | None]:
-    """(prompt, database: a style index, ALL, or None for no database) of a method."""
+def method_plan(method: str, style: int, content: int) -> tuple[str, int | str | None, str | None]:
+    """(prompt, database: a style index, ALL, or None for no database, negative prompt or None) of a method."""
     plain, named = f"a {CONTENTS[content]}", f"a {CONTENTS[content]} in the style of {STYLES[style]}"
-    return {"retrieval": (plain, style), "prompt": (named, None), "prompt_all_styles": (named, ALL),
-            "text_only": (plain, None)}[method]
+    return {"retrieval": (plain, style, None), "prompt": (named, None, None), "prompt_all_styles": (named, ALL, None),
+            "text_only": (plain, None, None), "all_styles": (plain, ALL, None),
+            "away_name": (plain, ALL, STYLES[style]), "away_prompt": (plain, ALL, named)}[method]
 
 
 def generation_seeds(seed: int, style: int, content: int, count: int) -> list[int]:
@@ -89,11 +100,12 @@ def generate_style_row(model: RDM, clip: ClipEncoder, databases: Mapping[int | s
     plans = [method_plan(method, style, content) for content in range(len(CONTENTS))]
     database = plans[0][1]  # the same for every content of a row
     retriever = None if database is None else databases[database]
-    prompts = [prompt for prompt, _ in plans for _ in range(n)]
+    prompts = [prompt for prompt, _, _ in plans for _ in range(n)]
+    negatives = [negative for _, _, negative in plans for _ in range(n)]
     seeds = [s for content in range(len(CONTENTS)) for s in generation_seeds(seed, style, content, n)]
     result = Pipeline(model, clip, retriever).generate(
         prompts, num_neighbors=0 if retriever is None else settings.num_neighbors, seeds=seeds,
-        params=settings.params)
+        params=settings.params, negative_prompts=None if all(n is None for n in negatives) else negatives)
     images = torch.from_numpy(np.stack([np.asarray(image) for image in result.images]))
     return images.view(len(CONTENTS), n, *images.shape[1:])
 
@@ -145,7 +157,8 @@ def label_samples(samples: Tensor, style_model, content_model) -> tuple[Tensor, 
 
 
 def summarize(labels: dict[str, tuple[Tensor, Tensor]]) -> dict:
-    """Overall accuracies {<method>, "content_<method>"} and a per-style table."""
+    """Overall accuracies {<method>, "content_<method>"} and a per-style table: the fraction labelled with the
+    row's style (for AWAY_METHODS, the style steered away from) and with the intended content."""
     intended_style = torch.arange(len(STYLES)).view(-1, 1, 1)
     intended_content = torch.arange(len(CONTENTS)).view(1, -1, 1)
     results: dict = {"per_style": {s: {} for s in STYLES}}
@@ -160,7 +173,8 @@ def summarize(labels: dict[str, tuple[Tensor, Tensor]]) -> dict:
 
 
 def run_style_control(model: RDM, clip: ClipEncoder, seed: int, settings: StyleEvalSettings,
-                      databases: Mapping[int | str, Retriever]) -> StyleControlResult:
+                      databases: Mapping[int | str, Retriever],
+                      methods: tuple[str, ...] = METHODS + AWAY_METHODS) -> StyleControlResult:
     """The whole experiment for evaluation corpus seed `seed`; `databases` hold `database_split(seed, settings)`
     (one per style index and ALL)."""
     missing = ({ALL} | set(range(len(STYLES)))) - set(databases)
@@ -171,21 +185,22 @@ def run_style_control(model: RDM, clip: ClipEncoder, seed: int, settings: StyleE
         torch.manual_seed(seed)
         style_model, content_model, classifier_accuracy = train_label_classifiers(seed, settings, generator)
     samples, labels = {}, {}
-    for method in METHODS:
+    for method in methods:
         samples[method] = torch.stack([generate_style_row(model, clip, databases, method, style, seed, settings)
                                        for style in range(len(STYLES))])
         labels[method] = label_samples(samples[method], style_model, content_model)
         intended = torch.arange(len(STYLES)).view(-1, 1, 1)
-        logger.info("%s: style accuracy %.3f", method, float((labels[method][0] == intended).float().mean()))
+        logger.info("%s: %s %.3f", method, "rate of the style steered away from" if method in AWAY_METHODS
+                    else "style accuracy", float((labels[method][0] == intended).float().mean()))
     results = summarize(labels)
     results["classifier_accuracy"] = classifier_accuracy
     return StyleControlResult(results, samples)
 
 
-def grid_image(samples: dict[str, Tensor], *, per_cell: int = 1) -> np.ndarray:
+def grid_image(samples: dict[str, Tensor], *, per_cell: int = 1, methods: tuple[str, ...] = METHODS) -> np.ndarray:
     """uint8 [H, W, 3] grid: rows styles, column blocks methods (each block: contents x per_cell samples)."""
     blocks = []
-    for method in METHODS:
+    for method in methods:
         x = samples[method][:, :, :per_cell]  # [S, C, n, h, w, 3]
         s, c, n, h, w, _ = x.shape
         block = x.permute(0, 3, 1, 2, 4, 5).reshape(s * h, c * n * w, 3).numpy()

@@ -12,6 +12,7 @@ from cluster.storage import open_store
 from jobs.cli import main as rdm
 from jobs.demo import database_name
 from rdm.evaluation.style_control import (
+    AWAY_METHODS,
     METHODS,
     StyleEvalSettings,
     database_split,
@@ -30,13 +31,15 @@ SMOKE = ["--samples-per-cell", "1", "--database-per-cell", "2", "--num-neighbors
 def test_eval_style_builds_its_databases_with_the_cluster_jobs(ray_cluster, tmp_path):
     assert rdm(["eval-style", "--seed", "3", "--out", str(tmp_path)] + SMOKE) == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    for method in METHODS:
+    for method in METHODS + AWAY_METHODS:
         assert 0.0 <= results[method] <= 1.0 and 0.0 <= results[f"content_{method}"] <= 1.0
         assert set(results["per_style"]["neon"]) >= {method, f"content_{method}"}
     assert set(results["per_style"]) == set(STYLES)
     assert results["settings"]["samples_per_cell"] == 1 and results["seed"] == 3
     grid = Image.open(tmp_path / "grid.png")
     assert grid.height >= len(STYLES) * 32 and grid.width >= len(METHODS) * len(CONTENTS) * 32
+    away = Image.open(tmp_path / "grid-away.png")
+    assert away.height == grid.height and len(AWAY_METHODS) * len(CONTENTS) * 32 <= away.width < grid.width
 
     index = open_store(str(tmp_path / "databases" / "index"))
     assert set(list_databases(index)) == {"all-styles"} | {database_name(s) for s in STYLES}

@@ -48,14 +48,18 @@ def test_styles_are_distinguishable_on_a_fresh_seed():
 
 
 def test_style_experiment_plan_names_the_style_only_where_it_should():
-    from rdm.evaluation.style_control import ALL, METHODS, method_plan
+    from rdm.evaluation.style_control import ALL, AWAY_METHODS, METHODS, method_plan
 
     neon = STYLES.index("neon")
-    plans = {m: method_plan(m, neon, CONTENTS.index("boat")) for m in METHODS}
-    assert plans["retrieval"] == ("a boat", neon)  # the database alone carries the style
-    assert plans["prompt"] == ("a boat in the style of neon", None)  # the prompt alone carries it
-    assert plans["prompt_all_styles"] == ("a boat in the style of neon", ALL)
-    assert plans["text_only"] == ("a boat", None)  # nothing does
+    plans = {m: method_plan(m, neon, CONTENTS.index("boat")) for m in METHODS + AWAY_METHODS}
+    assert plans["retrieval"] == ("a boat", neon, None)  # the database alone carries the style
+    assert plans["prompt"] == ("a boat in the style of neon", None, None)  # the prompt alone carries it
+    assert plans["prompt_all_styles"] == ("a boat in the style of neon", ALL, None)
+    assert plans["text_only"] == ("a boat", None, None)  # nothing does
+    # steering away: the positive side never names the style, the negative does
+    assert plans["all_styles"] == ("a boat", ALL, None)
+    assert plans["away_name"] == ("a boat", ALL, "neon")
+    assert plans["away_prompt"] == ("a boat", ALL, "a boat in the style of neon")
 
 
 def test_exact_databases_hold_one_style_each_and_all():
@@ -71,3 +75,30 @@ def test_exact_databases_hold_one_style_each_and_all():
     for style in range(len(STYLES)):
         found = databases[style].search(query, len(CONTENTS))
         assert {int(i) for i in found.ids[0]} == set((split.styles == style).nonzero().flatten().tolist())
+
+
+def test_steering_away_samples_differ_from_the_same_seeds_without_a_negative_prompt():
+    """The steer-away methods reach the sampler with their negative prompts: the same row's seeds and database
+    without one give other images, and the paper's methods are sampled as before (no negative prompts)."""
+    from rdm.evaluation.style_control import (
+        ALL,
+        StyleEvalSettings,
+        database_split,
+        exact_databases,
+        generate_style_row,
+    )
+    from rdm.factory import load_clip_for, load_model
+    from rdm.pipeline import SamplerParams
+
+    settings = StyleEvalSettings(samples_per_cell=1, database_per_cell=1, classifier_per_cell=1,
+                                 classifier_test_per_cell=1, params=SamplerParams("ddim", 2, 6.0))
+    model = load_model("tiny")
+    clip = load_clip_for(model)
+    databases = exact_databases(clip, database_split(5, settings))
+    neon = STYLES.index("neon")
+    rows = {m: generate_style_row(model, clip, databases, m, neon, 5, settings)
+            for m in ("all_styles", "away_name", "away_prompt")}
+    assert rows["all_styles"].shape == (len(CONTENTS), 1, 32, 32, 3)
+    assert not torch.equal(rows["all_styles"], rows["away_name"])
+    assert not torch.equal(rows["away_name"], rows["away_prompt"])
+    assert set(databases) >= {ALL, neon}
