@@ -562,9 +562,12 @@ def locate_records(store, scratch: str | None = None, attempts: int = 3) -> Loca
     reads them) means reading them again, from a new listing."""
     for _ in range(attempts):
         keys = store.list(PARTS)
+        # a batch writes its part, then its tar: a tar written after this listing reads as missing (done again)
+        tars = pa.array(store.list(SHARDS), pa.string())
         try:
             with ThreadPoolExecutor(max_workers=PART_READERS, thread_name_prefix="rdm-parts") as pool:
-                found = list(pool.map(functools.partial(_part_state, store, scratch=scratch), keys, range(len(keys))))
+                found = list(pool.map(functools.partial(_part_state, store, tars=tars, scratch=scratch), keys,
+                                      range(len(keys))))
         except ObjectNotFoundError:
             logger.info("a part went while its listing was read (compacted meanwhile): reading them again")
             continue
@@ -573,7 +576,7 @@ def locate_records(store, scratch: str | None = None, attempts: int = 3) -> Loca
         # parts of older runs lack some columns (null there); an all-failed batch's lists are of nulls
         state = pa.concat_tables([table for table, _ in found], promote_options="permissive")
         schema = pa.unify_schemas([schema for _, schema in found], promote_options="permissive")
-        return Located(_one_per_key(_with_tars(store, state)).drop_columns(["uri"]), keys, schema)
+        return Located(_one_per_key(state), keys, schema)
     raise StorageError(f"{store.uri}/{PARTS}", f"its parts kept changing while read ({attempts} listings)")
 
 
@@ -590,10 +593,15 @@ def _open_part(store, key: str, scratch: str | None) -> pq.ParquetFile:
     return pq.ParquetFile(path)
 
 
-def _part_state(store, key: str, index: int, scratch: str | None) -> tuple[pa.Table, pa.Schema]:
+def _part_state(store, key: str, index: int, tars: pa.Array, scratch: str | None) -> tuple[pa.Table, pa.Schema]:
+    """The state of part number `index`, its records that name a missing tar dropped, without the `uri` column
+    (only that check needs it: the URIs of millions of images are not held), and the part's schema."""
     part = _open_part(store, key, scratch)
     state = part.read(columns=[name for name in STATE_SCHEMA.names if name in part.schema_arrow.names])
-    return _where(state, index), part.schema_arrow
+    state = _where(state, index)
+    if "uri" in state.column_names:
+        state = _with_tars(state, tars).drop_columns(["uri"])
+    return state, part.schema_arrow
 
 
 def _where(state: pa.Table, part: int) -> pa.Table:
@@ -603,14 +611,13 @@ def _where(state: pa.Table, part: int) -> pa.Table:
     return state.append_column("at", pa.array(np.arange(rows, dtype=np.int64)))
 
 
-def _with_tars(store, records: pa.Table) -> pa.Table:
-    """The records whose image is an object, or inside a tar that is there."""
+def _with_tars(records: pa.Table, tars: pa.Array) -> pa.Table:
+    """The records whose image is an object, or inside one of `tars` (the tars that are there)."""
     in_tar = pc.match_substring(records["uri"], "#")
     if not pc.any(in_tar).as_py():
         return records
-    tars = pc.list_element(pc.split_pattern(records["uri"], "#", max_splits=1), 0)
-    there = pc.is_in(tars, value_set=pa.array(store.list(SHARDS), pa.string()))
-    return records.filter(pc.or_(pc.invert(in_tar), there))
+    named = pc.list_element(pc.split_pattern(records["uri"], "#", max_splits=1), 0)
+    return records.filter(pc.or_(pc.invert(in_tar), pc.is_in(named, value_set=tars)))
 
 
 def _one_per_key(records: pa.Table) -> pa.Table:
@@ -741,9 +748,9 @@ def plan(prompts_uri: str, out_uri: str, settings: BulkSettings) -> JobPlan:
     makes before it starts (a size the model cannot sample, another output format than the job's, a pinned
     version that was pruned) fail here the same way."""
     job = _Run.prepare(prompts_uri, out_uri, settings, record=False)
-    named = sorted({r.database for r in job.rows if r.database})
+    named = job.databases
     rates = [r["images_per_s"] for r in _job_state(job.store).get("runs", []) if r.get("generated")]
-    return JobPlan(rows=len(job.rows), row_errors=job.row_errors, images=job.items.num_rows,
+    return JobPlan(rows=job.row_count, row_errors=job.row_errors, images=job.items.num_rows,
                    done=job.items.num_rows - job.pending.num_rows, versions=job.versions,
                    unknown_databases=[d for d in named if d not in job.versions] if settings.index_uri else named,
                    size=job.size or (job.config.image_size, job.config.image_size),
@@ -752,9 +759,11 @@ def plan(prompts_uri: str, out_uri: str, settings: BulkSettings) -> JobPlan:
 
 @dataclass
 class _Run:
-    """What a run starts from: the prompts, the model, the images asked for, the output and its state."""
+    """What a run starts from: the prompts, the model, the images asked for, the output and its state. Not the
+    prompt rows themselves (a quarter of a driver's memory per image): their items hold what a run needs."""
 
-    rows: list[PromptRow]
+    row_count: int  # usable prompt rows
+    databases: list[str]  # named by the rows, sorted
     row_errors: list[dict]
     config: RDMConfig
     model_id: str
@@ -785,13 +794,15 @@ class _Run:
             check_databases_clip(settings, config, versions)
         if record:
             record_index_versions(store, versions)
+        row_count, databases = len(rows), sorted({r.database for r in rows if r.database})
+        del rows  # before the parts are read: their state columns' peak is the run's start's largest
         if scratch is None:
             with tempfile.TemporaryDirectory(prefix="rdm-plan-") as temporary:
                 state = locate_records(store, temporary).state
         else:
             state = locate_records(store, scratch).state
         done = state.filter(is_done(state))["key"]
-        return cls(rows, row_errors, config, model_id, size, items, store, versions,
+        return cls(row_count, databases, row_errors, config, model_id, size, items, store, versions,
                    items.filter(pc.invert(_keys_in(items, done))), scratch)
 
 
