@@ -587,7 +587,8 @@ def _open_part(store, key: str, scratch: str | None) -> pq.ParquetFile:
     if scratch is None or not name.startswith(COMPACTED):
         return pq.ParquetFile(io.BytesIO(store.read_bytes(key)))
     path = os.path.join(scratch, name)
-    if not os.path.exists(path):
+    if not os.path.exists(path):  # the run's start copied it, unless a temp cleaner took it during a long run
+        os.makedirs(scratch, exist_ok=True)
         store.download(key, path + ".part")
         os.replace(path + ".part", path)
     return pq.ParquetFile(path)
@@ -849,7 +850,7 @@ def generate(prompts_uri: str, out_uri: str, settings: BulkSettings, *, progress
     run at a time per output: a run holds `OUT/LOCK` (`cluster.lease.JobLock`), and another waits up to
     `wait_lock_s` for it, then fails with JobLockedError naming the holder."""
     with (JobLock(open_store(out_uri), "rdm generate").hold(wait_lock_s) as lock,
-          tempfile.TemporaryDirectory(prefix="rdm-run-") as scratch):
+          tempfile.TemporaryDirectory(prefix="rdm-run-", ignore_cleanup_errors=True) as scratch):
         return _generate(prompts_uri, out_uri, settings, progress, lock, scratch)
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -582,6 +583,12 @@ def test_a_run_downloads_its_compacted_part_once(tmp_path):
                 _write_part(job.store, "c", done(2))  # this run's batch
             assert finish_run(job, time.perf_counter()).images == 3
             assert len(downloads) == (1 if scratch else 2) and all(name.startswith(COMPACTED) for name in downloads)
+        # a temp cleaner took the run's scratch folder during a long run: its end downloads the part again
+        scratch = str(tmp_path / "cleaned")
+        job = _Run.prepare(prompts, out, settings, record=True, scratch=scratch)
+        shutil.rmtree(scratch)
+        downloads.clear()
+        assert finish_run(job, time.perf_counter()).images == 3 and len(downloads) == 1
 
 
 def test_parts_compacted_while_a_dry_run_reads_them_are_read_again(tmp_path):
