@@ -17,7 +17,9 @@ Other modes try Inductor's kernel tunings (`InferenceOptions.kernel_tuning`) and
 (`InferenceOptions.attention`). Before the modes, each SDPA kernel and compiled FlexAttention is timed on
 the UNet's attention shapes (the first H200 run's profile put attention at a fifth of the UNet step for 8%
 of its FLOPs: its heads are 32 wide), and the "fastest attention" mode compiles with the winner.
---profile prints each accelerated mode's top kernels over a 2-step sample and its decode.
+--profile prints each accelerated mode's top kernels over a 2-step sample and its decode; --breakdown (cheap:
+seconds) its UNet step's device time by kind of kernel (convolution, matmul, attention, Triton reductions --
+the normalisations -- and pointwise kernels, copies) over 3 guided UNet calls, and the step's wall time.
 Then, on CUDA, a real out-of-memory: a batch of 8 under a memory cap must run in halves with the same images
 (`Pipeline.sample_images`; this check cannot run on a CPU), and CLIP image-embedding throughput (ViT-L/14
 shape, random weights; the tiny CLIP with --smoke).
@@ -112,16 +114,26 @@ def timed(fn, device: str) -> float:
 def eps_pair(pipeline: Pipeline, context: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(conditional eps, guided eps) of one step at t = PROBE_T from seeded noise, in float32, from one
     UNet call on the batch the sampler sends (unconditional and conditional halves)."""
+    eps_u, eps_c = guided_unet_call(pipeline, context, size)().float().chunk(2)
+    return eps_c, eps_u + GUIDANCE * (eps_c - eps_u)
+
+
+def guided_unet_call(pipeline: Pipeline, context: torch.Tensor, size: int):
+    """A function that makes the UNet call of one guided step at t = PROBE_T on seeded noise, as the sampler
+    makes it (unconditional and conditional halves), and returns its eps [2B, ...]."""
     x = SeededNoise(range(context.shape[0]), pipeline.latent_shape(size, size), device=pipeline.device).draw()
     context = context.to(pipeline.device)
     t = torch.full((x.shape[0],), PROBE_T, dtype=torch.int64, device=pipeline.device)
-    with pipeline.modules.autocast(pipeline.device):
-        if pipeline.modules.options.shared_guidance:  # the UNet splits the rows itself
-            eps = pipeline.modules.unet(x, t, context, null_first=True)
-        else:
-            eps = pipeline.modules.unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null_context(context), context]))
-        eps_u, eps_c = eps.float().chunk(2)
-    return eps_c, eps_u + GUIDANCE * (eps_c - eps_u)
+    if pipeline.modules.options.shared_guidance:  # the UNet splits the rows itself
+        args, kwargs = (x, t, context), {"null_first": True}
+    else:
+        args, kwargs = (torch.cat([x, x]), torch.cat([t, t]), torch.cat([null_context(context), context])), {}
+
+    def call() -> torch.Tensor:
+        with torch.no_grad(), pipeline.modules.autocast(pipeline.device):
+            return pipeline.modules.unet(*args, **kwargs)
+
+    return call
 
 
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
@@ -154,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip timing each SDPA kernel on the UNet's attention shapes")
     parser.add_argument("--no-oom-check", action="store_true",
                         help="skip checking, under a GPU memory cap, that a batch out of memory runs in halves")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="after each accelerated mode's rows, its UNet step's device time by kind of kernel")
     parser.add_argument("--profile", action="store_true",
                         help="after each accelerated mode's rows, print its top kernels over a 2-step sample")
     args = parser.parse_args(argv)
@@ -245,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
                   "max_pixel_diff": int(diff.max()), "mean_pixel_diff": float(diff.mean()), "warmup_s": warmup,
                   "timed_runs": len(seconds), "peak_gib": peak_gib(device)})
             warm_start = time.perf_counter()
+        if args.breakdown and not options.is_reference and not over_side_budget():
+            try:
+                print_breakdown(pipeline, mode_context, size, device)
+            except Exception as error:  # noqa: BLE001 -- a profiler problem must not fail the measured mode
+                print(f"kernel breakdown failed: {type(error).__name__}: {error}", flush=True)
         if args.profile and not options.is_reference and not over_budget():
             try:
                 print_profile(pipeline, mode_context, size, device)
@@ -401,6 +420,57 @@ def print_profile(pipeline: Pipeline, context: torch.Tensor, size: int, device: 
         synchronize(device)
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=90), flush=True)
+
+
+KERNEL_KINDS = (  # (kind, name fragments, lower-cased): the first kind with a fragment in a kernel's name
+    ("norm / reduction (Triton)", ("triton_red", "triton_per")),  # Inductor's names list the ops they fuse,
+    ("pointwise (Triton)", ("triton_poi",)),                       # a convolution's epilogue among them
+    ("attention", ("flash", "fmha", "sdpa", "attention", "flex")),
+    ("convolution", ("fprop", "conv", "implicit_gemm", "winograd", "dgrad")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "matmul", "triton_tem", "splitk")),
+    ("copy", ("memcpy", "memset", "copy")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, fragments in KERNEL_KINDS if any(f in lowered for f in fragments)), "other")
+
+
+def print_breakdown(pipeline: Pipeline, context: torch.Tensor, size: int, device: str, calls: int = 3) -> None:
+    """A guided UNet step's device time by kind of kernel (`kernel_kind`), over `calls` calls after one
+    untimed one, against the step's wall time (the gap: the device idle, waiting for the host)."""
+    if device != "cuda":
+        print("\nkernel breakdown: needs CUDA", flush=True)
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    call = guided_unet_call(pipeline, context, size)
+    call()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    synchronize(device)
+    wall_ms = 1000 * (time.perf_counter() - start) / calls
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            call()
+        synchronize(device)
+    kinds: Counter = Counter()
+    for row in prof.key_averages():
+        if row.self_cpu_time_total == 0 and row.self_device_time_total > 0:  # a kernel or a copy, not an op
+            kinds[kernel_kind(row.key)] += row.self_device_time_total / 1000 / calls
+    total = sum(kinds.values())
+    if not total:
+        print(f"\nkernel breakdown: the profiler recorded no kernels ({wall_ms:.1f} ms a step)", flush=True)
+        return
+    print(f"\nUNet step (guided, batch {context.shape[0]}): {wall_ms:.1f} ms wall, {total:.1f} ms of kernels\n")
+    print("| kernels | ms per step | share |")
+    print("|---|---|---|")
+    for kind, ms in kinds.most_common():
+        print(f"| {kind} | {ms:.1f} | {100 * ms / total:.0f}% |")
+    print(flush=True)
 
 
 def peak_gib(device: str) -> float:

@@ -143,3 +143,27 @@ def test_a_mode_started_within_budget_keeps_its_rows_until_the_side_budget(gpu_c
     printed = capsys.readouterr().out
     assert "CLIP image embedding: skipped (past 60 s)" in printed
     assert "callers leaving mid-batch: skipped (past 60 s)" in printed
+
+
+def test_kernels_are_told_apart_by_kind(gpu_check):
+    """Names as an H200's profile of the compiled bf16 UNet listed them (bench/results/gpu_check-h200-run5.log)."""
+    kinds = {
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64_warpgroupsize1x1x1":
+            "convolution",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64_4x1x1_cga1x1x1": "attention",
+        "fmha_cutlassF_bf16_aligned_32x128_gmem_sm80(PyTorchMemEffAttention::AttentionKernel)": "attention",
+        "nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN": "matmul",
+        "triton_red_fused__to_copy__unsafe_index_add_arange_clone_convolution_mul_native_group_norm_4":
+            "norm / reduction (Triton)",
+        "triton_poi_fused__to_copy__unsafe_index_add_arange_clone_convolution_mul_native_group_norm_9":
+            "pointwise (Triton)",
+        "Memcpy DtoH (Device -> Pageable)": "copy",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": "other",
+    }
+    assert {name: gpu_check.kernel_kind(name) for name in kinds} == kinds
+
+
+def test_the_breakdown_says_it_needs_cuda_on_a_cpu(gpu_check, capsys):
+    assert gpu_check.main(["--smoke", "--no-attention-bench", "--no-oom-check", "--modes", "fp32 eager,bf16 autocast",
+                           "--repeats", "1", "--breakdown"]) == 0
+    assert "kernel breakdown: needs CUDA" in capsys.readouterr().out
