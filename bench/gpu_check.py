@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-eps-error", type=float, default=0.05,
                         help="largest relative L2 error of a mode's conditional eps against fp32 eager's")
     parser.add_argument("--budget-s", type=float, default=420.0,
-                        help="start no new measurement after this many seconds (the lent machine allows 8 min)")
+                        help="start no new mode after this many seconds (the lent machine allows 8 min)")
     parser.add_argument("--side-budget-s", type=float,
                         help="start the side checks (out-of-memory split, callers leaving mid-batch, CLIP) only "
                              "before this many seconds (default: --budget-s), so a long last mode can leave them room")
