@@ -1,7 +1,6 @@
 """The bulk job's sampler actor, called directly (no Ray) as Ray Data calls it: from two threads at once."""
 
 import json
-import os
 import shutil
 import threading
 import time
@@ -575,8 +574,6 @@ def test_a_run_downloads_its_compacted_part_once(tmp_path):
         patch.setattr(type(open_store(out)), "download", counting)
         for scratch in (str(tmp_path / "scratch"), None):
             downloads.clear()
-            if scratch:
-                os.makedirs(scratch)
             job = _Run.prepare(prompts, out, settings, record=True, scratch=scratch)
             assert job.pending["key"].to_pylist() == ([k[2]] if scratch else [])
             if scratch:
