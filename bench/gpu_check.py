@@ -13,8 +13,10 @@ outputs depend on every input:
    sampling plus the KL decode, after a 2-step warm-up (compilation); fp32 eager is the baseline, at
    --baseline-batch; the other modes run at --batch-size.
 
-Other modes try Inductor's kernel tunings (`InferenceOptions.kernel_tuning`) and a chosen attention kernel
-(`InferenceOptions.attention`). Before the modes, each SDPA kernel and compiled FlexAttention is timed on
+Other modes try Inductor's kernel tunings (`InferenceOptions.kernel_tuning`), a chosen attention kernel
+(`InferenceOptions.attention`), shared guidance and a dynamic batch dimension (`dynamic_batch`: after its rows,
+a line gives the warm-up seconds of smaller batch sizes -- a step and a decode where they share the graphs, a
+compilation where torch splits them). Before the modes, each SDPA kernel and compiled FlexAttention is timed on
 the UNet's attention shapes (the first H200 run's profile put attention at a fifth of the UNet step for 8%
 of its FLOPs: its heads are 32 wide), and the "fastest attention" mode compiles with the winner.
 --profile prints each accelerated mode's top kernels over a 2-step sample and its decode; --breakdown (cheap:
@@ -71,7 +73,11 @@ MODES = {"fp32 eager": InferenceOptions(),
          "bf16 + channels_last + compile + coordinate descent + shared guidance": InferenceOptions(
              "bf16", channels_last=True, compile="default", kernel_tuning="coordinate-descent", shared_guidance=True),
          "bf16 + channels_last + compile max-autotune + shared guidance": InferenceOptions(
-             "bf16", channels_last=True, compile="max-autotune-no-cudagraphs", shared_guidance=True)}
+             "bf16", channels_last=True, compile="max-autotune-no-cudagraphs", shared_guidance=True),
+         "bf16 + channels_last + compile + dynamic batch": InferenceOptions(
+             "bf16", channels_last=True, compile="default", dynamic_batch=True),
+         "bf16 + channels_last + compile + shared guidance + dynamic batch": InferenceOptions(
+             "bf16", channels_last=True, compile="default", shared_guidance=True, dynamic_batch=True)}
 FASTEST = "bf16 + channels_last + compile + fastest attention"
 """A mode resolved at run time: the attention kernel the attention table found fastest (skipped when that
 is torch's own pick, "auto", or when the table did not run)."""
@@ -259,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                   "max_pixel_diff": int(diff.max()), "mean_pixel_diff": float(diff.mean()), "warmup_s": warmup,
                   "timed_runs": len(seconds), "peak_gib": peak_gib(device)})
             warm_start = time.perf_counter()
+        if options.dynamic_batch and not over_side_budget():
+            print(f"dynamic batch, after batch {rows_batch}: {other_sizes(pipeline, size, rows_batch, over_side_budget)}",
+                  flush=True)
         if args.breakdown and not options.is_reference and not over_side_budget():
             try:
                 print_breakdown(pipeline, mode_context, size, device)
@@ -334,6 +343,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total {time.perf_counter() - started:.0f} s; correctness: "
           f"{'FAIL in ' + ', '.join(sorted(set(failed))) if failed else 'every measured mode within --max-eps-error'}")
     return 1 if failed else 0
+
+
+WARM_UP_SIZES = (1, 2, 4, 8, 16, 24)
+"""Batch sizes a dynamic-batch mode runs `Pipeline.warm_up` at once its own batch has compiled."""
+
+
+def other_sizes(pipeline: Pipeline, size: int, batch: int, over_budget) -> str:
+    """Seconds of `Pipeline.warm_up` at each of WARM_UP_SIZES below `batch`, after `batch` compiled: a size in a
+    range of batch sizes that shares its graphs takes a step and a decode (well under a second for RDM-768),
+    one where the graphs split (torch's shape checks) compiles again (a minute). Stops past the budget."""
+    seconds = []
+    for n in sorted({pipeline.modules.batch_size(n) for n in WARM_UP_SIZES if n < batch}):
+        if over_budget():
+            seconds.append(f"{n}: skipped (past the budget)")
+            break
+        ran = pipeline.warm_up([n], num_neighbors=NUM_NEIGHBORS, guidance_scale=GUIDANCE, height=size, width=size)
+        seconds.append(", ".join(f"{k}: {v:.1f} s" for k, v in ran.items()) or f"{n}: did not fit")
+    return "warm-up of batch sizes " + "; ".join(seconds)
 
 
 def attention_shapes(model, context: torch.Tensor, size: int) -> Counter:

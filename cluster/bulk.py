@@ -87,6 +87,7 @@ class BulkSettings:
     kernel_tuning: str = "none"
     attention: str = "auto"
     shared_guidance: bool = False
+    dynamic_batch: bool = False
     height: int | None = None  # pixels; None: the model's image size
     width: int | None = None
     output_format: str = "png"  # png: an object per image; webdataset: a tar per batch (OUTPUT_FORMATS)
@@ -105,7 +106,7 @@ class BulkSettings:
         from rdm.acceleration import InferenceOptions
 
         return InferenceOptions(self.precision, self.channels_last, self.compile, self.kernel_tuning, self.attention,
-                                self.shared_guidance)
+                                self.shared_guidance, self.dynamic_batch)
 
 
 def chosen_size(settings: BulkSettings, config: RDMConfig | None = None) -> tuple[int, int] | None:
@@ -156,7 +157,8 @@ def expand(rows: list[PromptRow], settings: BulkSettings, model_id: str,
                 fields.append([options.precision, options.channels_last, options.compile]
                               + ([options.attention, options.kernel_tuning]
                                  if (options.attention, options.kernel_tuning) != ("auto", "none") else [])
-                              + (["shared-guidance"] if options.shared_guidance else []))
+                              + (["shared-guidance"] if options.shared_guidance else [])
+                              + (["dynamic-batch"] if options.dynamic_batch else []))
             digest = hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:32]
             for name, value in (("row", row.row), ("prompt", row.prompt or ""), ("image", row.image or ""),
                                 ("negative_prompt", row.negative_prompt or ""), ("database", row.database or ""),
@@ -491,6 +493,7 @@ class BulkSampler:
                 "num_neighbors": int(row["num_neighbors"]), "model": s.model, "model_hash": self.model_id,
                 "precision": s.precision, "channels_last": s.channels_last, "compile": s.compile or "",
                 "attention": s.attention, "kernel_tuning": s.kernel_tuning, "shared_guidance": s.shared_guidance,
+                "dynamic_batch": s.dynamic_batch,
                 "error": str(row["error"])}
 
 

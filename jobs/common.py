@@ -76,8 +76,8 @@ def parse_pairs(items: list[str], option: str, key: str, value: str, *, value_re
 
 
 def add_inference_args(parser) -> None:
-    """--precision, --channels-last, --compile, --kernel-tuning, --attention, --shared-guidance:
-    `rdm.acceleration.InferenceOptions`
+    """--precision, --channels-last, --compile, --kernel-tuning, --attention, --shared-guidance,
+    --dynamic-batch: `rdm.acceleration.InferenceOptions`
     on the command line; and --compile-cache."""
     from rdm.acceleration import ATTENTION_KERNELS, COMPILE_MODES, KERNEL_TUNINGS, PRECISIONS
 
@@ -92,6 +92,9 @@ def add_inference_args(parser) -> None:
     parser.add_argument("--shared-guidance", action="store_true",
                         help="guided batches compute what their conditional and unconditional halves share once "
                              "(the same math, fewer FLOPs; see rdm.acceleration)")
+    parser.add_argument("--dynamic-batch", action="store_true",
+                        help="with --compile: compile the batch dimension as dynamic, so every batch size runs one "
+                             "set of graphs instead of one per padded size (see rdm.acceleration)")
     parser.add_argument("--compile-cache", metavar="URI",
                         help="with --compile: folder or s3:// URI of shared torch.compile artifacts, loaded before "
                              "compiling and written after (see cluster.compile_cache)")
@@ -114,4 +117,4 @@ def inference_options(args):
     from rdm.acceleration import InferenceOptions
 
     return InferenceOptions(args.precision, args.channels_last, args.compile, args.kernel_tuning, args.attention,
-                            args.shared_guidance)
+                            args.shared_guidance, args.dynamic_batch)

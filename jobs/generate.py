@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                             sampler_num_cpus=args.sampler_num_cpus, precision=args.precision,
                             channels_last=args.channels_last, compile=args.compile,
                             kernel_tuning=args.kernel_tuning, attention=args.attention,
-                            shared_guidance=args.shared_guidance,
+                            shared_guidance=args.shared_guidance, dynamic_batch=args.dynamic_batch,
                             compile_cache=args.compile_cache, retriever_options=retriever_options.model_dump(),
                             index_versions=index_versions, height=args.height, width=args.width,
                             output_format=args.output_format, stall_timeout_s=args.stall_timeout_s or None,

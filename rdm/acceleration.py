@@ -22,14 +22,22 @@ reference. The others trade bit-exactness for speed on GPUs:
   context]): the layers before the first cross-attention (the input convolution, the first ResBlock and the
   first self-attention) run once for both halves, and the unconditional half's cross-attentions, over the
   all-zero null context, are their output bias (zero keys and values: attention averages zeros). The same
-  math, in 4.0% fewer FLOPs for RDM-768 at 768 px (`bench/shared_guidance.py`).
+  math, in 4.0% fewer FLOPs for RDM-768 at 768 px (`bench/shared_guidance.py`);
+- dynamic_batch (with compile): the batch dimension is symbolic in the compiled graphs, so batches of
+  every size run the same graphs instead of one set of graphs per padded size (see below).
 
 Compiled modules are specialised to their input shapes (`dynamic=False`), so a compiled pipeline pads
 each batch up to a size from a short list (`padded_batch_size`: 1, 2, 4, 8, then multiples of 8; the
 padding repeats the last row and its outputs are dropped) and `Pipeline.warm_up` compiles those sizes
 ahead of traffic; the context's token count (1 + k neighbours) is a dynamic dimension, so one graph serves
 every k (k = 0's single token goes in twice, which attention turns into the same result:
-`ContextTokensDynamic`); the recompile limit is raised to hold every size a replica sees.
+`ContextTokensDynamic`); the recompile limit is raised to hold every size a replica sees. With
+`dynamic_batch` the batch dimension is marked dynamic too: a batch runs at its own size (a single image as
+two rows: torch specialises size 1) and every size shares the graphs, except where torch's shape checks
+split the sizes into ranges (on this CPU, the convolution backend's choice at 16 rows; each range compiles
+once). Warm-up then compiles once and runs the other sizes in seconds (`bench/dynamic_batch.py`), and a
+batch narrowed when callers leave runs at the size of the rows left. Its kernels are compiled for any
+size, not tuned to one: its speed on a GPU against per-size graphs is what `bench/gpu_check.py` measures.
 
 Every option but the reference also fuses the attention projections (one matmul for q, k and v) and,
 on CUDA, turns on cuDNN's convolution autotuner (`torch.backends.cudnn.benchmark`, process-wide):
@@ -77,6 +85,7 @@ class InferenceOptions:
     kernel_tuning: str = "none"  # one of KERNEL_TUNINGS; only with compile
     attention: str = "auto"  # one of ATTENTION_KERNELS
     shared_guidance: bool = False  # guided batches compute what their two halves share once (see above)
+    dynamic_batch: bool = False  # with compile: one set of graphs for every batch size (see above)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -91,9 +100,11 @@ class InferenceOptions:
             raise InputError(f"attention must be one of {', '.join(ATTENTION_KERNELS)}, got {self.attention!r}")
         if self.attention == "flex" and self.compile is None:
             raise InputError("attention 'flex' needs compile")
-        for name in ("channels_last", "shared_guidance"):
+        for name in ("channels_last", "shared_guidance", "dynamic_batch"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.dynamic_batch and self.compile is None:
+            raise InputError("dynamic_batch needs compile")
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -134,8 +145,15 @@ class PreparedModules:
 
     def batch_size(self, n: int, pad_to: int = 0) -> int:
         """The batch size a batch of n runs at: padded for compiled modules (to at least `pad_to`, a size
-        already compiled, rather than compile another), else n."""
-        return n if self.options.compile is None else padded_batch_size(max(n, pad_to))
+        already compiled, rather than compile another), else n; with a dynamic batch dimension n itself (every
+        size runs the same graphs), and 2 for a single row (a size torch specialises)."""
+        if self.options.compile is None:
+            return n
+        if self.options.dynamic_batch:
+            if n < 1:
+                raise InputError(f"batch size must be positive, got {n}")
+            return max(n, 2)
+        return padded_batch_size(max(n, pad_to))
 
 
 class ContextTokensDynamic:
@@ -144,16 +162,34 @@ class ContextTokensDynamic:
 
     k = 0 (a single token) is a size torch always specialises, so its context goes in as two copies of
     its token: cross-attention over two equal keys gives each the weight 1/2, and so the one token's value
-    (equal up to the kernels' rounding), from the graph every k >= 1 already compiled."""
+    (equal up to the kernels' rounding), from the graph every k >= 1 already compiled.
 
-    def __init__(self, unet: Callable[..., Tensor]) -> None:
-        self.unet = unet
+    With `batch`, the batch dimension of x, t and the context is marked dynamic too (`DynamicBatch`)."""
+
+    def __init__(self, unet: Callable[..., Tensor], batch: bool = False) -> None:
+        self.unet, self.batch = unet, batch
 
     def __call__(self, x: Tensor, t: Tensor, context: Tensor, **kwargs) -> Tensor:
         if context.shape[1] == 1:
             context = context.repeat(1, 2, 1)
         torch._dynamo.mark_dynamic(context, 1)
+        if self.batch:
+            for tensor in (x, t, context):
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
         return self.unet(x, t, context, **kwargs)
+
+
+class DynamicBatch:
+    """Calls a compiled module with its input's batch dimension marked dynamic: one graph for every batch
+    size of 2 or more (where torch's shape checks do not split them into ranges). `maybe_mark_dynamic`: a
+    module whose code fixes the batch size compiles per size, as without the option, instead of failing."""
+
+    def __init__(self, module: Callable[[Tensor], Tensor]) -> None:
+        self.module = module
+
+    def __call__(self, x: Tensor) -> Tensor:
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+        return self.module(x)
 
 
 def padded_batch_size(n: int) -> int:
@@ -216,5 +252,8 @@ def prepare(model: nn.Module, options: InferenceOptions) -> PreparedModules:
         # one compiled graph per UNet batch (padded size; doubled with guidance or not), one per decoder
         # batch: torch's default limit of 8 would silently fall back to eager past it
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        unet, decoder = ContextTokensDynamic(compile_module(unet, options)), compile_module(decoder, options)
+        unet, decoder = ContextTokensDynamic(compile_module(unet, options), options.dynamic_batch), \
+            compile_module(decoder, options)
+        if options.dynamic_batch:
+            decoder = DynamicBatch(decoder)
     return PreparedModules(unet, decoder, options)

@@ -335,9 +335,10 @@ class Pipeline:
     def warm_up(self, batch_sizes: Sequence[int], *, num_neighbors: int, guidance_scale: float,
                 height: int | None = None, width: int | None = None) -> dict[int, float]:
         """Compile (once per padded size) what a batch of each size runs: the UNet at one sampling step
-        (its shapes do not depend on the sampler or the step) and the decoder. Returns seconds per padded
-        size; nothing to do, and {} returned, for an eager pipeline. A size that runs the accelerator out of
-        memory is left out (logged): batches of that size will run in halves (`sample_images`)."""
+        (its shapes do not depend on the sampler or the step) and the decoder; with `dynamic_batch`, a size
+        whose graphs an earlier size compiled only runs. Returns seconds per padded size; nothing to do, and
+        {} returned, for an eager pipeline. A size that runs the accelerator out of memory is left out
+        (logged): batches of that size will run in halves (`sample_images`)."""
         if self.options.compile is None:
             return {}
         check_num_neighbors(num_neighbors)

@@ -19,9 +19,7 @@ def build_app(args: dict, deployments: dict[str, dict] | None = None) -> Applica
         config.index_uri, config.local_databases, config.retriever_options.model_dump(), config.refresh_interval_s)
     generator = Generator.options(**options.get("Generator", {})).bind(
         config.model, config.clip_weights, config.output_uri,
-        {"precision": config.precision, "channels_last": config.channels_last, "compile": config.compile,
-         "kernel_tuning": config.kernel_tuning, "attention": config.attention,
-         "shared_guidance": config.shared_guidance},
+        config.inference(),
         config.url_expires_s, config.warm_up, config.compile_cache,
         config.max_image_pixels, config.image_sizes, config.stall_timeout_s)
     allowances = None

@@ -205,7 +205,9 @@ class Generator:
         """A compiled pipeline compiles each padded batch size up to max_batch_size for the default request
         (its neighbour count and guidance) on the model thread before the replica serves (or before a
         larger max_batch_size takes effect), so that no request waits for a compilation. Every neighbour
-        count k, 0 included, shares those graphs (the context's token count is a dynamic dimension)."""
+        count k, 0 included, shares those graphs (the context's token count is a dynamic dimension). With
+        `dynamic_batch` every size from 2 up runs, most of them on graphs an earlier size compiled (a step and a
+        decode each), so that a batch may narrow to any size when its callers leave."""
         if self.pipeline.options.compile is None or not self._warm_up_enabled:
             return
         batches = {self.pipeline.modules.batch_size(n) for n in range(1, max_batch_size + 1)}

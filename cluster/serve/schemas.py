@@ -10,7 +10,9 @@ from cluster.artifacts import check_uri
 from cluster.errors import StorageError
 from cluster.retriever import RetrieverOptions
 from cluster.storage import open_store
+from rdm.acceleration import InferenceOptions
 from rdm.config import MAX_NEIGHBORS
+from rdm.errors import InputError
 from rdm.pipeline import MAX_SEED
 
 MAX_IMAGE_B64 = 8 * 1024 * 1024  # characters of a base64 query image
@@ -186,8 +188,11 @@ class AppArgs(BaseModel):
         "auto", description="the UNet's attention kernel: an SDPA kernel (auto: torch picks) or flex (with compile)")
     shared_guidance: bool = Field(False, description="guided batches compute what their conditional and "
                                   "unconditional halves share once (the same math, fewer FLOPs; see rdm.acceleration)")
+    dynamic_batch: bool = Field(False, description="with compile: the batch dimension is dynamic, so every batch "
+                                "size runs one set of graphs instead of one per padded size (see rdm.acceleration)")
     warm_up: bool = Field(True, description="with compile: compile each padded batch size up to the Generator's "
-                                            "max_batch_size before serving")
+                                            "max_batch_size before serving (with dynamic_batch: run each size, "
+                                            "which compiles once)")
     compile_cache: str | None = Field(
         None, description="with compile: folder or s3:// URI where replicas share torch.compile's artifacts, so "
                           "that a new replica loads what others compiled (see cluster.compile_cache)")
@@ -219,3 +224,21 @@ class AppArgs(BaseModel):
             except StorageError as err:
                 raise ValueError(str(err)) from err
         return uri
+
+    def inference(self) -> dict:
+        """The `rdm.acceleration.InferenceOptions` fields the Generator runs with."""
+        return {name: getattr(self, name) for name in INFERENCE_FIELDS}
+
+    @model_validator(mode="after")
+    def _inference_options(self) -> AppArgs:
+        """The inference options together (kernel_tuning, flex attention and dynamic_batch need compile): a
+        config that combines them otherwise is refused when it loads, not when a replica starts."""
+        try:
+            InferenceOptions(**self.inference())
+        except InputError as err:
+            raise ValueError(str(err)) from err
+        return self
+
+
+INFERENCE_FIELDS = ("precision", "channels_last", "compile", "kernel_tuning", "attention", "shared_guidance",
+                    "dynamic_batch")

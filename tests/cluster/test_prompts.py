@@ -50,7 +50,11 @@ def test_keys_are_deterministic_and_distinct(tmp_path):
     # other numerics give other images, so other keys; the fp32 reference path keeps the keys it always had
     bf16 = expand(rows, BulkSettings(precision="bf16"), "hash")
     assert bf16[0]["key"] != items[0]["key"]
-    assert expand(rows, BulkSettings(precision="bf16", compile="default"), "hash")[0]["key"] != bf16[0]["key"]
+    compiled = expand(rows, BulkSettings(precision="bf16", compile="default"), "hash")[0]["key"]
+    assert compiled != bf16[0]["key"]
+    # a dynamic batch dimension runs other kernels (and no padding rows): other keys
+    assert expand(rows, BulkSettings(precision="bf16", compile="default", dynamic_batch=True), "hash")[0]["key"] \
+        not in {compiled, bf16[0]["key"]}
     assert expand(rows, BulkSettings(precision="fp32"), "hash")[0]["key"] == items[0]["key"]
     bf16_flash = expand(rows, BulkSettings(precision="bf16", attention="flash"), "hash")
     assert bf16_flash[0]["key"] not in {bf16[0]["key"], items[0]["key"]}

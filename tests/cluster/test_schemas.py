@@ -62,6 +62,15 @@ def test_the_app_args_offer_exactly_the_inference_settings_of_the_library():
     assert get_args(fields["attention"].annotation) == ATTENTION_KERNELS
 
 
+def test_app_args_refuse_inference_settings_that_do_not_go_together():
+    """Settings that need compile are refused when the config loads (before, a replica failed to start)."""
+    for setting in ({"dynamic_batch": True}, {"kernel_tuning": "conv1x1-mm"}, {"attention": "flex"}):
+        with pytest.raises(ValidationError, match="needs compile"):
+            AppArgs(**setting)
+        assert AppArgs(**setting, compile="default").inference() == {
+            **AppArgs().inference(), "compile": "default", **setting}
+
+
 def test_app_args_refuse_storage_uris_no_store_can_open():
     assert AppArgs(compile_cache="s3://bucket/cache", output_uri="outputs/x").compile_cache == "s3://bucket/cache"
     for field, uri in (("compile_cache", "gs://bucket/cache"), ("output_uri", "s3:///x"), ("index_uri", "ftp://host/x")):

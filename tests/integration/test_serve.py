@@ -129,7 +129,7 @@ def test_generate_writes_images_and_metadata(app_url):
     assert meta["index_version"] == out["index_version"] and meta["model_hash"] == model_hash("tiny")
     assert (meta["height"], meta["width"]) == (32, 32)
     assert meta["inference"] == {"precision": "fp32", "channels_last": False, "compile": None, "kernel_tuning": "none",
-                                 "attention": "auto", "shared_guidance": False}
+                                 "attention": "auto", "shared_guidance": False, "dynamic_batch": False}
     assert meta["negative_prompt"] is None
     # a negative prompt steers the same seed's image elsewhere, and is recorded with it
     status, steered = call(url, "/v1/generate", {"prompt": "a boat", "database": "art", "num_neighbors": 3,

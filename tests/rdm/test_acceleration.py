@@ -38,6 +38,10 @@ def test_options_are_validated():
         InferenceOptions(attention="fastest")
     with pytest.raises(InputError, match="'flex' needs compile"):
         InferenceOptions("bf16", attention="flex")
+    with pytest.raises(InputError, match="dynamic_batch needs compile"):
+        InferenceOptions("bf16", dynamic_batch=True)
+    with pytest.raises(InputError, match="dynamic_batch must be true or false"):
+        InferenceOptions("bf16", compile="default", dynamic_batch="yes")
 
 
 def test_a_chosen_attention_kernel_is_used_and_checked_on_the_device(lively_tiny_model):
@@ -251,6 +255,35 @@ def test_warm_up_compiles_each_padded_size_once(lively_tiny_model):
         assert images.shape == (3, 32, 32, 3) and np.abs(images - run(eager, 3, k=0)).max() <= 2
         with pytest.raises(Exception, match="[Rr]ecompil"):
             run(pipeline, 5)  # padded to 8: not warmed
+
+
+def test_a_dynamic_batch_runs_every_size_on_the_graphs_one_warm_up_compiled(lively_tiny_model):
+    """With `dynamic_batch`, warming up one size compiles graphs that batches of other sizes run without
+    compiling (a single row as two), with the eager pipeline's images, and without padding rows; a batch
+    whose callers leave narrows to exactly the rows left where that size has run."""
+    options = InferenceOptions(compile="default", attention="math", dynamic_batch=True)
+    pipeline = Pipeline(copy.deepcopy(lively_tiny_model), options=options)
+    eager = Pipeline(copy.deepcopy(lively_tiny_model), options=dataclasses.replace(options, compile=None,
+                                                                                    dynamic_batch=False))
+    assert [pipeline.modules.batch_size(n, pad_to=16) for n in (1, 2, 3, 5)] == [2, 2, 3, 5]
+    assert list(pipeline.warm_up([2], num_neighbors=1, guidance_scale=2.0, height=32, width=32)) == [2]
+
+    def run(pipeline: Pipeline, n: int) -> np.ndarray:
+        generator = torch.Generator().manual_seed(n)
+        query = torch.nn.functional.normalize(torch.randn(n, 64, generator=generator), dim=-1)
+        neighbors = torch.nn.functional.normalize(torch.randn(n, 2, 64, generator=generator), dim=-1)
+        latents = pipeline.sample_latents(build_context(query, neighbors), list(range(n)),
+                                          SamplerParams("dpmpp_2m", 2, 2.0), height=32, width=32)
+        return pipeline.decode(latents).astype(int)
+
+    pipeline.modules.unet.unet = recorder = RecordingUnet(pipeline.modules.unet.unet)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n in (3, 7, 1):  # guided: UNet batches of 6, 14 and 2 (on this CPU, 16 and more are another range)
+            images = run(pipeline, n)
+            assert images.shape == (n, 32, 32, 3) and np.abs(images - run(eager, n)).max() <= 2
+    assert recorder.batches == [6, 6, 14, 14, 4, 4]  # no padding rows but the single row's second
+    pipeline.warm_up(range(1, 8), num_neighbors=1, guidance_scale=2.0, height=32, width=32)
+    assert pipeline._narrowed_size(3, 7, (32, 32, True)) == 3 and pipeline._narrowed_size(1, 7, (32, 32, True)) == 2
 
 
 def test_warm_up_leaves_out_a_batch_size_that_does_not_fit(lively_tiny_model, monkeypatch):

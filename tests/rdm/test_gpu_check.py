@@ -167,3 +167,26 @@ def test_the_breakdown_says_it_needs_cuda_on_a_cpu(gpu_check, capsys):
     assert gpu_check.main(["--smoke", "--no-attention-bench", "--no-oom-check", "--modes", "fp32 eager,bf16 autocast",
                            "--repeats", "1", "--breakdown"]) == 0
     assert "kernel breakdown: needs CUDA" in capsys.readouterr().out
+
+
+def test_a_dynamic_batch_mode_times_the_warm_up_of_each_smaller_size_once_within_the_budget(gpu_check):
+    """After a dynamic-batch mode's rows, the sizes below its batch are warmed up one by one (a size that
+    compiles again shows as a minute, not a second), each padded size once, until the side budget is spent."""
+
+    class Fake:
+        class modules:  # noqa: N801 -- stands in for PreparedModules
+            batch_size = staticmethod(lambda n: max(n, 2))
+
+        def __init__(self):
+            self.calls = []
+
+        def warm_up(self, sizes, **kwargs):
+            self.calls.append(sizes)
+            return {sizes[0]: 0.5 * sizes[0]}
+
+    fake = Fake()
+    assert gpu_check.other_sizes(fake, 32, 16, lambda: False) == "warm-up of batch sizes 2: 1.0 s; 4: 2.0 s; 8: 4.0 s"
+    assert fake.calls == [[2], [4], [8]]
+    budget = iter([False, True])
+    line = gpu_check.other_sizes(Fake(), 32, 16, lambda: next(budget))
+    assert line == "warm-up of batch sizes 2: 1.0 s; 4: skipped (past the budget)"
