@@ -197,6 +197,22 @@ def test_a_compiled_generator_warms_up_each_padded_batch_size_once(generator, mo
     assert generator._batcher.max_batch_size == 12
 
 
+def test_a_dynamic_batch_generator_warms_up_every_batch_size(generator, monkeypatch):
+    """With `dynamic_batch` every size from 2 to max_batch_size runs at warm-up (most on graphs an earlier size
+    compiled), so that a batch whose callers leave can narrow to the rows left."""
+    from cluster.serve.batching import ModelBatcher
+    from rdm.acceleration import InferenceOptions
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)  # which sizes, not the compiler
+    generator._batcher = ModelBatcher(generator._run_batch, max_batch_size=8, batch_wait_timeout_s=0.01,
+                                      thread_name="model")
+    generator._warm_up_enabled, generator._warmed = True, set()
+    generator.pipeline = Pipeline(load_model("tiny"), options=InferenceOptions(compile="default", dynamic_batch=True))
+    generator._warm_up(6)
+    assert generator._warmed == {(b, *size) for b in range(2, 7) for size in ((32, 32), (24, 40))}
+    assert generator.pipeline._narrowed_size(3, 6, (32, 32, True)) == 3
+
+
 @pytest.mark.parametrize("error, status, kind", [
     (AcceleratorMemoryError("out of accelerator memory for one image"), 503, "overloaded"),
     (ShardUnavailableError(2, "no answer in 10 s"), 503, "shard_unavailable"),
