@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError("--negative-prompt must not be blank, and steers guidance: it needs a --guidance-scale "
                          "other than 1")
     encoding = ImageFormat(args.image_format, args.image_quality)
+    options = inference_options(args)  # settings that do not go together: refused before anything loads
     model_file = local_path(args.model)  # an s3:// checkpoint: its cached local copy
     config = model_config(model_file)  # sizes and seeds are checked before the model loads (minutes for RDM-768)
     check_image_size(config, args.height or config.image_size, args.width or config.image_size)
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(model_file).to(args.device)
     clip = load_clip_for(model, weights=local_path(args.clip_weights))
     clip = clip.to(args.device) if clip is not None else None
-    pipeline = Pipeline(model, clip, retriever, options=inference_options(args))
+    pipeline = Pipeline(model, clip, retriever, options=options)
     cache = open_compile_cache(args, pipeline.options, model_file, args.device)
     jobs = [(i, j, prompt, args.seed + i * args.num_images + j)
             for i, prompt in enumerate(prompts) for j in range(args.num_images)]

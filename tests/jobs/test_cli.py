@@ -90,6 +90,7 @@ def test_sample_bad_input_exit_2(tmp_path, capsys, argv, message):
     (["--height", "100"], "multiples of 8, got 100 and 32"),
     (["--seed", "-5"], "seeds must be integers in 0..9223372036854775807, got -5"),
     (["--seed", str(2**63 - 2), "--num-images", "3"], f"got {2**63}"),  # the last image's seed
+    (["--dynamic-batch"], "dynamic_batch needs compile"),
 ])
 def test_sample_checks_sizes_and_seeds_before_it_loads_the_model(tmp_path, capsys, monkeypatch, argv, message):
     import jobs.sample
