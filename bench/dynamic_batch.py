@@ -46,8 +46,8 @@ def child(args) -> dict:
     size = args.image_size or config.image_size
     warm_up = {}
     started = time.perf_counter()
-    # as `Generator._warm_up`: each batch size the pipeline runs batches of 1..max at, in turn
-    for n in sorted({pipeline.modules.batch_size(n) for n in range(1, args.max_batch + 1)}):
+    # as `Generator._warm_up`: each batch size the pipeline runs batches of 1..max at, in turn (dynamic: largest first)
+    for n in sorted({pipeline.modules.batch_size(n) for n in range(1, args.max_batch + 1)}, reverse=options.dynamic_batch):
         warm_up |= pipeline.warm_up([n], num_neighbors=args.num_neighbors, guidance_scale=5.0, height=size, width=size)
     warm_up_s = time.perf_counter() - started
     compiled = int(counters["inductor"].get("fxgraph_cache_miss", 0))

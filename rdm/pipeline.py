@@ -336,7 +336,9 @@ class Pipeline:
                 height: int | None = None, width: int | None = None) -> dict[int, float]:
         """Compile (once per padded size) what a batch of each size runs: the UNet at one sampling step
         (its shapes do not depend on the sampler or the step) and the decoder; with `dynamic_batch`, a size
-        whose graphs an earlier size compiled only runs. Returns seconds per padded size; nothing to do, and
+        whose graphs an earlier size compiled only runs, and the largest size goes first: Inductor chooses
+        the kernels of a dynamic graph for the size it compiles at (its size hint), and a loaded replica runs
+        its largest batches most. Returns seconds per padded size; nothing to do, and
         {} returned, for an eager pipeline. A size that runs the accelerator out of memory is left out
         (logged): batches of that size will run in halves (`sample_images`)."""
         if self.options.compile is None:
@@ -346,7 +348,8 @@ class Pipeline:
         width = width or self.model.config.image_size
         dim = self.model.config.unet.context_dim
         seconds = {}
-        for size in sorted({self.modules.batch_size(n) for n in batch_sizes}):
+        # largest first with a dynamic batch dimension: the kernels are chosen for the size they compile at
+        for size in sorted({self.modules.batch_size(n) for n in batch_sizes}, reverse=self.options.dynamic_batch):
             started = time.perf_counter()
             query = torch.nn.functional.normalize(torch.randn(size, dim), dim=-1)
             neighbors = torch.nn.functional.normalize(torch.randn(size, num_neighbors, dim), dim=-1)

@@ -206,12 +206,15 @@ class Generator:
         (its neighbour count and guidance) on the model thread before the replica serves (or before a
         larger max_batch_size takes effect), so that no request waits for a compilation. Every neighbour
         count k, 0 included, shares those graphs (the context's token count is a dynamic dimension). With
-        `dynamic_batch` every size from 2 up runs, most of them on graphs an earlier size compiled (a step and a
-        decode each), so that a batch may narrow to any size when its callers leave."""
+        `dynamic_batch` every size from 2 up runs, largest first (Inductor chooses the kernels of a dynamic graph
+        for the size it compiles at), most of them on graphs an earlier size compiled (a step and a decode each),
+        so that a batch may narrow to any size when its callers leave."""
         if self.pipeline.options.compile is None or not self._warm_up_enabled:
             return
         batches = {self.pipeline.modules.batch_size(n) for n in range(1, max_batch_size + 1)}
-        todo = {size: sorted(b for b in batches if (b, *size) not in self._warmed) for size in self.image_sizes}
+        largest_first = self.pipeline.options.dynamic_batch  # its graphs' kernels are chosen for the size they compile at
+        todo = {size: sorted((b for b in batches if (b, *size) not in self._warmed), reverse=largest_first)
+                for size in self.image_sizes}
         todo = {size: sizes for size, sizes in todo.items() if sizes}
         if not todo:
             return

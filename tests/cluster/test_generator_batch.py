@@ -198,8 +198,8 @@ def test_a_compiled_generator_warms_up_each_padded_batch_size_once(generator, mo
 
 
 def test_a_dynamic_batch_generator_warms_up_every_batch_size(generator, monkeypatch):
-    """With `dynamic_batch` every size from 2 to max_batch_size runs at warm-up (most on graphs an earlier size
-    compiled), so that a batch whose callers leave can narrow to the rows left."""
+    """With `dynamic_batch` every size from 2 to max_batch_size runs at warm-up, largest first (most on graphs
+    the largest compiled), so that a batch whose callers leave can narrow to the rows left."""
     from cluster.serve.batching import ModelBatcher
     from rdm.acceleration import InferenceOptions
 
@@ -208,8 +208,17 @@ def test_a_dynamic_batch_generator_warms_up_every_batch_size(generator, monkeypa
                                       thread_name="model")
     generator._warm_up_enabled, generator._warmed = True, set()
     generator.pipeline = Pipeline(load_model("tiny"), options=InferenceOptions(compile="default", dynamic_batch=True))
+    calls, real_warm_up = [], generator.pipeline.warm_up
+
+    def warm_up(sizes, **kwargs):
+        calls.append((*sizes, kwargs["height"]))
+        return real_warm_up(sizes, **kwargs)
+
+    generator.pipeline.warm_up = warm_up
     generator._warm_up(6)
     assert generator._warmed == {(b, *size) for b in range(2, 7) for size in ((32, 32), (24, 40))}
+    # largest first: a dynamic graph's kernels are chosen for the size it compiles at
+    assert calls == [(b, height) for height in (32, 24) for b in (6, 5, 4, 3, 2)]
     assert generator.pipeline._narrowed_size(3, 6, (32, 32, True)) == 3
 
 
