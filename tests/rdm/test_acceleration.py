@@ -257,11 +257,14 @@ def test_warm_up_compiles_each_padded_size_once(lively_tiny_model):
             run(pipeline, 5)  # padded to 8: not warmed
 
 
-def test_a_dynamic_batch_runs_every_size_on_the_graphs_one_warm_up_compiled(lively_tiny_model):
+@pytest.mark.slow
+@pytest.mark.parametrize("shared_guidance", [False, True])
+def test_a_dynamic_batch_runs_every_size_on_the_graphs_one_warm_up_compiled(lively_tiny_model, shared_guidance):
     """With `dynamic_batch`, warming up one size compiles graphs that batches of other sizes run without
     compiling (a single row as two), with the eager pipeline's images, and without padding rows; a batch
-    whose callers leave narrows to exactly the rows left where that size has run."""
-    options = InferenceOptions(compile="default", attention="math", dynamic_batch=True)
+    whose callers leave narrows to exactly the rows left where that size has run. Shared guidance too (its
+    UNet splits the rows in two inside the graph)."""
+    options = InferenceOptions(compile="default", attention="math", dynamic_batch=True, shared_guidance=shared_guidance)
     pipeline = Pipeline(copy.deepcopy(lively_tiny_model), options=options)
     eager = Pipeline(copy.deepcopy(lively_tiny_model), options=dataclasses.replace(options, compile=None,
                                                                                     dynamic_batch=False))
@@ -278,10 +281,11 @@ def test_a_dynamic_batch_runs_every_size_on_the_graphs_one_warm_up_compiled(live
 
     pipeline.modules.unet.unet = recorder = RecordingUnet(pipeline.modules.unet.unet)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for n in (3, 7, 1):  # guided: UNet batches of 6, 14 and 2 (on this CPU, 16 and more are another range)
+        for n in (3, 7, 1):  # guided: UNet batches of 6, 14 and 4 (on this CPU, 16 rows and more are another range)
             images = run(pipeline, n)
             assert images.shape == (n, 32, 32, 3) and np.abs(images - run(eager, n)).max() <= 2
-    assert recorder.batches == [6, 6, 14, 14, 4, 4]  # no padding rows but the single row's second
+    rows = [3, 3, 7, 7, 2, 2] if shared_guidance else [6, 6, 14, 14, 4, 4]  # guided: x once, or twice
+    assert recorder.batches == rows  # no padding rows but the single row's second
     pipeline.warm_up(range(1, 8), num_neighbors=1, guidance_scale=2.0, height=32, width=32)
     assert pipeline._narrowed_size(3, 7, (32, 32, True)) == 3 and pipeline._narrowed_size(1, 7, (32, 32, True)) == 2
 
