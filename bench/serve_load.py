@@ -3,14 +3,18 @@
 Starts local Ray (loopback) and the app from a Serve config (default: infra/serve/local.yaml, tiny
 model), sends `--requests` requests with `--concurrency` clients (stopping after `--max-seconds`), and
 prints throughput, p50/p99 latency, mean batch size, replica count over time, and the ratio of served
-images/s to offline `Pipeline` images/s at the same batch size in the same run.
+images/s to offline `Pipeline` images/s at the same batch size in the same run. `--set KEY=VALUE` changes an
+app arg of the config; `--against KEY=VALUE` runs the load again with more changed and compares the two. Each
+run's Generator replicas compile (if at all) into an empty Inductor cache: "ready s" is a cold start.
 
     python bench/serve_load.py [--requests 64] [--concurrency 8] [--num-steps 20]
+    python bench/serve_load.py --set compile=default --against dynamic_batch=true   # padded vs dynamic batches
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import multiprocessing as mp
 import statistics
@@ -63,31 +67,36 @@ def offline_images_per_s(batch_size: int, num_steps: int, sampler: str, threads:
     return 3 * batch_size / (time.perf_counter() - started)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=Path("infra/serve/local.yaml"))
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--max-seconds", type=float, default=300)
-    parser.add_argument("--num-steps", type=int, default=20)
-    parser.add_argument("--sampler", default="dpmpp_2m")
-    parser.add_argument("--port", type=int, default=18765)
-    args = parser.parse_args(argv)
+def parse_settings(items: list[str]) -> dict:
+    """KEY=VALUE app args (VALUE read as YAML: true, 8, default) -> a dict."""
+    import yaml
 
-    from cluster.runtime import connect, loopback_env
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"expected KEY=VALUE, got {item!r}")
+        settings[key] = yaml.safe_load(value)
+    return settings
 
-    loopback_env()  # before Ray is imported: a local instance binds 127.0.0.1 only
+
+def run_load(args, spec, settings: dict) -> dict:
+    """The app with `settings` over the config's args, under the load; its row."""
     from ray import serve
 
     from cluster.serve.app import build_app
-    from cluster.serve.config import read_serve_config
 
-    _, specs = read_serve_config(args.config)
-    spec = specs[0]
-    app_args = spec.args.model_dump() | {"index_uri": None, "output_uri": tempfile.mkdtemp(prefix="rdm-load-")}
-    connect()
+    app_args = spec.args.model_dump() | {"index_uri": None, "output_uri": tempfile.mkdtemp(prefix="rdm-load-")} | settings
+    # each run's Generator replicas compile into an empty Inductor cache (as on a new machine), so a compiled
+    # app's start does not depend on what this machine compiled before
+    deployments = copy.deepcopy(spec.deployments)
+    actor = deployments.setdefault("Generator", {}).setdefault("ray_actor_options", {})
+    actor.setdefault("runtime_env", {}).setdefault("env_vars", {})["TORCHINDUCTOR_CACHE_DIR"] = \
+        tempfile.mkdtemp(prefix="rdm-load-inductor-")
+    started = time.monotonic()
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    serve.run(build_app(app_args, spec.deployments), name="rdm", route_prefix="/")
+    serve.run(build_app(app_args, deployments), name="rdm", route_prefix="/")
+    ready_s = time.monotonic() - started
     body = {"prompt": "a boat", "num_steps": args.num_steps, "sampler": args.sampler, "output": "inline"}
     queue: mp.Queue = mp.get_context("spawn").Queue()
     proc = mp.get_context("spawn").Process(target=client, args=(f"http://127.0.0.1:{args.port}/v1/generate", body,
@@ -103,18 +112,53 @@ def main(argv: list[str] | None = None) -> int:
     serve.shutdown()
     ok = [r for r in report["results"] if r[1] == 200]
     latencies = sorted(r[0] for r in ok)
-    served = len(ok) / report["wall_s"]
-    mean_batch = statistics.mean(r[2] for r in ok) if ok else 0
+    return {"settings": settings, "requests": len(report["results"]), "ok": len(ok), "ready_s": ready_s,
+            "served": len(ok) / report["wall_s"], "mean_batch": statistics.mean(r[2] for r in ok) if ok else 0,
+            "p50": statistics.median(latencies) if latencies else float("nan"),
+            "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else float("nan"),
+            "replicas": replicas}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=Path("infra/serve/local.yaml"))
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--max-seconds", type=float, default=300)
+    parser.add_argument("--num-steps", type=int, default=20)
+    parser.add_argument("--sampler", default="dpmpp_2m")
+    parser.add_argument("--port", type=int, default=18765)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an app arg over the config's (VALUE as YAML), e.g. --set compile=default")
+    parser.add_argument("--against", action="append", default=[], metavar="KEY=VALUE",
+                        help="run the load a second time with these app args over --set's, and compare")
+    args = parser.parse_args(argv)
+    base = parse_settings(args.set)
+    variants = [base] + ([base | parse_settings(args.against)] if args.against else [])
+
+    from cluster.runtime import connect, loopback_env
+
+    loopback_env()  # before Ray is imported: a local instance binds 127.0.0.1 only
+    from cluster.serve.config import read_serve_config
+
+    _, specs = read_serve_config(args.config)
+    spec = specs[0]
+    connect()
+    rows = [run_load(args, spec, settings) for settings in variants]
     threads = max(1, int(spec.deployments["Generator"].get("ray_actor_options", {}).get("num_cpus", 1)))
-    offline = offline_images_per_s(max(1, round(mean_batch)), args.num_steps, args.sampler, threads)
-    print(f"\nconfig={args.config} requests={len(report['results'])} ok={len(ok)} concurrency={args.concurrency} "
-          f"sampler={args.sampler} steps={args.num_steps}\n")
-    print("| served images/s | p50 latency s | p99 latency s | mean batch | offline images/s at that batch | served/offline |")
-    print("|---|---|---|---|---|---|")
-    p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else float("nan")
-    print(f"| {served:.2f} | {statistics.median(latencies) if latencies else float('nan'):.3f} | {p99:.3f} | "
-          f"{mean_batch:.2f} | {offline:.2f} | {served / offline:.2f} |")
-    print("\nGenerator replicas over time (s, replicas): " + ", ".join(f"({t}, {n})" for t, n in replicas))
+    offline = offline_images_per_s(max(1, round(rows[0]["mean_batch"])), args.num_steps, args.sampler, threads)
+    print(f"\nconfig={args.config} concurrency={args.concurrency} sampler={args.sampler} steps={args.num_steps}; "
+          f"offline: eager Pipeline at the first row's mean batch\n")
+    print("| app args | requests | ok | ready s | served images/s | p50 latency s | p99 latency s | mean batch | "
+          "served/offline | vs first row |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['settings'] or 'config'} | {row['requests']} | {row['ok']} | {row['ready_s']:.0f} | "
+              f"{row['served']:.2f} | {row['p50']:.3f} | {row['p99']:.3f} | {row['mean_batch']:.2f} | "
+              f"{row['served'] / offline:.2f} | {row['served'] / rows[0]['served']:.2f}x |")
+    for row in rows:
+        print(f"\nGenerator replicas over time with {row['settings'] or 'the config'} (s, replicas): "
+              + ", ".join(f"({t}, {n})" for t, n in row["replicas"]))
     return 0
 
 
