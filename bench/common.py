@@ -1,6 +1,7 @@
-"""Shared pieces of the data-plane benchmarks (bench/embedding.py, retrieval.py, index_build.py): the offline
-environment, synthetic clustered embeddings in the `rdm embed` output layout, starting local Ray, probing the
-thread counts Ray gives workers, timing summaries and markdown tables.
+"""Shared pieces of the benchmarks (the data plane's bench/embedding.py, retrieval.py, index_build.py, and the
+compile benchmarks): the offline environment, synthetic clustered embeddings in the `rdm embed` output layout,
+starting local Ray, probing the thread counts Ray gives workers, timing summaries, markdown tables, and a
+child process with an empty Inductor cache.
 
 Imported as `common` by the scripts run as `python bench/<name>.py`; no Ray or FAISS at import time.
 """
@@ -9,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -150,3 +153,19 @@ def recall_at_k(found: Sequence[Sequence[str]], exact: Sequence[Sequence[str]], 
 def cpu_line() -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return f"{os.cpu_count()} cpus, load {load:.1f} at start"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_fresh(script: str, argv: Sequence[str], inductor_cache: str | Path) -> dict | None:
+    """`python script argv` in a new process whose Inductor cache is `inductor_cache` (a new folder: nothing
+    compiled before, as on a new machine), with the repository importable; the JSON object its last line of
+    output prints, or None (its stderr's end printed) if it failed."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_cache),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, script, *argv], env=env, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(done.stderr[-4000:], file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import run_fresh
 
 
 def child(args) -> dict:
@@ -75,14 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         forwarded = ["--model", args.model, "--precision", args.precision, "--batch-sizes", args.batch_sizes,
                      "--num-neighbors", str(args.num_neighbors), *(["--channels-last"] if args.channels_last else [])]
         for run in ("cold", "warm"):
-            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp, f"inductor-{run}")),
-                   "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-            done = subprocess.run([sys.executable, __file__, *forwarded, "--child", run, "--cache", str(Path(tmp, "cache"))],
-                                  env=env, cwd=ROOT, capture_output=True, text=True)
-            if done.returncode != 0:
-                print(done.stderr[-4000:], file=sys.stderr)
-                return done.returncode
-            rows.append({"run": run, **json.loads(done.stdout.strip().splitlines()[-1])})
+            row = run_fresh(__file__, [*forwarded, "--child", run, "--cache", str(Path(tmp, "cache"))],
+                            Path(tmp, f"inductor-{run}"))
+            if row is None:
+                return 1
+            rows.append({"run": run, **row})
     print(f"\nmodel={args.model} precision={args.precision} channels_last={args.channels_last} compile=default "
           f"batch sizes={args.batch_sizes} device={rows[0]['device']} torch={rows[0]['torch']}\n")
     print("| process | artifacts loaded | load s | warm-up s | graphs compiled | graphs from cache | export MB |")

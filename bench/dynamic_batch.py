@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import run_fresh
+
 MODES = ("padded", "dynamic")
 
 
@@ -46,8 +45,7 @@ def child(args) -> dict:
     size = args.image_size or config.image_size
     warm_up = {}
     started = time.perf_counter()
-    # as `Generator._warm_up`: each batch size the pipeline runs batches of 1..max at, in turn (dynamic: largest first)
-    for n in sorted({pipeline.modules.batch_size(n) for n in range(1, args.max_batch + 1)}, reverse=options.dynamic_batch):
+    for n in pipeline.warm_up_order(range(1, args.max_batch + 1)):  # as `Generator._warm_up`: one size at a time
         warm_up |= pipeline.warm_up([n], num_neighbors=args.num_neighbors, guidance_scale=5.0, height=size, width=size)
     warm_up_s = time.perf_counter() - started
     compiled = int(counters["inductor"].get("fxgraph_cache_miss", 0))
@@ -98,14 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                  *(["--image-size", str(args.image_size)] if args.image_size else [])]
     with tempfile.TemporaryDirectory() as tmp:
         for mode in MODES:
-            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp, f"inductor-{mode}")),
-                   "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-            done = subprocess.run([sys.executable, __file__, *forwarded, "--child", mode], env=env, cwd=ROOT,
-                                  capture_output=True, text=True)
-            if done.returncode != 0:
-                print(done.stderr[-4000:], file=sys.stderr)
-                return done.returncode
-            rows[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+            rows[mode] = run_fresh(__file__, [*forwarded, "--child", mode], Path(tmp, f"inductor-{mode}"))
+            if rows[mode] is None:
+                return 1
     padded, dynamic = rows["padded"], rows["dynamic"]
     print(f"\nmodel={args.model} {padded['size']}px precision={args.precision} channels_last={args.channels_last} "
           f"compile=default device={padded['device']} torch={padded['torch']} k={args.num_neighbors}\n")

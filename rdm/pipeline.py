@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -332,13 +332,18 @@ class Pipeline:
         logger.warning("out of accelerator memory at batch %d: running it as %d + %d", n, half, n - half)
         return join([self._in_halves(run, half, join, start), self._in_halves(run, n - half, join, start + half)])
 
+    def warm_up_order(self, batch_sizes: Iterable[int]) -> list[int]:
+        """The sizes batches of `batch_sizes` run at, in the order a warm-up compiles them: smallest first, or
+        with `dynamic_batch` largest first -- Inductor chooses the kernels of a dynamic graph for the size it
+        compiles at (its size hint), and a loaded replica runs its largest batches most."""
+        return sorted({self.modules.batch_size(n) for n in batch_sizes}, reverse=self.options.dynamic_batch)
+
     def warm_up(self, batch_sizes: Sequence[int], *, num_neighbors: int, guidance_scale: float,
                 height: int | None = None, width: int | None = None) -> dict[int, float]:
         """Compile (once per padded size) what a batch of each size runs: the UNet at one sampling step
         (its shapes do not depend on the sampler or the step) and the decoder; with `dynamic_batch`, a size
-        whose graphs an earlier size compiled only runs, and the largest size goes first: Inductor chooses
-        the kernels of a dynamic graph for the size it compiles at (its size hint), and a loaded replica runs
-        its largest batches most. Returns seconds per padded size; nothing to do, and
+        whose graphs an earlier size compiled only runs (`warm_up_order`: the largest first). Returns seconds
+        per padded size; nothing to do, and
         {} returned, for an eager pipeline. A size that runs the accelerator out of memory is left out
         (logged): batches of that size will run in halves (`sample_images`)."""
         if self.options.compile is None:
@@ -348,8 +353,7 @@ class Pipeline:
         width = width or self.model.config.image_size
         dim = self.model.config.unet.context_dim
         seconds = {}
-        # largest first with a dynamic batch dimension: the kernels are chosen for the size they compile at
-        for size in sorted({self.modules.batch_size(n) for n in batch_sizes}, reverse=self.options.dynamic_batch):
+        for size in self.warm_up_order(batch_sizes):
             started = time.perf_counter()
             query = torch.nn.functional.normalize(torch.randn(size, dim), dim=-1)
             neighbors = torch.nn.functional.normalize(torch.randn(size, num_neighbors, dim), dim=-1)

@@ -211,10 +211,8 @@ class Generator:
         so that a batch may narrow to any size when its callers leave."""
         if self.pipeline.options.compile is None or not self._warm_up_enabled:
             return
-        batches = {self.pipeline.modules.batch_size(n) for n in range(1, max_batch_size + 1)}
-        largest_first = self.pipeline.options.dynamic_batch  # its graphs' kernels are chosen for the size they compile at
-        todo = {size: sorted((b for b in batches if (b, *size) not in self._warmed), reverse=largest_first)
-                for size in self.image_sizes}
+        batches = self.pipeline.warm_up_order(range(1, max_batch_size + 1))
+        todo = {size: [b for b in batches if (b, *size) not in self._warmed] for size in self.image_sizes}
         todo = {size: sizes for size, sizes in todo.items() if sizes}
         if not todo:
             return
